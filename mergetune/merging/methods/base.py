@@ -1,0 +1,78 @@
+"""The merge-method interface.
+
+A method is a pure function of the task vectors and the candidate's parameters. To be fast it is
+split in two:
+
+- ``prepare(ctx)`` turns the candidate (weights λ[t, g], densities d[t, g], options, seed) into
+  small per-row tensors (``[T or 1, n_rows]``: coefficients, thresholds looked up in precomputed
+  order statistics, random keys) and names any precomputed per-entry tensors it needs
+  (``[T, D]``, e.g. PCB's scores); nothing here streams over the weights;
+- ``kernel(tau, base, **args)`` is a pure tensor function on one chunk of whole rows: ``tau`` is
+  ``[T, R, L]``, ``base`` ``[R, L]``, per-row arguments arrive as ``[T or 1, R, 1]`` and per-entry
+  ones as ``[T, R, L]``; it returns the merged chunk ``[R, L]``. The engine runs it eagerly or
+  through ``torch.compile`` (one fused pass over the chunk).
+
+Rules that keep kernels compilable and reproducible: every candidate-dependent number is a tensor
+argument (a Python float would be baked into the compiled graph and force a recompile); only
+structural options (strings, booleans) go in ``static``; no randomness but the counter-based hash
+in ``ops.uniform`` (the same bits on any device, chunking or backend).
+
+Methods that need a whole matrix at once (TSV-M's SVDs) subclass ``TensorMethod`` instead.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from mergetune.recipe import StrictModel
+
+if TYPE_CHECKING:
+    from mergetune.merging.engine import MergeContext
+
+
+class MethodOptions(StrictModel):
+    """Options of a method that are not per task and per group. Unknown keys are errors."""
+
+
+@dataclass
+class Prepared:
+    """What one candidate needs, besides the resident task vectors."""
+
+    row_args: dict[str, torch.Tensor] = field(default_factory=dict)  # [T or 1, n_rows]
+    element_args: dict[str, torch.Tensor] = field(default_factory=dict)  # [T or 1, D]
+    static: dict[str, Any] = field(default_factory=dict)  # structural options only
+
+
+class MergeMethod(ABC):
+    """Base of every method. Subclasses set the class attributes and implement the hooks."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    uses_density: ClassVar[bool] = False
+    random: ClassVar[bool] = False
+    citation: ClassVar[str] = ""
+
+    def validate(self, ctx: MergeContext) -> None:  # noqa: B027 (optional hook)
+        """Raise a RecipeError for parameter combinations the method cannot run."""
+
+
+class ChunkMethod(MergeMethod):
+    """A method that merges a chunk of whole rows at a time, entry by entry within each row."""
+
+    @abstractmethod
+    def prepare(self, ctx: MergeContext) -> Prepared: ...
+
+    kernel: ClassVar[Callable[..., torch.Tensor]]
+
+
+class TensorMethod(MergeMethod):
+    """A method that needs a whole tensor at once (e.g. an SVD per matrix)."""
+
+    @abstractmethod
+    def merge_tensor(self, ctx: MergeContext, segment_index: int) -> torch.Tensor:
+        """The merged delta Δ of one tensor, shaped like it (float32)."""

@@ -1,0 +1,74 @@
+"""TIES-Merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023).
+
+1. Trim: per task keep the top ``density`` of |τ_t| within the ranking scope (ties kept) -> τ̂_t.
+2. Elect: γ = sign(Σ_t v_t) with v_t = τ̂_t (official) or λ_t τ̂_t (``weights: before_election``,
+   mergekit); where the sum is exactly 0, the majority sign of the v_t.
+3. Disjoint merge over the entries that agree with γ (see ``ops.disjoint_merge``):
+   ``mean`` Σ λ_t τ̂_t m_t / max(1, Σ m_t) (official dis-mean), ``sum`` (FusionBench/AdaMerging),
+   ``weighted_mean`` Σ λ_t τ̂_t m_t / Σ λ_t m_t (mergekit ``normalize: true``).
+4. Δ = scale · τ_m.
+
+Defaults follow the official code: scope ``global`` (the whole model ranked at once), weights
+after the election, dis-mean; with one λ for all tasks this is Δ = λ · dis-mean(τ̂). The official
+code keeps ⌊k·D⌋ + 1 entries at density k, mergetune ⌊k·D⌋ (see ``stats.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
+from mergetune.merging.ops import agreeing, disjoint_merge, elect_sign, trim
+from mergetune.merging.stats import Scope
+
+Disjoint = Literal["mean", "sum", "weighted_mean"]
+WeightsAt = Literal["after_election", "before_election"]
+
+
+class TiesOptions(MethodOptions):
+    scope: Scope = Scope.GLOBAL
+    disjoint: Disjoint = "mean"
+    weights: WeightsAt = "after_election"
+    scale: float = Field(1.0, description="Multiplies the merged task vector (the papers' λ).")
+
+
+def ties_kernel(
+    tau: torch.Tensor,
+    weight: torch.Tensor,
+    election_weight: torch.Tensor,
+    threshold: torch.Tensor,
+    scale: torch.Tensor,
+    disjoint: str,
+) -> torch.Tensor:
+    trimmed = trim(tau, tau.abs(), threshold)
+    voted = trimmed * election_weight
+    mask = agreeing(voted, elect_sign(voted))
+    return disjoint_merge(trimmed, weight, mask, disjoint) * scale
+
+
+def consensus_args(ctx, options: TiesOptions | object) -> dict[str, torch.Tensor]:
+    """Per-row weight, election weight and scale shared by the sign-consensus methods."""
+    weight = ctx.per_row(ctx.weight)
+    before = getattr(options, "weights", "after_election") == "before_election"
+    scale = torch.full((1, weight.shape[1]), float(getattr(options, "scale", 1.0)), device=weight.device)
+    return {"weight": weight, "election_weight": weight if before else torch.ones_like(weight), "scale": scale}
+
+
+class Ties(ChunkMethod):
+    name = "ties"
+    Options = TiesOptions
+    uses_density = True
+    citation = "Yadav et al. 2023, TIES-Merging"
+    kernel = staticmethod(ties_kernel)
+
+    def prepare(self, ctx) -> Prepared:
+        opts: TiesOptions = ctx.options
+        args = consensus_args(ctx, opts)
+        args["threshold"] = ctx.keep_threshold(ctx.density, opts.scope)
+        return Prepared(row_args=args, static={"disjoint": opts.disjoint})
+
+
+METHODS = [Ties]

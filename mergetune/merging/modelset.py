@@ -1,0 +1,251 @@
+"""ModelSet: a base, its experts and their task vectors, resident in memory.
+
+The merged tensors of all experts live in one flat ``[T, D]`` store of task vectors
+(τ_t = θ_t − θ_0) and one flat ``[D]`` base, so a merge streams over contiguous memory and a
+tensor is a ``(offset, shape)`` segment of the store. What cannot be merged is kept aside:
+
+- per-task tensors: those only experts have, or that match a task-specific pattern (classification
+  heads, whose shapes differ by design); they are never merged and stay with their task;
+- passthrough tensors: non-floating buffers (position ids, ...), taken from the base unchanged.
+
+Every incompatibility is an error naming the model, the tensor and the mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergetune.errors import BadWeightsError, IncompatibleModelsError
+from mergetune.merging.layer_groups import LayerGroups, build_layer_groups
+from mergetune.merging.loading import LoadedModel, load_model
+
+ModelSource = str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module
+DEFAULT_TASK_SPECIFIC = (r"(^|\.)(classifier|score|qa_outputs)\.",)
+_VOCAB_HINT = re.compile(r"(embed_tokens|word_embeddings|wte|shared|lm_head)")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one merged tensor lives in the flat store."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def row_length(self) -> int:
+        return self.shape[-1] if self.shape else 1
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.numel
+
+
+class ModelSet:
+    """Base + experts with task vectors computed once, ready for repeated in-memory merges."""
+
+    def __init__(
+        self,
+        base: LoadedModel,
+        experts: Sequence[LoadedModel],
+        task_names: Sequence[str],
+        *,
+        device: str | torch.device = "cpu",
+        storage_dtype: torch.dtype = torch.float32,
+        task_specific: Sequence[str] = DEFAULT_TASK_SPECIFIC,
+        check_finite: bool = True,
+    ) -> None:
+        if len(experts) != len(task_names) or not experts:
+            raise ValueError("give one task name per expert, and at least one expert")
+        self.base_info = base
+        self.task_names = list(task_names)
+        self.expert_names = [e.name for e in experts]
+        self.device = torch.device(device)
+        self.storage_dtype = storage_dtype
+        patterns = [re.compile(p) for p in task_specific]
+
+        expert_states = [_align_prefix(base.state, e) for e in experts]
+        if check_finite:
+            for model, state in [(base, base.state), *zip(experts, expert_states, strict=True)]:
+                _check_finite(model.name, state)
+
+        merged, self.passthrough, self.task_tensors = _classify(base, experts, expert_states, patterns)
+        self.segments = _layout(merged, base.state)
+        self.numel = self.segments[-1].end if self.segments else 0
+        self.base_flat = torch.empty(self.numel, dtype=storage_dtype, device=self.device)
+        self.tau = torch.empty(len(experts), self.numel, dtype=storage_dtype, device=self.device)
+        self._fill(base.state, expert_states)
+        self.dtypes = {s.name: base.state[s.name].dtype for s in self.segments}
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        base: ModelSource,
+        experts: Mapping[str, ModelSource] | Sequence[tuple[str, ModelSource]],
+        **kwargs: Any,
+    ) -> ModelSet:
+        """Load from paths, hub ids, state dicts or modules. ``experts`` maps task name -> source."""
+        items = list(experts.items()) if isinstance(experts, Mapping) else list(experts)
+        base_model = load_model(base, name=_display_name(base, "base"))
+        expert_models = [load_model(src, name=_display_name(src, f"expert '{task}'")) for task, src in items]
+        return cls(base_model, expert_models, [task for task, _ in items], **kwargs)
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, **kwargs: Any) -> ModelSet:
+        return cls.load(recipe.base, [(e.name, e.model) for e in recipe.experts], **kwargs)
+
+    def _fill(
+        self, base_state: Mapping[str, torch.Tensor], expert_states: Sequence[Mapping[str, torch.Tensor]]
+    ) -> None:
+        for seg in self.segments:
+            b = base_state[seg.name].to(self.device, torch.float32).reshape(-1)
+            self.base_flat[seg.offset : seg.end].copy_(b)
+            for t, state in enumerate(expert_states):
+                e = state[seg.name].to(self.device, torch.float32).reshape(-1)
+                self.tau[t, seg.offset : seg.end].copy_(e - b)
+
+    # ---- views -----------------------------------------------------------------------------------
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def model_type(self) -> str | None:
+        return self.base_info.model_type
+
+    @property
+    def base_folder(self) -> Path | None:
+        return self.base_info.folder
+
+    def layer_groups(self, granularity: int = 1) -> LayerGroups:
+        return build_layer_groups([s.name for s in self.segments], self.model_type, granularity)
+
+    def task_vector(self, task: int | str, name: str) -> torch.Tensor:
+        t = self.task_names.index(task) if isinstance(task, str) else task
+        seg = self.segment(name)
+        return self.tau[t, seg.offset : seg.end].view(seg.shape)
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        seg = self.segment(name)
+        return self.base_flat[seg.offset : seg.end].view(seg.shape)
+
+    def segment(self, name: str) -> Segment:
+        if not hasattr(self, "_by_name"):
+            self._by_name = {s.name: s for s in self.segments}
+        return self._by_name[name]
+
+    def resident_bytes(self) -> int:
+        """Bytes of the resident task vectors and base (what every candidate streams over)."""
+        return self.tau.numel() * self.tau.element_size() + self.base_flat.numel() * self.base_flat.element_size()
+
+
+def _display_name(source: ModelSource, role: str) -> str:
+    if isinstance(source, str | os.PathLike):
+        return f"{role} ({source})"
+    return role
+
+
+def _check_finite(model: str, state: Mapping[str, torch.Tensor]) -> None:
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BadWeightsError(
+                f"{model}: tensor '{name}' has {bad} NaN/inf value(s); fix or re-export this checkpoint"
+            )
+
+
+def _align_prefix(base: Mapping[str, torch.Tensor], expert: LoadedModel) -> dict[str, torch.Tensor]:
+    """Strip a wrapper prefix (``bert.``, ``roberta.``, ``model.``) so expert names match the base's.
+
+    A task model (``BertForSequenceClassification``) prefixes the encoder's names with the base
+    model prefix; the base (``BertModel``) does not. Names that are not under the prefix (the
+    classification head) are kept as they are.
+    """
+    state = expert.state
+    if set(base) & set(state):
+        return dict(state)
+    prefixes = {k.split(".", 1)[0] for k in state if "." in k and k.split(".", 1)[1] in base}
+    if not prefixes:
+        return dict(state)
+    best = max(prefixes, key=lambda p: sum(1 for k in state if k.startswith(p + ".") and k[len(p) + 1 :] in base))
+    cut = len(best) + 1
+    return {(k[cut:] if k.startswith(best + ".") else k): v for k, v in state.items()}
+
+
+def _classify(
+    base: LoadedModel,
+    experts: Sequence[LoadedModel],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    task_specific: Sequence[re.Pattern[str]],
+) -> tuple[list[str], dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    merged: list[str] = []
+    passthrough: dict[str, torch.Tensor] = {}
+    per_task: list[dict[str, torch.Tensor]] = [{} for _ in experts]
+    is_specific = lambda name: any(p.search(name) for p in task_specific)  # noqa: E731
+
+    for name, b in base.state.items():
+        if not b.is_floating_point():
+            passthrough[name] = b
+            continue
+        if is_specific(name):
+            for t, state in enumerate(states):
+                if name in state:
+                    per_task[t][name] = state[name]
+            continue
+        for expert, state in zip(experts, states, strict=True):
+            _check_pair(base.name, expert.name, name, b, state.get(name))
+        merged.append(name)
+
+    for t, state in enumerate(states):
+        for name, tensor in state.items():
+            if name not in base.state:
+                per_task[t][name] = tensor
+    return merged, passthrough, per_task
+
+
+def _check_pair(base_name: str, expert_name: str, name: str, b: torch.Tensor, e: torch.Tensor | None) -> None:
+    if e is None:
+        raise IncompatibleModelsError(
+            f"{expert_name}: missing tensor '{name}' that the {base_name} has; "
+            "are both the same architecture? (task-specific tensors can be declared with task_specific=)"
+        )
+    if e.shape != b.shape:
+        if _VOCAB_HINT.search(name) and e.dim() == b.dim() and e.shape[1:] == b.shape[1:]:
+            raise IncompatibleModelsError(
+                f"{expert_name}: different vocabulary size in '{name}': {e.shape[0]} rows against the "
+                f"base's {b.shape[0]}; resize the embeddings to the base's tokenizer before merging"
+            )
+        raise IncompatibleModelsError(
+            f"{expert_name}: tensor '{name}' has shape {tuple(e.shape)}, the base has {tuple(b.shape)}; "
+            "if this tensor is task-specific by design (a classification head), declare it with task_specific="
+        )
+    if e.dtype != b.dtype:
+        raise IncompatibleModelsError(
+            f"{expert_name}: tensor '{name}' is {e.dtype}, the base's is {b.dtype}; "
+            "save both in the same dtype before merging"
+        )
+
+
+def _layout(merged: Sequence[str], base_state: Mapping[str, torch.Tensor]) -> list[Segment]:
+    segments, offset = [], 0
+    for name in merged:
+        shape = tuple(base_state[name].shape)
+        seg = Segment(name, offset, shape)
+        segments.append(seg)
+        offset = seg.end
+    return segments

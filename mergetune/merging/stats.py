@@ -1,0 +1,176 @@
+"""Candidate-independent order statistics: thresholds at any density become lookups.
+
+Every sparsifying method keeps, per task, the entries whose score (|τ|, or PCB's β) is among the
+top fraction ``density`` of a *block*: the whole model (scope ``global``), one tensor (``tensor``)
+or one row (``row``). The scores do not depend on the candidate, only the density does, so each
+block's scores are sorted once; the k-th largest score is then one gather per row, and a new
+candidate costs a few streaming passes, not a sort.
+
+Thresholds are always returned **per row** (``[T, n_rows]``) whatever the scope, so that every
+merge kernel sees the same shapes: a global or per-tensor threshold is simply repeated over rows.
+
+Counting convention (documented in README "Methods"): density d keeps the ⌊d·n⌋ largest scores of
+a block of n, plus every entry tied with the smallest of them; d = 0 keeps nothing (threshold
++inf). The official TIES code keeps ⌊d·n⌋ + 1 entries; mergekit keeps exactly ⌊d·n⌋.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from mergetune.merging.modelset import ModelSet
+
+
+class Scope(StrEnum):
+    """Over which entries a top-k ranking is taken."""
+
+    GLOBAL = "global"  # all merged parameters of one task vector (official TIES/PCB code)
+    TENSOR = "tensor"  # each tensor separately (mergekit, DARE)
+    ROW = "row"  # each row (last dimension) of each tensor (Breadcrumbs, DELLA)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Rows of the flat store (a row = last dimension of a tensor; a 1-D tensor is one row)."""
+
+    start: torch.Tensor  # [n_rows] flat offset of each row
+    length: torch.Tensor  # [n_rows]
+    segment: torch.Tensor  # [n_rows] index of the tensor holding the row
+    group: torch.Tensor  # [n_rows] layer group of the row
+
+    @property
+    def n_rows(self) -> int:
+        return self.start.numel()
+
+    def blocks(self, scope: Scope, modelset: ModelSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start, length) of the ranking block that holds each row."""
+        if scope is Scope.ROW:
+            return self.start, self.length
+        if scope is Scope.TENSOR:
+            seg_start = torch.tensor([s.offset for s in modelset.segments], device=self.start.device)
+            seg_len = torch.tensor([s.numel for s in modelset.segments], device=self.start.device)
+            return seg_start[self.segment], seg_len[self.segment]
+        zero = torch.zeros_like(self.start)
+        return zero, torch.full_like(self.start, modelset.numel)
+
+
+def build_row_layout(modelset: ModelSet, group_of_segment: list[int]) -> RowLayout:
+    starts, lengths, segs, groups = [], [], [], []
+    for i, seg in enumerate(modelset.segments):
+        n_rows = seg.numel // seg.row_length
+        starts.append(seg.offset + torch.arange(n_rows, dtype=torch.int64) * seg.row_length)
+        lengths.append(torch.full((n_rows,), seg.row_length, dtype=torch.int64))
+        segs.append(torch.full((n_rows,), i, dtype=torch.int64))
+        groups.append(torch.full((n_rows,), group_of_segment[i], dtype=torch.int64))
+    dev = modelset.device
+    return RowLayout(*(torch.cat(x).to(dev) for x in (starts, lengths, segs, groups)))
+
+
+def keep_counts(density: torch.Tensor, block_length: torch.Tensor, row_group: torch.Tensor) -> torch.Tensor:
+    """k[t, r] = ⌊density[t, group(r)] · n(r)⌋, computed in float64 so that d·n is exact enough."""
+    d = density.to(torch.float64)[:, row_group]  # [T, n_rows]
+    return torch.floor(d * block_length.to(torch.float64) + 1e-9).to(torch.int64).clamp(min=0)
+
+
+ScoreFn = Callable[[ModelSet], torch.Tensor]  # -> [T, D] scores, same layout as the store
+
+
+class OrderStatistics:
+    """Sorted scores per block, computed once per (score kind, scope) and reused by every candidate."""
+
+    def __init__(self, modelset: ModelSet, rows: RowLayout) -> None:
+        self.modelset = modelset
+        self.rows = rows
+        self._sorted: dict[tuple[str, Scope], torch.Tensor] = {}
+        self._scores: dict[str, torch.Tensor] = {}
+
+    def scores(self, kind: str, compute: ScoreFn) -> torch.Tensor:
+        """Per-entry scores of a kind (``[T, D]``), cached; ``abs`` is |τ| and is not stored."""
+        if kind == "abs":
+            return self.modelset.tau.abs()
+        if kind not in self._scores:
+            self._scores[kind] = compute(self.modelset)
+        return self._scores[kind]
+
+    def sorted_scores(self, kind: str, scope: Scope, compute: ScoreFn) -> torch.Tensor:
+        key = (kind, scope)
+        if key not in self._sorted:
+            self._sorted[key] = sort_blocks(self.scores(kind, compute), scope, self.modelset, self.rows)
+        return self._sorted[key]
+
+    def kth_largest(
+        self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn = lambda m: m.tau.abs()
+    ) -> torch.Tensor:
+        """The k-th largest score of each row's block (``[T, n_rows]``); +inf where k = 0."""
+        srt = self.sorted_scores(kind, scope, compute)
+        start, length = self.rows.blocks(scope, self.modelset)
+        idx = start + length - k.clamp(min=1)
+        vals = srt.gather(1, idx)
+        return torch.where(k > 0, vals, torch.full_like(vals, math.inf))
+
+    def extra_bytes(self) -> int:
+        tensors = [*self._sorted.values(), *self._scores.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def sort_blocks(scores: torch.Tensor, scope: Scope, modelset: ModelSet, rows: RowLayout) -> torch.Tensor:
+    """Sort ``[T, D]`` scores ascending within each block, in place of the block's range."""
+    if scope is Scope.GLOBAL:
+        return torch.sort(scores, dim=1).values
+    out = torch.empty_like(scores)
+    for seg in modelset.segments:
+        block = scores[:, seg.offset : seg.end]
+        if scope is Scope.TENSOR:
+            out[:, seg.offset : seg.end] = torch.sort(block, dim=1).values
+        else:
+            L = seg.row_length
+            shaped = block.reshape(scores.shape[0], seg.numel // L, L)
+            out[:, seg.offset : seg.end] = torch.sort(shaped, dim=2).values.reshape(scores.shape[0], -1)
+    return out
+
+
+class NaiveStatistics(OrderStatistics):
+    """The naive reference: a ``kthvalue`` per block and candidate, nothing precomputed.
+
+    Used by the benchmark to measure what precomputation buys, and by tests as a cross-check.
+    """
+
+    def kth_largest(
+        self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn = lambda m: m.tau.abs()
+    ) -> torch.Tensor:
+        scores = self.scores(kind, compute)
+        if scope is Scope.ROW:
+            return self._row_kth_largest(scores, k)
+        start, length = self.rows.blocks(scope, self.modelset)
+        out = torch.full(k.shape, math.inf, dtype=scores.dtype, device=scores.device)
+        # Rows sharing a block and a k share a threshold: compute each distinct one once.
+        keys = torch.stack([start.expand_as(k), length.expand_as(k), k], dim=-1)
+        for t in range(k.shape[0]):
+            uniq, inverse = torch.unique(keys[t], dim=0, return_inverse=True)
+            vals = torch.full((uniq.shape[0],), math.inf, dtype=scores.dtype, device=scores.device)
+            for j, (a, n, kk) in enumerate(uniq.tolist()):
+                if kk > 0:
+                    vals[j] = torch.kthvalue(scores[t, a : a + n], n - min(kk, n) + 1).values
+            out[t] = vals[inverse]
+        return out
+
+    def _row_kth_largest(self, scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Batched ``kthvalue`` over the rows of each tensor (one k per task and tensor)."""
+        out = torch.full(k.shape, math.inf, dtype=scores.dtype, device=scores.device)
+        row = 0
+        for seg in self.modelset.segments:
+            L = seg.row_length
+            n_rows = seg.numel // L
+            shaped = scores[:, seg.offset : seg.end].reshape(scores.shape[0], n_rows, L)
+            for t in range(k.shape[0]):
+                kk = int(k[t, row])  # rows of one tensor share a group, hence a k
+                if kk > 0:
+                    kth = torch.kthvalue(shaped[t], L - min(kk, L) + 1, dim=1).values
+                    out[t, row : row + n_rows] = kth
+            row += n_rows
+        return out

@@ -1,0 +1,236 @@
+"""The Recipe: everything needed to reproduce one merge, bit for bit.
+
+A recipe names the base, the experts (one per task), the method, the method's per-task and
+per-layer-group parameters (weight λ and density), method options, dtype and seed. It is strict:
+an unknown or misspelt key is an error (mergekit silently ignores them, which hides typos).
+
+Parameter values (``weight``, ``density``) accept, from coarse to fine:
+
+- a number: the same value for every task and every layer group;
+- a mapping task -> value, where ``"*"`` is the default for tasks not named, and the value is
+  - a number (all groups of that task),
+  - a list of anchors interpolated linearly over the layer groups (as many anchors as groups
+    gives one value per group; two anchors give a linear ramp from the first group to the last),
+  - a mapping group name -> number, with ``"*"`` as the default for groups not named.
+
+Densities are the fraction of entries **kept**, in [0, 1]. ``drop`` is accepted as an alias on
+input (density = 1 - drop) and is stored as density.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergetune.errors import RecipeError
+
+GroupValue = float | list[float] | dict[str, float]
+ParamSpec = float | dict[str, GroupValue]
+DType = Literal["float32", "bfloat16", "float16"]
+DEFAULT_KEY = "*"
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Expert(StrictModel):
+    """One fine-tuned expert: the task it was trained for and where its weights are."""
+
+    name: str = Field(min_length=1, description="Task name, used to address per-task parameters.")
+    model: str = Field(min_length=1, description="Local folder or hub id of the fine-tuned model.")
+    revision: str | None = None
+
+
+class Grouping(StrictModel):
+    """How tensors map to layer groups (see mergetune.merging.layer_groups)."""
+
+    granularity: int = Field(1, ge=1, description="Consecutive transformer blocks bundled per group.")
+
+
+class Recipe(StrictModel):
+    """A complete, reproducible merge recipe."""
+
+    version: Literal[1] = 1
+    base: str = Field(min_length=1, description="Local folder or hub id of the pretrained base.")
+    experts: list[Expert] = Field(min_length=1)
+    method: str
+    weight: ParamSpec = 1.0
+    density: ParamSpec = 1.0
+    options: dict[str, Any] = Field(default_factory=dict)
+    grouping: Grouping = Grouping()
+    dtype: DType = "float32"
+    seed: int = Field(0, ge=0)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_alias(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "drop" in data:
+            data = dict(data)
+            if "density" in data:
+                raise ValueError("give either 'density' (fraction kept) or 'drop' (fraction dropped), not both")
+            data["density"] = _map_values(data.pop("drop"), lambda v: 1.0 - float(v))
+        return data
+
+    @field_validator("experts")
+    @classmethod
+    def _unique_expert_names(cls, experts: list[Expert]) -> list[Expert]:
+        names = [e.name for e in experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"expert names must be unique; repeated: {dupes}")
+        return experts
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_weight(cls, spec: ParamSpec) -> ParamSpec:
+        _check_values(spec, "weight", lambda v: math.isfinite(v), "must be a finite number")
+        return spec
+
+    @field_validator("density")
+    @classmethod
+    def _density_range(cls, spec: ParamSpec) -> ParamSpec:
+        _check_values(spec, "density", lambda v: 0.0 <= v <= 1.0, "must be a fraction kept in [0, 1]")
+        return spec
+
+    @model_validator(mode="after")
+    def _check_against_method(self) -> Recipe:
+        from mergetune.merging.methods import get_method  # late import: methods import recipe types
+
+        method = get_method(self.method)
+        method.Options.model_validate(self.options)
+        tasks = {e.name for e in self.experts}
+        for field in ("weight", "density"):
+            spec = getattr(self, field)
+            if isinstance(spec, dict):
+                unknown = sorted(set(spec) - tasks - {DEFAULT_KEY})
+                if unknown:
+                    raise ValueError(f"{field}: unknown task(s) {unknown}; the experts are {sorted(tasks)}")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def method_options(self) -> BaseModel:
+        from mergetune.merging.methods import get_method
+
+        return get_method(self.method).Options.model_validate(self.options)
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        text = self.to_json() if path.suffix == ".json" else self.to_yaml()
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe from a YAML or JSON file; errors name the file and the field."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise RecipeError(f"{path}: not valid YAML/JSON: {exc}") from exc
+        return cls.parse(data, source=str(path))
+
+    @classmethod
+    def parse(cls, data: Any, source: str = "recipe") -> Recipe:
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{source}: expected a mapping of recipe fields, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(f"{source}: invalid recipe:\n{format_validation_error(exc)}") from exc
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: the dotted field path and what is wrong with it."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; unknown keys are errors, not ignored)"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _map_values(spec: Any, fn: Any) -> Any:
+    if isinstance(spec, Mapping):
+        return {k: _map_values(v, fn) for k, v in spec.items()}
+    if isinstance(spec, list | tuple):
+        return [fn(v) for v in spec]
+    return fn(spec)
+
+
+def _iter_values(spec: Any) -> list[float]:
+    if isinstance(spec, Mapping):
+        return [v for sub in spec.values() for v in _iter_values(sub)]
+    if isinstance(spec, list | tuple):
+        return [float(v) for v in spec]
+    return [float(spec)]
+
+
+def _check_values(spec: ParamSpec, field: str, ok: Any, what: str) -> None:
+    bad = [v for v in _iter_values(spec) if not ok(v)]
+    if bad:
+        raise ValueError(f"{field} {what}; got {bad[:5]}")
+
+
+def interpolate_anchors(anchors: Sequence[float], n_groups: int) -> np.ndarray:
+    """Values at ``n_groups`` evenly spaced positions, linearly interpolated between anchors."""
+    anchors = np.asarray(anchors, dtype=np.float64)
+    if anchors.size == 1 or n_groups == 1:
+        return np.full(n_groups, anchors[0] if n_groups > 1 or anchors.size == 1 else anchors.mean())
+    positions = np.linspace(0.0, anchors.size - 1, n_groups)
+    return np.interp(positions, np.arange(anchors.size), anchors)
+
+
+def resolve_parameter(spec: ParamSpec, tasks: Sequence[str], groups: Sequence[str], field: str) -> np.ndarray:
+    """Expand a parameter spec into a ``[n_tasks, n_groups]`` float64 array."""
+    out = np.empty((len(tasks), len(groups)), dtype=np.float64)
+    per_task = spec if isinstance(spec, dict) else {DEFAULT_KEY: spec}
+    for t, task in enumerate(tasks):
+        value = per_task.get(task, per_task.get(DEFAULT_KEY))
+        if value is None:
+            raise RecipeError(f"{field}: no value for task '{task}' (name it or give a '*' default)")
+        out[t] = _resolve_groups(value, groups, f"{field}.{task}")
+    return out
+
+
+def _resolve_groups(value: GroupValue, groups: Sequence[str], where: str) -> np.ndarray:
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(groups) - {DEFAULT_KEY})
+        if unknown:
+            raise RecipeError(f"{where}: unknown layer group(s) {unknown}; this model's groups are {list(groups)}")
+        missing = [g for g in groups if g not in value and DEFAULT_KEY not in value]
+        if missing:
+            raise RecipeError(f"{where}: no value for layer group(s) {missing} (name them or give a '*' default)")
+        return np.array([float(value.get(g, value.get(DEFAULT_KEY))) for g in groups])
+    if isinstance(value, list):
+        if not value:
+            raise RecipeError(f"{where}: empty list of anchors")
+        return interpolate_anchors(value, len(groups))
+    return np.full(len(groups), float(value))
