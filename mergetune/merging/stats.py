@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import torch
 
@@ -88,6 +89,7 @@ class OrderStatistics:
         self.rows = rows
         self._sorted: dict[tuple[str, Scope], torch.Tensor] = {}
         self._scores: dict[str, torch.Tensor] = {}
+        self._other: dict[str, Any] = {}
 
     def scores(self, kind: str, compute: ScoreFn) -> torch.Tensor:
         """Per-entry scores of a kind (``[T, D]``), cached; ``abs`` is |τ| and is not stored."""
@@ -113,9 +115,26 @@ class OrderStatistics:
         vals = srt.gather(1, idx)
         return torch.where(k > 0, vals, torch.full_like(vals, math.inf))
 
+    def cached(self, key: str, compute: Callable[[ModelSet], Any]) -> Any:
+        """Any other candidate-independent precomputation (e.g. SVD factors), computed once."""
+        if key not in self._other:
+            self._other[key] = compute(self.modelset)
+        return self._other[key]
+
     def extra_bytes(self) -> int:
-        tensors = [*self._sorted.values(), *self._scores.values()]
+        tensors = [*self._sorted.values(), *self._scores.values(), *_tensors_in(self._other.values())]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _tensors_in(values: Any) -> list[torch.Tensor]:
+    """All tensors inside nested lists, tuples and dicts (for memory accounting)."""
+    if isinstance(values, torch.Tensor):
+        return [values]
+    if isinstance(values, dict):
+        values = values.values()
+    if isinstance(values, list | tuple) or hasattr(values, "__iter__"):
+        return [t for v in values for t in _tensors_in(v)]
+    return []
 
 
 def sort_blocks(scores: torch.Tensor, scope: Scope, modelset: ModelSet, rows: RowLayout) -> torch.Tensor:
