@@ -132,6 +132,8 @@ def _tensors_in(values: Any) -> list[torch.Tensor]:
         return [values]
     if isinstance(values, dict):
         values = values.values()
+    if isinstance(values, str | bytes):
+        return []
     if isinstance(values, list | tuple) or hasattr(values, "__iter__"):
         return [t for v in values for t in _tensors_in(v)]
     return []
