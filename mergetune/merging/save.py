@@ -1,0 +1,149 @@
+"""Write a merged model as a Hugging Face folder that ``AutoModel.from_pretrained`` loads.
+
+The folder holds the merged weights (safetensors, sharded above ``max_shard_bytes``), the base's
+config (dtype updated), tokenizer and generation config, the recipe that reproduces it, a model
+card, and, when experts carry task-specific tensors (classification heads), one
+``heads/<task>.safetensors`` per task.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mergetune.merging.modelset import ModelSet
+from mergetune.recipe import Recipe
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+)
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+
+def save_merged(
+    modelset: ModelSet,
+    merged: Mapping[str, torch.Tensor],
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    scores: Mapping[str, float] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write the merged model folder; returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().to("cpu").contiguous().clone() for name, t in merged.items()}
+    state.update({name: t.detach().to("cpu").clone() for name, t in modelset.passthrough.items()})
+    write_weights(state, out, max_shard_bytes)
+    _write_config(modelset, recipe, out)
+    _copy_tokenizer(modelset.base_folder, out)
+    recipe.save(out / "recipe.yaml")
+    _write_heads(modelset, out)
+    (out / "README.md").write_text(model_card(recipe, modelset, scores))
+    return out
+
+
+def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    shards = _plan_shards(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _write_config(modelset: ModelSet, recipe: Recipe, out: Path) -> None:
+    config: dict[str, Any] = dict(modelset.base_info.config)
+    if not config:
+        return
+    config["dtype"] = recipe.dtype
+    config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _copy_tokenizer(base_folder: Path | None, out: Path) -> None:
+    if base_folder is None:
+        return
+    for fname in TOKENIZER_FILES:
+        src = base_folder / fname
+        if src.is_file():
+            shutil.copy2(src, out / fname)
+
+
+def _write_heads(modelset: ModelSet, out: Path) -> None:
+    for task, tensors in zip(modelset.task_names, modelset.task_tensors, strict=True):
+        if tensors:
+            (out / "heads").mkdir(exist_ok=True)
+            state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+            save_file(state, str(out / "heads" / f"{task}.safetensors"))
+
+
+def model_card(recipe: Recipe, modelset: ModelSet, scores: Mapping[str, float] | None) -> str:
+    experts = "\n".join(f"- `{e.name}`: `{e.model}`" for e in recipe.experts)
+    score_lines = ""
+    if scores:
+        rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in scores.items())
+        score_lines = f"\n## Scores\n\n| task | score |\n|---|---|\n{rows}\n"
+    heads = ""
+    if any(modelset.task_tensors):
+        heads = "\nTask-specific tensors (classification heads) are in `heads/<task>.safetensors`.\n"
+    return f"""---
+base_model: {recipe.base}
+tags:
+- merge
+- mergetune
+- {recipe.method}
+---
+# Merged model ({recipe.method})
+
+Merged with [mergetune](https://pypi.org/project/mergetune/) from the base `{recipe.base}` and
+{len(recipe.experts)} experts:
+
+{experts}
+
+`recipe.yaml` reproduces these weights bit for bit: `mergetune merge recipe.yaml OUT_DIR`.
+{heads}{score_lines}
+## Recipe
+
+```yaml
+{recipe.to_yaml()}```
+"""
