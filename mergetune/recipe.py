@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mergetune.errors import RecipeError
 
@@ -75,11 +75,16 @@ class Recipe(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _drop_alias(cls, data: Any) -> Any:
+        """Accept ``drop`` (fraction dropped, DARE's convention) and store it as density = 1 - drop."""
         if isinstance(data, Mapping) and "drop" in data:
             data = dict(data)
             if "density" in data:
                 raise ValueError("give either 'density' (fraction kept) or 'drop' (fraction dropped), not both")
-            data["density"] = _map_values(data.pop("drop"), lambda v: 1.0 - float(v))
+            drop = data.pop("drop")
+            bad = [v for v in _iter_raw(drop) if not _is_number(v) or not 0.0 <= float(v) <= 1.0]
+            if bad:
+                raise ValueError(f"drop must be a fraction dropped in [0, 1] (or a spec of them); got {bad[:5]}")
+            data["density"] = _map_values(drop, lambda v: 1.0 - float(v))
         return data
 
     @field_validator("experts")
@@ -91,31 +96,56 @@ class Recipe(StrictModel):
             raise ValueError(f"expert names must be unique; repeated: {dupes}")
         return experts
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        """An unknown method is a validation error of the field, listed with the others."""
+        from mergetune.merging.methods import get_method  # late import: methods import recipe types
+
+        try:
+            get_method(method)
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None
+        return method
+
     @field_validator("weight")
     @classmethod
     def _finite_weight(cls, spec: ParamSpec) -> ParamSpec:
         _check_values(spec, "weight", lambda v: math.isfinite(v), "must be a finite number")
+        _check_anchor_lists(spec, "weight")
         return spec
 
     @field_validator("density")
     @classmethod
     def _density_range(cls, spec: ParamSpec) -> ParamSpec:
         _check_values(spec, "density", lambda v: 0.0 <= v <= 1.0, "must be a fraction kept in [0, 1]")
+        _check_anchor_lists(spec, "density")
         return spec
 
-    @model_validator(mode="after")
-    def _check_against_method(self) -> Recipe:
-        from mergetune.merging.methods import get_method  # late import: methods import recipe types
+    @field_validator("options")
+    @classmethod
+    def _method_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Validate the options against the method's own strict model (errors read ``options.<key>``)."""
+        from mergetune.merging.methods import get_method
 
-        method = get_method(self.method)
-        method.Options.model_validate(self.options)
-        tasks = {e.name for e in self.experts}
+        if "method" in info.data:  # absent when the method itself failed validation
+            get_method(info.data["method"]).Options.model_validate(options)
+        return options
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> Recipe:
+        """Per-task specs must name only known tasks, and give every task a value (or a '*' default)."""
+        tasks = self.task_names
         for field in ("weight", "density"):
             spec = getattr(self, field)
-            if isinstance(spec, dict):
-                unknown = sorted(set(spec) - tasks - {DEFAULT_KEY})
-                if unknown:
-                    raise ValueError(f"{field}: unknown task(s) {unknown}; the experts are {sorted(tasks)}")
+            if not isinstance(spec, dict):
+                continue
+            unknown = sorted(set(spec) - set(tasks) - {DEFAULT_KEY})
+            if unknown:
+                raise ValueError(f"{field}: unknown task(s) {unknown}; the experts are {sorted(tasks)}")
+            missing = [t for t in tasks if t not in spec] if DEFAULT_KEY not in spec else []
+            if missing:
+                raise ValueError(f"{field}: no value for task(s) {missing}; name them or give a '*' default")
         return self
 
     @property
@@ -185,6 +215,19 @@ def _map_values(spec: Any, fn: Any) -> Any:
     return fn(spec)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _iter_raw(spec: Any) -> list[Any]:
+    """Every leaf value of an unvalidated spec (numbers, or whatever the user wrote)."""
+    if isinstance(spec, Mapping):
+        return [v for sub in spec.values() for v in _iter_raw(sub)]
+    if isinstance(spec, list | tuple):
+        return [v for sub in spec for v in _iter_raw(sub)]
+    return [spec]
+
+
 def _iter_values(spec: Any) -> list[float]:
     if isinstance(spec, Mapping):
         return [v for sub in spec.values() for v in _iter_values(sub)]
@@ -197,6 +240,13 @@ def _check_values(spec: ParamSpec, field: str, ok: Any, what: str) -> None:
     bad = [v for v in _iter_values(spec) if not ok(v)]
     if bad:
         raise ValueError(f"{field} {what}; got {bad[:5]}")
+
+
+def _check_anchor_lists(spec: ParamSpec, field: str) -> None:
+    """An empty anchor list has no value to interpolate: reject it when the recipe is read."""
+    values = spec.values() if isinstance(spec, dict) else [spec]
+    if any(isinstance(v, list) and not v for v in values):
+        raise ValueError(f"{field}: empty list of anchors")
 
 
 def interpolate_anchors(anchors: Sequence[float], n_groups: int) -> np.ndarray:

@@ -159,7 +159,14 @@ class NaiveStatistics(OrderStatistics):
     """The naive reference: a ``kthvalue`` per block and candidate, nothing precomputed.
 
     Used by the benchmark to measure what precomputation buys, and by tests as a cross-check.
+    Scores (e.g. PCB's β) and other precomputations (e.g. SVDs) are recomputed on every call too.
     """
+
+    def scores(self, kind: str, compute: ScoreFn) -> torch.Tensor:
+        return self.modelset.tau.abs() if kind == "abs" else compute(self.modelset)
+
+    def cached(self, key: str, compute: Callable[[ModelSet], Any]) -> Any:
+        return compute(self.modelset)
 
     def kth_largest(
         self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn = lambda m: m.tau.abs()

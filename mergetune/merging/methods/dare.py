@@ -1,3 +1,163 @@
-"""Placeholder: being implemented."""
+"""DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a
+Free Lunch", ICML 2024, arXiv 2311.03099): Drop And REscale.
 
-METHODS: list = []
+Per tensor, element-wise and i.i.d.: keep each entry of τ_t with probability d = density[t, g] and
+divide the kept entries by d, so that E[τ̃_t] = τ_t:
+
+    τ̃_t = m_t ⊙ τ_t / d,   m_t ~ Bernoulli(d)   (d = 0 gives τ̃_t = 0, no division).
+
+Then merge the τ̃_t:
+
+- ``dare_linear``: Task Arithmetic, Δ = Σ_t λ_t τ̃_t;
+- ``dare_ties``: TIES on τ̃_t (see ``ties.py``): optional magnitude trim at ``trim_density``, sign
+  election, disjoint merge, Δ = scale · τ_m.
+
+Randomness: the mask is ``u < d`` with u from the counter-based hash ``ops.row_uniform`` keyed by
+(recipe seed, tensor name, task) and indexed by the entry's position inside its tensor, so a
+recipe gives the same mask on any device, backend or chunking. (The rescale is the paper's 1/d;
+mergekit's ``rescale: true`` instead matches the L1 norm of the pruned tensor, a different rule.)
+
+``skip_1d``: some implementations leave 1-D tensors (biases, norms) un-dropped; with
+``skip_1d: true`` they are kept whole and not rescaled (their keep probability is set to 1).
+
+The trim of ``dare_ties``: the official DARE code runs the official TIES (with its own magnitude
+trim) after the drop; mergekit's ``dare_ties`` does no trim (``trim_density: 1.0``, the default).
+Thresholds are precomputed order statistics and cannot depend on the random mask, so the trim ranks
+the ORIGINAL magnitudes |τ_t| (scope ``scope``, ties kept) and keeps the surviving entries above the
+threshold. Within a tensor every survivor is rescaled by the same 1/d, so the survivors keep the
+original order of magnitudes, and the survivors of the original top ``trim_density`` are, in
+expectation, the top ``trim_density`` of the survivors (same entries ranked first, expected count
+trim_density·d·n): this equals trimming the survivors in expectation, up to the sampling noise of
+how many entries survive (and exactly at ``trim_density`` 1, where nothing is trimmed).
+
+Defaults of ``dare_ties`` follow the official TIES code, as the DARE code does (weights after the
+election, dis-mean, global scope), so ``dare_ties`` at density 1 equals ``ties`` at density
+``trim_density``. mergekit's ``dare_ties`` is ``weights: before_election``, ``disjoint: sum``,
+``scope: tensor``, ``trim_density: 1.0`` (and its L1 rescale).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
+from mergetune.merging.methods.task_arithmetic import weighted_sum
+from mergetune.merging.methods.ties import Disjoint, WeightsAt, consensus_args
+from mergetune.merging.ops import agreeing, disjoint_merge, elect_sign, row_uniform, trim
+from mergetune.merging.stats import Scope
+
+CITATION = "Yu et al. 2023, Language Models are Super Mario (DARE)"
+
+
+class DareOptions(MethodOptions):
+    skip_1d: bool = Field(False, description="Keep 1-D tensors (biases, norms) whole: no drop, no rescale.")
+
+
+class DareTiesOptions(DareOptions):
+    trim_density: float = Field(1.0, ge=0.0, le=1.0, description="TIES trim after the drop (1 = no trim).")
+    scope: Scope = Field(Scope.GLOBAL, description="Ranking scope of the trim (on the original |τ|).")
+    disjoint: Disjoint = "mean"
+    weights: WeightsAt = "after_election"
+    scale: float = Field(1.0, description="Multiplies the merged task vector (the papers' λ).")
+
+
+def drop_and_rescale(
+    tau: torch.Tensor,
+    keep_prob: torch.Tensor,
+    key_lo: torch.Tensor,
+    key_hi: torch.Tensor,
+    row_offset: torch.Tensor,
+) -> torch.Tensor:
+    """τ̃ = 1[u < p] · τ / p, with p per row (``[T, R, 1]``); p = 0 keeps nothing (no division by 0)."""
+    u = row_uniform(key_lo, key_hi, row_offset, tau.shape[-1])
+    keep = u < keep_prob
+    safe = torch.where(keep_prob > 0, keep_prob, torch.ones_like(keep_prob))
+    return torch.where(keep, tau / safe, torch.zeros_like(tau))
+
+
+def dare_linear_kernel(
+    tau: torch.Tensor,
+    weight: torch.Tensor,
+    keep_prob: torch.Tensor,
+    key_lo: torch.Tensor,
+    key_hi: torch.Tensor,
+    row_offset: torch.Tensor,
+) -> torch.Tensor:
+    return weighted_sum(drop_and_rescale(tau, keep_prob, key_lo, key_hi, row_offset), weight)
+
+
+def dare_ties_kernel(
+    tau: torch.Tensor,
+    weight: torch.Tensor,
+    election_weight: torch.Tensor,
+    threshold: torch.Tensor,
+    scale: torch.Tensor,
+    keep_prob: torch.Tensor,
+    key_lo: torch.Tensor,
+    key_hi: torch.Tensor,
+    row_offset: torch.Tensor,
+    disjoint: str,
+) -> torch.Tensor:
+    dropped = drop_and_rescale(tau, keep_prob, key_lo, key_hi, row_offset)
+    trimmed = trim(dropped, tau.abs(), threshold)  # ranked on the original magnitudes
+    voted = trimmed * election_weight
+    mask = agreeing(voted, elect_sign(voted))
+    return disjoint_merge(trimmed, weight, mask, disjoint) * scale
+
+
+def one_d_rows(ctx) -> torch.Tensor:
+    """``[n_rows]`` bool: the row belongs to a tensor with fewer than 2 dimensions (bias, norm)."""
+
+    def compute(ms) -> torch.Tensor:
+        per_seg = torch.tensor([len(s.shape) < 2 for s in ms.segments], dtype=torch.bool, device=ms.device)
+        return per_seg[ctx.rows.segment]
+
+    return ctx.stats.cached("rows_1d", compute)
+
+
+def dare_args(ctx, skip_1d: bool) -> dict[str, torch.Tensor]:
+    """Per-row keep probability (1 on skipped 1-D tensors) and the random keys of each row."""
+    keep_prob = ctx.per_row(ctx.density)
+    if skip_1d:
+        keep_prob = torch.where(one_d_rows(ctx).unsqueeze(0), torch.ones_like(keep_prob), keep_prob)
+    return {"keep_prob": keep_prob, **ctx.random_keys()}
+
+
+class DareLinear(ChunkMethod):
+    name = "dare_linear"
+    Options = DareOptions
+    uses_density = True
+    random = True
+    citation = CITATION
+    kernel = staticmethod(dare_linear_kernel)
+
+    def prepare(self, ctx) -> Prepared:
+        opts: DareOptions = ctx.options
+        args = {"weight": ctx.per_row(ctx.weight), **dare_args(ctx, opts.skip_1d)}
+        return Prepared(row_args=args)
+
+
+class DareTies(ChunkMethod):
+    name = "dare_ties"
+    Options = DareTiesOptions
+    uses_density = True
+    random = True
+    citation = CITATION
+    kernel = staticmethod(dare_ties_kernel)
+
+    def prepare(self, ctx) -> Prepared:
+        opts: DareTiesOptions = ctx.options
+        args = {**consensus_args(ctx, opts), **dare_args(ctx, opts.skip_1d)}
+        args["threshold"] = self._trim_threshold(ctx, opts)
+        return Prepared(row_args=args, static={"disjoint": opts.disjoint})
+
+    @staticmethod
+    def _trim_threshold(ctx, opts: DareTiesOptions) -> torch.Tensor:
+        """Per-row |τ| threshold of the trim; 0 (keep all) at trim_density 1, without sorting anything."""
+        if opts.trim_density >= 1.0:
+            return torch.zeros(ctx.n_tasks, ctx.rows.n_rows, device=ctx.weight.device)
+        return ctx.keep_threshold(torch.full_like(ctx.density, opts.trim_density), opts.scope)
+
+
+METHODS = [DareLinear, DareTies]
