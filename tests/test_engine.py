@@ -238,7 +238,7 @@ def test_recipe_tasks_must_match_models(models):
 def test_unknown_group_in_recipe_is_named(models):
     _, _, ms = models
     with pytest.raises(RecipeError, match=r"unknown layer group.*blocks\.7"):
-        Merger(ms, compile=False).merge(recipe("task_arithmetic", weight={"a": {"blocks.7": 1.0, "*": 0.0}}))
+        Merger(ms, compile=False).merge(recipe("task_arithmetic", weight={"a": {"blocks.7": 1.0, "*": 0.0}, "*": 1.0}))
 
 
 def test_compiled_kernels_agree_with_eager(models):
