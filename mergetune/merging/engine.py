@@ -18,11 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch._dynamo.config as dynamo_config
 
 from mergetune.errors import RecipeError
 from mergetune.merging.layer_groups import LayerGroups
@@ -44,6 +46,7 @@ from mergetune.recipe import Recipe, resolve_parameter
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CHUNK = 1 << 20
+RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -245,7 +248,12 @@ class Merger:
     def _kernel(self, method: ChunkMethod) -> Callable[..., torch.Tensor]:
         if method.name not in self._kernels:
             fn = _with_base(method.kernel)
-            self._kernels[method.name] = torch.compile(fn, dynamic=True) if self.compile else fn
+            if self.compile:
+                # Each method needs a few graphs (1 row vs many, structural options such as
+                # TIES' disjoint mode); a search over methods and options needs more than 8.
+                dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+                fn = torch.compile(fn, dynamic=True)
+            self._kernels[method.name] = fn
         return self._kernels[method.name]
 
     def _run_chunk_method(self, method: ChunkMethod, ctx: MergeContext, out: torch.Tensor) -> None:
@@ -267,11 +275,18 @@ class Merger:
 
 
 def _with_base(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``base + kernel(...)`` as a function with its own code object.
+
+    Dynamo counts recompilations per code object: one shared wrapper for all methods would hit
+    the limit after two or three methods and silently fall back to eager for the rest.
+    """
+
     def merged_chunk(tau: torch.Tensor, base: torch.Tensor, **args: Any) -> torch.Tensor:
         return base + kernel(tau, **args)
 
-    merged_chunk.__name__ = f"merged_{getattr(kernel, '__name__', 'kernel')}"
-    return merged_chunk
+    name = f"merged_{getattr(kernel, '__name__', 'kernel')}"
+    code = merged_chunk.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, merged_chunk.__globals__, name, None, merged_chunk.__closure__)
 
 
 def _item_args(items: list[WorkItem], prepared: Prepared) -> Iterator[tuple[WorkItem, dict[str, Any]]]:

@@ -1,11 +1,17 @@
 """Building blocks shared by the merge kernels: pure tensor functions, compile-friendly.
 
-Shapes follow the kernel convention: task vectors ``[T, R, L]``, per-row values ``[T, R, 1]``.
+Kernels work **task by task**: ``tau.unbind(0)`` gives one ``[R, L]`` chunk per task, per-row
+arguments unbind to ``[R, 1]``, and every operation below takes or returns such per-task
+sequences. Sums over tasks are unrolled (x_0 + x_1 + ...), never ``x.sum(0)`` on a ``[T, R, L]``
+tensor: torch.compile then fuses a whole kernel into one pointwise loop over the chunk instead of
+materialising ``[T, R, L]`` intermediates and running a reduction kernel per sum (measured on
+MiniLM, 8 tasks, one thread: TIES 0.33-0.55 s -> 0.085 s per candidate, TA 0.066 s).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -53,39 +59,63 @@ def tensor_keys(seed: int, tensor_name: str, n_tasks: int) -> list[tuple[int, in
     return keys
 
 
-def trim(tau: torch.Tensor, magnitude: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Keep the entries whose magnitude reaches the threshold (ties kept); zero the rest."""
+Tensors = Sequence[torch.Tensor]
+
+
+def per_task(fn: Callable[..., torch.Tensor], n_tasks: int, *args: torch.Tensor) -> list[torch.Tensor]:
+    """Apply an element-wise ``fn`` to each task's slices; a leading dim of 1 is shared by all tasks."""
+    columns = [a.unbind(0) if a.shape[0] == n_tasks else [a[0]] * n_tasks for a in args]
+    return [fn(*slices) for slices in zip(*columns, strict=True)]
+
+
+def weighted_task_sum(values: Tensors, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_t w_t · v_t with ``weight`` ``[T, R, 1]``."""
+    return task_sum([v * w for v, w in zip(values, weight.unbind(0), strict=True)])
+
+
+def task_sum(xs: Tensors) -> torch.Tensor:
+    """Σ_t x_t, unrolled over the (static) number of tasks."""
+    total = xs[0]
+    for x in xs[1:]:
+        total = total + x
+    return total
+
+
+def trim(tau: torch.Tensor, threshold: torch.Tensor, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the entries whose magnitude (default |tau|) reaches the threshold (ties kept); zero the rest."""
+    magnitude = tau.abs() if magnitude is None else magnitude
     return torch.where(magnitude >= threshold, tau, torch.zeros_like(tau))
 
 
-def elect_sign(voted: torch.Tensor) -> torch.Tensor:
-    """TIES sign election over tasks (dim 0): the sign of the sum; where it is exactly 0, the majority.
+def elect_sign(voted: Tensors) -> torch.Tensor:
+    """TIES sign election: the sign of Σ_t v_t; where it is exactly 0, the majority sign of the v_t.
 
     ``voted`` holds the trimmed task vectors, multiplied by their weights when weights are applied
     before the election. Returns γ in {-1, 0, +1}; 0 only where no task votes or the votes tie.
     """
-    total = voted.sum(0)
-    votes = torch.sign(voted).sum(0)
+    total = task_sum(voted)
+    votes = task_sum([torch.sign(v) for v in voted])
     return torch.where(total != 0, torch.sign(total), torch.sign(votes))
 
 
-def agreeing(voted: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Mask of the non-zero entries whose sign matches the elected sign."""
-    return (voted * gamma) > 0
+def agreeing(voted: Tensors, gamma: torch.Tensor) -> list[torch.Tensor]:
+    """Per task, the mask of non-zero entries whose sign matches the elected sign."""
+    return [(v * gamma) > 0 for v in voted]
 
 
-def disjoint_merge(trimmed: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+def disjoint_merge(values: Tensors, weights: Tensors, masks: Tensors, how: str) -> torch.Tensor:
     """Combine the agreeing entries: ``sum``, ``mean`` (over agreeing tasks) or ``weighted_mean``.
 
     - ``sum``: Σ_t λ_t τ_t m_t (FusionBench/AdaMerging "dis-sum");
     - ``mean``: Σ_t λ_t τ_t m_t / max(1, Σ_t m_t) (official TIES "dis-mean", λ_t per task);
     - ``weighted_mean``: Σ_t λ_t τ_t m_t / Σ_t λ_t m_t, 0/0 -> 0 (mergekit ``normalize: true``, DELLA).
     """
-    maskf = mask.to(trimmed.dtype)
-    num = (trimmed * weight * maskf).sum(0)
+    zero = torch.zeros_like(values[0])
+    num = task_sum([torch.where(m, v * w, zero) for v, w, m in zip(values, weights, masks, strict=True)])
     if how == "sum":
         return num
     if how == "mean":
-        return num / maskf.sum(0).clamp(min=1.0)
-    den = (weight * maskf).sum(0)
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+        count = task_sum([m.to(values[0].dtype) for m in masks])
+        return num / count.clamp(min=1.0)
+    den = task_sum([torch.where(m, w.expand_as(v), zero) for v, w, m in zip(values, weights, masks, strict=True)])
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), zero)

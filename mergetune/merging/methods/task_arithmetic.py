@@ -12,10 +12,11 @@ import torch
 
 from mergetune.errors import RecipeError
 from mergetune.merging.methods.base import ChunkMethod, Prepared
+from mergetune.merging.ops import weighted_task_sum
 
 
 def weighted_sum(tau: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (tau * weight).sum(0)
+    return weighted_task_sum(tau.unbind(0), weight)
 
 
 class TaskArithmetic(ChunkMethod):

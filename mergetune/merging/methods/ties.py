@@ -43,10 +43,19 @@ def ties_kernel(
     scale: torch.Tensor,
     disjoint: str,
 ) -> torch.Tensor:
-    trimmed = trim(tau, tau.abs(), threshold)
-    voted = trimmed * election_weight
-    mask = agreeing(voted, elect_sign(voted))
-    return disjoint_merge(trimmed, weight, mask, disjoint) * scale
+    taus, thresholds = tau.unbind(0), threshold.unbind(0)
+    trimmed = [trim(t, thr) for t, thr in zip(taus, thresholds, strict=True)]
+    return sign_consensus(trimmed, weight, election_weight, disjoint) * scale
+
+
+def sign_consensus(
+    values: list[torch.Tensor], weight: torch.Tensor, election_weight: torch.Tensor, disjoint: str
+) -> torch.Tensor:
+    """TIES steps 2-3 on sparsified per-task values: elect the sign, merge the agreeing entries."""
+    weights = weight.unbind(0)
+    voted = [v * e for v, e in zip(values, election_weight.unbind(0), strict=True)]
+    masks = agreeing(voted, elect_sign(voted))
+    return disjoint_merge(values, weights, masks, disjoint)
 
 
 def consensus_args(ctx, options: TiesOptions | object) -> dict[str, torch.Tensor]:
