@@ -42,9 +42,8 @@ import torch
 from pydantic import Field
 
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
-from mergetune.merging.methods.task_arithmetic import weighted_sum
-from mergetune.merging.methods.ties import Disjoint, WeightsAt, consensus_args
-from mergetune.merging.ops import agreeing, disjoint_merge, elect_sign, row_uniform, trim
+from mergetune.merging.methods.ties import Disjoint, WeightsAt, consensus_args, sign_consensus
+from mergetune.merging.ops import per_task, row_uniform, trim, weighted_task_sum
 from mergetune.merging.stats import Scope
 
 CITATION = "Yu et al. 2023, Language Models are Super Mario (DARE)"
@@ -84,7 +83,8 @@ def dare_linear_kernel(
     key_hi: torch.Tensor,
     row_offset: torch.Tensor,
 ) -> torch.Tensor:
-    return weighted_sum(drop_and_rescale(tau, keep_prob, key_lo, key_hi, row_offset), weight)
+    dropped = per_task(drop_and_rescale, tau.shape[0], tau, keep_prob, key_lo, key_hi, row_offset)
+    return weighted_task_sum(dropped, weight)
 
 
 def dare_ties_kernel(
@@ -99,11 +99,11 @@ def dare_ties_kernel(
     row_offset: torch.Tensor,
     disjoint: str,
 ) -> torch.Tensor:
-    dropped = drop_and_rescale(tau, keep_prob, key_lo, key_hi, row_offset)
-    trimmed = trim(dropped, tau.abs(), threshold)  # ranked on the original magnitudes
-    voted = trimmed * election_weight
-    mask = agreeing(voted, elect_sign(voted))
-    return disjoint_merge(trimmed, weight, mask, disjoint) * scale
+    def drop_then_trim(t, p, lo, hi, off, thr):
+        return trim(drop_and_rescale(t, p, lo, hi, off), thr, t.abs())  # ranked on the original magnitudes
+
+    trimmed = per_task(drop_then_trim, tau.shape[0], tau, keep_prob, key_lo, key_hi, row_offset, threshold)
+    return sign_consensus(trimmed, weight, election_weight, disjoint) * scale
 
 
 def one_d_rows(ctx) -> torch.Tensor:

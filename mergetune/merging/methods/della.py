@@ -1,3 +1,138 @@
-"""Placeholder: being implemented."""
+"""DELLA-Merging (Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
+Magnitude-Based Sampling", arXiv 2406.11617): MagPrune, then sign election and a disjoint mean.
 
-METHODS: list = []
+1. MagPrune, per row (a 1-D tensor is one row), per task: rank |τ_t| ascending and normalise the
+   rank to [0, 1]; keep each entry with probability p = (d − ε) + 2ε·rank (d = density[t, g], so
+   larger entries are kept more often and the mean keep rate is d) and divide each kept entry by
+   its own p (E[τ̃_t] = τ_t).
+2. Elect the sign as TIES does, γ = sign(Σ_t v_t), with v_t = λ_t τ̃_t (``weights:
+   before_election``, default) or τ̃_t (``after_election``).
+3. Δ = scale · Σ_t λ_t τ̃_t m_t / Σ_t λ_t m_t over the entries m_t that agree with γ (0 where none).
+
+Rank normalisation: rank = r / (L − 1), with r the 0-based ascending rank in a row of L entries
+(mergekit's (rank − min) / (max − min)); tied magnitudes share their average rank, so equal entries
+get equal keep probabilities whatever their position; a 1-element row gets rank 0.5, i.e. p = d
+(mergekit's formula is 0/0 there). The ranks do not depend on the candidate: they are computed once
+per ModelSet as a ``[T, D]`` tensor in the store's dtype (``stats.scores("della_rank")``); the
+keep test and the rescale use the same p, so E[τ̃_t] = τ_t holds whatever the rank's rounding.
+
+Defaults follow mergekit's ``della`` (which the DELLA authors' code is built on): the weights
+multiply the task vectors before the election and the merge is the weighted mean
+(``normalize: true``); ``scale`` is mergekit's ``lambda``. Requires 0 < d − ε and d + ε ≤ 1 for
+every task and layer group (so p is a probability and no entry is always dropped).
+Randomness: ``u < p`` with u from ``ops.row_uniform`` (recipe seed, tensor name, task, position).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from mergetune.errors import RecipeError
+from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
+from mergetune.merging.methods.ties import WeightsAt, consensus_args, sign_consensus
+from mergetune.merging.modelset import ModelSet
+from mergetune.merging.ops import per_task, row_uniform
+
+RANK_KIND = "della_rank"
+_RANK_CHUNK = 1 << 20  # entries ranked at a time (bounds the int64 temporaries)
+_TOLERANCE = 1e-12  # so that d + ε = 1 written in decimals is accepted
+
+
+class DellaOptions(MethodOptions):
+    epsilon: float = Field(0.1, ge=0.0, le=0.5, description="Half-width of the keep probabilities around d.")
+    scale: float = Field(1.0, description="Multiplies the merged task vector (mergekit's lambda).")
+    weights: WeightsAt = "before_election"
+
+
+def normalised_rank(magnitude: torch.Tensor) -> torch.Tensor:
+    """Ascending rank of each entry within its row (last dim), in [0, 1]; ties share their mean rank.
+
+    rank = r / (L − 1) with r the 0-based rank; rows of one entry get 0.5.
+    """
+    L = magnitude.shape[-1]
+    if L == 1:
+        return torch.full_like(magnitude, 0.5)
+    srt = magnitude.sort(dim=-1).values.contiguous()
+    first = torch.searchsorted(srt, magnitude.contiguous(), right=False)
+    past = torch.searchsorted(srt, magnitude.contiguous(), right=True)
+    return ((first + past - 1).to(torch.float64) / (2 * (L - 1))).to(magnitude.dtype)
+
+
+def della_ranks(ms: ModelSet) -> torch.Tensor:
+    """``[T, D]`` normalised ranks of |τ| within each row of each tensor (the store's layout)."""
+    out = torch.empty_like(ms.tau)
+    for seg in ms.segments:
+        L = seg.row_length
+        rows_per_chunk = max(1, _RANK_CHUNK // L)
+        for r0 in range(0, seg.numel // L, rows_per_chunk):
+            lo = seg.offset + r0 * L
+            hi = min(seg.end, lo + rows_per_chunk * L)
+            block = ms.tau[:, lo:hi].abs().view(ms.n_tasks, -1, L)
+            out[:, lo:hi] = normalised_rank(block).view(ms.n_tasks, -1)
+    return out
+
+
+def della_kernel(
+    tau: torch.Tensor,
+    weight: torch.Tensor,
+    election_weight: torch.Tensor,
+    scale: torch.Tensor,
+    p_low: torch.Tensor,
+    p_width: torch.Tensor,
+    rank: torch.Tensor,
+    key_lo: torch.Tensor,
+    key_hi: torch.Tensor,
+    row_offset: torch.Tensor,
+) -> torch.Tensor:
+    pruned = per_task(magprune, tau.shape[0], tau, p_low, p_width, rank, key_lo, key_hi, row_offset)
+    return sign_consensus(pruned, weight, election_weight, "weighted_mean") * scale
+
+
+def magprune(
+    tau: torch.Tensor,
+    p_low: torch.Tensor,
+    p_width: torch.Tensor,
+    rank: torch.Tensor,
+    key_lo: torch.Tensor,
+    key_hi: torch.Tensor,
+    row_offset: torch.Tensor,
+) -> torch.Tensor:
+    """One task's MagPrune: keep with p = p_low + p_width · rank, divide kept entries by their p."""
+    p = p_low + p_width * rank
+    keep = row_uniform(key_lo, key_hi, row_offset, tau.shape[-1]) < p
+    return torch.where(keep, tau / torch.where(keep, p, torch.ones_like(p)), torch.zeros_like(tau))
+
+
+class Della(ChunkMethod):
+    name = "della"
+    Options = DellaOptions
+    uses_density = True
+    random = True
+    citation = "Deep et al. 2024, DELLA-Merging"
+    kernel = staticmethod(della_kernel)
+
+    def validate(self, ctx) -> None:
+        eps = ctx.options.epsilon
+        bad = (ctx.density - eps <= 0) | (ctx.density + eps > 1 + _TOLERANCE)
+        if bool(bad.any()):
+            t, g = (int(i) for i in bad.nonzero()[0])
+            d = float(ctx.density[t, g])
+            raise RecipeError(
+                f"della: task '{ctx.modelset.task_names[t]}', layer group '{ctx.groups.names[g]}': density {d:g} "
+                f"with epsilon {eps:g} needs 0 < density - epsilon and density + epsilon <= 1; "
+                "lower epsilon or move the density"
+            )
+
+    def prepare(self, ctx) -> Prepared:
+        opts: DellaOptions = ctx.options
+        args = consensus_args(ctx, opts)
+        density = ctx.per_row(ctx.density)
+        args["p_low"] = density - opts.epsilon
+        args["p_width"] = torch.full_like(args["scale"], 2 * opts.epsilon)
+        args.update(ctx.random_keys())
+        rank = ctx.stats.scores(RANK_KIND, della_ranks)
+        return Prepared(row_args=args, element_args={"rank": rank})
+
+
+METHODS = [Della]
