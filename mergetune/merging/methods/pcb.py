@@ -49,6 +49,7 @@ from pydantic import Field
 
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
 from mergetune.merging.modelset import ModelSet
+from mergetune.merging.ops import per_task, task_sum
 from mergetune.merging.stats import Scope, keep_counts
 
 Inter = Literal["product", "es"]
@@ -143,11 +144,22 @@ def pcb_kernel(
     scale: torch.Tensor,
 ) -> torch.Tensor:
     """Δ for a chunk: drop/min-max β, rebuild the clipped τ̄, β-weighted mean of λ_t τ̄_t."""
-    clipped = torch.sign(tau) * torch.minimum(torch.maximum(tau.abs(), lo), hi)
-    kept = torch.where(beta > threshold, (beta - threshold) * inv_range, torch.zeros_like(beta))
-    num = (kept * weight * clipped).sum(0)
-    den = kept.sum(0).clamp(min=1e-12)
+    T = tau.shape[0]
+    kept = per_task(dropped_beta, T, beta, threshold, inv_range)
+    clipped = per_task(clip_magnitude, T, tau, lo, hi)
+    num = task_sum([k * w * c for k, w, c in zip(kept, weight.unbind(0), clipped, strict=True)])
+    den = task_sum(kept).clamp(min=1e-12)
     return scale[0] * num / den
+
+
+def dropped_beta(beta: torch.Tensor, threshold: torch.Tensor, inv_range: torch.Tensor) -> torch.Tensor:
+    """β' = (β − thr)/(max − thr) above the threshold, 0 below (drop + min-max)."""
+    return torch.where(beta > threshold, (beta - threshold) * inv_range, torch.zeros_like(beta))
+
+
+def clip_magnitude(tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """τ̄: |τ| clipped to [lo, hi], sign kept."""
+    return torch.sign(tau) * torch.minimum(torch.maximum(tau.abs(), lo), hi)
 
 
 class Pcb(ChunkMethod):
