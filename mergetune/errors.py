@@ -15,3 +15,7 @@ class BadWeightsError(MergetuneError):
 
 class RecipeError(MergetuneError):
     """A recipe or its parameters do not validate against the models they name."""
+
+
+class TaskError(MergetuneError):
+    """A task's configuration or data is unusable (missing column, empty split, unknown labels, head mismatch)."""
