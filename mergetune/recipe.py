@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -216,7 +217,8 @@ def _map_values(spec: Any, fn: Any) -> Any:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A real number, not a bool (YAML's ``yes`` would otherwise read as a drop of 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _iter_raw(spec: Any) -> list[Any]:
@@ -250,7 +252,11 @@ def _check_anchor_lists(spec: ParamSpec, field: str) -> None:
 
 
 def interpolate_anchors(anchors: Sequence[float], n_groups: int) -> np.ndarray:
-    """Values at ``n_groups`` evenly spaced positions, linearly interpolated between anchors."""
+    """Values at ``n_groups`` evenly spaced positions, linearly interpolated between anchors.
+
+    The first anchor sits on the first group and the last on the last group (mergekit's gradients);
+    as many anchors as groups gives exactly the anchors. A single group takes the anchors' mean.
+    """
     anchors = np.asarray(anchors, dtype=np.float64)
     if anchors.size == 1 or n_groups == 1:
         return np.full(n_groups, anchors[0] if n_groups > 1 or anchors.size == 1 else anchors.mean())
@@ -259,9 +265,16 @@ def interpolate_anchors(anchors: Sequence[float], n_groups: int) -> np.ndarray:
 
 
 def resolve_parameter(spec: ParamSpec, tasks: Sequence[str], groups: Sequence[str], field: str) -> np.ndarray:
-    """Expand a parameter spec into a ``[n_tasks, n_groups]`` float64 array."""
+    """Expand a parameter spec into a ``[n_tasks, n_groups]`` float64 array.
+
+    ``field`` (``weight``, ``density``) names the spec in errors: unknown task or group names,
+    and tasks or groups left without a value, are errors rather than silently defaulted.
+    """
     out = np.empty((len(tasks), len(groups)), dtype=np.float64)
     per_task = spec if isinstance(spec, dict) else {DEFAULT_KEY: spec}
+    unknown = sorted(set(per_task) - set(tasks) - {DEFAULT_KEY})
+    if unknown:
+        raise RecipeError(f"{field}: unknown task(s) {unknown}; the tasks are {list(tasks)}")
     for t, task in enumerate(tasks):
         value = per_task.get(task, per_task.get(DEFAULT_KEY))
         if value is None:

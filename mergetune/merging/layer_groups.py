@@ -3,12 +3,18 @@
 Per-layer merge parameters are stored per group. Groups are ordered by depth:
 ``embed``, then ``blocks.<first>-<last>`` (or ``blocks.<i>`` at granularity 1), then ``head``.
 Stacks of blocks (an encoder and a decoder in T5, a text and a vision tower in CLIP) are numbered
-one after the other in the order they first appear, so depth keeps increasing.
+one after the other: encoder-side stacks first, decoder stacks last, ties by name. The grouping
+depends only on the set of names, never on their order, so a model read from a safetensors file
+(names sorted: ``decoder.*`` before ``encoder.*``) groups exactly like the same model in memory,
+and a recipe's per-group values mean the same thing however the model was loaded.
 
 Architecture-aware rules come first (BERT/RoBERTa, Llama/Mistral/Qwen, GPT-2, T5, ViT/CLIP);
 any other model falls back to the generic rule: the first ``<name>.<integer>.`` component that
 follows a block-container word (``layer``, ``layers``, ``h``, ``block``, ``blocks``) is the block
-index; tensors outside every block are embeddings if their name says so, else head.
+index. Tensors outside every block are embeddings if their name says so (``embed``, ``emb``,
+``wte``, ``shared``, a pre-block norm such as CLIP's ``pre_layrnorm``, ...), else head (final
+norms, including T5's encoder and decoder final norms, poolers, ``lm_head``, projections,
+``logit_scale``).
 """
 
 from __future__ import annotations
@@ -56,9 +62,13 @@ _FAMILY_OF_MODEL_TYPE = {
     "siglip": "clip",
 }
 _GENERIC_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|block|blocks))\.(\d+)\.")
+# "emb" at the start of a word (embed_tokens, word_embeddings, tok_emb) but not GPT-NeoX's output
+# head "embed_out"; pre-block norms (CLIP's pre_layrnorm, OpenCLIP's ln_pre) sit before block 0.
 _EMBED_WORDS = re.compile(
-    r"(embed|wte|wpe|shared\.|^shared|patch|cls_token|position|token_type|class_embedding|mask_token)"
+    r"((?<![a-z])emb(?!ed_out)|wte|wpe|shared\.|^shared|patch|cls_token|position|token_type|mask_token"
+    r"|pre_layrnorm|pre_layernorm|ln_pre)"
 )
+_DECODER_WORD = re.compile(r"(^|\.)decoder(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -117,14 +127,14 @@ def build_layer_groups(tensor_names: Iterable[str], model_type: str | None = Non
 
 
 def _global_block_depths(positions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
-    """Number blocks across stacks: stacks in order of first appearance, blocks by index within."""
+    """Number blocks across stacks: decoder stacks after the others, then by name; blocks by index."""
     stacks: dict[str, set[int]] = {}
     for prefix, idx in positions:
         stacks.setdefault(prefix, set()).add(idx)
     depth: dict[tuple[str, int], int] = {}
     offset = 0
-    for prefix, indices in stacks.items():
-        for i in sorted(indices):
+    for prefix in sorted(stacks, key=lambda p: (bool(_DECODER_WORD.search(p)), p)):
+        for i in sorted(stacks[prefix]):
             depth[(prefix, i)] = offset
             offset += 1
     return depth

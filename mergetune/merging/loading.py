@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.bin"]
+# What a hub id can look like: "name" or "namespace/name" (letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 StateDict = dict[str, torch.Tensor]
 
@@ -49,17 +54,66 @@ def load_model(
     """Load weights from a folder, a weights file, a hub id, a state dict or a module."""
     if isinstance(source, torch.nn.Module):
         config = source.config.to_dict() if hasattr(source, "config") else {}
-        state = {k: v.detach() for k, v in source.state_dict().items()}
-        return LoadedModel(name or type(source).__name__, state, None, config)
+        return LoadedModel(name or type(source).__name__, module_state(source), None, config)
     if isinstance(source, Mapping):
-        return LoadedModel(name or "state_dict", dict(source), None, {})
-    path = Path(source)
+        return LoadedModel(name or "state_dict", check_state_dict(source, name or "state_dict"), None, {})
+    path = Path(source).expanduser()
     if path.is_dir():
         return LoadedModel(name or str(path), read_folder(path), path, read_config(path))
     if path.is_file():
         return LoadedModel(name or str(path), read_weights_file(path), path.parent, read_config(path.parent))
+    if not looks_like_hub_id(str(source)):
+        raise MergetuneError(f"{source}: no such file or folder (and not a hub id such as 'org/model'); check the path")
     folder = download_from_hub(str(source), revision)
     return LoadedModel(name or str(source), read_folder(folder), folder, read_config(folder))
+
+
+def module_state(module: torch.nn.Module) -> StateDict:
+    """A module's weights under the names its checkpoint folder would have.
+
+    Two differences between ``state_dict()`` and a folder written by ``save_pretrained`` are undone
+    so a module and a folder of the same model load alike: tied weights (GPT-2's ``lm_head``, T5's
+    ``encoder.embed_tokens``) appear once, under their first name; and transformers' renamings of
+    legacy checkpoint names (ViT's ``encoder.layer.N.attention.attention.query`` is
+    ``layers.N.attention.q_proj`` in memory) are reverted, as ``save_pretrained`` does.
+    """
+    state: StateDict = {}
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
+    for key, tensor in module.state_dict().items():
+        if tensor.device.type != "meta":
+            alias = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+            if alias in seen:
+                continue
+            seen.add(alias)
+        state[key] = tensor.detach()
+    transformers = sys.modules.get("transformers")  # not imported: the module cannot be a transformers model
+    if transformers is None or not isinstance(module, transformers.PreTrainedModel):
+        return state
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5 keeps checkpoint names in memory
+        return state
+    return dict(revert_weight_conversion(module, state))
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether ``text`` could name a hub repository, rather than only a (missing) local path.
+
+    Paths that start with '/', '.', '~', hold more than one '/', or end like a weights file are
+    never sent to the hub: a typo in a local path gets a "no such file" error, not a network one.
+    """
+    return bool(_HUB_ID.fullmatch(text)) and not text.endswith(_WEIGHT_SUFFIXES) and ".." not in text
+
+
+def check_state_dict(state: Mapping[Any, Any], where: str) -> StateDict:
+    """A copy of ``state`` after checking it maps tensor names to tensors (a checkpoint may hold
+    optimizer state, step counters or nested dicts that are not weights)."""
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise BadWeightsError(
+            f"{where}: expected a state dict of name -> tensor; these entries are not tensors: {bad[:5]}"
+        )
+    return dict(state)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -77,7 +131,7 @@ def read_folder(folder: Path) -> StateDict:
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = _index_shards(index)
             state: StateDict = {}
             for shard in shards:
                 state.update(read_weights_file(folder / shard))
@@ -88,13 +142,30 @@ def read_folder(folder: Path) -> StateDict:
     candidates = sorted(folder.glob("*.safetensors"))
     if len(candidates) == 1:
         return read_weights_file(candidates[0])
+    if candidates:
+        raise MergetuneError(
+            f"{folder}: {len(candidates)} .safetensors files but no {SAFETENSORS_INDEX} to say which "
+            f"tensors each holds: {[c.name for c in candidates[:5]]}"
+        )
     raise MergetuneError(
         f"{folder}: no weights found (expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {BIN_FILE} "
         f"or {BIN_INDEX}); point to a Hugging Face model folder"
     )
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index lists (each read once)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise MergetuneError(
+            f"{index}: not a valid shard index (expected a 'weight_map' of name -> file): {exc}"
+        ) from exc
+
+
 def read_weights_file(path: Path) -> StateDict:
+    """All tensors of one weights file: safetensors, or a PyTorch pickle read with weights_only."""
     if not path.is_file():
         raise MergetuneError(f"weights file not found: {path} (listed in the folder's index?)")
     if path.suffix == ".safetensors":
@@ -108,13 +179,22 @@ def read_weights_file(path: Path) -> StateDict:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise BadWeightsError(
-                f"{path}: refused or failed to load with torch.load(weights_only=True) ({exc}); "
-                "convert the checkpoint to safetensors"
+                f"{path}: refused or failed to load with torch.load(weights_only=True): {_short_reason(exc)}; "
+                "mergetune never unpickles code or arbitrary objects: convert the checkpoint to safetensors"
             ) from exc
         if not isinstance(loaded, Mapping):
             raise BadWeightsError(f"{path}: expected a state dict, got {type(loaded).__name__}")
-        return dict(loaded)
+        return check_state_dict(loaded, str(path))
     raise MergetuneError(f"{path}: unsupported weights format '{path.suffix}' (use .safetensors or .bin)")
+
+
+def _short_reason(exc: Exception) -> str:
+    """The one line of a torch.load failure that says what was refused (its message is a page long,
+    with terminal colour codes and advice to retry with weights_only=False, which we never do)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    match = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    line = match.group(1) if match else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {line.split('. ')[0][:300]}"
 
 
 def download_from_hub(repo_id: str, revision: str | None) -> Path:

@@ -28,7 +28,7 @@ from mergetune.merging.loading import LoadedModel, load_model
 
 ModelSource = str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module
 DEFAULT_TASK_SPECIFIC = (r"(^|\.)(classifier|score|qa_outputs)\.",)
-_VOCAB_HINT = re.compile(r"(embed_tokens|word_embeddings|wte|shared|lm_head)")
+_VOCAB_HINT = re.compile(r"(embed_tokens|word_embeddings|token_embedding|wte|shared|embed_in|embed_out|lm_head)")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class ModelSet:
     ) -> None:
         if len(experts) != len(task_names) or not experts:
             raise ValueError("give one task name per expert, and at least one expert")
+        repeated = sorted({t for t in task_names if list(task_names).count(t) > 1})
+        if repeated:
+            raise ValueError(f"task names must be unique; repeated: {repeated}")
         self.base_info = base
         self.task_names = list(task_names)
         self.expert_names = [e.name for e in experts]
@@ -173,18 +176,23 @@ def _align_prefix(base: Mapping[str, torch.Tensor], expert: LoadedModel) -> dict
     """Strip a wrapper prefix (``bert.``, ``roberta.``, ``model.``) so expert names match the base's.
 
     A task model (``BertForSequenceClassification``) prefixes the encoder's names with the base
-    model prefix; the base (``BertModel``) does not. Names that are not under the prefix (the
-    classification head) are kept as they are.
+    model prefix; the base (``BertModel``) does not. The prefix kept is the one under which most
+    expert names match a base name (no prefix wins ties, so a matching model is left as it is).
+    Names that are not under the prefix (the classification head) are kept as they are.
     """
     state = expert.state
-    if set(base) & set(state):
+    candidates = {""} | {k.split(".", 1)[0] + "." for k in state if "." in k}
+    best = max(sorted(candidates), key=lambda p: (_prefix_matches(base, state, p), p == ""))
+    if not best:
         return dict(state)
-    prefixes = {k.split(".", 1)[0] for k in state if "." in k and k.split(".", 1)[1] in base}
-    if not prefixes:
-        return dict(state)
-    best = max(prefixes, key=lambda p: sum(1 for k in state if k.startswith(p + ".") and k[len(p) + 1 :] in base))
-    cut = len(best) + 1
-    return {(k[cut:] if k.startswith(best + ".") else k): v for k, v in state.items()}
+    cut = len(best)
+    return {(k[cut:] if k.startswith(best) else k): v for k, v in state.items()}
+
+
+def _prefix_matches(base: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """How many expert names become base names once ``prefix`` is stripped."""
+    cut = len(prefix)
+    return sum(1 for k in state if k.startswith(prefix) and k[cut:] in base)
 
 
 def _classify(

@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny random Hugging Face models built from config classes (no download).
+
+Every model is a few thousand parameters, built once per test session and saved with
+``save_pretrained`` under a session temporary folder, so any test file can use them:
+
+- ``tiny_bert_dir``: a ``BertModel`` base and ``BertForSequenceClassification`` experts with
+  different numbers of labels (the encoder under the ``bert.`` prefix, a per-task classifier);
+- ``tiny_llama_dir``: a ``LlamaForCausalLM`` base and experts of the same class.
+
+Experts are the base plus small seeded noise, so their task vectors are known and reproducible.
+Model initialisation runs under a forked, seeded RNG: building them leaves the global RNG alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_DIMS = {"vocab_size": 99, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+BERT_TASKS = {"sst2": 2, "mnli": 3, "topic": 4}  # task -> number of labels
+LLAMA_TASKS = ("math", "code", "chat")
+EXPERT_NOISE = 0.01
+
+ModelDirs = tuple[Path, dict[str, Path]]
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under ``torch.manual_seed(seed)`` without touching the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def perturb_(model: torch.nn.Module, seed: int, scale: float = EXPERT_NOISE) -> torch.nn.Module:
+    """Add seeded Gaussian noise to every floating parameter in place (a stand-in fine-tune)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.add_(scale * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    return model
+
+
+def tiny_bert_config(**overrides: object):
+    """A 2-layer, 16-wide BERT config (about 10k parameters)."""
+    from transformers import BertConfig
+
+    return BertConfig(**{**TINY_DIMS, "intermediate_size": 32, **overrides})
+
+
+def tiny_llama_config(**overrides: object):
+    """A 2-layer, 16-wide Llama config with grouped-query attention (1 KV head)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**TINY_DIMS, "intermediate_size": 32, "num_key_value_heads": 1, **overrides})
+
+
+def build_bert_models(root: Path) -> ModelDirs:
+    """Save a BertModel base and one BertForSequenceClassification expert per task under ``root``."""
+    from transformers import BertForSequenceClassification, BertModel
+
+    with seeded(0):
+        base = BertModel(tiny_bert_config())
+    base.save_pretrained(root / "base")
+    experts = {}
+    for i, (task, num_labels) in enumerate(BERT_TASKS.items()):
+        with seeded(100 + i):
+            expert = BertForSequenceClassification(tiny_bert_config(num_labels=num_labels))
+        expert.bert.load_state_dict(base.state_dict())
+        perturb_(expert, seed=200 + i)
+        expert.save_pretrained(root / task)
+        experts[task] = root / task
+    return root / "base", experts
+
+
+def build_llama_models(root: Path) -> ModelDirs:
+    """Save a LlamaForCausalLM base and one perturbed copy of it per task under ``root``."""
+    from transformers import LlamaForCausalLM
+
+    with seeded(1):
+        base = LlamaForCausalLM(tiny_llama_config())
+    base.save_pretrained(root / "base")
+    experts = {}
+    for i, task in enumerate(LLAMA_TASKS):
+        expert = LlamaForCausalLM(base.config)
+        expert.load_state_dict(base.state_dict())
+        perturb_(expert, seed=300 + i)
+        expert.save_pretrained(root / task)
+        experts[task] = root / task
+    return root / "base", experts
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDirs:
+    """(base folder, {task: expert folder}): BERT base, sequence-classification experts (2, 3, 4 labels)."""
+    return build_bert_models(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDirs:
+    """(base folder, {task: expert folder}): Llama causal-LM base and perturbed experts."""
+    return build_llama_models(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Nothing reaches the network: the hub client is offline, its cache an empty folder (returned).
+
+    The environment variable alone is not enough once ``huggingface_hub`` is imported (it reads
+    it at import time), so the module constants are patched too.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    return cache
