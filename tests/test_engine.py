@@ -249,3 +249,30 @@ def test_compiled_kernels_agree_with_eager(models):
         torch.testing.assert_close(flat(compiled.merge(r)), flat(eager.merge(r)), rtol=1e-6, atol=1e-6)
     again = recipe("ties", weight=0.8, density=0.2)
     assert torch.equal(flat(compiled.merge(again)), flat(Merger(ms, compile=True).merge(again)))
+
+
+def test_bind_shares_memory_with_a_task_model_and_refuses_partial_binds(tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaModel
+
+    base_dir, experts = tiny_bert_dir
+    ms = ModelSet.load(base_dir, experts)
+    merger = Merger(ms, compile=False)
+    model = AutoModelForSequenceClassification.from_pretrained(next(iter(experts.values())))
+    merger.bind(model)
+    r = Recipe(
+        base=str(base_dir),
+        experts=[{"name": t, "model": str(p)} for t, p in experts.items()],
+        method="task_arithmetic",
+        weight=0.5,
+    )
+    merged = merger.merge(r)
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, merged[name])
+    with pytest.raises(RecipeError, match="cannot bind"):
+        merger.bind(
+            LlamaModel(
+                LlamaConfig(
+                    vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+                )
+            )
+        )

@@ -223,14 +223,28 @@ class Merger:
         return {s.name: out[s.offset : s.end].view(s.shape) for s in self.modelset.segments}
 
     def bind(self, module: torch.nn.Module, dtype: str = "float32") -> None:
-        """Point the module's merged parameters at the output buffer (no copy per candidate)."""
+        """Point the module's merged parameters at the output buffer (no copy per candidate).
+
+        The module may wrap the base (a task model's ``bert.`` prefix is matched). Every merged
+        tensor must find its parameter: binding half a model would evaluate unmerged weights.
+        """
         views = self.views(self.output_buffer(DTYPES[dtype]))
+        params = dict(module.named_parameters())
+        prefix = _best_prefix(params, views)
+        unbound = [n for n in views if prefix + n not in params]
+        if unbound:
+            raise RecipeError(
+                f"cannot bind {len(unbound)} merged tensor(s) to {type(module).__name__}, e.g. {unbound[:3]}: "
+                "its parameter names differ from the checkpoint's; load the module from the base folder"
+            )
         with torch.no_grad():
-            for name, param in module.named_parameters():
-                if name in views:
-                    if param.shape != views[name].shape:
-                        raise RecipeError(f"cannot bind '{name}': module has {tuple(param.shape)}")
-                    param.data = views[name]
+            for name, view in views.items():
+                param = params[prefix + name]
+                if param.shape != view.shape:
+                    raise RecipeError(
+                        f"cannot bind '{name}': module has {tuple(param.shape)}, merged {tuple(view.shape)}"
+                    )
+                param.data = view
 
     def extra_bytes(self) -> int:
         """Memory held by precomputed statistics and output buffers, beyond the ModelSet."""
@@ -272,6 +286,12 @@ class Merger:
             for i, seg in enumerate(self.modelset.segments):
                 delta = method.merge_tensor(ctx, i).reshape(-1)
                 out[seg.offset : seg.end].copy_(base[seg.offset : seg.end] + delta)
+
+
+def _best_prefix(params: dict[str, torch.nn.Parameter], names: dict[str, torch.Tensor]) -> str:
+    """The module-name prefix ('' or e.g. 'bert.') under which most merged tensor names are found."""
+    candidates = {""} | {k.split(".", 1)[0] + "." for k in params if "." in k}
+    return max(sorted(candidates), key=lambda p: (sum(p + n in params for n in names), p == ""))
 
 
 def _with_base(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
