@@ -63,7 +63,9 @@ def methods() -> None:
 
     table = Table("method", "density", "options", "paper")
     for name, method in sorted(METHODS.items()):
-        fields = ", ".join(f"{k}={v.default!r}" for k, v in method.Options.model_fields.items())
+        fields = ", ".join(
+            f"{k}={getattr(v.default, 'value', v.default)}" for k, v in method.Options.model_fields.items()
+        )
         table.add_row(name, "yes" if method.uses_density else "-", fields or "-", method.citation)
     console.print(table)
 

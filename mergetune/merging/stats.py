@@ -102,7 +102,12 @@ class OrderStatistics:
     def sorted_scores(self, kind: str, scope: Scope, compute: ScoreFn) -> torch.Tensor:
         key = (kind, scope)
         if key not in self._sorted:
-            self._sorted[key] = sort_blocks(self.scores(kind, compute), scope, self.modelset, self.rows)
+            if kind == "abs":  # one task's |τ| at a time: no [T, D] temporary
+                task_scores: Callable[[int], torch.Tensor] = lambda t: self.modelset.tau[t].abs()  # noqa: E731
+            else:
+                full = self.scores(kind, compute)
+                task_scores = full.__getitem__
+            self._sorted[key] = sort_blocks(task_scores, scope, self.modelset)
         return self._sorted[key]
 
     def kth_largest(
@@ -139,19 +144,25 @@ def _tensors_in(values: Any) -> list[torch.Tensor]:
     return []
 
 
-def sort_blocks(scores: torch.Tensor, scope: Scope, modelset: ModelSet, rows: RowLayout) -> torch.Tensor:
-    """Sort ``[T, D]`` scores ascending within each block, in place of the block's range."""
-    if scope is Scope.GLOBAL:
-        return torch.sort(scores, dim=1).values
-    out = torch.empty_like(scores)
-    for seg in modelset.segments:
-        block = scores[:, seg.offset : seg.end]
-        if scope is Scope.TENSOR:
-            out[:, seg.offset : seg.end] = torch.sort(block, dim=1).values
-        else:
-            L = seg.row_length
-            shaped = block.reshape(scores.shape[0], seg.numel // L, L)
-            out[:, seg.offset : seg.end] = torch.sort(shaped, dim=2).values.reshape(scores.shape[0], -1)
+def sort_blocks(task_scores: Callable[[int], torch.Tensor], scope: Scope, modelset: ModelSet) -> torch.Tensor:
+    """Sort each task's ``[D]`` scores ascending within each block, in place of the block's range.
+
+    Task by task, so that the sort's temporaries (values and int64 indices) stay one task large.
+    """
+    out: torch.Tensor | None = None
+    for t in range(modelset.n_tasks):
+        scores = task_scores(t)
+        if out is None:  # the scores' own dtype: thresholds must compare exactly with the scores
+            out = torch.empty(modelset.n_tasks, modelset.numel, dtype=scores.dtype, device=scores.device)
+        if scope is Scope.GLOBAL:
+            out[t] = torch.sort(scores).values
+            continue
+        for seg in modelset.segments:
+            block = scores[seg.offset : seg.end]
+            if scope is Scope.ROW:
+                block = block.reshape(-1, seg.row_length)
+            out[t, seg.offset : seg.end] = torch.sort(block, dim=-1).values.reshape(-1)
+    assert out is not None
     return out
 
 
