@@ -18,6 +18,7 @@ Usage: python benchmarks/merge_speed.py [--tasks 8] [--reps 3] [--methods ties,p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -56,10 +57,8 @@ TARGET_3X = {"ties (global)", "ties (tensor)", "ties (row)", "pcb (global)", "pc
 
 def peak_rss_reset() -> None:
     """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux ≥ 4.0)."""
-    try:
+    with contextlib.suppress(OSError):
         Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def peak_rss_bytes() -> int:
@@ -75,8 +74,7 @@ def build_modelset(n_tasks: int) -> ModelSet:
     experts = {}
     for t in range(n_tasks):
         experts[f"task{t}"] = {
-            k: (v + 1e-3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v)
-            for k, v in base.items()
+            k: (v + 1e-3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v) for k, v in base.items()
         }
     ms = ModelSet.load(base, experts)
     del experts
@@ -124,10 +122,7 @@ def measure(ms: ModelSet, label: str, reps: int, naive: bool) -> dict[str, float
     merger = Merger(ms, compile=not naive, naive=naive)
     setup = timed(lambda: merger.merge(recipes[0]))  # first candidate: precompute + compile
     per = [timed(lambda r=r: merger.merge(r)) for r in recipes[1:]]
-    result = {"setup": setup, "per": statistics.median(per), "extra": merger.extra_bytes(), "peak": peak_rss_bytes()}
-    del merger
-    gc.collect()
-    return result
+    return {"setup": setup, "per": statistics.median(per), "extra": merger.extra_bytes(), "peak": peak_rss_bytes()}
 
 
 def main() -> None:
@@ -144,10 +139,14 @@ def main() -> None:
     ms = build_modelset(args.tasks)
     resident = ms.tau.numel() * ms.tau.element_size()
     floor = read_floor(ms, 5)
-    print(f"MiniLM-L6 base, {args.tasks} experts, {ms.numel / 1e6:.1f} M merged parameters, "
-          f"{args.threads} thread(s), torch {torch.__version__}")
-    print(f"resident task vectors: {resident / 2**20:.0f} MiB;  (a) read floor (sum of all task vectors): "
-          f"{floor * 1e3:.1f} ms\n")
+    print(
+        f"MiniLM-L6 base, {args.tasks} experts, {ms.numel / 1e6:.1f} M merged parameters, "
+        f"{args.threads} thread(s), torch {torch.__version__}"
+    )
+    print(
+        f"resident task vectors: {resident / 2**20:.0f} MiB;  (a) read floor (sum of all task vectors): "
+        f"{floor * 1e3:.1f} ms\n"
+    )
 
     labels = [lab for lab in args.methods.split(",") if VARIANTS.get(lab, ("?",))[0] in METHODS]
     rows = {}

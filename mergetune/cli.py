@@ -15,6 +15,7 @@ from mergetune.errors import MergetuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find the best way to merge fine-tuned models.")
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)
 
 
 class Engine(StrEnum):
@@ -89,7 +90,7 @@ class _errors:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
         if isinstance(exc, MergetuneError):
-            console.print(f"[red]error:[/] {exc}")
+            errors.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
             raise typer.Exit(code=2)
         return False
 

@@ -63,7 +63,9 @@ def load_model(
     if path.is_file():
         return LoadedModel(name or str(path), read_weights_file(path), path.parent, read_config(path.parent))
     if not looks_like_hub_id(str(source)):
-        raise MergetuneError(f"{source}: no such file or folder (and not a hub id such as 'org/model'); check the path")
+        raise MergetuneError(
+            f"{name or source}: no such file or folder (and not a hub id such as 'org/model'); check the path"
+        )
     folder = download_from_hub(str(source), revision)
     return LoadedModel(name or str(source), read_folder(folder), folder, read_config(folder))
 
