@@ -276,3 +276,19 @@ def test_bind_shares_memory_with_a_task_model_and_refuses_partial_binds(tiny_ber
                 )
             )
         )
+
+
+def test_bfloat16_storage_merges_close_to_float32(models):
+    """Task vectors stored in bf16 (half the memory, e.g. on GPU) give the float32 merge to bf16 precision."""
+    base, experts, ms32 = models
+    ms16 = ModelSet.load(base, experts, storage_dtype=torch.bfloat16)
+    assert ms16.tau.dtype == torch.bfloat16
+    for r in (
+        recipe("task_arithmetic", weight=0.4),
+        recipe("ties", weight=0.8, density=0.5, options={"scope": "tensor"}),
+    ):
+        got16 = merged_flat(ms16, r)
+        got32 = merged_flat(ms32, r)
+        # bf16 keeps 8 bits of mantissa; a trim decision can flip only at near-ties.
+        close = torch.isclose(got16, got32, rtol=2e-2, atol=2e-2)
+        assert close.float().mean() > 0.97
