@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
-from mergetune.merging.methods.ties import Disjoint, WeightsAt, consensus_args, sign_consensus
+from mergetune.merging.methods.ties import ConsensusOptions, Disjoint, WeightsAt, consensus_args, sign_consensus
 from mergetune.merging.ops import per_task, weighted_task_sum
 from mergetune.merging.stats import Scope, keep_counts
 
@@ -42,10 +42,9 @@ class BreadcrumbsOptions(MethodOptions):
     gamma: float = Field(0.01, ge=0.0, lt=1.0, description="Fraction of largest magnitudes dropped as outliers.")
 
 
-class BreadcrumbsTiesOptions(BreadcrumbsOptions):
-    disjoint: Disjoint = "sum"
+class BreadcrumbsTiesOptions(BreadcrumbsOptions, ConsensusOptions):
+    disjoint: Disjoint = "sum"  # mergekit's breadcrumbs_ties, its only reference
     weights: WeightsAt = "before_election"
-    scale: float = Field(1.0, description="Multiplies the merged task vector.")
 
 
 def breadcrumbs_mask(tau: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:

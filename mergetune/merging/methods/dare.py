@@ -42,7 +42,7 @@ import torch
 from pydantic import Field
 
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
-from mergetune.merging.methods.ties import Disjoint, WeightsAt, consensus_args, sign_consensus
+from mergetune.merging.methods.ties import ConsensusOptions, consensus_args, sign_consensus
 from mergetune.merging.ops import per_task, row_uniform, trim, weighted_task_sum
 from mergetune.merging.stats import Scope
 
@@ -53,12 +53,9 @@ class DareOptions(MethodOptions):
     skip_1d: bool = Field(False, description="Keep 1-D tensors (biases, norms) whole: no drop, no rescale.")
 
 
-class DareTiesOptions(DareOptions):
+class DareTiesOptions(DareOptions, ConsensusOptions):
     trim_density: float = Field(1.0, ge=0.0, le=1.0, description="TIES trim after the drop (1 = no trim).")
     scope: Scope = Field(Scope.GLOBAL, description="Ranking scope of the trim (on the original |τ|).")
-    disjoint: Disjoint = "mean"
-    weights: WeightsAt = "after_election"
-    scale: float = Field(1.0, description="Multiplies the merged task vector (the papers' λ).")
 
 
 def drop_and_rescale(

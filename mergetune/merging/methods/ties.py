@@ -28,11 +28,19 @@ Disjoint = Literal["mean", "sum", "weighted_mean"]
 WeightsAt = Literal["after_election", "before_election"]
 
 
-class TiesOptions(MethodOptions):
-    scope: Scope = Scope.GLOBAL
+class ConsensusOptions(MethodOptions):
+    """Options of TIES' sign election and disjoint merge, shared by every method that uses them.
+
+    Defaults are the official TIES code's; methods whose reference is mergekit override them.
+    """
+
     disjoint: Disjoint = "mean"
     weights: WeightsAt = "after_election"
     scale: float = Field(1.0, description="Multiplies the merged task vector (the papers' λ).")
+
+
+class TiesOptions(ConsensusOptions):
+    scope: Scope = Scope.GLOBAL
 
 
 def ties_kernel(
