@@ -1,0 +1,170 @@
+"""SearchConfig: one YAML file says what to search, how, for how long, and where results go.
+
+Strict like the Recipe: an unknown or misspelt key anywhere is an error naming its dotted path.
+See ``configs/`` for complete examples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from mergetune.errors import MergetuneError
+from mergetune.merging.methods import get_method
+from mergetune.objectives.tasks import TaskConfig
+from mergetune.recipe import Expert, StrictModel, format_validation_error
+from mergetune.search.space import MethodSpace, ParamRange
+
+OptimizerName = Literal["tpe", "nsga2", "gp", "cmaes", "ngopt", "ng_cma", "ng_de", "random", "grid"]
+ObjectiveName = Literal["mean", "worst", "sparsity"]
+
+
+class SearchConfigError(MergetuneError):
+    """A search configuration does not validate."""
+
+
+class ModelsConfig(StrictModel):
+    """Either a zoo (experts built offline by ``mergetune zoo build``) or a base and its experts."""
+
+    zoo: str | None = None
+    base: str | None = None
+    experts: list[Expert] = Field(default_factory=list)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelsConfig:
+        if (self.zoo is None) == (self.base is None):
+            raise ValueError("give either 'zoo' or 'base' with 'experts'")
+        if self.base is not None and not self.experts:
+            raise ValueError("'experts' is empty: name at least one fine-tuned model")
+        return self
+
+
+class SpaceConfig(StrictModel):
+    """Which methods, and how finely weights and densities vary (see mergetune.search.space)."""
+
+    methods: dict[str, MethodSpace] = Field(min_length=1)
+    weight: ParamRange = ParamRange(per="task", low=0.0, high=1.0)
+    density: ParamRange = ParamRange(per="shared", low=0.05, high=1.0)
+    granularity: int = Field(1, ge=1, description="Transformer blocks per layer group.")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _list_of_names(cls, value: Any) -> Any:
+        if isinstance(value, list):  # `methods: [ties, pcb]` is short for default settings
+            return {name: {} for name in value}
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: dict[str, MethodSpace]) -> dict[str, MethodSpace]:
+        for name, spec in value.items():
+            options = get_method(name).Options.model_fields
+            unknown = sorted(set(spec.options) - set(options))
+            if unknown:
+                raise ValueError(f"{name}: unknown option(s) {unknown}; {name} has {sorted(options)}")
+        return value
+
+
+class OptimizerConfig(StrictModel):
+    name: OptimizerName = "tpe"
+    batch_size: int = Field(1, ge=1, description="Candidates proposed before any result is told back.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Passed to the sampler / optimizer.")
+
+
+class BudgetConfig(StrictModel):
+    candidates: int | None = Field(100, ge=1)
+    seconds: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.candidates is None and self.seconds is None:
+            raise ValueError("set 'candidates' or 'seconds' (or both)")
+        return self
+
+
+class ObjectivesConfig(StrictModel):
+    """What the optimizer maximises. Every per-task score is recorded whatever is optimised.
+
+    Multi-objective optimizers (tpe, nsga2, gp, random, grid) get the listed objectives as they
+    are; single-objective ones (cmaes, ngopt, ng_cma, ng_de) get the scalarisation
+    ``mean + worst_weight · worst − sparsity_weight · density − penalty · Σ_t max(0, floor_t − s_t)``.
+    """
+
+    optimize: list[ObjectiveName] = Field(default_factory=lambda: ["mean", "worst"], min_length=1)
+    floors: float | dict[str, float] | None = Field(
+        None, description="Per-task floor on the normalised score (a constraint); '*' is the default."
+    )
+    worst_weight: float = 0.5
+    sparsity_weight: float = 0.1
+    penalty: float = 10.0
+
+    @field_validator("optimize")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"objectives repeat: {value}")
+        return value
+
+
+class SelectionConfig(StrictModel):
+    """How the final recipe is chosen: see mergetune.search.pareto."""
+
+    rule: Literal["best_mean_feasible", "best_worst_feasible"] = "best_mean_feasible"
+    rescore_top: int = Field(5, ge=1, description="Finalists re-scored on held-out validation examples.")
+    holdout_fraction: float = Field(
+        0.33, ge=0.0, lt=1.0, description="Share of each validation split kept away from the search for re-scoring."
+    )
+
+
+class EvaluationConfig(StrictModel):
+    batch_size: int = Field(64, ge=1)
+    threads: int = Field(1, ge=1, description="torch threads per worker.")
+    device: str = "cpu"
+
+
+class SearchConfig(StrictModel):
+    name: str = Field(min_length=1)
+    models: ModelsConfig
+    tasks: list[TaskConfig] | None = Field(None, description="Required unless the models come from a zoo.")
+    space: SpaceConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    budget: BudgetConfig = BudgetConfig()
+    objectives: ObjectivesConfig = ObjectivesConfig()
+    selection: SelectionConfig = SelectionConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    warm_start: bool = Field(True, description="Evaluate known-good recipes first (TA λ=0.3, TIES defaults).")
+    storage: str | None = Field(None, description="Optuna storage URL or journal path; default: OUTPUT/search.journal")
+    output: str | None = Field(None, description="Output folder; default: runs/<name>")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _tasks_given(self) -> SearchConfig:
+        if self.models.zoo is None:
+            if not self.tasks:
+                raise ValueError("'tasks' is required when models are given as base + experts")
+            missing = sorted({e.name for e in self.models.experts} - {t.name for t in self.tasks})
+            if missing:
+                raise ValueError(f"no task config for expert(s) {missing}; each expert needs a task of its name")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.name}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise SearchConfigError(f"search config not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise SearchConfigError(f"{path}: not valid YAML: {exc}") from exc
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SearchConfigError(f"{path}: invalid search config:\n{format_validation_error(exc)}") from exc

@@ -1,0 +1,3 @@
+"""Placeholder: being implemented."""
+
+OPTIMIZERS: list = []

@@ -1,0 +1,330 @@
+"""SearchSpace: which recipe parameters are searched, and the map between parameters and Recipes.
+
+A point of the space is a flat dict of named parameters (what Optuna stores and Nevergrad
+optimises), e.g. for a space over TIES and PCB with one weight per task and one shared density::
+
+    {"method": "ties", "ties/weight/sst2": 0.8, "ties/weight/mnli": 1.1,
+     "ties/density": 0.2, "ties/opt/disjoint": "mean"}
+
+Each method has its own parameters (prefixed by its name): a λ of TIES' dis-mean and one of Task
+Arithmetic's sum do not mean the same thing, so sharing them would mislead the optimizer. A
+parameter that the chosen method does not use is absent (conditional space).
+
+How finely weights and densities vary (``per``):
+
+- ``shared``: one value for every task and layer group;
+- ``task``: one value per task;
+- ``group``: one value per layer group, shared by the tasks (with ``anchors``: that many values
+  interpolated over depth);
+- ``task_group``: one value per task and layer group (with ``anchors``: per task, that many
+  values interpolated over depth, the low-dimensional parametrisation that keeps large searches
+  tractable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from pydantic import Field, model_validator
+
+from mergetune.merging.methods import METHODS, get_method
+from mergetune.recipe import Expert, Grouping, Recipe, StrictModel
+
+Per = Literal["shared", "task", "group", "task_group"]
+METHOD_KEY = "method"
+SEP = "/"
+
+
+class ParamRange(StrictModel):
+    """How one per-task/per-group parameter (weight or density) is searched."""
+
+    per: Per = "task"
+    low: float = 0.0
+    high: float = 1.0
+    anchors: int | None = Field(
+        None, ge=1, description="With per group/task_group: values interpolated over depth (None: one per group)."
+    )
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ParamRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        return self
+
+
+class FloatRange(StrictModel):
+    low: float
+    high: float
+    log: bool = False
+
+
+OptionSpec = float | int | str | bool | list[Any] | FloatRange
+
+
+class MethodSpace(StrictModel):
+    """Per-method overrides: ranges of weight and density, and searched or fixed options."""
+
+    weight: ParamRange | None = None
+    density: ParamRange | None = None
+    options: dict[str, OptionSpec] = Field(
+        default_factory=dict, description="A value fixes an option, a list searches among values, {low, high} a range."
+    )
+
+
+# Ranges where each method's λ is meaningful (papers' tuned grids); users override per method.
+DEFAULT_WEIGHT = {
+    "task_arithmetic": (0.0, 1.0),
+    "average": (0.1, 1.0),
+    "dare_linear": (0.0, 1.0),
+    "breadcrumbs": (0.0, 1.0),
+    "ties": (0.2, 2.0),
+    "dare_ties": (0.2, 2.0),
+    "breadcrumbs_ties": (0.0, 1.0),
+    "della": (0.2, 1.5),
+    "pcb": (0.2, 2.0),
+    "tsv": (0.1, 2.0),
+}
+DEFAULT_DENSITY = {"della": (0.15, 0.85), "breadcrumbs": (0.05, 0.9), "breadcrumbs_ties": (0.05, 0.9)}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One searched parameter: its name, Optuna distribution and the method that uses it."""
+
+    name: str
+    distribution: BaseDistribution
+    method: str | None  # None: the method choice itself
+
+
+class SearchSpace:
+    """Maps parameter dicts (and Optuna trials) to Recipes and back."""
+
+    def __init__(
+        self,
+        base: str,
+        experts: Sequence[Expert],
+        group_names: Sequence[str],
+        methods: Mapping[str, MethodSpace],
+        weight: ParamRange,
+        density: ParamRange,
+        granularity: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if not methods:
+            raise ValueError("the search space needs at least one method")
+        for name in methods:
+            get_method(name)  # clear error for unknown methods
+        self.base = base
+        self.experts = list(experts)
+        self.tasks = [e.name for e in experts]
+        self.groups = list(group_names)
+        self.methods = dict(methods)
+        self.granularity = granularity
+        self.seed = seed
+        self._weight = weight
+        self._density = density
+        self.axes = self._build_axes()
+
+    # ---- structure -------------------------------------------------------------------------------
+    def weight_range(self, method: str) -> ParamRange:
+        spec = self.methods[method].weight
+        if spec is not None:
+            return spec
+        low, high = DEFAULT_WEIGHT.get(method, (self._weight.low, self._weight.high))
+        return self._weight.model_copy(update={"low": low, "high": high})
+
+    def density_range(self, method: str) -> ParamRange | None:
+        if not METHODS[method].uses_density:
+            return None
+        spec = self.methods[method].density
+        if spec is not None:
+            return spec
+        low, high = DEFAULT_DENSITY.get(method, (self._density.low, self._density.high))
+        return self._density.model_copy(update={"low": low, "high": high})
+
+    def _build_axes(self) -> list[Axis]:
+        axes: list[Axis] = []
+        if len(self.methods) > 1:
+            axes.append(Axis(METHOD_KEY, CategoricalDistribution(list(self.methods)), None))
+        for method in self.methods:
+            for field in ("weight", "density"):
+                rng = self.weight_range(method) if field == "weight" else self.density_range(method)
+                if rng is None:
+                    continue
+                dist = FloatDistribution(rng.low, rng.high, log=rng.log)
+                axes += [Axis(name, dist, method) for name in self._param_names(method, field, rng)]
+            for option, spec in self.methods[method].options.items():
+                dist = _option_distribution(spec)
+                if dist is not None:
+                    axes.append(Axis(f"{method}{SEP}opt{SEP}{option}", dist, method))
+        return axes
+
+    def _param_names(self, method: str, field: str, rng: ParamRange) -> list[str]:
+        stem = f"{method}{SEP}{field}"
+        slots = self._slots(rng)
+        if rng.per == "shared":
+            return [stem]
+        if rng.per == "task":
+            return [f"{stem}{SEP}{t}" for t in self.tasks]
+        if rng.per == "group":
+            return [f"{stem}{SEP}{s}" for s in slots]
+        return [f"{stem}{SEP}{t}{SEP}{s}" for t in self.tasks for s in slots]
+
+    def _slots(self, rng: ParamRange) -> list[str]:
+        """Names of the per-depth values: the groups, or anchor indices."""
+        if rng.anchors is None:
+            return list(self.groups)
+        return [f"a{i}" for i in range(rng.anchors)]
+
+    @property
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {a.name: a.distribution for a in self.axes}
+
+    def axes_for(self, method: str) -> list[Axis]:
+        return [a for a in self.axes if a.method in (None, method)]
+
+    @property
+    def dimension(self) -> int:
+        return len(self.axes)
+
+    # ---- points <-> recipes ----------------------------------------------------------------------
+    def method_of(self, params: Mapping[str, Any]) -> str:
+        return params.get(METHOD_KEY, next(iter(self.methods)))
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Define-by-run sampling of one point (only the chosen method's parameters)."""
+        params: dict[str, Any] = {}
+        if len(self.methods) > 1:
+            params[METHOD_KEY] = suggest(trial, METHOD_KEY, self.distributions[METHOD_KEY])
+        method = self.method_of(params)
+        for axis in self.axes_for(method):
+            if axis.method is not None:
+                params[axis.name] = suggest(trial, axis.name, axis.distribution)
+        return params
+
+    def active(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The parameters the point's method uses (drops the other methods' values)."""
+        method = self.method_of(params)
+        names = {a.name for a in self.axes_for(method)}
+        missing = sorted(names - set(params))
+        if missing:
+            raise KeyError(f"point for method '{method}' lacks parameters {missing[:5]}")
+        return {k: params[k] for k in params if k in names}
+
+    def to_recipe(self, params: Mapping[str, Any]) -> Recipe:
+        method = self.method_of(params)
+        weight = self._spec(params, method, "weight", self.weight_range(method))
+        rng = self.density_range(method)
+        density = self._spec(params, method, "density", rng) if rng is not None else 1.0
+        return Recipe(
+            base=self.base,
+            experts=self.experts,
+            method=method,
+            weight=weight,
+            density=density,
+            options=self._options(params, method),
+            grouping=Grouping(granularity=self.granularity),
+            seed=self.seed,
+        )
+
+    def _spec(self, params: Mapping[str, Any], method: str, field: str, rng: ParamRange) -> Any:
+        stem = f"{method}{SEP}{field}"
+        slots = self._slots(rng)
+
+        def per_depth(prefix: str) -> Any:
+            values = [float(params[f"{prefix}{SEP}{s}"]) for s in slots]
+            return values if rng.anchors is not None else dict(zip(self.groups, values, strict=True))
+
+        if rng.per == "shared":
+            return float(params[stem])
+        if rng.per == "task":
+            return {t: float(params[f"{stem}{SEP}{t}"]) for t in self.tasks}
+        if rng.per == "group":
+            return {"*": per_depth(stem)}
+        return {t: per_depth(f"{stem}{SEP}{t}") for t in self.tasks}
+
+    def _options(self, params: Mapping[str, Any], method: str) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        for option, spec in self.methods[method].options.items():
+            name = f"{method}{SEP}opt{SEP}{option}"
+            options[option] = params.get(name, spec)
+        return options
+
+    def from_recipe(self, recipe: Recipe) -> dict[str, Any]:
+        """The point of this space that reproduces a recipe (for warm starts), clipped to bounds.
+
+        Raises ValueError when the recipe cannot be expressed (another method, finer values than
+        the space allows).
+        """
+        from mergetune.recipe import resolve_parameter
+
+        method = recipe.method
+        if method not in self.methods:
+            raise ValueError(f"method '{method}' is not in the search space {list(self.methods)}")
+        params: dict[str, Any] = {METHOD_KEY: method} if len(self.methods) > 1 else {}
+        for field in ("weight", "density"):
+            rng = self.weight_range(method) if field == "weight" else self.density_range(method)
+            if rng is None:
+                continue
+            table = resolve_parameter(getattr(recipe, field), self.tasks, self.groups, field)
+            params.update(self._encode(method, field, rng, table))
+        for option, spec in self.methods[method].options.items():
+            dist = _option_distribution(spec)
+            value = recipe.options.get(option, get_method(method).Options().model_dump()[option])
+            if dist is not None:
+                params[f"{method}{SEP}opt{SEP}{option}"] = _clip(dist, value)
+        return params
+
+    def _encode(self, method: str, field: str, rng: ParamRange, table: Any) -> dict[str, float]:
+        dist = FloatDistribution(rng.low, rng.high, log=rng.log)
+        names = self._param_names(method, field, rng)
+        if rng.per == "shared":
+            values = [table.mean()]
+        elif rng.per == "task":
+            values = list(table.mean(axis=1))
+        elif rng.per == "group":
+            values = list(_depth_values(table.mean(axis=0), rng.anchors))
+        else:
+            values = [v for row in table for v in _depth_values(row, rng.anchors)]
+        return {n: _clip(dist, float(v)) for n, v in zip(names, values, strict=True)}
+
+
+def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    """Sample one parameter through Optuna's public suggest API."""
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    raise TypeError(f"unsupported distribution for '{name}': {dist}")
+
+
+def _depth_values(row: Any, anchors: int | None) -> list[float]:
+    if anchors is None:
+        return [float(v) for v in row]
+    import numpy as np
+
+    positions = np.linspace(0, len(row) - 1, anchors)
+    return [float(v) for v in np.interp(positions, np.arange(len(row)), row)]
+
+
+def _option_distribution(spec: OptionSpec) -> BaseDistribution | None:
+    if isinstance(spec, FloatRange):
+        return FloatDistribution(spec.low, spec.high, log=spec.log)
+    if isinstance(spec, list):
+        return CategoricalDistribution(spec)
+    return None  # a fixed value
+
+
+def _clip(dist: BaseDistribution, value: Any) -> Any:
+    if isinstance(dist, FloatDistribution):
+        return min(max(float(value), dist.low), dist.high)
+    if isinstance(dist, CategoricalDistribution) and value not in dist.choices:
+        return dist.choices[0]
+    return value
