@@ -13,6 +13,17 @@ from rich.table import Table
 
 from mergetune.errors import MergetuneError
 
+
+def _quiet_libraries() -> None:
+    """Optuna's per-trial INFO lines and experimental-API warnings would drown the progress bar."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find the best way to merge fine-tuned models.")
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
@@ -58,6 +69,32 @@ def merge(
 
 
 @app.command()
+def search(
+    config_path: Annotated[Path, typer.Argument(help="Search config (YAML), see configs/.", metavar="CONFIG")],
+    budget: Annotated[int | None, typer.Option(help="Override budget.candidates (total, resumes included).")] = None,
+) -> None:
+    """Search the best merge recipe; re-running the same command resumes an interrupted search."""
+    from mergetune.search.config import SearchConfig
+    from mergetune.search.loop import SearchLoop
+    from mergetune.search.progress import RichProgress
+    from mergetune.search.results import summary_table
+
+    _quiet_libraries()
+    with _errors():
+        config = SearchConfig.load(config_path)
+        if budget is not None:
+            config = config.model_copy(update={"budget": config.budget.model_copy(update={"candidates": budget})})
+        loop = SearchLoop(config, progress=RichProgress(console), console=console)
+        console.print(
+            f"search [bold]{config.name}[/]: {loop.space.dimension} parameters, "
+            f"optimizer {loop.optimizer.describe()}, storage {loop.storage_url}"
+        )
+        summary = loop.run()
+        console.print(summary_table(summary))
+        console.print(f"chosen recipe: [green]{loop.out / 'chosen' / 'recipe.yaml'}[/]; front: {loop.out / 'front'}")
+
+
+@app.command()
 def methods() -> None:
     """List the merge methods and their options."""
     from mergetune.merging.methods import METHODS
@@ -80,6 +117,54 @@ def demo(
 
     with _errors():
         run_demo(out_dir, console)
+
+
+zoo_app = typer.Typer(no_args_is_help=True, help="Real fine-tuned experts built offline from packaged models and data.")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    name: Annotated[str, typer.Argument(help="Zoo to build (see 'mergetune zoo list').")],
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder; default $MERGETUNE_CACHE, else .cache.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild every expert, even those already cached.")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads while training.")] = 1,
+) -> None:
+    """Fine-tune a zoo's experts (cached experts are reused) and print their accuracies."""
+    from mergetune.objectives.zoo import build_zoo
+
+    with _errors():
+        zoo = build_zoo(name, cache_dir=cache_dir, force=force, threads=threads, console=console)
+        console.print(
+            f"zoo [bold]{zoo.name}[/]: {len(zoo.trained)} expert(s) built, {len(zoo.experts) - len(zoo.trained)} "
+            f"cached, {zoo.seconds:.1f}s -> [green]{zoo.folder}[/] (manifest: {zoo.manifest.name})"
+        )
+
+
+@zoo_app.command("list")
+def zoo_list(
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder; default $MERGETUNE_CACHE, else .cache.")] = None,
+) -> None:
+    """List the zoos, their tasks, and how many of their experts are built in the cache."""
+    from mergetune.objectives.zoo import zoos_table
+
+    with _errors():
+        console.print(zoos_table(cache_dir))
+
+
+@app.command()
+def status(
+    storage: Annotated[
+        str, typer.Argument(help="Journal file, the search's output folder, or a database URL.", metavar="STORAGE")
+    ],
+    study: Annotated[str | None, typer.Option("--study", help="Search name, if the storage holds several.")] = None,
+    top: Annotated[int, typer.Option(min=1, help="Rows of the optimised front to show.")] = 10,
+) -> None:
+    """Show a search, running or finished: trials by state, best feasible mean, front, recent errors."""
+    from mergetune.search.results import status_report
+
+    with _errors():
+        console.print(status_report(storage, study, top))
 
 
 class _errors:

@@ -210,3 +210,29 @@ def download_from_hub(repo_id: str, revision: str | None) -> Path:
             f"'{repo_id}' is neither a local path nor a reachable hub model ({type(exc).__name__}: {exc}). "
             "Check the path, or download the model once and point to its folder."
         ) from exc
+
+
+def tensor_names(source: str | os.PathLike[str]) -> tuple[list[str], str | None]:
+    """Names of a model's floating-point tensors and its model type, reading only file headers.
+
+    For safetensors folders nothing but the headers is read, so a search driver can learn an
+    LLM's layer groups without loading its weights; other sources are loaded.
+    """
+    path = Path(source).expanduser()
+    files = _safetensors_files(path) if path.is_dir() else []
+    if not files:
+        model = load_model(source)
+        return [k for k, v in model.state.items() if v.is_floating_point()], model.model_type
+    names = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names += [k for k in f.keys() if f.get_slice(k).get_dtype().startswith(("F", "BF"))]  # noqa: SIM118
+    return names, read_config(path).get("model_type")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        return [folder / shard for shard in _index_shards(index)]
+    single = folder / SAFETENSORS_FILE
+    return [single] if single.is_file() else []

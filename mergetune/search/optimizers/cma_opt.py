@@ -1,3 +1,355 @@
-"""Placeholder: being implemented."""
+"""``cmaes``: pycma's CMA-ES (Hansen & Ostermeier 2001; Hansen 2016) with IPOP restarts (Auger & Hansen 2005).
 
-OPTIMIZERS: list = []
+CMA-ES needs a continuous space: one method and float axes only (a method choice or a categorical
+option raises ``MergetuneError``; fix them in the config, or use ``ngopt`` / ``tpe``).
+
+- **Encoding**: every float axis is mapped to [0, 1] (logarithmically for log axes, see
+  ``grid.to_unit``), so one ``sigma0`` (a fraction of the box, option ``sigma0``, default 0.25)
+  fits every axis; the box is enforced by pycma's ``bounds`` option (its ``BoundTransform``).
+- **Generations**: one CMA generation is asked at a time (``popsize`` points: pycma's default
+  4 + ⌊3 ln n⌋, or option ``popsize``, rounded up to a multiple of ``batch_size``) and handed out
+  one by one; the generation is told to pycma when all its points are observed, in ask order.
+- **Pending points**: the loop keeps ``batch_size`` candidates in flight and asks again as soon as
+  one finishes, so at the end of a generation it asks while up to ``batch_size − 1`` points are
+  still out. Then the next generation is asked early, from the not-yet-updated distribution; when
+  the previous generation is told, the early generation's points not yet handed out are redrawn
+  from the updated distribution. At most ``batch_size − 1`` points per generation are thus one
+  update stale, and nothing is ever lost or told out of order. The step size uses cumulative
+  step-size adaptation (CSA) always: pycma's default at ≥ 300 dimensions is the two-point rule
+  (TPA), which needs its two mean-shift samples drawn from the current mean and fails with
+  "Mean shift samples are expected but missing" when generations overlap (search-stack.md).
+- **Restarts (IPOP)**: when pycma's stopping criteria fire (``es.stop()``), a new ES starts with
+  the population multiplied by ``ipop_factor`` (default 2) from a uniform random point (option
+  ``restart_from: best`` starts from the best point so far); ``max_restarts`` (default unlimited).
+  Points still out from the stopped ES are injected into the new one when they come back.
+- **Points CMA did not propose** (warm starts, retried candidates): a point equal to a member of a
+  generation in flight fills that member (a retried candidate is not evaluated twice); any other
+  finite outcome is injected into the next generation with ``es.inject(force=True)`` (at most
+  half of a generation), where it takes its known loss without being evaluated again.
+- **Seeding**: pycma draws from the adapter's own ``numpy.random.RandomState(seed)`` (option
+  ``randn``; ``seed=nan`` so the global NumPy state is never touched): same seed, same proposals.
+- **Checkpoint**: one pickle with the ES (pycma ES objects pickle), the generations in flight, the
+  injection queue, the random state and the ledger of observed points; a JSON summary beside it.
+  ``restore`` loads it (when present and written by the same pycma version) and replays the
+  history items it had not seen; without a usable checkpoint it starts afresh and replays all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mergetune.errors import MergetuneError
+from mergetune.search.optimizers.base import Optimizer, Outcome, Proposal
+from mergetune.search.optimizers.grid import Ledger, atomic_write, float_axes, from_unit, point_key, to_unit
+from mergetune.search.space import SearchSpace
+
+log = logging.getLogger(__name__)
+STATE_PICKLE = "cmaes.pkl"
+STATE_JSON = "cmaes.json"
+MAX_NEW_GENERATIONS = 10_000  # per propose: generations replayed from the ledger after a fresh restart
+OPTIONS = {"sigma0", "popsize", "ipop_factor", "max_restarts", "restart_from", "diagonal", "cma_options"}
+
+
+@dataclass
+class _Member:
+    """One point of a generation: its unit-box coordinates and what became of it."""
+
+    x: np.ndarray
+    key: str
+    loss: float | None = None
+    handed: bool = False  # proposed to the loop (or filled without evaluation)
+
+
+@dataclass
+class _Generation:
+    number: int
+    members: list[_Member]
+
+    @property
+    def complete(self) -> bool:
+        return all(m.loss is not None for m in self.members)
+
+    def next_free(self) -> int | None:
+        return next((i for i, m in enumerate(self.members) if not m.handed and m.loss is None), None)
+
+
+def import_cma() -> Any:
+    """pycma, imported on first use (it takes a second; the CLI should not pay it for other optimizers)."""
+    with warnings.catch_warnings():  # pycma warns at import when matplotlib is missing
+        warnings.simplefilter("ignore")
+        import cma
+
+    return cma
+
+
+def default_popsize(dimension: int) -> int:
+    """pycma's default population size, 4 + ⌊3 ln n⌋ (Hansen)."""
+    return 4 + int(3 * math.log(dimension))
+
+
+def round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def check_continuous(space: SearchSpace, name: str) -> None:
+    """CMA-ES searches a box of reals: refuse method choices and categorical options clearly."""
+    if len(space.methods) > 1:
+        raise MergetuneError(
+            f"{name} (CMA-ES) needs a continuous space, but the space searches {len(space.methods)} methods "
+            f"{list(space.methods)}: keep one method, or use ngopt or tpe, which search the method choice"
+        )
+    categorical = [a.name for a in space.axes if a not in float_axes(space)]
+    if categorical:
+        raise MergetuneError(
+            f"{name} (CMA-ES) needs a continuous space, but {categorical} are categorical: fix these options "
+            f"to one value (or give a {{low, high}} range), or use ngopt or tpe"
+        )
+    if not space.axes:
+        raise MergetuneError(f"{name} (CMA-ES): the space has no parameter to search")
+
+
+class CmaEs(Optimizer):
+    """pycma CMA-ES on the unit box of the float axes, generation by generation, with IPOP restarts."""
+
+    name = "cmaes"
+
+    def __init__(self, space: SearchSpace, *, seed: int, batch_size: int, budget: int | None, **options: Any):
+        super().__init__(space, seed=seed, batch_size=batch_size, budget=budget, **options)
+        unknown = sorted(set(options) - OPTIONS)
+        if unknown:
+            raise MergetuneError(f"cmaes: unknown option(s) {unknown}; cmaes takes {sorted(OPTIONS)}")
+        check_continuous(space, self.name)
+        self.axes = float_axes(space)
+        self.sigma0 = float(options.get("sigma0", 0.25))
+        self.ipop_factor = int(options.get("ipop_factor", 2))
+        self.max_restarts = options.get("max_restarts")
+        self.restart_from = options.get("restart_from", "random")
+        if self.restart_from not in ("random", "best"):
+            raise MergetuneError(f"cmaes: restart_from must be 'random' or 'best', got {self.restart_from!r}")
+        wanted = int(options.get("popsize") or default_popsize(len(self.axes)))
+        self.popsize = round_up(wanted, batch_size)
+        if self.popsize != wanted:
+            log.info("cmaes: popsize %d rounded up to %d (a multiple of batch_size)", wanted, self.popsize)
+        self._rng = np.random.RandomState(seed)
+        self._restarts = 0
+        self._es = self._new_es(np.full(len(self.axes), 0.5), self.popsize)
+        self._gens: list[_Generation] = []  # in flight, oldest first
+        self._numbered = 0
+        self._known: list[tuple[np.ndarray, float]] = []  # outcomes to inject into the next generation
+        self._best: tuple[float, np.ndarray] | None = None
+        self._ledger = Ledger()
+
+    # ---- pycma -----------------------------------------------------------------------------------
+    def _new_es(self, x0: np.ndarray, popsize: int) -> Any:
+        cma = import_cma()
+        opts: dict[str, Any] = {
+            "bounds": [0.0, 1.0],
+            "popsize": popsize,
+            "randn": self._rng.randn,
+            "seed": np.nan,
+            "verbose": -9,
+            "verb_disp": 0,
+            "verb_log": 0,
+            "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA,
+            "CMA_diagonal": bool(self.options.get("diagonal", False)),
+            **self.options.get("cma_options", {}),
+        }
+        return cma.CMAEvolutionStrategy(np.clip(x0, 0.0, 1.0), self.sigma0, opts)
+
+    def _ask_generation(self, inject: bool) -> _Generation:
+        """Ask pycma for a population; known outcomes are injected and filled in at once."""
+        injected = self._inject() if inject else []
+        xs = self._es.ask()
+        gen = _Generation(self._numbered, [self._member(x) for x in xs])
+        self._numbered += 1
+        for x, loss in injected:
+            member = min(gen.members, key=lambda m, x=x: float(np.abs(m.x - x).max()))
+            if np.allclose(member.x, x, atol=1e-6) and member.loss is None:
+                member.loss, member.handed = loss, True
+            else:
+                log.debug("cmaes: an injected point was not returned by ask; dropped")
+        return gen
+
+    def _inject(self) -> list[tuple[np.ndarray, float]]:
+        take, self._known = self._known[: self.popsize_now // 2], self._known[self.popsize_now // 2 :]
+        if take:
+            self._es.inject([self._es.boundary_handler.inverse(x) for x, _ in take], force=True)
+        return take
+
+    @property
+    def popsize_now(self) -> int:
+        return int(self._es.popsize)
+
+    def _tell_ready(self) -> None:
+        """Tell every complete generation at the head of the queue, in order; restart if pycma stops."""
+        while self._gens and self._gens[0].complete:
+            gen = self._gens.pop(0)
+            self._es.tell([m.x for m in gen.members], [float(m.loss) for m in gen.members])  # type: ignore[arg-type]
+            stop = self._es.stop()
+            if stop and (self.max_restarts is None or self._restarts < int(self.max_restarts)):
+                self._restart(dict(stop))
+                return
+            for later in self._gens:
+                self._redraw(later)
+
+    def _member(self, x: np.ndarray) -> _Member:
+        """A new generation member; a point already evaluated (e.g. replayed after a restart) is not
+        proposed again: it takes its known loss."""
+        x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
+        key = point_key(self._decode(x))
+        loss = self._ledger.losses.get(key)
+        return _Member(x, key, loss, handed=loss is not None)
+
+    def _redraw(self, gen: _Generation) -> None:
+        """Redraw an early generation's points not handed out yet from the updated distribution."""
+        fresh = self._es.ask()
+        for i, x in enumerate(fresh):
+            member = gen.members[i]
+            if not member.handed and member.loss is None:
+                gen.members[i] = self._member(x)
+
+    def _restart(self, reason: dict[str, Any]) -> None:
+        """IPOP: a new ES with a larger population; points still out come back as injections."""
+        self._restarts += 1
+        old = self.popsize_now
+        popsize = round_up(old * self.ipop_factor, self.batch_size)
+        if self.restart_from == "best" and self._best is not None:
+            x0 = self._best[1]
+        else:
+            x0 = self._rng.uniform(0.0, 1.0, len(self.axes))
+        log.info(
+            "cmaes: IPOP restart %d after %s: popsize %d -> %d, from the %s point",
+            self._restarts,
+            sorted(reason),
+            old,
+            popsize,
+            self.restart_from,
+        )
+        self._gens = []  # members still out are matched by nothing and injected when they return
+        self._es = self._new_es(x0, popsize)
+
+    # ---- encoding --------------------------------------------------------------------------------
+    def _decode(self, x: np.ndarray) -> dict[str, Any]:
+        return {a.name: from_unit(a.distribution, float(u)) for a, u in zip(self.axes, x, strict=True)}  # type: ignore[arg-type]
+
+    def _encode(self, params: dict[str, Any]) -> np.ndarray | None:
+        try:
+            return np.array([to_unit(a.distribution, float(params[a.name])) for a in self.axes])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
+            return None  # a point of another space (e.g. another method): nothing to learn
+
+    # ---- optimizer interface ---------------------------------------------------------------------
+    def propose(self) -> Proposal | None:
+        """The next point of the oldest generation with points to hand out; a new generation if none."""
+        for _ in range(MAX_NEW_GENERATIONS):
+            gen = next((g for g in self._gens if g.next_free() is not None), None)
+            if gen is not None:
+                index = gen.next_free()
+                assert index is not None
+                gen.members[index].handed = True
+                return Proposal(params=self._decode(gen.members[index].x), token=(gen.number, index))
+            self._gens.append(self._ask_generation(inject=not self._gens))
+            self._tell_ready()  # a generation made only of points already evaluated is told at once
+        raise RuntimeError(f"cmaes: {MAX_NEW_GENERATIONS} new generations held only points already evaluated")
+
+    def observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
+        self._ledger.add(params, outcome.loss)
+        x = self._encode(params)
+        if x is not None and not outcome.failed and (self._best is None or outcome.loss < self._best[0]):
+            self._best = (outcome.loss, x)
+        member = self._member_of(proposal, params)
+        if member is not None:
+            member.loss, member.handed = outcome.loss, True
+            self._tell_ready()
+        elif x is not None and not outcome.failed:
+            self._known.append((x, outcome.loss))
+
+    def _member_of(self, proposal: Proposal | None, params: dict[str, Any]) -> _Member | None:
+        """The generation member this outcome belongs to: by token, else by equal parameters."""
+        if proposal is not None and isinstance(proposal.token, tuple):
+            number, index = proposal.token
+            for gen in self._gens:
+                if gen.number == number and gen.members[index].loss is None:
+                    return gen.members[index]
+            return None
+        key = point_key(params)
+        for gen in self._gens:
+            for member in gen.members:
+                if member.key == key and member.loss is None:
+                    return member
+        return None
+
+    def checkpoint(self, folder: Path) -> None:
+        cma = import_cma()
+        state = {
+            "version": cma.__version__,
+            "es": self._es,
+            "rng": self._rng,
+            "gens": self._gens,
+            "numbered": self._numbered,
+            "known": self._known,
+            "best": self._best,
+            "restarts": self._restarts,
+            "ledger": self._ledger,
+        }
+        atomic_write(folder / STATE_PICKLE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        summary = {
+            "cma": cma.__version__,
+            "seen": self._ledger.total,
+            "restarts": self._restarts,
+            "popsize": self.popsize_now,
+            "iterations": int(self._es.countiter),
+            "sigma": float(self._es.sigma),
+            "best_loss": None if self._best is None else self._best[0],
+        }
+        atomic_write(folder / STATE_JSON, json.dumps(summary).encode())
+
+    def restore(self, folder: Path, history: Sequence[tuple[dict[str, Any], Outcome]]) -> None:
+        state = self._load(folder)
+        if state is not None:
+            self._es, self._rng, self._gens = state["es"], state["rng"], state["gens"]
+            self._numbered, self._known, self._best = state["numbered"], state["known"], state["best"]
+            self._restarts, self._ledger = state["restarts"], state["ledger"]
+        unseen = self._ledger.unseen(history)
+        log.info("cmaes: %s; replaying %d outcome(s)", "checkpoint restored" if state else "fresh start", len(unseen))
+        for params, outcome in unseen:
+            self.observe(None, params, outcome)
+
+    def _load(self, folder: Path) -> dict[str, Any] | None:
+        cma = import_cma()
+        path = folder / STATE_PICKLE
+        if not path.exists():
+            return None
+        try:
+            state = pickle.loads(path.read_bytes())
+        except Exception as exc:  # a corrupt or foreign pickle: start afresh rather than stop
+            log.warning("cmaes: checkpoint %s unreadable (%s); starting afresh and replaying the history", path, exc)
+            return None
+        if state.get("version") != cma.__version__:
+            log.warning(
+                "cmaes: checkpoint written by pycma %s, this is %s; starting afresh",
+                state.get("version"),
+                cma.__version__,
+            )
+            return None
+        return state
+
+    def describe(self) -> str:
+        cma = import_cma()
+        return (
+            f"cmaes: pycma {cma.__version__} CMA-ES (CSA) on {len(self.axes)} dims, popsize {self.popsize_now}, "
+            f"sigma0 {self.sigma0}, IPOP restarts {self._restarts}"
+        )
+
+
+OPTIMIZERS = [CmaEs]

@@ -1,0 +1,518 @@
+"""The validation suite: scores one merge candidate on every task, normalised by the experts' own scores.
+
+A search worker builds one suite ONCE (tokenisation happens then), computes the experts'
+reference scores once (:meth:`ValidationSuite.reference_scores`, cached in memory and optionally
+on disk), and then calls :meth:`ValidationSuite.score` per candidate with its resident task models.
+The result holds, per task, the primary score (higher is better), every other metric, the seconds
+scoring took, and the normalised score (merged / expert; for the negated losses ``neg_loss`` and
+``neg_entropy``, expert loss / merged loss), plus the mean and the worst normalised score: the two
+objectives a search optimises.
+
+Test split, by design: a suite built with ``ValidationSuite(...)`` holds only the validation (or
+train) examples of its tasks and cannot reach their test examples, so a search cannot score the
+test split by accident. Scoring the test split is a separate, explicit call,
+``ValidationSuite.for_test(tasks, tokenizer, ...)``, made once for the chosen recipe;
+``ValidationSuite(..., split="test")`` is refused with a message saying so.
+
+Reference scores must be computed on the experts themselves: before ``Merger.bind`` points a
+task model's weights at the merge buffer, or on separately loaded expert models (pass their folders
+and they are loaded only on a cache miss).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mergetune.errors import TaskError
+from mergetune.objectives.evaluators import (
+    DEFAULT_MAX_TOKENS,
+    ClassificationEvaluator,
+    EntropyEvaluator,
+    EvalResult,
+    Evaluator,
+    LMLossEvaluator,
+    MultipleChoiceEvaluator,
+)
+from mergetune.objectives.models import load_task_model
+from mergetune.objectives.tasks import SplitData, TaskData
+
+#: Metrics that are a negated loss: normalised as expert loss / merged loss (1 = as good as the expert).
+NEGATED_LOSSES = frozenset({"neg_loss", "neg_entropy"})
+#: Splits a search may score; the test split is only reachable through ValidationSuite.for_test.
+SEARCH_SPLITS = ("validation", "train")
+#: Default batch size per task kind (a causal LM's logits over a large vocabulary are big).
+KIND_BATCH_SIZE = {"classification": 64, "unsupervised": 64, "multiple_choice": 32, "lm": 16}
+CACHE_VERSION = 1
+_LOSS_FLOOR = 1e-12
+_TEST_ACCESS = object()
+
+ModelSource = nn.Module | str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's result for one candidate."""
+
+    task: str
+    metric: str
+    score: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    n_examples: int = 0
+    seconds: float = 0.0
+    reference: float | None = None
+    normalized: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "score": self.score,
+            "metrics": dict(self.metrics),
+            "n_examples": self.n_examples,
+            "seconds": self.seconds,
+            "reference": self.reference,
+            "normalized": self.normalized,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskScore:
+        return cls(**{**data, "metrics": dict(data["metrics"])})
+
+
+@dataclass(frozen=True)
+class SuiteScores:
+    """A candidate's scores on every task of a suite, with the normalised mean and worst task."""
+
+    split: str
+    tasks: dict[str, TaskScore]
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Primary score per task (higher is better)."""
+        return {name: t.score for name, t in self.tasks.items()}
+
+    @property
+    def normalized(self) -> dict[str, float]:
+        """Normalised score per task that has a reference."""
+        return {name: t.normalized for name, t in self.tasks.items() if t.normalized is not None}
+
+    @property
+    def mean_normalized(self) -> float | None:
+        """Mean normalised score over the tasks; None unless every task has a reference."""
+        values = self._normalized_values()
+        return None if values is None else sum(values) / len(values)
+
+    @property
+    def worst_normalized(self) -> float | None:
+        """The lowest normalised score over the tasks; None unless every task has a reference."""
+        values = self._normalized_values()
+        return None if values is None else min(values)
+
+    @property
+    def mean_score(self) -> float:
+        """Unnormalised mean of the primary scores (only meaningful when the metrics agree)."""
+        return sum(self.scores.values()) / len(self.tasks)
+
+    @property
+    def seconds(self) -> float:
+        return sum(t.seconds for t in self.tasks.values())
+
+    def _normalized_values(self) -> list[float] | None:
+        values = [t.normalized for t in self.tasks.values()]
+        return None if not values or any(v is None for v in values) else [float(v) for v in values]  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "tasks": {name: t.to_dict() for name, t in self.tasks.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SuiteScores:
+        return cls(str(data["split"]), {name: TaskScore.from_dict(t) for name, t in data["tasks"].items()})
+
+
+def normalized_score(score: float, reference: float, metric: str) -> float:
+    """``score / reference``, or for a negated loss ``reference / score`` (= expert loss / merged loss).
+
+    Both read 1.0 at the expert's level, below 1 when worse and above 1 when better.
+    """
+    if metric in NEGATED_LOSSES:
+        return reference / min(score, -_LOSS_FLOOR)
+    return score / reference
+
+
+def check_reference(task: str, metric: str, reference: float) -> None:
+    """A reference must make the ratio meaningful: positive, or a positive loss for negated losses."""
+    bad = reference >= 0 if metric in NEGATED_LOSSES else reference <= 0
+    if bad or not math.isfinite(reference):
+        raise TaskError(
+            f"task '{task}': the reference {metric} is {reference}, so a normalised score is undefined "
+            "(the expert must score above 0, or have a positive loss); pick another metric"
+        )
+
+
+# ---- building evaluators ---------------------------------------------------------------------
+
+
+def examples(task: TaskData, split: str, max_examples: int | None = None) -> SplitData:
+    """The first ``max_examples`` of a split (splits are stratified and in seeded random order)."""
+    data = task.split(split)  # type: ignore[arg-type]
+    if max_examples is None or max_examples >= len(data):
+        return data
+    n = max_examples
+    return SplitData(
+        texts=data.texts[:n],
+        labels=None if data.labels is None else data.labels[:n],
+        text_pairs=None if data.text_pairs is None else data.text_pairs[:n],
+        choices=None if data.choices is None else data.choices[:n],
+    )
+
+
+def build_evaluator(task: TaskData, data: SplitData, tokenizer: Any, **options: Any) -> Evaluator:
+    """The evaluator of the task's kind over ``data``; ``options`` go to its constructor.
+
+    ``max_length`` defaults to the task config's, ``name`` to the task's name, ``batch_size``
+    to the kind's default and a classification ``metric`` to the config's; ``options`` win.
+    """
+    config = task.config
+    options = {
+        "max_length": config.max_length,
+        "batch_size": KIND_BATCH_SIZE[config.kind],
+        "name": task.name,
+        **options,
+    }
+    if config.kind in ("classification", "unsupervised"):
+        sequence = {"text_pairs": data.text_pairs, "num_labels": task.num_labels or None}
+        if config.kind == "unsupervised":
+            return EntropyEvaluator(data.texts, tokenizer, **{**sequence, **options})
+        labels = _require_labels(task, data)
+        return ClassificationEvaluator(
+            data.texts, labels, tokenizer, **{**sequence, "metric": config.metric, **options}
+        )
+    if config.kind == "multiple_choice":
+        if data.choices is None:
+            raise TaskError(f"task '{task.name}': a multiple-choice task's split has no choices")
+        return MultipleChoiceEvaluator(data.texts, data.choices, _require_labels(task, data), tokenizer, **options)
+    return LMLossEvaluator(data.texts, tokenizer, **options)
+
+
+def _require_labels(task: TaskData, data: SplitData) -> Any:
+    if data.labels is None:
+        raise TaskError(f"task '{task.name}': a {task.config.kind} task needs labels, and its split has none")
+    return data.labels
+
+
+# ---- the suite -------------------------------------------------------------------------------
+
+
+class ValidationSuite:
+    """Scores one candidate on all its tasks; built once per worker, called once per candidate.
+
+    ``tokenizer`` is one tokeniser for every task or a mapping task -> tokeniser. ``split`` is
+    ``"validation"`` (default) or ``"train"``; the test split needs :meth:`for_test`.
+    ``max_examples`` caps each task's examples; each task's ``max_length`` is its config's.
+    ``batch_size`` (examples) overrides every kind's default and ``max_tokens`` caps the padded tokens
+    per batch (None: no cap). ``autocast`` (e.g. ``torch.bfloat16``) runs forwards under
+    ``torch.autocast``: about 2x faster on a CPU with AMX (bfloat16 weights: about 3x); references
+    and candidates must then be scored the same way (the reference cache key includes it).
+    ``task_options[task]`` goes to that task's evaluator (e.g. ``{"label_columns": [...]}`` for a
+    shared head, ``logits_fn``, ``batch_size``).
+    ``cache_dir`` stores reference scores as JSON, keyed by the expert folders (paths, file sizes
+    and mtimes), the task configs, the examples, the tokeniser and the evaluator options.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskData],
+        tokenizer: Any,
+        *,
+        split: str = "validation",
+        batch_size: int | None = None,
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        max_examples: int | None = None,
+        autocast: torch.dtype | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        task_options: Mapping[str, Mapping[str, Any]] | None = None,
+        _access: object = None,
+    ) -> None:
+        if split == "test" and _access is not _TEST_ACCESS:
+            raise TaskError(
+                "a ValidationSuite scores validation data; the test split is scored once, for the chosen "
+                "recipe, through ValidationSuite.for_test(tasks, tokenizer, ...) so a search cannot use it by accident"
+            )
+        if split not in (*SEARCH_SPLITS, "test"):
+            raise TaskError(f"unknown split '{split}'; a suite scores 'validation' (or 'train')")
+        names = [t.name for t in tasks]
+        if not names or len(set(names)) != len(names):
+            raise TaskError(f"a suite needs at least one task and unique task names; got {names}")
+        unknown = sorted(set(task_options or {}) - set(names))
+        if unknown:
+            raise TaskError(f"task_options name unknown task(s) {unknown}; the tasks are {names}")
+        self.split = split
+        self.tasks = {t.name: t for t in tasks}
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.max_examples = max_examples
+        self.autocast = autocast
+        self._task_options = {name: dict((task_options or {}).get(name, {})) for name in names}
+        self._tokenizers = {name: _tokenizer_for(tokenizer, name) for name in names}
+        self.evaluators: dict[str, Evaluator] = {}
+        self._digests: dict[str, str] = {}
+        for task in tasks:
+            data = examples(task, split, max_examples)
+            options = {
+                "max_tokens": max_tokens,
+                "autocast": autocast,
+                **({"batch_size": batch_size} if batch_size else {}),
+            }
+            options.update(self._task_options[task.name])
+            self.evaluators[task.name] = build_evaluator(task, data, self._tokenizers[task.name], **options)
+            self._digests[task.name] = _data_digest(data)
+        self._reference: dict[str, float] = {}
+        self._reference_memory: dict[str, SuiteScores] = {}
+
+    @classmethod
+    def for_test(cls, tasks: Sequence[TaskData], tokenizer: Any, **options: Any) -> ValidationSuite:
+        """A suite over the held-out TEST split: score it once, for the recipe a search chose."""
+        return cls(tasks, tokenizer, split="test", _access=_TEST_ACCESS, **options)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    # ---- scoring -----------------------------------------------------------------------------
+    def score(self, models: Mapping[str, nn.Module] | nn.Module, *, tasks: Sequence[str] | None = None) -> SuiteScores:
+        """Score one candidate: ``models[task]`` per task (or one module for every task).
+
+        Normalised scores are filled in for tasks with a reference (see :meth:`reference_scores`).
+        """
+        results = {}
+        for name in self._names(tasks):
+            model = models if isinstance(models, nn.Module) else _model_for(models, name)
+            start = time.perf_counter()
+            result = self.evaluators[name].evaluate(model)
+            results[name] = self._task_score(name, result, time.perf_counter() - start)
+        return SuiteScores(self.split, results)
+
+    def _names(self, tasks: Sequence[str] | None) -> list[str]:
+        if tasks is None:
+            return self.task_names
+        unknown = [t for t in tasks if t not in self.tasks]
+        if unknown:
+            raise TaskError(f"unknown task(s) {unknown}; the suite's tasks are {self.task_names}")
+        return list(tasks)
+
+    def _task_score(self, name: str, result: EvalResult, seconds: float) -> TaskScore:
+        reference = self._reference.get(name)
+        normalized = None if reference is None else normalized_score(result.score, reference, result.metric)
+        return TaskScore(
+            name, result.metric, result.score, dict(result.metrics), result.n_examples, seconds, reference, normalized
+        )
+
+    # ---- reference scores --------------------------------------------------------------------
+    @property
+    def reference(self) -> dict[str, float]:
+        """The experts' primary score per task (empty until set or computed)."""
+        return dict(self._reference)
+
+    def set_reference(self, scores: SuiteScores | Mapping[str, float | TaskScore | EvalResult]) -> None:
+        """Use these scores (one per task of the suite) as the experts' reference."""
+        items = scores.tasks if isinstance(scores, SuiteScores) else scores
+        missing = sorted(set(self.tasks) - set(items))
+        if missing:
+            raise TaskError(f"reference scores miss task(s) {missing}")
+        values = {name: float(getattr(items[name], "score", items[name])) for name in self.tasks}
+        for name, value in values.items():
+            check_reference(name, self._metric(name), value)
+        self._reference = values
+
+    def _metric(self, name: str) -> str:
+        return self.evaluators[name].metric
+
+    def reference_scores(
+        self,
+        experts: Mapping[str, ModelSource],
+        *,
+        model_dirs: Mapping[str, str | os.PathLike[str]] | None = None,
+        refresh: bool = False,
+        loader: Callable[[TaskData, str | os.PathLike[str]], nn.Module] | None = None,
+    ) -> SuiteScores:
+        """The experts' own scores, computed once, cached, and set as this suite's reference.
+
+        ``experts[task]`` is the expert model, or its folder (loaded with :func:`load_task_model`,
+        or ``loader``, only on a cache miss). Folders (given as ``experts`` values or as
+        ``model_dirs``) key the on-disk cache; a module alone is cached in memory only, under its
+        identity: a module's ``name_or_path`` does not prove that its weights are that folder's.
+        Tasks with callable options (``logits_fn``, a head) are cached in memory only, too.
+        """
+        dirs = self._expert_dirs(experts, model_dirs)
+        key = self._reference_key(experts, dirs, loader)
+        cached = None if refresh else self._cached_reference(key, disk=dirs is not None)
+        if cached is None:
+            models = {name: self._expert_model(name, experts, loader) for name in self.tasks}
+            self._reference = {}
+            cached = self.score(models)
+            self._store_reference(key, cached, disk=dirs is not None)
+        self.set_reference(cached)
+        return SuiteScores(
+            cached.split, {n: self._task_score(n, self._as_result(t), t.seconds) for n, t in cached.tasks.items()}
+        )
+
+    @staticmethod
+    def _as_result(t: TaskScore) -> EvalResult:
+        return EvalResult(t.metric, t.score, dict(t.metrics), t.n_examples)
+
+    def _expert_dirs(
+        self, experts: Mapping[str, ModelSource], model_dirs: Mapping[str, str | os.PathLike[str]] | None
+    ) -> dict[str, Path] | None:
+        missing = sorted(set(self.tasks) - set(experts))
+        if missing:
+            raise TaskError(f"no expert model for task(s) {missing}")
+        dirs = {}
+        for name in self.tasks:
+            source = (model_dirs or {}).get(name, experts[name])
+            if isinstance(source, nn.Module) or self._has_callable_options():
+                return None
+            dirs[name] = Path(source).expanduser().resolve()
+        return dirs
+
+    def _has_callable_options(self) -> bool:
+        """A head or logits function passed as an option cannot be fingerprinted: no disk cache then."""
+        return any(callable(v) for options in self._task_options.values() for v in options.values())
+
+    def _expert_model(
+        self,
+        name: str,
+        experts: Mapping[str, ModelSource],
+        loader: Callable[[TaskData, str | os.PathLike[str]], nn.Module] | None,
+    ) -> nn.Module:
+        source = experts[name]
+        if isinstance(source, nn.Module):
+            return source
+        return (loader or load_task_model)(self.tasks[name], source)
+
+    def _reference_key(
+        self, experts: Mapping[str, ModelSource], dirs: dict[str, Path] | None, loader: Callable[..., Any] | None
+    ) -> str:
+        models = (
+            {name: f"object:{id(experts[name])}" for name in self.tasks}
+            if dirs is None
+            else {name: _folder_fingerprint(path) for name, path in dirs.items()}
+        )
+        key = {
+            "version": CACHE_VERSION,
+            "split": self.split,
+            "max_examples": self.max_examples,
+            "autocast": str(self.autocast),
+            "loader": _describe(loader),
+            "models": models,
+            "tasks": {name: self._task_fingerprint(name) for name in self.tasks},
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _task_fingerprint(self, name: str) -> dict[str, Any]:
+        tokenizer = self._tokenizers[name]
+        return {
+            "config": self.tasks[name].config.model_dump(mode="json"),
+            "data": self._digests[name],
+            "evaluator": type(self.evaluators[name]).__name__,
+            "options": {
+                k: _describe(v)
+                for k, v in sorted(self._task_options[name].items())
+                if k not in ("batch_size", "max_tokens")
+            },
+            "tokenizer": [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), _vocab_size(tokenizer)],
+        }
+
+    def _cache_file(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"reference-{key[:24]}.json"
+
+    def _cached_reference(self, key: str, *, disk: bool) -> SuiteScores | None:
+        if key in self._reference_memory:
+            return self._reference_memory[key]
+        path = self._cache_file(key) if disk else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            scores = SuiteScores.from_dict(data["scores"]) if data.get("key") == key else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # an unreadable cache entry is recomputed and rewritten
+        if scores is not None and set(scores.tasks) == set(self.tasks):
+            self._reference_memory[key] = scores
+            return scores
+        return None
+
+    def _store_reference(self, key: str, scores: SuiteScores, *, disk: bool) -> None:
+        self._reference_memory[key] = scores
+        path = self._cache_file(key) if disk else None
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "scores": scores.to_dict()}, indent=1))
+        tmp.replace(path)  # atomic: concurrent workers never read half a file
+
+
+def _model_for(models: Mapping[str, nn.Module], name: str) -> nn.Module:
+    if name not in models:
+        raise TaskError(f"no model given for task '{name}'; got models for {sorted(models)}")
+    return models[name]
+
+
+def _tokenizer_for(tokenizer: Any, name: str) -> Any:
+    if isinstance(tokenizer, Mapping):
+        if name not in tokenizer:
+            raise TaskError(f"no tokenizer for task '{name}'")
+        return tokenizer[name]
+    return tokenizer
+
+
+def _data_digest(data: SplitData) -> str:
+    """SHA-256 of the examples a task is scored on (texts, pairs, choices, labels)."""
+    payload = [data.texts, data.text_pairs, data.choices, None if data.labels is None else data.labels.tolist()]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def _folder_fingerprint(path: Path) -> list[Any]:
+    """Path, and each top-level file's name, size and mtime (a rewritten expert gets a new key)."""
+    if path.is_file():
+        st = path.stat()
+        return [str(path), [[path.name, st.st_size, st.st_mtime_ns]]]
+    if not path.is_dir():
+        raise TaskError(f"expert folder not found: {path}")
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return [str(path), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
+
+
+def _describe(value: Any) -> Any:
+    """A JSON-able description of an evaluator option or loader (callables by qualified name)."""
+    if isinstance(value, functools.partial):
+        return [
+            _describe(value.func),
+            [_describe(a) for a in value.args],
+            {k: _describe(v) for k, v in value.keywords.items()},
+        ]
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, Sequence):
+        return [_describe(v) for v in value]
+    return repr(value)
+
+
+def _vocab_size(tokenizer: Any) -> int | None:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return None

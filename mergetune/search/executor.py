@@ -1,0 +1,98 @@
+"""Executors run candidates on workers; the search loop sees only this interface.
+
+``submit(job, recipe)`` hands a candidate to a free slot; ``results()`` blocks until at least one
+finished candidate is available and returns every finished one (asynchronous: the loop asks a new
+candidate for each free slot at once, no one waits for a generation). A candidate whose evaluation
+raises comes back with its error: the loop records it as failed and goes on.
+
+``LocalExecutor`` runs one in-process worker (tests, small runs, the demo). The Ray executor
+(mergetune.search.ray_executor) implements the same interface with one actor per slot.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mergetune.recipe import Recipe
+from mergetune.search.worker import Evaluation, Split, Worker, WorkerSetup
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job: int
+    evaluation: Evaluation | None
+    error: str | None = None
+    worker: str = ""
+    queued_seconds: float = 0.0  # from submit to the worker starting (executor overhead)
+
+
+class Executor(Protocol):
+    @property
+    def slots(self) -> int: ...
+
+    def submit(self, job: int, recipe: Recipe) -> None: ...
+
+    def results(self) -> list[JobResult]: ...
+
+    def score(self, recipes: list[Recipe], split: Split) -> list[Evaluation]:
+        """Score recipes on a split (finalists on the held-out part, the chosen one on test)."""
+        ...
+
+    def reference(self, split: Split) -> dict[str, float]: ...
+
+    def describe(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """One resident worker in this process; ``results()`` runs the oldest submitted candidate."""
+
+    def __init__(self, setup: WorkerSetup | None = None, worker: Worker | None = None) -> None:
+        if worker is None:
+            if setup is None:
+                raise ValueError("give a WorkerSetup or a Worker")
+            worker = Worker(setup)
+        self.worker = worker
+        self._queue: deque[tuple[int, Recipe]] = deque()
+
+    @property
+    def slots(self) -> int:
+        return 1
+
+    def submit(self, job: int, recipe: Recipe) -> None:
+        self._queue.append((job, recipe))
+
+    def results(self) -> list[JobResult]:
+        if not self._queue:
+            return []
+        job, recipe = self._queue.popleft()
+        try:
+            return [JobResult(job, self.worker.evaluate(recipe), worker=self.worker.name)]
+        except Exception as exc:  # a candidate that raises is a failed trial, not a failed search
+            return [JobResult(job, None, error=_describe_error(exc), worker=self.worker.name)]
+
+    def score(self, recipes: list[Recipe], split: Split) -> list[Evaluation]:
+        return [self.worker.evaluate(r, split) for r in recipes]
+
+    def reference(self, split: Split) -> dict[str, float]:
+        return self.worker.reference(split)
+
+    def describe(self) -> str:
+        return f"local executor, 1 in-process worker ({self.worker.name})"
+
+    def close(self) -> None:
+        self._queue.clear()
+
+
+def _describe_error(exc: BaseException) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def as_dict(result: JobResult) -> dict[str, Any]:
+    return {"job": result.job, "error": result.error, "worker": result.worker}

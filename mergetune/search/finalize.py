@@ -1,0 +1,88 @@
+"""The end of a search: choose the recipe, confirm it on unseen data, write everything down.
+
+1. Fronts: the Pareto front on the optimised objectives, and the per-task front (every task's
+   normalised score), both from the storage.
+2. Finalists: the ``rescore_top`` best completed candidates by the selection rule (feasible
+   first; see ``pareto.rank_finalists``).
+3. Re-score: each finalist on the validation examples the search never scored (the held-out part,
+   ``selection.holdout_fraction``), so the choice does not reward overfitting to the search's noise.
+4. Choose: the rule applied to the re-scored results (``pareto.choose``).
+5. Test: the chosen recipe, once, on the held-out test split. Nothing in the search saw it.
+6. Write: ``results.write_results`` (chosen recipe, front recipes, all candidates, summary).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mergetune.errors import MergetuneError
+from mergetune.recipe import Recipe
+from mergetune.search import pareto, results
+from mergetune.search.loop import SearchLoop, floors_of, overhead_summary
+from mergetune.search.worker import Evaluation
+
+log = logging.getLogger(__name__)
+
+
+def finalize(loop: SearchLoop) -> dict[str, Any]:
+    config = loop.config
+    records = loop.records()
+    completed = [r for r in records if r.ok]
+    if not completed:
+        errors = sorted({r.error for r in records if r.error})[:3]
+        raise MergetuneError(f"no candidate of search '{config.name}' was evaluated successfully; errors: {errors}")
+    front = pareto.optimized_front(completed, loop.objectives)
+    task_front = pareto.per_task_front(completed)
+    floors = floors_of(config, loop.space.tasks)
+    finalists = pareto.rank_finalists(completed, config.selection.rule, config.selection.rescore_top, floors=floors)
+    recipes = [Recipe.model_validate(r.recipe) for r in finalists]
+
+    rescored = None
+    if config.selection.holdout_fraction > 0:
+        rescored = [_scores(e) for e in loop.executor.score(recipes, "holdout")]
+    chosen = pareto.choose(finalists, [r["normalized"] for r in rescored] if rescored else None, config.selection.rule)
+    test = _scores(loop.executor.score([recipes[chosen]], "test")[0])
+    meta = {
+        "name": config.name,
+        "optimizer": loop.optimizer.describe(),
+        "executor": loop.executor.describe(),
+        "budget": config.budget.model_dump(),
+        "candidates": len(records),
+        "completed": len(completed),
+        "failed": len(records) - len(completed),
+        "objectives": loop.objectives,
+        "storage": loop.storage_url,
+        "rule": config.selection.rule,
+        "floors": floors,
+        "references": _references(loop),
+        **overhead_summary(loop),
+    }
+    return results.write_results(
+        loop.out,
+        records=records,
+        objectives=loop.objectives,
+        front=front,
+        task_front=task_front,
+        finalists=finalists,
+        rescored=rescored,
+        chosen_index=chosen,
+        test_scores=test,
+        meta=meta,
+    )
+
+
+def _references(loop: SearchLoop) -> dict[str, dict[str, float]]:
+    """The experts' own scores: {task: {split: score}}."""
+    splits = ("search", "holdout", "test") if loop.config.selection.holdout_fraction > 0 else ("search", "test")
+    by_split = {split: loop.executor.reference(split) for split in splits}
+    return {task: {split: by_split[split][task] for split in splits} for task in loop.space.tasks}
+
+
+def _scores(ev: Evaluation) -> dict[str, Any]:
+    return {
+        "scores": ev.scores,
+        "normalized": ev.normalized,
+        "mean_normalized": ev.mean_normalized,
+        "worst_normalized": ev.worst_normalized,
+    }

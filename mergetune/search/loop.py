@@ -1,0 +1,360 @@
+"""The search loop: ask -> executor -> tell, recorded in an Optuna storage, resumable at any moment.
+
+Flow of ``SearchLoop.run()``:
+1. resolve the models (a zoo is built or taken from its cache) and the search space;
+2. open (or resume) the study: trials a killed driver left RUNNING are failed and re-queued,
+   external optimizers restore their checkpoint and replay what came after it;
+3. on a new study, queue the warm starts (the papers' defaults for each method in the space);
+4. keep every executor slot busy: a new candidate is asked for as soon as one finishes (queued
+   trials first, then the optimizer); each result is told to the study and the optimizer;
+5. when the budget is spent: choose (see ``finalize``), re-score the finalists on held-out
+   validation examples, score the chosen recipe once on the test split, write the results.
+
+Objectives (higher is better unless noted): ``mean`` and ``worst`` normalised score over tasks
+(merged / expert), ``sparsity`` = the recipe's mean density (minimised). Per-task floors on the
+normalised score are constraints (``floor_t − s_t ≤ 0``). Single-objective optimizers see
+``ObjectivesConfig``'s scalarisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from mergetune.errors import MergetuneError
+from mergetune.merging.layer_groups import build_layer_groups
+from mergetune.merging.loading import tensor_names
+from mergetune.recipe import Expert, Recipe, resolve_parameter
+from mergetune.search import records as R
+from mergetune.search.config import SearchConfig
+from mergetune.search.executor import Executor, JobResult, LocalExecutor
+from mergetune.search.optimizers import Optimizer, Outcome, Proposal, make_optimizer
+from mergetune.search.space import SearchSpace
+from mergetune.search.storage import (
+    finished_trials,
+    open_storage,
+    recover_interrupted,
+    storage_location,
+    waiting_trials,
+)
+from mergetune.search.worker import Evaluation, WorkerSetup
+
+log = logging.getLogger(__name__)
+DIRECTION = {"mean": "maximize", "worst": "maximize", "sparsity": "minimize"}
+# The papers' untuned defaults, evaluated first: (weight λ, density).
+WARM_STARTS = {
+    "task_arithmetic": (0.3, 1.0),
+    "ties": (1.0, 0.2),
+    "dare_ties": (1.0, 0.5),
+    "dare_linear": (0.3, 0.5),
+    "pcb": (1.0, 0.2),
+    "breadcrumbs": (0.3, 0.1),
+    "della": (1.0, 0.5),
+    "tsv": (1.0, 1.0),
+    "average": (1.0, 1.0),
+}
+OPTIMIZER_DIR = "optimizer"
+
+
+class Progress(Protocol):
+    def start(self, total: int | None, done: int, description: str) -> None: ...
+
+    def update(self, record: R.TrialRecord, best_mean: float | None) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class ResolvedModels:
+    base: str
+    experts: dict[str, str]
+    tasks: list[dict[str, Any]]
+
+
+@dataclass
+class _Pending:
+    trial: optuna.Trial
+    params: dict[str, Any]
+    recipe: Recipe
+    proposal: Proposal | None
+    ask_seconds: float
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+def resolve_models(config: SearchConfig, console: Any = None) -> ResolvedModels:
+    """Base, experts and task configs: from the zoo (built on first use) or from the config."""
+    if config.models.zoo is not None:
+        from mergetune.objectives.zoo import build_zoo
+
+        zoo = build_zoo(config.models.zoo, console=console)
+        tasks = [t.model_dump(mode="json") for t in zoo.tasks.values()]
+        return ResolvedModels(str(zoo.base), {t: str(p) for t, p in zoo.experts.items()}, tasks)
+    assert config.models.base is not None and config.tasks is not None
+    by_name = {t.name: t for t in config.tasks}
+    experts = {e.name: e.model for e in config.models.experts}
+    tasks = [by_name[name].model_dump(mode="json") for name in experts]
+    return ResolvedModels(config.models.base, experts, tasks)
+
+
+def worker_setup(config: SearchConfig, models: ResolvedModels) -> WorkerSetup:
+    return WorkerSetup(
+        base=models.base,
+        experts=models.experts,
+        tasks=models.tasks,
+        holdout_fraction=config.selection.holdout_fraction,
+        seed=config.seed,
+        batch_size=config.evaluation.batch_size,
+        threads=config.evaluation.threads,
+        device=config.evaluation.device,
+        cache_dir=str((config.output_dir / "cache").resolve()),
+        trust_remote_code=config.models.trust_remote_code,
+    )
+
+
+def build_space(config: SearchConfig, models: ResolvedModels) -> SearchSpace:
+    names, model_type = tensor_names(models.base)
+    groups = build_layer_groups(names, model_type, config.space.granularity).names
+    return SearchSpace(
+        base=models.base,
+        experts=[Expert(name=t, model=p) for t, p in models.experts.items()],
+        group_names=groups,
+        methods=config.space.methods,
+        weight=config.space.weight,
+        density=config.space.density,
+        granularity=config.space.granularity,
+        seed=config.seed,
+    )
+
+
+class SearchLoop:
+    """One search: resumable, executor-agnostic (local by default)."""
+
+    def __init__(
+        self,
+        config: SearchConfig,
+        *,
+        executor: Executor | None = None,
+        executor_factory: Callable[[WorkerSetup], Executor] | None = None,
+        progress: Progress | None = None,
+        console: Any = None,
+    ) -> None:
+        self.config = config
+        self.out = config.output_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.models = resolve_models(config, console)
+        self.space = build_space(config, self.models)
+        self.objectives = list(config.objectives.optimize)
+        budget = config.budget.candidates
+        opt = config.optimizer
+        self.optimizer: Optimizer = make_optimizer(
+            opt.name, self.space, seed=config.seed, batch_size=opt.batch_size, budget=budget, options=opt.options
+        )
+        self.storage_url = storage_location(config.storage, self.out)
+        self.study = optuna.create_study(
+            study_name=config.name,
+            storage=open_storage(self.storage_url),
+            directions=[DIRECTION[o] for o in self.objectives],
+            sampler=self.optimizer.sampler(),
+            load_if_exists=True,
+        )
+        self._check_same_objectives()
+        self.setup = worker_setup(config, self.models)
+        self._executor = executor
+        self._executor_factory = executor_factory or LocalExecutor
+        self.progress = progress
+        self.overheads: list[float] = []
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def _check_same_objectives(self) -> None:
+        stored = self.study.user_attrs.get(R.OBJECTIVES)
+        if stored is None:
+            self.study.set_user_attr(R.OBJECTIVES, self.objectives)
+            self.study.set_metric_names(self.objectives)
+            self.study.set_user_attr("budget", self.config.budget.model_dump())
+            self.study.set_user_attr("optimizer", self.config.optimizer.name)
+        elif list(stored) != self.objectives:
+            raise MergetuneError(
+                f"the storage {self.storage_url} holds search '{self.config.name}' with objectives {stored}; "
+                f"this config optimises {self.objectives}: use another name, storage or output folder"
+            )
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            self._executor = self._executor_factory(self.setup)
+        return self._executor
+
+    def _resume(self) -> None:
+        recovery = recover_interrupted(self.study)
+        history = [(r.params, self._outcome_of(r)) for r in self.records() if r.params]
+        self.optimizer.restore(self.out / OPTIMIZER_DIR, history)
+        if recovery.finished == 0 and not recovery.requeued and not self.study.trials and self.config.warm_start:
+            self._enqueue_warm_starts()
+
+    def _enqueue_warm_starts(self) -> None:
+        for method in self.space.methods:
+            weight, density = WARM_STARTS.get(method, (1.0, 0.5))
+            recipe = Recipe(
+                base=self.space.base,
+                experts=self.space.experts,
+                method=method,
+                weight=weight,
+                density=density if self.space.density_range(method) else 1.0,
+            )
+            self.study.enqueue_trial(self.space.from_recipe(recipe), user_attrs={"warm_start": True})
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run until the budget is spent, then choose and write the results."""
+        self._resume()
+        started = time.perf_counter()
+        pending: dict[int, _Pending] = {}
+        done = len(finished_trials(self.study))
+        if self.progress:
+            self.progress.start(self.config.budget.candidates, done, self.optimizer.describe())
+        try:
+            while True:
+                while len(pending) < self.executor.slots and self._budget_left(done + len(pending), started):
+                    item = self._ask()
+                    pending[item.trial.number] = item
+                    self.executor.submit(item.trial.number, item.recipe)
+                if not pending:
+                    break
+                for result in self.executor.results():
+                    self._tell(pending.pop(result.job), result)
+                    done += 1
+        finally:
+            if self.progress:
+                self.progress.stop()
+        from mergetune.search.finalize import finalize
+
+        return finalize(self)
+
+    def _budget_left(self, used: int, started: float) -> bool:
+        budget = self.config.budget
+        if budget.candidates is not None and used >= budget.candidates:
+            return False
+        return budget.seconds is None or time.perf_counter() - started < budget.seconds
+
+    def _ask(self) -> _Pending:
+        start = time.perf_counter()
+        proposal = None if waiting_trials(self.study) else self.optimizer.propose()
+        if proposal is not None:
+            self.study.enqueue_trial(proposal.params, skip_if_exists=False)
+        trial = self.study.ask()
+        params = self.space.suggest(trial)
+        recipe = self.space.to_recipe(params)
+        return _Pending(trial, params, recipe, proposal, time.perf_counter() - start)
+
+    def _tell(self, item: _Pending, result: JobResult) -> None:
+        start = time.perf_counter()
+        trial = item.trial
+        trial.set_user_attr(R.RECIPE, item.recipe.to_dict())
+        trial.set_user_attr(R.WORKER, result.worker)
+        if result.evaluation is None:
+            outcome = Outcome(values=None, scalar=-math.inf, feasible=False)
+            trial.set_user_attr(R.ERROR, result.error or "unknown error")
+            trial.set_user_attr(R.EVALUATED, True)
+            self.study.tell(trial, state=TrialState.FAIL)
+            log.warning("trial %d failed: %s", trial.number, result.error)
+        else:
+            outcome = self._record(trial, item, result.evaluation)
+            self.study.tell(trial, list(outcome.values or ()))
+        self.optimizer.observe(item.proposal, item.params, outcome)
+        self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
+        overhead = item.ask_seconds + time.perf_counter() - start
+        self.overheads.append(overhead)
+        if self.progress:
+            record = R.TrialRecord.from_trial(self.study.trials[trial.number], self.objectives)
+            self.progress.update(record, self.best_mean())
+
+    def _record(self, trial: optuna.Trial, item: _Pending, ev: Evaluation) -> Outcome:
+        density = mean_density(item.recipe, self.space)
+        outcome = outcome_of(ev.normalized, density, self.objectives, self.config)
+        trial.set_user_attr(R.SCORES, ev.scores)
+        trial.set_user_attr(R.NORMALIZED, ev.normalized)
+        trial.set_user_attr(R.METRICS, ev.metrics)
+        trial.set_user_attr(R.DENSITY, density)
+        trial.set_user_attr(R.FEASIBLE, outcome.feasible)
+        trial.set_user_attr(
+            R.TIMING,
+            {
+                "merge": ev.merge_seconds,
+                "eval": ev.eval_seconds,
+                "ask": item.ask_seconds,
+                "wall": time.perf_counter() - item.submitted,
+            },
+        )
+        for task, value in zip(self.space.tasks, outcome.constraints, strict=False):
+            trial.set_constraint(f"floor:{task}", value)
+        return outcome
+
+    # ---- reading back ----------------------------------------------------------------------------
+    def records(self) -> list[R.TrialRecord]:
+        return R.read_records(self.study)
+
+    def best_mean(self) -> float | None:
+        means = [r.values.get("mean") for r in self.records() if r.ok and r.feasible]
+        means = [m for m in means if m is not None]
+        return max(means) if means else None
+
+    def _outcome_of(self, record: R.TrialRecord) -> Outcome:
+        if not record.ok:
+            return Outcome(values=None, scalar=-math.inf, feasible=False)
+        return outcome_of(record.normalized, record.density, self.objectives, self.config)
+
+
+def mean_density(recipe: Recipe, space: SearchSpace) -> float:
+    """The recipe's nominal density (fraction kept) averaged over tasks and groups; 1 if unused."""
+    if space.density_range(recipe.method) is None:
+        return 1.0
+    return float(np.mean(resolve_parameter(recipe.density, space.tasks, space.groups, "density")))
+
+
+def floors_of(config: SearchConfig, tasks: list[str]) -> dict[str, float]:
+    floors = config.objectives.floors
+    if floors is None:
+        return {}
+    if isinstance(floors, float | int):
+        return dict.fromkeys(tasks, float(floors))
+    default = floors.get("*")
+    return {t: float(floors.get(t, default)) for t in tasks if floors.get(t, default) is not None}
+
+
+def outcome_of(normalized: dict[str, float], density: float, objectives: list[str], config: SearchConfig) -> Outcome:
+    """Objective values, constraints and the scalarisation of one evaluated candidate."""
+    values = list(normalized.values())
+    mean, worst = float(np.mean(values)), float(min(values))
+    by_name = {"mean": mean, "worst": worst, "sparsity": density}
+    floors = floors_of(config, list(normalized))
+    constraints = tuple(floors[t] - normalized[t] for t in normalized if t in floors)
+    violation = sum(max(0.0, c) for c in constraints)
+    obj = config.objectives
+    scalar = mean + obj.worst_weight * worst - obj.penalty * violation
+    if "sparsity" in objectives:
+        scalar -= obj.sparsity_weight * density
+    return Outcome(
+        values=tuple(by_name[o] for o in objectives),
+        scalar=scalar,
+        feasible=all(c <= 0 for c in constraints),
+        constraints=constraints,
+    )
+
+
+def overhead_summary(loop: SearchLoop) -> dict[str, float]:
+    evals = [r.timing.get("merge", 0) + r.timing.get("eval", 0) for r in loop.records() if r.ok]
+    if not loop.overheads or not evals:
+        return {}
+    return {
+        "overhead_ms_per_candidate": 1e3 * float(np.mean(loop.overheads)),
+        "eval_s_per_candidate": float(np.mean(evals)),
+        "overhead_fraction": float(np.mean(loop.overheads) / np.mean(evals)),
+    }

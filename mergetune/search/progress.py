@@ -1,0 +1,51 @@
+"""Live feedback for ``mergetune search``: candidates done, best mean so far, ETA, last result."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mergetune.search.records import TrialRecord
+
+
+class RichProgress:
+    """Implements the loop's Progress protocol with a rich progress bar."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self._progress: Progress | None = None
+        self._task = None
+        self.failures = 0
+
+    def start(self, total: int | None, done: int, description: str) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("best mean {task.fields[best]}"),
+            TextColumn("last {task.fields[last]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total, completed=done, best="-", last="-")
+
+    def update(self, record: TrialRecord, best_mean: float | None) -> None:
+        if self._progress is None or self._task is None:
+            return
+        if record.ok:
+            mean = record.normalized and sum(record.normalized.values()) / len(record.normalized)
+            last = f"#{record.number} {record.method} {mean:.3f}"
+        else:
+            self.failures += 1
+            last = f"#{record.number} failed"
+        best = f"{best_mean:.4f}" if best_mean is not None else "-"
+        self._progress.update(self._task, advance=1, best=best, last=last)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

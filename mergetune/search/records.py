@@ -1,0 +1,92 @@
+"""What the storage holds per candidate, read back as plain records.
+
+The loop writes, on every finished trial: the recipe, each task's raw score, normalised score and
+metrics, timings (merge, evaluation, the loop's own overhead), the worker, constraints (per-task
+floors) and, for failures, the error. ``TrialRecord`` reads that back from an Optuna FrozenTrial,
+so status, reports and the final selection work on any storage, running or finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+# user-attribute keys written by the loop
+RECIPE = "recipe"
+SCORES = "scores"
+NORMALIZED = "normalized"
+METRICS = "metrics"
+TIMING = "timing"
+WORKER = "worker"
+ERROR = "error"
+EVALUATED = "evaluated"
+FEASIBLE = "feasible"
+OBJECTIVES = "objectives"  # names of the study's objectives, in order (study user attr)
+DENSITY = "mean_density"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    number: int
+    state: str
+    method: str | None
+    values: dict[str, float]  # objective name -> value
+    scores: dict[str, float]
+    normalized: dict[str, float]
+    feasible: bool
+    recipe: dict[str, Any] | None
+    timing: dict[str, float] = field(default_factory=dict)
+    worker: str | None = None
+    error: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    density: float = 1.0  # the recipe's mean density (fraction kept)
+
+    @property
+    def ok(self) -> bool:
+        return self.state == TrialState.COMPLETE.name
+
+    @property
+    def mean_normalized(self) -> float | None:
+        return self.values.get("mean")
+
+    @property
+    def worst_normalized(self) -> float | None:
+        return self.values.get("worst")
+
+    @classmethod
+    def from_trial(cls, trial: FrozenTrial, objective_names: list[str]) -> TrialRecord:
+        attrs = trial.user_attrs
+        values = dict(zip(objective_names, trial.values, strict=True)) if trial.values else {}
+        recipe = attrs.get(RECIPE)
+        return cls(
+            number=trial.number,
+            state=trial.state.name,
+            method=(recipe or {}).get("method") or trial.params.get("method"),
+            values=values,
+            scores=dict(attrs.get(SCORES, {})),
+            normalized=dict(attrs.get(NORMALIZED, {})),
+            feasible=bool(attrs.get(FEASIBLE, trial.state is TrialState.COMPLETE)),
+            recipe=recipe,
+            timing=dict(attrs.get(TIMING, {})),
+            worker=attrs.get(WORKER),
+            error=attrs.get(ERROR),
+            params=dict(trial.params),
+            density=float(attrs.get(DENSITY, 1.0)),
+        )
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    names = study.user_attrs.get(OBJECTIVES)
+    if names:
+        return list(names)
+    return [f"objective_{i}" for i in range(len(study.directions))]
+
+
+def read_records(study: optuna.Study, include_failed: bool = True) -> list[TrialRecord]:
+    names = objective_names(study)
+    states = (TrialState.COMPLETE, TrialState.FAIL) if include_failed else (TrialState.COMPLETE,)
+    trials = study.get_trials(deepcopy=False, states=states)
+    return [TrialRecord.from_trial(t, names) for t in sorted(trials, key=lambda t: t.number)]

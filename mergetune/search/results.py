@@ -1,0 +1,529 @@
+"""What a search leaves behind, and what ``mergetune status`` shows of one running or finished.
+
+``write_results`` writes, under the output folder:
+
+- ``candidates.csv`` / ``candidates.json``: one row per trial (objective values, mean/worst
+  normalised score, each task's normalised and raw score, density, timings, worker, error);
+- ``front/NN-trialNNNN.yaml``: the recipe of each point of the optimised front, best first, and
+  ``front.json`` (its trial numbers); ``front_per_task.json``: the per-task Pareto set;
+- ``chosen/recipe.yaml`` and ``chosen/scores.json``: the chosen recipe and its search, held-out
+  and test scores;
+- ``summary.json`` and ``summary.md``: finalists (search vs held-out), the chosen recipe's test
+  scores beside the experts' references, and the run's ``meta`` (budget, optimizer, timings...).
+
+Score blocks (search, held-out, test) all read ``{"scores": {task: raw}, "normalized": {task:
+merged/expert}, "mean_normalized", "worst_normalized", "mean_score"}``; non-finite numbers are
+written as null.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from mergetune.errors import MergetuneError
+from mergetune.recipe import Recipe
+from mergetune.search.pareto import front_by_values, heldout_normalized, mean_of, task_names, worst_of
+from mergetune.search.records import TrialRecord
+
+TIMING_ORDER = ("merge", "eval", "ask", "wall")
+BUDGET_ATTR = "budget"
+OPTIMIZER_ATTR = "optimizer"
+RECENT_ERRORS = 5
+
+
+class SearchStorageError(MergetuneError):
+    """A search storage is missing, empty, unreadable, or does not hold the named search."""
+
+
+# ---- candidates -----------------------------------------------------------------------------------
+def candidate_json(record: TrialRecord) -> dict[str, Any]:
+    """One trial as a JSON object: everything the record holds, with mean/worst normalised added."""
+    return {
+        "number": record.number,
+        "state": record.state,
+        "method": record.method,
+        "feasible": record.feasible,
+        "values": record.values,
+        "mean_normalized": mean_of(record.normalized) if record.normalized else None,
+        "worst_normalized": worst_of(record.normalized) if record.normalized else None,
+        "normalized": record.normalized,
+        "scores": record.scores,
+        "density": record.density,
+        "timing": record.timing,
+        "worker": record.worker,
+        "error": record.error,
+        "params": record.params,
+        "recipe": record.recipe,
+    }
+
+
+def csv_columns(records: Sequence[TrialRecord], objectives: Sequence[str]) -> list[str]:
+    """Flat column names: fixed fields, ``objective.<name>``, ``normalized.<task>``, ``score.<task>``, timings."""
+    tasks = task_names(records)
+    timings = {k for r in records for k in r.timing}
+    timing_keys = [k for k in TIMING_ORDER if k in timings] + sorted(timings - set(TIMING_ORDER))
+    return [
+        "number",
+        "state",
+        "method",
+        "feasible",
+        *(f"objective.{o}" for o in objectives),
+        "mean_normalized",
+        "worst_normalized",
+        *(f"normalized.{t}" for t in tasks),
+        *(f"score.{t}" for t in tasks),
+        "density",
+        *(f"timing.{k}" for k in timing_keys),
+        "worker",
+        "error",
+    ]
+
+
+def csv_row(record: TrialRecord) -> dict[str, Any]:
+    """One trial as a flat dict keyed like ``csv_columns`` (absent fields are left out)."""
+    row = candidate_json(record)
+    flat: dict[str, Any] = {k: row[k] for k in ("number", "state", "method", "feasible", "density", "worker", "error")}
+    flat["mean_normalized"] = row["mean_normalized"]
+    flat["worst_normalized"] = row["worst_normalized"]
+    for prefix, mapping in (
+        ("objective", record.values),
+        ("normalized", record.normalized),
+        ("score", record.scores),
+        ("timing", record.timing),
+    ):
+        flat.update({f"{prefix}.{k}": v for k, v in mapping.items()})
+    return {k: _clean(v) for k, v in flat.items()}
+
+
+def write_candidates(out: Path, records: Sequence[TrialRecord], objectives: Sequence[str]) -> None:
+    """``candidates.csv`` (flat, one row per trial) and ``candidates.json`` (nested, with recipes)."""
+    columns = csv_columns(records, objectives)
+    with (out / "candidates.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", restval="")
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: "" if v is None else v for k, v in csv_row(record).items()})
+    _write_json(out / "candidates.json", [candidate_json(r) for r in records])
+
+
+# ---- fronts and the chosen recipe -----------------------------------------------------------------
+def write_front(out: Path, front: Sequence[TrialRecord], objectives: Sequence[str]) -> list[str]:
+    """One recipe YAML per optimised-front point, best first (stale ones removed); returns the file names."""
+    folder = out / "front"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*-trial*.yaml"):
+        stale.unlink()
+    width = max(2, len(str(len(front))))
+    files = []
+    for i, record in enumerate(front, start=1):
+        if record.recipe is None:
+            continue
+        name = f"{i:0{width}d}-trial{record.number:04d}.yaml"
+        Recipe.model_validate(record.recipe).save(folder / name)
+        files.append(f"front/{name}")
+    _write_json(
+        out / "front.json", {"objectives": list(objectives), "trials": [r.number for r in front], "files": files}
+    )
+    return files
+
+
+def score_block(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A score block from ``{"normalized": {...}, "scores": {...}}`` (None stays None)."""
+    if entry is None:
+        return None
+    normalized = heldout_normalized(entry)
+    scores = dict(entry.get("scores") or {}) if "normalized" in entry else {}
+    return {
+        "scores": scores,
+        "normalized": normalized,
+        "mean_normalized": mean_of(normalized) if normalized else None,
+        "worst_normalized": worst_of(normalized) if normalized else None,
+        "mean_score": float(np.mean(list(scores.values()))) if scores else None,
+    }
+
+
+def write_chosen(out: Path, record: TrialRecord, heldout: dict | None, test: dict | None) -> dict[str, Any]:
+    """``chosen/recipe.yaml`` and ``chosen/scores.json``; returns the chosen entry of the summary."""
+    folder = out / "chosen"
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe_file = None
+    if record.recipe is not None:
+        Recipe.model_validate(record.recipe).save(folder / "recipe.yaml")
+        recipe_file = "chosen/recipe.yaml"
+    entry = {
+        "trial": record.number,
+        "method": record.method,
+        "feasible": record.feasible,
+        "recipe": recipe_file,
+        "search": score_block({"normalized": record.normalized, "scores": record.scores}),
+        "heldout": heldout,
+        "test": test,
+    }
+    _write_json(folder / "scores.json", entry)
+    return entry
+
+
+# ---- summary --------------------------------------------------------------------------------------
+def write_results(
+    out: Path,
+    *,
+    records: Sequence[TrialRecord],
+    objectives: Sequence[str],
+    front: Sequence[TrialRecord],
+    task_front: Sequence[TrialRecord],
+    finalists: Sequence[TrialRecord],
+    rescored: Sequence[Mapping[str, Any] | None] | None,
+    chosen_index: int | None,
+    test_scores: Mapping[str, Any] | None,
+    meta: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Write every result file (see the module docstring) and return the summary dict.
+
+    ``rescored`` is aligned with ``finalists`` (``{"normalized": {task: v}, "scores": {task: v}}`` or
+    None per finalist, or None overall); ``test_scores`` the same for the chosen recipe.
+    ``meta`` is copied into the summary as is; ``meta["references"]`` (task -> the expert's test
+    score, or task -> ``{"test": score, ...}``) is shown beside the chosen recipe's test scores.
+    With ``chosen_index`` None (nothing completed) no ``chosen/`` is written.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_candidates(out, records, objectives)
+    front_files = write_front(out, front, objectives)
+    _write_json(
+        out / "front_per_task.json", {"tasks": task_names(task_front), "trials": [r.number for r in task_front]}
+    )
+    heldout = [score_block(e) for e in rescored] if rescored is not None else [None] * len(finalists)
+    chosen = None
+    if chosen_index is not None and finalists:
+        chosen = write_chosen(out, finalists[chosen_index], heldout[chosen_index], score_block(test_scores))
+    counts = Counter(r.state for r in records)
+    summary = {
+        "objectives": list(objectives),
+        "tasks": task_names(records),
+        "counts": {"candidates": len(records), **{s.lower(): n for s, n in sorted(counts.items())}},
+        "any_feasible": any(r.ok and r.feasible for r in records),
+        "front": [r.number for r in front],
+        "front_files": front_files,
+        "front_per_task": [r.number for r in task_front],
+        "finalists": [_finalist_entry(i, r, heldout[i], chosen_index) for i, r in enumerate(finalists)],
+        "chosen": chosen,
+        "references": references(meta),
+        "meta": dict(meta),
+    }
+    summary = _clean(summary)
+    _write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(summary_markdown(summary))
+    return summary
+
+
+def _finalist_entry(i: int, record: TrialRecord, heldout: dict | None, chosen_index: int | None) -> dict[str, Any]:
+    return {
+        "rank": i + 1,
+        "trial": record.number,
+        "method": record.method,
+        "feasible": record.feasible,
+        "chosen": i == chosen_index,
+        "search": {"mean": mean_of(record.normalized), "worst": worst_of(record.normalized)},
+        "heldout": None
+        if heldout is None
+        else {"mean": heldout["mean_normalized"], "worst": heldout["worst_normalized"]},
+    }
+
+
+def references(meta: Mapping[str, Any]) -> dict[str, float]:
+    """The experts' reference test scores from ``meta["references"]`` (task -> number or {"test": n})."""
+    refs = meta.get("references") or {}
+    out = {}
+    for task, value in refs.items():
+        value = value.get("test") if isinstance(value, Mapping) else value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[str(task)] = float(value)
+    return out
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    """The human-readable report: run facts, finalists (search vs held-out), the chosen recipe's scores."""
+    lines = ["# Search results", "", "## Run", ""]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in _flatten(summary.get("meta") or {}) if not k.startswith("references")]
+    counts = summary["counts"]
+    by_state = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "candidates")
+    lines.append(f"- candidates: {counts['candidates']} ({by_state})")
+    lines.append(f"- objectives: {', '.join(summary['objectives'])}; optimised front: {len(summary['front'])} point(s)")
+    lines.append(f"- per-task Pareto set: {len(summary['front_per_task'])} candidate(s)")
+    lines += ["", "## Finalists", ""]
+    if not summary["any_feasible"]:
+        lines += ["**No candidate met the floors**: finalists are the least-violating candidates.", ""]
+    lines += _md_table(
+        [
+            "rank",
+            "trial",
+            "method",
+            "feasible",
+            "search mean",
+            "search worst",
+            "held-out mean",
+            "held-out worst",
+            "chosen",
+        ],
+        [_finalist_cells(f) for f in summary["finalists"]],
+    )
+    lines += ["", *_chosen_markdown(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def _finalist_cells(f: Mapping[str, Any]) -> list[str]:
+    held = f["heldout"] or {}
+    return [
+        str(f["rank"]),
+        str(f["trial"]),
+        str(f["method"]),
+        "yes" if f["feasible"] else "no",
+        _fmt(f["search"]["mean"]),
+        _fmt(f["search"]["worst"]),
+        _fmt(held.get("mean")),
+        _fmt(held.get("worst")),
+        "**chosen**" if f["chosen"] else "",
+    ]
+
+
+def _chosen_markdown(summary: Mapping[str, Any]) -> list[str]:
+    chosen = summary.get("chosen")
+    if not chosen:
+        return ["## Chosen recipe", "", "No candidate completed: nothing was chosen."]
+    lines = [f"## Chosen recipe: trial {chosen['trial']} ({chosen['method']})", "", f"Recipe: `{chosen['recipe']}`", ""]
+    blocks = {k: chosen.get(k) or {} for k in ("search", "heldout", "test")}
+    refs = summary.get("references") or {}
+    rows = []
+    for task in summary["tasks"]:
+        rows.append(
+            [
+                task,
+                _fmt(blocks["search"].get("normalized", {}).get(task)),
+                _fmt(blocks["heldout"].get("normalized", {}).get(task)),
+                _fmt(blocks["test"].get("scores", {}).get(task)),
+                _fmt(refs.get(task)),
+                _fmt(blocks["test"].get("normalized", {}).get(task)),
+            ]
+        )
+    means = [blocks[k].get("mean_normalized") for k in ("search", "heldout")]
+    ref_mean = (
+        float(np.mean([refs[t] for t in summary["tasks"]])) if refs and set(summary["tasks"]) <= set(refs) else None
+    )
+    test_means = [blocks["test"].get("mean_score"), ref_mean, blocks["test"].get("mean_normalized")]
+    rows.append(["**mean**", *(_fmt(v) for v in (*means, *test_means))])
+    header = ["task", "search (norm.)", "held-out (norm.)", "test score", "expert test score", "test (norm.)"]
+    return lines + _md_table(header, rows)
+
+
+def summary_table(summary: Mapping[str, Any]) -> Table:
+    """The end-of-search table: finalists with search / held-out means, the chosen one marked, its test mean."""
+    chosen = summary.get("chosen") or {}
+    test = (chosen.get("test") or {}).get("mean_normalized")
+    title = "Finalists" if summary.get("any_feasible", True) else "Finalists (no candidate met the floors)"
+    table = Table(
+        "", "rank", "trial", "method", "feasible", "search mean", "search worst", "held-out mean", title=title
+    )
+    table.add_column("test mean")
+    for f in summary.get("finalists", []):
+        held = f.get("heldout") or {}
+        table.add_row(
+            "→" if f["chosen"] else "",
+            str(f["rank"]),
+            str(f["trial"]),
+            str(f["method"]),
+            "yes" if f["feasible"] else "[red]no[/]",
+            _fmt(f["search"]["mean"]),
+            _fmt(f["search"]["worst"]),
+            _fmt(held.get("mean")),
+            _fmt(test) if f["chosen"] else "",
+            style="bold" if f["chosen"] else None,
+        )
+    return table
+
+
+# ---- status of a (running) search -----------------------------------------------------------------
+def status_report(storage_url: str, study_name: str | None, top: int) -> RenderableType:
+    """What ``mergetune status`` prints: counts by state, best feasible mean, front, recent errors, budget.
+
+    Reads the storage without writing to it, so it works while the search runs (a journal line
+    being written is skipped until complete). ``storage_url`` is a journal file, a search's output
+    folder (its ``search.journal``), or a database URL. Missing, empty or unreadable storages and
+    unknown search names raise ``SearchStorageError``.
+    """
+    import optuna
+
+    from mergetune.search.records import objective_names, read_records
+
+    study = _open_study(storage_url, study_name)
+    names = objective_names(study)
+    maximize = [d == optuna.study.StudyDirection.MAXIMIZE for d in study.directions]
+    records = read_records(study)
+    counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    front = front_by_values(records, names, maximize)
+    parts: list[RenderableType] = [_status_header(study, names, maximize, counts, records)]
+    parts.append(_front_table(front, names, top))
+    errors = [r for r in records if r.error][-RECENT_ERRORS:]
+    if errors:
+        parts.append(_errors_table(errors))
+    return Group(*parts)
+
+
+def _open_study(storage_url: str, study_name: str | None) -> Any:
+    """Load a study, refusing to create a storage that is not there."""
+    from mergetune.search.storage import JOURNAL_NAME, load_study, open_storage
+
+    url = str(storage_url)
+    if "://" not in url or url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///")).expanduser()
+        if path.is_dir():
+            path = path / JOURNAL_NAME
+            url = str(path)
+        if not path.is_file():
+            raise SearchStorageError(f"no search storage at {path}: give a journal file, an output folder or a URL")
+        if path.stat().st_size == 0:
+            raise SearchStorageError(f"{path} is empty: no search has been recorded there yet")
+    try:
+        storage = open_storage(url)
+        _check_study_name(storage, study_name, url)
+        return load_study(storage, study_name)
+    except SearchStorageError:
+        raise
+    except FileNotFoundError as exc:
+        raise SearchStorageError(f"{url}: {exc}") from exc
+    except Exception as exc:  # optuna raises ValueError, KeyError, JSON and DB errors on bad storages
+        raise SearchStorageError(f"cannot read the search storage {url}: {exc}") from exc
+
+
+def _check_study_name(storage: Any, study_name: str | None, url: str) -> None:
+    import optuna
+
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if study_name is not None and study_name not in names:
+        raise SearchStorageError(f"{url} holds no search named {study_name!r}; it holds {names}")
+
+
+def _status_header(study: Any, names: list[str], maximize: list[bool], counts: Counter, records: list) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("search", Text(study.study_name))
+    grid.add_row(
+        "objectives", ", ".join(f"{n} ({'max' if m else 'min'})" for n, m in zip(names, maximize, strict=True))
+    )
+    optimizer = study.user_attrs.get(OPTIMIZER_ATTR)
+    if optimizer is not None:
+        grid.add_row("optimizer", _fmt(optimizer))
+    finished = sum(1 for r in records if r.ok) + sum(1 for r in records if not r.ok and r.error)
+    budget = study.user_attrs.get(BUDGET_ATTR)
+    grid.add_row("budget", _budget_text(budget, finished) if budget is not None else "not recorded")
+    order = ["complete", "failed", "running", "waiting"]
+    states = {"fail": "failed"}
+    named = Counter({states.get(k, k): v for k, v in counts.items()})
+    extra = [k for k in named if k not in order]
+    grid.add_row("trials", " · ".join(f"{named.get(k, 0)} {k}" for k in order + extra))
+    grid.add_row("best feasible mean", _best_text(records))
+    return grid
+
+
+def _budget_text(budget: Any, finished: int) -> str:
+    if isinstance(budget, Mapping):
+        candidates = budget.get("candidates")
+        parts = [f"{finished} / {candidates} candidates"] if candidates else [f"{finished} candidates"]
+        if budget.get("seconds"):
+            parts.append(f"{_fmt(budget['seconds'])} s")
+        return ", ".join(parts)
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        return f"{finished} / {budget} candidates"
+    return _fmt(budget)
+
+
+def _best_text(records: list[TrialRecord]) -> str:
+    done = [r for r in records if r.ok and r.normalized]
+    feasible = [r for r in done if r.feasible]
+    if feasible:
+        best = max(feasible, key=lambda r: (mean_of(r.normalized), -r.number))
+        return f"{_fmt(mean_of(best.normalized))} (trial {best.number}, {best.method})"
+    if done:
+        best = max(done, key=lambda r: (mean_of(r.normalized), -r.number))
+        return f"none feasible yet (best infeasible: {_fmt(mean_of(best.normalized))}, trial {best.number})"
+    return "no completed candidate yet"
+
+
+def _front_table(front: list[TrialRecord], names: list[str], top: int) -> Table:
+    tasks = task_names(front)
+    title = f"Optimised front: {len(front)} point(s)" + (f", top {top} shown" if len(front) > top else "")
+    table = Table("trial", "method", "feasible", *names, *tasks, title=title, title_justify="left")
+    for r in front[:top]:
+        table.add_row(
+            str(r.number),
+            str(r.method),
+            "yes" if r.feasible else "[red]no[/]",
+            *(_fmt(r.values.get(n)) for n in names),
+            *(_fmt(r.normalized.get(t)) for t in tasks),
+        )
+    return table
+
+
+def _errors_table(errors: list[TrialRecord]) -> Table:
+    table = Table("trial", "worker", "error", title="Recent errors", title_justify="left")
+    for r in errors:
+        first_line = (r.error or "").strip().splitlines()[0] if r.error and r.error.strip() else ""
+        table.add_row(str(r.number), str(r.worker or "-"), Text(first_line[:200]))
+    return table
+
+
+# ---- formatting and JSON --------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    """Numbers to 4 decimals, None/non-finite to '–', mappings to 'k: v' lists."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float | np.floating):
+        return f"{value:.4f}" if math.isfinite(value) else "–"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        items += _flatten(value, f"{name}.") if isinstance(value, Mapping) and value else [(name, value)]
+    return items
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, paths to str, tuples to lists, NaN/inf to None."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(_clean(data), indent=2, default=str) + "\n")

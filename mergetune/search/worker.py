@@ -1,0 +1,196 @@
+"""The worker: resident models and data, one ``evaluate(recipe)`` per candidate.
+
+A worker loads, once, the base and the experts' task vectors (ModelSet), one task model per task
+whose shared weights are bound to the merge buffer (so a merge is visible to every task model
+without a copy), the tokenised validation examples (ValidationSuite) and the experts' reference
+scores. Per candidate it merges in place and scores: no model weights move and nothing touches the
+disk. It is a plain class: the local executor calls it in-process, the Ray executor wraps it in an
+actor.
+
+Validation examples are split once, deterministically, into the part the search scores and a
+held-out part used only to re-score the finalists (small validation sets invite overfitting to
+their noise); the test split is scored only through ``score(recipe, "test")``, once, for the
+chosen recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from mergetune.errors import MergetuneError
+from mergetune.merging.engine import Merger
+from mergetune.merging.modelset import ModelSet
+from mergetune.objectives.models import load_task_model
+from mergetune.objectives.suite import SuiteScores, ValidationSuite
+from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData
+from mergetune.recipe import Recipe
+
+Split = Literal["search", "holdout", "test"]
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker needs to build its resident state (small and picklable)."""
+
+    base: str
+    experts: dict[str, str]  # task -> expert folder or hub id
+    tasks: list[dict[str, Any]]  # TaskConfig dicts, one per expert
+    holdout_fraction: float = 0.33
+    seed: int = 0
+    batch_size: int = 64
+    threads: int = 1
+    device: str = "cpu"
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+    compile: bool | None = None  # None: compile kernels when a compiler is available
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One candidate's scores (higher is better) and where the time went."""
+
+    scores: dict[str, float]
+    normalized: dict[str, float]
+    metrics: dict[str, dict[str, float]]
+    merge_seconds: float
+    eval_seconds: float
+    worker: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_normalized(self) -> float:
+        return float(np.mean(list(self.normalized.values())))
+
+    @property
+    def worst_normalized(self) -> float:
+        return float(min(self.normalized.values()))
+
+
+class Worker:
+    """Holds the resident state of one evaluation slot."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        torch.set_num_threads(setup.threads)
+        _quiet_transformers()
+        self.setup = setup
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        configs = [TaskConfig.model_validate(t) for t in setup.tasks]
+        tasks = [c.load() for c in configs]
+        self._search_tasks, self._holdout_tasks = zip(
+            *(split_holdout(t, setup.holdout_fraction, setup.seed) for t in tasks), strict=True
+        )
+        self._all_tasks = tasks
+        self.modelset = ModelSet.load(setup.base, list(setup.experts.items()), device=setup.device)
+        self.merger = Merger(self.modelset, compile=setup.compile)
+        self.tokenizer = _tokenizer(setup)
+        self.models = self._task_models(tasks)
+        self._suites: dict[str, ValidationSuite] = {}
+        self.suite("search")  # tokenise and compute the references now, not on the first candidate
+
+    def _task_models(self, tasks: list[TaskData]) -> dict[str, torch.nn.Module]:
+        models = {}
+        for task in tasks:
+            model = load_task_model(
+                task,
+                self.setup.experts[task.name],
+                trust_remote_code=self.setup.trust_remote_code,
+                device=self.setup.device,
+            )
+            self.merger.bind(model)
+            models[task.name] = model
+        return models
+
+    def suite(self, split: Split) -> ValidationSuite:
+        """The suite of a split, built on first use, with the experts' reference scores set."""
+        if split not in self._suites:
+            options: dict[str, Any] = {"batch_size": self.setup.batch_size, "cache_dir": self.setup.cache_dir}
+            if split == "test":
+                suite = ValidationSuite.for_test(self._all_tasks, self.tokenizer, **options)
+            else:
+                tasks = self._search_tasks if split == "search" else self._holdout_tasks
+                suite = ValidationSuite(list(tasks), self.tokenizer, **options)
+            suite.reference_scores(dict(self.setup.experts))
+            self._suites[split] = suite
+        return self._suites[split]
+
+    def evaluate(self, recipe: Recipe | Mapping[str, Any], split: Split = "search") -> Evaluation:
+        """Merge a candidate in place and score it on a split (the search's part by default)."""
+        recipe = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
+        start = time.perf_counter()
+        self.merger.merge(recipe)
+        merged = time.perf_counter()
+        scores = self.suite(split).score(self.models)
+        done = time.perf_counter()
+        return _evaluation(scores, merged - start, done - merged, self.name)
+
+    def reference(self, split: Split = "search") -> dict[str, float]:
+        return self.suite(split).reference
+
+    def ping(self) -> str:
+        return self.name
+
+
+def _evaluation(scores: SuiteScores, merge_s: float, eval_s: float, worker: str) -> Evaluation:
+    bad = [name for name, value in scores.scores.items() if not math.isfinite(value)]
+    if bad:
+        raise MergetuneError(f"non-finite score on task(s) {bad}: the merged model produced NaN/inf")
+    return Evaluation(
+        scores=scores.scores,
+        normalized={k: float(v) for k, v in scores.normalized.items()},
+        metrics={name: dict(t.metrics) for name, t in scores.tasks.items()},
+        merge_seconds=merge_s,
+        eval_seconds=eval_s,
+        worker=worker,
+    )
+
+
+def split_holdout(task: TaskData, fraction: float, seed: int) -> tuple[TaskData, TaskData]:
+    """Split a task's validation examples into the search part and the held-out part (seeded)."""
+    n = len(task.validation)
+    n_hold = round(n * fraction)
+    if fraction > 0 and (n_hold == 0 or n_hold == n):
+        raise MergetuneError(
+            f"task '{task.name}': {n} validation examples cannot be split with holdout_fraction {fraction}"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    hold = np.sort(order[:n_hold])
+    keep = np.sort(order[n_hold:])
+    return (
+        dataclasses.replace(task, validation=_subset(task.validation, keep)),
+        dataclasses.replace(task, validation=_subset(task.validation, hold)),
+    )
+
+
+def _subset(split: SplitData, rows: np.ndarray) -> SplitData:
+    pick = lambda seq: None if seq is None else tuple(seq[i] for i in rows)  # noqa: E731
+    labels = None if split.labels is None else split.labels[rows]
+    return SplitData(pick(split.texts), labels, pick(split.text_pairs), pick(split.choices))
+
+
+def _quiet_transformers() -> None:
+    """No per-model loading bars: a worker loads one model per task, the search shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _tokenizer(setup: WorkerSetup) -> Any:
+    from transformers import AutoTokenizer
+
+    for source in (setup.base, *setup.experts.values()):
+        try:
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=setup.trust_remote_code)
+        except (OSError, ValueError):
+            continue
+    raise MergetuneError(f"no tokenizer found in the base ({setup.base}) or any expert folder")
