@@ -194,7 +194,8 @@ class SearchLoop:
 
     def _resume(self) -> None:
         recovery = recover_interrupted(self.study)
-        history = [(r.params, self._outcome_of(r)) for r in self.records() if r.params]
+        # Only real outcomes: trials just failed as "interrupted" are re-queued, not failures.
+        history = [(r.params, self._outcome_of(r)) for r in self.records() if r.params and r.evaluated]
         self.optimizer.restore(self.out / OPTIMIZER_DIR, history)
         if recovery.finished == 0 and not recovery.requeued and not self.study.trials and self.config.warm_start:
             self._enqueue_warm_starts()
@@ -222,7 +223,7 @@ class SearchLoop:
             self.progress.start(self.config.budget.candidates, done, self.optimizer.describe())
         try:
             while True:
-                while len(pending) < self.executor.slots and self._budget_left(done + len(pending), started):
+                while len(pending) < self._concurrency() and self._budget_left(done + len(pending), started):
                     item = self._ask()
                     pending[item.trial.number] = item
                     self.executor.submit(item.trial.number, item.recipe)
@@ -238,7 +239,14 @@ class SearchLoop:
 
         return finalize(self)
 
+    def _concurrency(self) -> int:
+        """Free slots, capped by what the optimizer accepts pending (Nevergrad's num_workers promise)."""
+        cap = self.optimizer.max_pending
+        return self.executor.slots if cap is None else min(self.executor.slots, cap)
+
     def _budget_left(self, used: int, started: float) -> bool:
+        if self.optimizer.exhausted and not waiting_trials(self.study):
+            return False  # a finished grid: asking on would fall back to random sampling
         budget = self.config.budget
         if budget.candidates is not None and used >= budget.candidates:
             return False
@@ -249,6 +257,8 @@ class SearchLoop:
         proposal = None if waiting_trials(self.study) else self.optimizer.propose()
         if proposal is not None:
             self.study.enqueue_trial(proposal.params, skip_if_exists=False)
+            # so that a crash right after does not make the optimizer propose this point again
+            self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
         trial = self.study.ask()
         params = self.space.suggest(trial)
         recipe = self.space.to_recipe(params)

@@ -43,6 +43,7 @@ class TrialRecord:
     error: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     density: float = 1.0  # the recipe's mean density (fraction kept)
+    evaluated: bool = True  # False for trials failed because the driver stopped mid-evaluation
 
     @property
     def ok(self) -> bool:
@@ -75,6 +76,7 @@ class TrialRecord:
             error=attrs.get(ERROR),
             params=dict(trial.params),
             density=float(attrs.get(DENSITY, 1.0)),
+            evaluated=trial.state is TrialState.COMPLETE or bool(attrs.get(EVALUATED, False)),
         )
 
 

@@ -119,9 +119,12 @@ class Worker:
             else:
                 tasks = self._search_tasks if split == "search" else self._holdout_tasks
                 suite = ValidationSuite(list(tasks), self.tokenizer, **options)
-            suite.reference_scores(dict(self.setup.experts))
+            suite.reference_scores(dict(self.setup.experts), loader=self._load_expert)
             self._suites[split] = suite
         return self._suites[split]
+
+    def _load_expert(self, task: TaskData, folder: str | os.PathLike[str]) -> torch.nn.Module:
+        return load_task_model(task, folder, trust_remote_code=self.setup.trust_remote_code, device=self.setup.device)
 
     def evaluate(self, recipe: Recipe | Mapping[str, Any], split: Split = "search") -> Evaluation:
         """Merge a candidate in place and score it on a split (the search's part by default)."""

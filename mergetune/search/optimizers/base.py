@@ -64,6 +64,7 @@ class Optimizer(ABC):
 
     name: ClassVar[str]
     multi_objective: ClassVar[bool] = False  # False: uses Outcome.scalar / Outcome.loss
+    external: ClassVar[bool] = False  # True: proposes points itself (at most batch_size pending)
 
     def __init__(self, space: SearchSpace, *, seed: int, batch_size: int, budget: int | None, **options: Any):
         self.space = space
@@ -71,6 +72,16 @@ class Optimizer(ABC):
         self.batch_size = batch_size
         self.budget = budget
         self.options = options
+
+    @property
+    def exhausted(self) -> bool:
+        """True when the optimizer has nothing left to propose (a finished grid): the loop stops."""
+        return False
+
+    @property
+    def max_pending(self) -> int | None:
+        """Most proposals it can have out at once (None: no limit; Optuna's samplers use constant liar)."""
+        return self.batch_size if self.external else None
 
     def sampler(self) -> optuna.samplers.BaseSampler:
         """The sampler of the study (externals: a seeded random sampler that is never consulted)."""

@@ -121,6 +121,8 @@ def check_continuous(space: SearchSpace, name: str) -> None:
 class CmaEs(Optimizer):
     """pycma CMA-ES on the unit box of the float axes, generation by generation, with IPOP restarts."""
 
+    external = True
+
     name = "cmaes"
 
     def __init__(self, space: SearchSpace, *, seed: int, batch_size: int, budget: int | None, **options: Any):

@@ -140,6 +140,8 @@ class GridSearch(Optimizer):
     "sample": a seeded random subset of ``budget`` points when the grid exceeds the budget).
     """
 
+    external = True
+
     name = "grid"
     multi_objective = True  # it ignores the outcomes: any objectives are fine
 

@@ -134,6 +134,8 @@ def _label(opt: Any) -> str:
 class _Nevergrad(Optimizer):
     """Common adapter: parametrization, ask/tell bookkeeping, checkpoint and replay."""
 
+    external = True
+
     algorithm: ClassVar[str]
     accepted_options: ClassVar[frozenset[str]] = frozenset()
 

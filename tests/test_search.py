@@ -1,0 +1,182 @@
+"""The search loop end to end on the real tiny zoo: config errors, space round trips, a full search
+that writes its results, and a driver killed with SIGKILL that resumes without losing or
+re-evaluating a finished candidate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from mergetune.recipe import Expert, Recipe
+from mergetune.search.config import SearchConfig, SearchConfigError
+from mergetune.search.space import MethodSpace, ParamRange, SearchSpace
+from mergetune.search.storage import open_storage
+
+TASKS = ["a", "b", "c"]
+GROUPS = ["embed", "blocks.0", "blocks.1", "head"]
+
+
+@pytest.fixture(scope="module")
+def zoo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment with a private zoo cache holding the tiny zoo (built once, seconds)."""
+    from mergetune.objectives.zoo import build_zoo
+
+    cache = tmp_path_factory.mktemp("cache")
+    build_zoo("tiny", cache_dir=cache, progress=False)
+    return {"MERGETUNE_CACHE": str(cache), "MERGETUNE_COMPILE": "0"}
+
+
+def write_config(path: Path, **overrides: object) -> Path:
+    config = {
+        "name": "tiny-test",
+        "models": {"zoo": "tiny"},
+        "space": {"methods": ["task_arithmetic", "ties"], "weight": {"per": "task"}},
+        "optimizer": {"name": "tpe"},
+        "budget": {"candidates": 10},
+        "selection": {"rescore_top": 2},
+        "output": str(path.parent / "run"),
+    }
+    config.update(overrides)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ---- config and space -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("patch", "where"),
+    [
+        ({"optimzer": {"name": "tpe"}}, "optimzer"),
+        ({"optimizer": {"name": "bayes"}}, "optimizer.name"),
+        ({"space": {"methods": {"ties": {"options": {"dencity": 0.2}}}}}, "dencity"),
+        ({"space": {"methods": ["ties"], "weight": {"per": "task", "low": 2.0, "high": 1.0}}}, "space.weight"),
+        ({"budget": {"candidates": None}}, "budget"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path: Path, patch: dict, where: str) -> None:
+    path = write_config(tmp_path / "c.yaml", **patch)
+    with pytest.raises(SearchConfigError) as err:
+        SearchConfig.load(path)
+    assert where in str(err.value) and str(path) in str(err.value)
+
+
+def make_space(weight: ParamRange, density: ParamRange, methods: dict | None = None) -> SearchSpace:
+    methods = methods or {"ties": MethodSpace(options={"disjoint": ["mean", "sum"]}), "task_arithmetic": MethodSpace()}
+    experts = [Expert(name=t, model=f"/m/{t}") for t in TASKS]
+    return SearchSpace("/m/base", experts, GROUPS, methods, weight, density)
+
+
+@pytest.mark.parametrize("per", ["shared", "task", "group", "task_group"])
+@pytest.mark.parametrize("anchors", [None, 2])
+def test_space_points_and_recipes_round_trip(per: str, anchors: int | None) -> None:
+    space = make_space(ParamRange(per=per, low=0.1, high=2.0, anchors=anchors), ParamRange(per=per, low=0.05, high=0.9))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(6):
+        params = space.suggest(study.ask())
+        recipe = space.to_recipe(params)
+        assert Recipe.model_validate(recipe.to_dict()) == recipe
+        back = space.from_recipe(recipe)
+        assert back.keys() == params.keys()
+        for key, value in params.items():
+            assert back[key] == pytest.approx(value, abs=1e-12) if isinstance(value, float) else back[key] == value
+
+
+def test_space_is_conditional_on_the_method() -> None:
+    space = make_space(ParamRange(per="task"), ParamRange(per="shared"))
+    names = {a.name for a in space.axes_for("task_arithmetic")}
+    assert names == {"method", "task_arithmetic/weight/a", "task_arithmetic/weight/b", "task_arithmetic/weight/c"}
+    ties = {a.name for a in space.axes_for("ties")}
+    assert {"ties/density", "ties/opt/disjoint"} <= ties and not any(n.startswith("task_arithmetic") for n in ties)
+    two_anchor = make_space(ParamRange(per="group", anchors=2, low=0.0, high=1.0), ParamRange(per="shared"))
+    recipe = two_anchor.to_recipe(
+        {"method": "task_arithmetic", "task_arithmetic/weight/a0": 0.0, "task_arithmetic/weight/a1": 0.9}
+    )
+    assert recipe.weight == {"*": [0.0, 0.9]}  # a ramp over depth: 0, 0.3, 0.6, 0.9 on the 4 groups
+
+
+# ---- end to end -------------------------------------------------------------------------------------
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mergetune.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def trials_by_state(journal: Path, name: str = "tiny-test") -> dict[TrialState, list[optuna.trial.FrozenTrial]]:
+    study = optuna.load_study(study_name=name, storage=open_storage(journal))
+    out: dict[TrialState, list] = {}
+    for t in study.get_trials(deepcopy=False):
+        out.setdefault(t.state, []).append(t)
+    return out
+
+
+def test_search_writes_results_and_improves_on_its_warm_starts(tmp_path: Path, zoo_env: dict[str, str]) -> None:
+    cfg = write_config(tmp_path / "c.yaml", budget={"candidates": 14})
+    proc = run_cli(["search", str(cfg)], zoo_env, tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    run = tmp_path / "run"
+    for name in ("candidates.csv", "candidates.json", "summary.md", "chosen/recipe.yaml", "chosen/scores.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "front").glob("*.yaml"))
+    chosen = Recipe.load(run / "chosen" / "recipe.yaml")
+    scores = json.loads((run / "chosen" / "scores.json").read_text())
+    assert chosen.method in {"task_arithmetic", "ties"} and "test" in json.dumps(scores)
+    states = trials_by_state(run / "search.journal")
+    complete = states[TrialState.COMPLETE]
+    assert len(complete) == 14 and TrialState.RUNNING not in states
+    warm = [t.values[0] for t in complete if t.user_attrs.get("warm_start")]
+    assert len(warm) == 2  # TA λ=0.3 and TIES (0.2, 1.0), evaluated first
+    assert max(t.values[0] for t in complete) > sum(warm) / len(warm)
+    # A second run of the same command finds the budget spent and evaluates nothing new.
+    again = run_cli(["search", str(cfg)], zoo_env, tmp_path)
+    again.communicate(timeout=300)
+    assert len(trials_by_state(run / "search.journal")[TrialState.COMPLETE]) == 14
+
+
+def test_killed_search_resumes_without_losing_or_repeating_candidates(tmp_path: Path, zoo_env: dict[str, str]):
+    budget = 40
+    cfg = write_config(tmp_path / "c.yaml", budget={"candidates": budget})
+    journal = tmp_path / "run" / "search.journal"
+    proc = run_cli(["search", str(cfg)], zoo_env, tmp_path)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if journal.exists() and len(trials_by_state(journal).get(TrialState.COMPLETE, [])) >= 5:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = trials_by_state(journal)
+    done_before = {t.number: t.values for t in before[TrialState.COMPLETE]}
+    running = [t.number for t in before.get(TrialState.RUNNING, [])]
+    assert 5 <= len(done_before) < budget, "the driver should be killed mid-search"
+
+    resumed = run_cli(["search", str(cfg)], zoo_env, tmp_path)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    after = trials_by_state(journal)
+    complete = after[TrialState.COMPLETE]
+    assert len(complete) == budget  # exactly the budget: nothing lost, nothing evaluated twice
+    assert {t.number: t.values for t in complete if t.number in done_before} == done_before
+    failed = [t.number for t in after.get(TrialState.FAIL, [])]
+    assert sorted(failed) == sorted(running)  # only the interrupted ones, each re-queued and completed
+    retried = {t.user_attrs.get("retry_of") for t in complete} - {None}
+    assert retried == set(running)
+    assert TrialState.RUNNING not in after and TrialState.WAITING not in after
