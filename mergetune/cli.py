@@ -110,11 +110,12 @@ def methods() -> None:
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option(help="Where to write the demo run.")] = Path("runs/demo"),
+    out_dir: Annotated[Path | None, typer.Option(help="Where to write the demo run (default runs/text4-demo).")] = None,
 ) -> None:
-    """Run the demo end to end on the packaged MiniLM model (no network needed)."""
+    """Run the demo: build the text4 zoo (first run), search recipes, write the chosen merged model."""
     from mergetune.demo import run_demo
 
+    _quiet_libraries()
     with _errors():
         run_demo(out_dir, console)
 

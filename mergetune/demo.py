@@ -1,79 +1,51 @@
-"""The demo behind ``mergetune demo``: an end-to-end merge on the packaged MiniLM encoder.
+"""The demo behind ``mergetune demo`` (the README's first command): a complete search on text4.
 
-Until the search loop lands, the demo builds four synthetic experts of the real
-all-MiniLM-L6-v2 (seeded low-rank perturbations of the base, cached), merges them with TIES
-through the same engine a search uses, writes the Hugging Face folder, loads it back with
-``transformers`` and embeds two sentences.
+It builds the text4 zoo on first use (4 real experts of the packaged all-MiniLM-L6-v2 fine-tuned
+offline on packaged corpora; cached after), searches Task Arithmetic, TIES and PCB recipes with
+multi-objective TPE (configs/text4.yaml), re-scores the finalists on held-out validation examples,
+scores the chosen recipe once on the test split, and writes the merged model folder.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
-from mergetune.merging.engine import Merger
-from mergetune.merging.loading import read_folder
-from mergetune.merging.modelset import ModelSet
-from mergetune.merging.save import TOKENIZER_FILES, save_merged
-from mergetune.packaged import packaged_model_dir
-from mergetune.recipe import Recipe
+from mergetune.errors import MergetuneError
 
-DEMO_TASKS = ("sentiment", "topic", "spam", "questions")
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "text4.yaml"
 
 
-def synthetic_expert(base_dir: Path, out_dir: Path, seed: int, scale: float = 2e-3) -> Path:
-    """A stand-in expert: base + a seeded rank-4 perturbation per matrix (small, structured)."""
-    if (out_dir / "model.safetensors").is_file():
-        return out_dir
-    from safetensors.torch import save_file
+def run_demo(out_dir: Path | None, console: Console) -> Path:
+    from mergetune.merging.engine import Merger
+    from mergetune.merging.modelset import ModelSet
+    from mergetune.merging.save import save_merged
+    from mergetune.recipe import Recipe
+    from mergetune.search.config import SearchConfig
+    from mergetune.search.loop import SearchLoop
+    from mergetune.search.progress import RichProgress
+    from mergetune.search.results import summary_table
 
-    gen = torch.Generator().manual_seed(seed)
-    state = read_folder(base_dir)
-    for name, w in state.items():
-        if w.is_floating_point() and w.dim() == 2:
-            u = torch.randn(w.shape[0], 4, generator=gen)
-            v = torch.randn(4, w.shape[1], generator=gen)
-            state[name] = w + scale * (u @ v) / 2.0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
-    for fname in ("config.json", *TOKENIZER_FILES):
-        if (base_dir / fname).is_file():
-            shutil.copy2(base_dir / fname, out_dir / fname)
-    return out_dir
-
-
-def run_demo(out_dir: Path, console: Console) -> Path:
-    base_dir = packaged_model_dir("minilm-l6")
-    cache = Path(".cache/demo/experts")
-    experts = {t: synthetic_expert(base_dir, cache / t, seed=i) for i, t in enumerate(DEMO_TASKS)}
-    recipe = Recipe(
-        base=str(base_dir),
-        experts=[{"name": t, "model": str(p)} for t, p in experts.items()],
-        method="ties",
-        weight={"*": [0.8, 1.0]},  # a ramp over depth: later blocks take more of the experts
-        density=0.2,
+    if not DEMO_CONFIG.is_file():
+        raise MergetuneError(f"demo config not found at {DEMO_CONFIG}: run the demo from a clone of the repository")
+    config = SearchConfig.load(DEMO_CONFIG)
+    if out_dir is not None:
+        config = config.model_copy(update={"output": str(out_dir)})
+    loop = SearchLoop(config, progress=RichProgress(console), console=console)
+    console.print(
+        f"search [bold]{config.name}[/]: {loop.space.dimension} parameters, optimizer "
+        f"{loop.optimizer.describe()}, storage {loop.storage_url}"
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recipe.save(out_dir / "recipe.yaml")
+    summary = loop.run()
+    console.print(summary_table(summary))
+    recipe = Recipe.load(loop.out / "chosen" / "recipe.yaml")
     modelset = ModelSet.from_recipe(recipe)
-    merged = Merger(modelset).merge(recipe)
-    folder = save_merged(modelset, merged, recipe, out_dir / "merged")
-    console.print(f"recipe: {out_dir / 'recipe.yaml'}\nmerged model: {folder}")
-    _show_embeddings(folder, console)
+    folder = save_merged(modelset, Merger(modelset).merge(recipe), recipe, loop.out / "chosen" / "model")
+    console.print(
+        f"chosen recipe: [green]{loop.out / 'chosen' / 'recipe.yaml'}[/]\n"
+        f"merged model (AutoModel.from_pretrained): [green]{folder}[/]\n"
+        f"Pareto front recipes: {loop.out / 'front'}; all candidates: {loop.out / 'candidates.csv'}; "
+        f"summary: {loop.out / 'summary.md'}"
+    )
     return folder
-
-
-def _show_embeddings(folder: Path, console: Console) -> None:
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder).eval()
-    batch = tok(["The merged model loads.", "Merging worked fine."], padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1)
-    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-    console.print(f"cosine similarity of two sentences with the merged encoder: {float(emb[0] @ emb[1]):.3f}")
