@@ -75,22 +75,14 @@ def search(
 ) -> None:
     """Search the best merge recipe; re-running the same command resumes an interrupted search."""
     from mergetune.search.config import SearchConfig
-    from mergetune.search.loop import SearchLoop
-    from mergetune.search.progress import RichProgress
-    from mergetune.search.results import summary_table
+    from mergetune.search.progress import run_with_progress
 
     _quiet_libraries()
     with _errors():
         config = SearchConfig.load(config_path)
         if budget is not None:
             config = config.model_copy(update={"budget": config.budget.model_copy(update={"candidates": budget})})
-        loop = SearchLoop(config, progress=RichProgress(console), console=console)
-        console.print(
-            f"search [bold]{config.name}[/]: {loop.space.dimension} parameters, "
-            f"optimizer {loop.optimizer.describe()}, storage {loop.storage_url}"
-        )
-        summary = loop.run()
-        console.print(summary_table(summary))
+        loop = run_with_progress(config, console)
         console.print(f"chosen recipe: [green]{loop.out / 'chosen' / 'recipe.yaml'}[/]; front: {loop.out / 'front'}")
 
 

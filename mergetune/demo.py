@@ -23,22 +23,14 @@ def run_demo(out_dir: Path | None, console: Console) -> Path:
     from mergetune.merging.save import save_merged
     from mergetune.recipe import Recipe
     from mergetune.search.config import SearchConfig
-    from mergetune.search.loop import SearchLoop
-    from mergetune.search.progress import RichProgress
-    from mergetune.search.results import summary_table
+    from mergetune.search.progress import run_with_progress
 
     if not DEMO_CONFIG.is_file():
         raise MergetuneError(f"demo config not found at {DEMO_CONFIG}: run the demo from a clone of the repository")
     config = SearchConfig.load(DEMO_CONFIG)
     if out_dir is not None:
         config = config.model_copy(update={"output": str(out_dir)})
-    loop = SearchLoop(config, progress=RichProgress(console), console=console)
-    console.print(
-        f"search [bold]{config.name}[/]: {loop.space.dimension} parameters, optimizer "
-        f"{loop.optimizer.describe()}, storage {loop.storage_url}"
-    )
-    summary = loop.run()
-    console.print(summary_table(summary))
+    loop = run_with_progress(config, console)
     recipe = Recipe.load(loop.out / "chosen" / "recipe.yaml")
     modelset = ModelSet.from_recipe(recipe)
     folder = save_merged(modelset, Merger(modelset).merge(recipe), recipe, loop.out / "chosen" / "model")

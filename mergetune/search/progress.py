@@ -1,11 +1,17 @@
-"""Live feedback for ``mergetune search``: candidates done, best mean so far, ETA, last result."""
+"""Live feedback for ``mergetune search`` and the demo: progress bar, then the finalists table."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from mergetune.search.records import TrialRecord
+
+if TYPE_CHECKING:
+    from mergetune.search.config import SearchConfig
+    from mergetune.search.loop import SearchLoop
 
 
 class RichProgress:
@@ -49,3 +55,17 @@ class RichProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def run_with_progress(config: SearchConfig, console: Console) -> SearchLoop:
+    """Run a search with a progress bar and print its finalists; returns the finished loop."""
+    from mergetune.search.loop import SearchLoop
+    from mergetune.search.results import summary_table
+
+    loop = SearchLoop(config, progress=RichProgress(console), console=console)
+    console.print(
+        f"search [bold]{config.name}[/]: {loop.space.dimension} parameters, "
+        f"optimizer {loop.optimizer.describe()}, storage {loop.storage_url}"
+    )
+    console.print(summary_table(loop.run()))
+    return loop
