@@ -116,6 +116,7 @@ def worker_setup(config: SearchConfig, models: ResolvedModels) -> WorkerSetup:
         device=config.evaluation.device,
         cache_dir=str((config.output_dir / "cache").resolve()),
         trust_remote_code=config.models.trust_remote_code,
+        autocast=config.evaluation.autocast,
     )
 
 

@@ -53,6 +53,7 @@ class WorkerSetup:
     cache_dir: str | None = None
     trust_remote_code: bool = False
     compile: bool | None = None  # None: compile kernels when a compiler is available
+    autocast: str = "none"  # "bfloat16": score under bf16 autocast
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ class Worker:
         """The suite of a split, built on first use, with the experts' reference scores set."""
         if split not in self._suites:
             options: dict[str, Any] = {"batch_size": self.setup.batch_size, "cache_dir": self.setup.cache_dir}
+            if self.setup.autocast == "bfloat16":
+                options["autocast"] = torch.bfloat16
             if split == "test":
                 suite = ValidationSuite.for_test(self._all_tasks, self.tokenizer, **options)
             else:
