@@ -38,6 +38,7 @@ from mergetune.merging.stats import (
     RowLayout,
     Scope,
     ScoreFn,
+    abs_scores,
     build_row_layout,
     keep_counts,
 )
@@ -109,14 +110,11 @@ class MergeContext:
         return values.to(torch.float32)[..., self.rows.group]
 
     def keep_threshold(
-        self, density: torch.Tensor, scope: Scope, kind: str = "abs", compute: ScoreFn | None = None
+        self, density: torch.Tensor, scope: Scope, kind: str = "abs", compute: ScoreFn = abs_scores
     ) -> torch.Tensor:
         """Per-row score threshold keeping the top ``density`` of each block (``[T, n_rows]``)."""
         _, length = self.rows.blocks(scope, self.modelset)
-        k = keep_counts(density, length, self.rows.group)
-        if compute is None:
-            return self.stats.kth_largest(kind, scope, k)
-        return self.stats.kth_largest(kind, scope, k, compute)
+        return self.stats.kth_largest(kind, scope, keep_counts(density, length, self.rows.group), compute)
 
     def random_keys(self) -> dict[str, torch.Tensor]:
         """Per-row hash keys and each row's first index in its tensor, for ``ops.row_uniform``."""

@@ -20,7 +20,7 @@ norms, including T5's encoder and decoder final norms, poolers, ``lm_head``, pro
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 EMBED = "embed"
@@ -138,7 +138,3 @@ def _global_block_depths(positions: Iterable[tuple[str, int]]) -> dict[tuple[str
             depth[(prefix, i)] = offset
             offset += 1
     return depth
-
-
-def group_names_for(tensor_names: Sequence[str], model_type: str | None, granularity: int) -> tuple[str, ...]:
-    return build_layer_groups(tensor_names, model_type, granularity).names

@@ -81,6 +81,11 @@ def keep_counts(density: torch.Tensor, block_length: torch.Tensor, row_group: to
 ScoreFn = Callable[[ModelSet], torch.Tensor]  # -> [T, D] scores, same layout as the store
 
 
+def abs_scores(modelset: ModelSet) -> torch.Tensor:
+    """The default score: |τ| (magnitude ranking)."""
+    return modelset.tau.abs()
+
+
 class OrderStatistics:
     """Sorted scores per block, computed once per (score kind, scope) and reused by every candidate."""
 
@@ -110,9 +115,7 @@ class OrderStatistics:
             self._sorted[key] = sort_blocks(task_scores, scope, self.modelset)
         return self._sorted[key]
 
-    def kth_largest(
-        self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn = lambda m: m.tau.abs()
-    ) -> torch.Tensor:
+    def kth_largest(self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn = abs_scores) -> torch.Tensor:
         """The k-th largest score of each row's block (``[T, n_rows]``); +inf where k = 0."""
         srt = self.sorted_scores(kind, scope, compute)
         start, length = self.rows.blocks(scope, self.modelset)
@@ -179,9 +182,7 @@ class NaiveStatistics(OrderStatistics):
     def cached(self, key: str, compute: Callable[[ModelSet], Any]) -> Any:
         return compute(self.modelset)
 
-    def kth_largest(
-        self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn = lambda m: m.tau.abs()
-    ) -> torch.Tensor:
+    def kth_largest(self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn = abs_scores) -> torch.Tensor:
         scores = self.scores(kind, compute)
         if scope is Scope.ROW:
             return self._row_kth_largest(scores, k)

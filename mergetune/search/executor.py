@@ -14,7 +14,7 @@ from __future__ import annotations
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from mergetune.recipe import Recipe
 from mergetune.search.worker import Evaluation, Split, Worker, WorkerSetup
@@ -92,7 +92,3 @@ def _describe_error(exc: BaseException) -> str:
     last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
     return f"{type(exc).__name__}: {exc}{where}"
-
-
-def as_dict(result: JobResult) -> dict[str, Any]:
-    return {"job": result.job, "error": result.error, "worker": result.worker}

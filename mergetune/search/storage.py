@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
@@ -86,7 +85,3 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def waiting_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-
-
-def has_trial_params(study: optuna.Study, params: dict[str, Any]) -> bool:
-    return any(t.params == params for t in study.get_trials(deepcopy=False))
