@@ -180,3 +180,15 @@ def test_killed_search_resumes_without_losing_or_repeating_candidates(tmp_path: 
     retried = {t.user_attrs.get("retry_of") for t in complete} - {None}
     assert retried == set(running)
     assert TrialState.RUNNING not in after and TrialState.WAITING not in after
+
+
+def test_floors_on_some_tasks_name_their_own_constraints() -> None:
+    from mergetune.search.loop import outcome_of
+
+    config = SearchConfig.model_validate(
+        {"name": "x", "models": {"zoo": "tiny"}, "space": {"methods": ["ties"]}, "objectives": {"floors": {"c": 0.9}}}
+    )
+    outcome = outcome_of({"a": 0.5, "b": 1.0, "c": 0.8}, 0.2, ["mean", "worst"], config)
+    assert outcome.constraint_names == ("c",)
+    assert outcome.constraints == pytest.approx((0.1,))
+    assert not outcome.feasible

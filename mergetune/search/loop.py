@@ -172,6 +172,7 @@ class SearchLoop:
         self._executor_factory = executor_factory or LocalExecutor
         self.progress = progress
         self.overheads: list[float] = []
+        self._best_mean: float | None = None
 
     # ---- setup -----------------------------------------------------------------------------------
     def _check_same_objectives(self) -> None:
@@ -217,6 +218,7 @@ class SearchLoop:
     def run(self) -> dict[str, Any]:
         """Run until the budget is spent, then choose and write the results."""
         self._resume()
+        self._best_mean = self.best_mean()  # read once; then kept up to date as results arrive
         started = time.perf_counter()
         pending: dict[int, _Pending] = {}
         done = len(finished_trials(self.study))
@@ -281,11 +283,15 @@ class SearchLoop:
             self.study.tell(trial, list(outcome.values or ()))
         self.optimizer.observe(item.proposal, item.params, outcome)
         self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
+        if outcome.feasible and outcome.values is not None:
+            mean = dict(zip(self.objectives, outcome.values, strict=True)).get("mean")
+            if mean is not None and (self._best_mean is None or mean > self._best_mean):
+                self._best_mean = mean
         overhead = item.ask_seconds + time.perf_counter() - start
         self.overheads.append(overhead)
         if self.progress:
-            record = R.TrialRecord.from_trial(self.study.trials[trial.number], self.objectives)
-            self.progress.update(record, self.best_mean())
+            frozen = self.study.get_trials(deepcopy=False)[trial.number]  # trials are listed by number
+            self.progress.update(R.TrialRecord.from_trial(frozen, self.objectives), self._best_mean)
 
     def _record(self, trial: optuna.Trial, item: _Pending, ev: Evaluation) -> Outcome:
         density = mean_density(item.recipe, self.space)
@@ -304,7 +310,7 @@ class SearchLoop:
                 "wall": time.perf_counter() - item.submitted,
             },
         )
-        for task, value in zip(self.space.tasks, outcome.constraints, strict=False):
+        for task, value in zip(outcome.constraint_names, outcome.constraints, strict=True):
             trial.set_constraint(f"floor:{task}", value)
         return outcome
 
@@ -346,7 +352,8 @@ def outcome_of(normalized: dict[str, float], density: float, objectives: list[st
     mean, worst = float(np.mean(values)), float(min(values))
     by_name = {"mean": mean, "worst": worst, "sparsity": density}
     floors = floors_of(config, list(normalized))
-    constraints = tuple(floors[t] - normalized[t] for t in normalized if t in floors)
+    floored = tuple(t for t in normalized if t in floors)
+    constraints = tuple(floors[t] - normalized[t] for t in floored)
     violation = sum(max(0.0, c) for c in constraints)
     obj = config.objectives
     scalar = mean + obj.worst_weight * worst - obj.penalty * violation
@@ -357,6 +364,7 @@ def outcome_of(normalized: dict[str, float], density: float, objectives: list[st
         scalar=scalar,
         feasible=all(c <= 0 for c in constraints),
         constraints=constraints,
+        constraint_names=floored,
     )
 
 

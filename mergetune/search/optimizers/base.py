@@ -37,6 +37,7 @@ class Outcome:
     scalar: float  # the documented scalarisation (single-objective optimizers); -inf if it failed
     feasible: bool = True
     constraints: tuple[float, ...] = field(default_factory=tuple)  # ≤ 0 is satisfied
+    constraint_names: tuple[str, ...] = field(default_factory=tuple)  # aligned with constraints
 
     @property
     def failed(self) -> bool:
