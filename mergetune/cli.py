@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -49,22 +48,15 @@ def merge(
     ),
 ) -> None:
     """Merge the models a recipe names and write a Hugging Face folder that AutoModel loads."""
-    from mergetune.merging.engine import Merger
-    from mergetune.merging.modelset import ModelSet
-    from mergetune.merging.save import save_merged
+    from mergetune.merging.save import merge_to_folder
     from mergetune.recipe import Recipe
 
     with _errors():
         recipe = Recipe.load(recipe_path)
-        t0 = time.perf_counter()
-        modelset = ModelSet.from_recipe(recipe, device=device)
-        t1 = time.perf_counter()
-        merged = Merger(modelset, compile=_compile_flag(engine)).merge(recipe)
-        t2 = time.perf_counter()
-        save_merged(modelset, merged, recipe, out_dir)
+        result = merge_to_folder(recipe, out_dir, device=device, compile=_compile_flag(engine))
         console.print(
             f"merged {len(recipe.experts)} experts with [bold]{recipe.method}[/] "
-            f"(load {t1 - t0:.1f}s, merge {t2 - t1:.1f}s) -> [green]{out_dir}[/]"
+            f"(load {result.load_seconds:.1f}s, merge {result.merge_seconds:.1f}s) -> [green]{result.folder}[/]"
         )
 
 

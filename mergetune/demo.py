@@ -18,9 +18,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "text4.yaml"
 
 
 def run_demo(out_dir: Path | None, console: Console) -> Path:
-    from mergetune.merging.engine import Merger
-    from mergetune.merging.modelset import ModelSet
-    from mergetune.merging.save import save_merged
+    from mergetune.merging.save import merge_to_folder
     from mergetune.recipe import Recipe
     from mergetune.search.config import SearchConfig
     from mergetune.search.progress import run_with_progress
@@ -32,8 +30,7 @@ def run_demo(out_dir: Path | None, console: Console) -> Path:
         config = config.model_copy(update={"output": str(out_dir)})
     loop = run_with_progress(config, console)
     recipe = Recipe.load(loop.out / "chosen" / "recipe.yaml")
-    modelset = ModelSet.from_recipe(recipe)
-    folder = save_merged(modelset, Merger(modelset).merge(recipe), recipe, loop.out / "chosen" / "model")
+    folder = merge_to_folder(recipe, loop.out / "chosen" / "model").folder
     console.print(
         f"chosen recipe: [green]{loop.out / 'chosen' / 'recipe.yaml'}[/]\n"
         f"merged model (AutoModel.from_pretrained): [green]{folder}[/]\n"

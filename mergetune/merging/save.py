@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,27 @@ def save_merged(
     _write_heads(modelset, out)
     (out / "README.md").write_text(model_card(recipe, modelset, scores))
     return out
+
+
+@dataclass(frozen=True)
+class MergedFolder:
+    folder: Path
+    load_seconds: float
+    merge_seconds: float
+
+
+def merge_to_folder(
+    recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", compile: bool | None = None
+) -> MergedFolder:
+    """Load the models a recipe names, merge them, write the folder (``mergetune merge``)."""
+    from mergetune.merging.engine import Merger  # the engine imports torch.compile machinery
+
+    start = time.perf_counter()
+    modelset = ModelSet.from_recipe(recipe, device=device)
+    loaded = time.perf_counter()
+    merged = Merger(modelset, compile=compile).merge(recipe)
+    done = time.perf_counter()
+    return MergedFolder(save_merged(modelset, merged, recipe, out_dir), loaded - start, done - loaded)
 
 
 def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
