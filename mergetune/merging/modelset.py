@@ -9,12 +9,18 @@ tensor is a ``(offset, shape)`` segment of the store. What cannot be merged is k
 - passthrough tensors: non-floating buffers (position ids, ...), taken from the base unchanged.
 
 Every incompatibility is an error naming the model, the tensor and the mismatch.
+
+A ModelSet pickles its flat stores as NumPy arrays (bf16 as its 16-bit pattern): put once in Ray's
+object store, every actor on a node then maps the same read-only memory instead of holding its own
+copy (the merge only reads τ and θ_0). ``to(device)`` moves it onto an accelerator.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +99,8 @@ class ModelSet:
         self.tau = torch.empty(len(experts), self.numel, dtype=storage_dtype, device=self.device)
         self._fill(base.state, expert_states)
         self.dtypes = {s.name: base.state[s.name].dtype for s in self.segments}
+        # The base weights now live in base_flat; keeping the state dict would hold a second copy.
+        self.base_info = dataclasses.replace(base, state={})
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -152,9 +160,46 @@ class ModelSet:
             self._by_name = {s.name: s for s in self.segments}
         return self._by_name[name]
 
+    def to(self, device: str | torch.device) -> ModelSet:
+        """This ModelSet on ``device`` (itself when already there); the stores are copied once."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = object.__new__(ModelSet)
+        moved.__dict__.update(self.__dict__)
+        moved.device = device
+        moved.tau, moved.base_flat = self.tau.to(device), self.base_flat.to(device)
+        moved.passthrough = {k: v.to(device) for k, v in self.passthrough.items()}
+        moved.task_tensors = [{k: v.to(device) for k, v in d.items()} for d in self.task_tensors]
+        return moved
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k != "_by_name"}
+        state["tau"], state["base_flat"] = _to_numpy(self.tau), _to_numpy(self.base_flat)
+        state["device"] = str(self.device)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.device = torch.device(state["device"])
+        self.tau = _from_numpy(state["tau"], self.storage_dtype)
+        self.base_flat = _from_numpy(state["base_flat"], self.storage_dtype)
+
     def resident_bytes(self) -> int:
         """Bytes of the resident task vectors and base (what every candidate streams over)."""
         return self.tau.numel() * self.tau.element_size() + self.base_flat.numel() * self.base_flat.element_size()
+
+
+def _to_numpy(tensor: torch.Tensor) -> Any:
+    tensor = tensor.detach().cpu()
+    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _from_numpy(array: Any, dtype: torch.dtype) -> torch.Tensor:
+    with warnings.catch_warnings():  # a shared (read-only) buffer from Ray's object store: never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(array)
+    return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
 
 
 def _display_name(source: ModelSource, role: str) -> str:

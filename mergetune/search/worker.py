@@ -80,7 +80,9 @@ class Evaluation:
 class Worker:
     """Holds the resident state of one evaluation slot."""
 
-    def __init__(self, setup: WorkerSetup) -> None:
+    def __init__(self, setup: WorkerSetup, modelset: ModelSet | None = None) -> None:
+        """``modelset``: an already loaded ModelSet of the setup's base and experts (a Ray actor gets the
+        driver's from the object store, shared by the actors of a node); loaded here when None."""
         torch.set_num_threads(setup.threads)
         _quiet_transformers()
         self.setup = setup
@@ -91,7 +93,11 @@ class Worker:
             *(split_holdout(t, setup.holdout_fraction, setup.seed) for t in tasks), strict=True
         )
         self._all_tasks = tasks
-        self.modelset = ModelSet.load(setup.base, list(setup.experts.items()), device=setup.device)
+        if modelset is None:
+            modelset = ModelSet.load(setup.base, list(setup.experts.items()), device=setup.device)
+        elif modelset.task_names != list(setup.experts):
+            raise MergetuneError(f"the given ModelSet holds tasks {modelset.task_names}, not {list(setup.experts)}")
+        self.modelset = modelset.to(setup.device)
         self.merger = Merger(self.modelset, compile=setup.compile)
         self.tokenizer = _tokenizer(setup)
         self.models = self._task_models(tasks)
