@@ -64,6 +64,13 @@ def merge(
 def search(
     config_path: Annotated[Path, typer.Argument(help="Search config (YAML), see configs/.", metavar="CONFIG")],
     budget: Annotated[int | None, typer.Option(help="Override budget.candidates (total, resumes included).")] = None,
+    executor: Annotated[
+        str | None, typer.Option(help="local (in-process) or ray (one actor per worker); overrides execution.executor.")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: local).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray workers (default: one per GPU, else per CPU).")] = None,
 ) -> None:
     """Search the best merge recipe; re-running the same command resumes an interrupted search."""
     from mergetune.search.config import SearchConfig
@@ -73,7 +80,11 @@ def search(
     with _errors():
         config = SearchConfig.load(config_path)
         if budget is not None:
-            config = config.model_copy(update={"budget": config.budget.model_copy(update={"candidates": budget})})
+            config = config.updated("budget", candidates=budget)
+        overrides = {"executor": executor, "address": address, "workers": workers}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:
+            config = config.updated("execution", **overrides)
         loop = run_with_progress(config, console)
         console.print(f"chosen recipe: [green]{loop.out / 'chosen' / 'recipe.yaml'}[/]; front: {loop.out / 'front'}")
 

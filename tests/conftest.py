@@ -5,7 +5,10 @@ Every model is a few thousand parameters, built once per test session and saved 
 
 - ``tiny_bert_dir``: a ``BertModel`` base and ``BertForSequenceClassification`` experts with
   different numbers of labels (the encoder under the ``bert.`` prefix, a per-task classifier);
-- ``tiny_llama_dir``: a ``LlamaForCausalLM`` base and experts of the same class.
+- ``tiny_llama_dir``: a ``LlamaForCausalLM`` base and experts of the same class;
+- ``zoo_env``: environment variables pointing at a private cache holding the real tiny zoo
+  (MiniLM experts, built once per session), with kernel compilation off for speed; ``run_cli``
+  and ``trials_by_state`` run ``mergetune`` in a subprocess and read a search's storage back.
 
 Experts are the base plus small seeded noise, so their task vectors are known and reproducible.
 Model initialisation runs under a forked, seeded RNG: building them leaves the global RNG alone.
@@ -13,12 +16,19 @@ Model initialisation runs under a forked, seeded RNG: building them leaves the g
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
+
+from mergetune.search.storage import open_storage
 
 TINY_DIMS = {"vocab_size": 99, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
 BERT_TASKS = {"sst2": 2, "mnli": 3, "topic": 4}  # task -> number of labels
@@ -123,3 +133,32 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def zoo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment with a private zoo cache holding the tiny zoo (built once, seconds)."""
+    from mergetune.objectives.zoo import build_zoo
+
+    cache = tmp_path_factory.mktemp("cache")
+    build_zoo("tiny", cache_dir=cache, progress=False)
+    return {"MERGETUNE_CACHE": str(cache), "MERGETUNE_COMPILE": "0"}
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mergetune.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def trials_by_state(journal: Path, name: str = "tiny-test") -> dict[TrialState, list[optuna.trial.FrozenTrial]]:
+    study = optuna.load_study(study_name=name, storage=open_storage(journal))
+    out: dict[TrialState, list] = {}
+    for t in study.get_trials(deepcopy=False):
+        out.setdefault(t.state, []).append(t)
+    return out

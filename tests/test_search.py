@@ -1,39 +1,26 @@
 """The search loop end to end on the real tiny zoo: config errors, space round trips, a full search
 that writes its results, and a driver killed with SIGKILL that resumes without losing or
-re-evaluating a finished candidate."""
+re-evaluating a finished candidate. (``zoo_env``, ``run_cli`` and ``trials_by_state``: conftest.)"""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from conftest import run_cli, trials_by_state
 from optuna.trial import TrialState
 
 from mergetune.recipe import Expert, Recipe
 from mergetune.search.config import SearchConfig, SearchConfigError
 from mergetune.search.space import MethodSpace, ParamRange, SearchSpace
-from mergetune.search.storage import open_storage
 
 TASKS = ["a", "b", "c"]
 GROUPS = ["embed", "blocks.0", "blocks.1", "head"]
-
-
-@pytest.fixture(scope="module")
-def zoo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment with a private zoo cache holding the tiny zoo (built once, seconds)."""
-    from mergetune.objectives.zoo import build_zoo
-
-    cache = tmp_path_factory.mktemp("cache")
-    build_zoo("tiny", cache_dir=cache, progress=False)
-    return {"MERGETUNE_CACHE": str(cache), "MERGETUNE_COMPILE": "0"}
 
 
 def write_config(path: Path, **overrides: object) -> Path:
@@ -106,25 +93,6 @@ def test_space_is_conditional_on_the_method() -> None:
 
 
 # ---- end to end -------------------------------------------------------------------------------------
-
-
-def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mergetune.cli", *args],
-        cwd=cwd,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def trials_by_state(journal: Path, name: str = "tiny-test") -> dict[TrialState, list[optuna.trial.FrozenTrial]]:
-    study = optuna.load_study(study_name=name, storage=open_storage(journal))
-    out: dict[TrialState, list] = {}
-    for t in study.get_trials(deepcopy=False):
-        out.setdefault(t.state, []).append(t)
-    return out
 
 
 def test_search_writes_results_and_improves_on_its_warm_starts(tmp_path: Path, zoo_env: dict[str, str]) -> None:

@@ -71,7 +71,11 @@ class SpaceConfig(StrictModel):
 
 class OptimizerConfig(StrictModel):
     name: OptimizerName = "tpe"
-    batch_size: int = Field(1, ge=1, description="Candidates proposed before any result is told back.")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Candidates in flight before any result is told back; default: the executor's worker count.",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="Passed to the sampler / optimizer.")
 
 
@@ -131,6 +135,26 @@ class EvaluationConfig(StrictModel):
     device: str = "cpu"
 
 
+class ExecutionConfig(StrictModel):
+    """Where candidates run: in-process (``local``) or on Ray actors (``ray``), see mergetune.search.ray_executor."""
+
+    executor: Literal["local", "ray"] = "local"
+    address: str | None = Field(
+        None, description="Ray: None starts a local runtime; 'auto', 'HOST:PORT' or 'ray://HOST:PORT' joins a cluster."
+    )
+    workers: int | None = Field(None, ge=1, description="Ray workers; default: one per GPU, else one per CPU.")
+    gpus_per_worker: float | None = Field(None, gt=0, description="Ray: GPU share per worker (default 1 on cuda).")
+    max_attempts: int = Field(3, ge=1, description="Tries of a candidate whose worker died, in all.")
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> ExecutionConfig:
+        if self.executor == "local":
+            given = [k for k in ("address", "workers", "gpus_per_worker") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{given} apply to the ray executor only; set executor: ray")
+        return self
+
+
 class SearchConfig(StrictModel):
     name: str = Field(min_length=1)
     models: ModelsConfig
@@ -141,6 +165,7 @@ class SearchConfig(StrictModel):
     objectives: ObjectivesConfig = ObjectivesConfig()
     selection: SelectionConfig = SelectionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     warm_start: bool = Field(True, description="Evaluate known-good recipes first (TA λ=0.3, TIES defaults).")
     storage: str | None = Field(None, description="Optuna storage URL or journal path; default: OUTPUT/search.journal")
     output: str | None = Field(None, description="Output folder; default: runs/<name>")
@@ -159,6 +184,15 @@ class SearchConfig(StrictModel):
     @property
     def output_dir(self) -> Path:
         return Path(self.output or f"runs/{self.name}")
+
+    def updated(self, section: str, **values: Any) -> SearchConfig:
+        """A copy with some fields of one section replaced (command-line overrides), validated again."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        data[section] = {**data.get(section, {}), **values}
+        try:
+            return type(self).model_validate(data)
+        except ValidationError as exc:
+            raise SearchConfigError(f"invalid override of '{section}':\n{format_validation_error(exc)}") from exc
 
     @classmethod
     def load(cls, path: str | Path) -> SearchConfig:

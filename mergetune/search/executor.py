@@ -26,7 +26,8 @@ class JobResult:
     evaluation: Evaluation | None
     error: str | None = None
     worker: str = ""
-    queued_seconds: float = 0.0  # from submit to the worker starting (executor overhead)
+    queued_seconds: float = 0.0  # submit to result back, less the worker's own time (executor overhead)
+    attempts: int = 1  # > 1: the candidate was retried after its worker died
 
 
 class Executor(Protocol):
@@ -73,7 +74,7 @@ class LocalExecutor:
         try:
             return [JobResult(job, self.worker.evaluate(recipe), worker=self.worker.name)]
         except Exception as exc:  # a candidate that raises is a failed trial, not a failed search
-            return [JobResult(job, None, error=_describe_error(exc), worker=self.worker.name)]
+            return [JobResult(job, None, error=describe_error(exc), worker=self.worker.name)]
 
     def score(self, recipes: list[Recipe], split: Split) -> list[Evaluation]:
         return [self.worker.evaluate(r, split) for r in recipes]
@@ -88,7 +89,7 @@ class LocalExecutor:
         self._queue.clear()
 
 
-def _describe_error(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
     return f"{type(exc).__name__}: {exc}{where}"

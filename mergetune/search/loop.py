@@ -45,7 +45,7 @@ from mergetune.search.storage import (
     storage_location,
     waiting_trials,
 )
-from mergetune.search.worker import Evaluation, WorkerSetup
+from mergetune.search.worker import WorkerSetup
 
 log = logging.getLogger(__name__)
 DIRECTION = {"mean": "maximize", "worst": "maximize", "sparsity": "minimize"}
@@ -120,6 +120,16 @@ def worker_setup(config: SearchConfig, models: ResolvedModels) -> WorkerSetup:
     )
 
 
+def ray_executor(config: SearchConfig, setup: WorkerSetup) -> Executor:
+    from mergetune.search.ray_executor import RayExecutor, RayOptions
+
+    ex = config.execution
+    options = RayOptions(
+        address=ex.address, workers=ex.workers, gpus_per_worker=ex.gpus_per_worker, max_attempts=ex.max_attempts
+    )
+    return RayExecutor(setup, options)
+
+
 def build_space(config: SearchConfig, models: ResolvedModels) -> SearchSpace:
     names, model_type = tensor_names(models.base)
     groups = build_layer_groups(names, model_type, config.space.granularity).names
@@ -153,10 +163,20 @@ class SearchLoop:
         self.models = resolve_models(config, console)
         self.space = build_space(config, self.models)
         self.objectives = list(config.objectives.optimize)
-        budget = config.budget.candidates
+        self.setup = worker_setup(config, self.models)
+        self._executor = executor
+        if self._executor is None and executor_factory is None and config.execution.executor == "ray":
+            self._executor = ray_executor(config, self.setup)  # now: the optimizer's batch is its worker count
+        self._executor_factory = executor_factory or LocalExecutor
         opt = config.optimizer
+        batch_size = opt.batch_size or (self._executor.slots if self._executor is not None else 1)
         self.optimizer: Optimizer = make_optimizer(
-            opt.name, self.space, seed=config.seed, batch_size=opt.batch_size, budget=budget, options=opt.options
+            opt.name,
+            self.space,
+            seed=config.seed,
+            batch_size=batch_size,
+            budget=config.budget.candidates,
+            options=opt.options,
         )
         self.storage_url = storage_location(config.storage, self.out)
         self.study = optuna.create_study(
@@ -167,9 +187,6 @@ class SearchLoop:
             load_if_exists=True,
         )
         self._check_same_objectives()
-        self.setup = worker_setup(config, self.models)
-        self._executor = executor
-        self._executor_factory = executor_factory or LocalExecutor
         self.progress = progress
         self.overheads: list[float] = []
         self._best_mean: float | None = None
@@ -193,6 +210,11 @@ class SearchLoop:
         if self._executor is None:
             self._executor = self._executor_factory(self.setup)
         return self._executor
+
+    def close(self) -> None:
+        """Stop the executor's workers (and a Ray runtime it started); the storage stays as it is."""
+        if self._executor is not None:
+            self._executor.close()
 
     def _resume(self) -> None:
         recovery = recover_interrupted(self.study)
@@ -272,6 +294,8 @@ class SearchLoop:
         trial = item.trial
         trial.set_user_attr(R.RECIPE, item.recipe.to_dict())
         trial.set_user_attr(R.WORKER, result.worker)
+        if result.attempts > 1:
+            trial.set_user_attr(R.ATTEMPTS, result.attempts)
         if result.evaluation is None:
             outcome = Outcome(values=None, scalar=-math.inf, feasible=False)
             trial.set_user_attr(R.ERROR, result.error or "unknown error")
@@ -279,7 +303,7 @@ class SearchLoop:
             self.study.tell(trial, state=TrialState.FAIL)
             log.warning("trial %d failed: %s", trial.number, result.error)
         else:
-            outcome = self._record(trial, item, result.evaluation)
+            outcome = self._record(trial, item, result)
             self.study.tell(trial, list(outcome.values or ()))
         self.optimizer.observe(item.proposal, item.params, outcome)
         self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
@@ -293,7 +317,9 @@ class SearchLoop:
             frozen = self.study.get_trials(deepcopy=False)[trial.number]  # trials are listed by number
             self.progress.update(R.TrialRecord.from_trial(frozen, self.objectives), self._best_mean)
 
-    def _record(self, trial: optuna.Trial, item: _Pending, ev: Evaluation) -> Outcome:
+    def _record(self, trial: optuna.Trial, item: _Pending, result: JobResult) -> Outcome:
+        ev = result.evaluation
+        assert ev is not None
         density = mean_density(item.recipe, self.space)
         outcome = outcome_of(ev.normalized, density, self.objectives, self.config)
         trial.set_user_attr(R.SCORES, ev.scores)
@@ -307,6 +333,7 @@ class SearchLoop:
                 "merge": ev.merge_seconds,
                 "eval": ev.eval_seconds,
                 "ask": item.ask_seconds,
+                "executor": result.queued_seconds,
                 "wall": time.perf_counter() - item.submitted,
             },
         )
@@ -372,8 +399,10 @@ def overhead_summary(loop: SearchLoop) -> dict[str, float]:
     evals = [r.timing.get("merge", 0) + r.timing.get("eval", 0) for r in loop.records() if r.ok]
     if not loop.overheads or not evals:
         return {}
+    executor = [r.timing["executor"] for r in loop.records() if r.ok and "executor" in r.timing]
     return {
         "overhead_ms_per_candidate": 1e3 * float(np.mean(loop.overheads)),
+        "executor_ms_per_candidate": 1e3 * float(np.mean(executor)) if executor else 0.0,
         "eval_s_per_candidate": float(np.mean(evals)),
         "overhead_fraction": float(np.mean(loop.overheads) / np.mean(evals)),
     }

@@ -67,5 +67,9 @@ def run_with_progress(config: SearchConfig, console: Console) -> SearchLoop:
         f"search [bold]{config.name}[/]: {loop.space.dimension} parameters, "
         f"optimizer {loop.optimizer.describe()}, storage {loop.storage_url}"
     )
-    console.print(summary_table(loop.run()))
+    try:
+        console.print(f"executor: {loop.executor.describe()}")
+        console.print(summary_table(loop.run()))
+    finally:
+        loop.close()
     return loop

@@ -26,6 +26,7 @@ EVALUATED = "evaluated"
 FEASIBLE = "feasible"
 OBJECTIVES = "objectives"  # names of the study's objectives, in order (study user attr)
 DENSITY = "mean_density"
+ATTEMPTS = "attempts"  # set when a candidate was retried after its worker died
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,12 @@ class _Nevergrad(Optimizer):
         """Nevergrad's promise: at most this many asked-but-untold candidates (the loop's batch)."""
         return self.batch_size
 
+    @property
+    def max_pending(self) -> int | None:
+        """The batch, but never more than the optimizer in use was promised (a checkpoint restored
+        from a run with fewer workers keeps its own ``num_workers``)."""
+        return min(self.batch_size, self._optimizer.num_workers)
+
     def _optimizer_class(self, dimension: int) -> Any:
         return import_nevergrad().optimizers.registry[self.algorithm]
 

@@ -24,7 +24,13 @@ class Tpe(Optimizer):
     multi_objective = True
 
     def sampler(self) -> optuna.samplers.BaseSampler:
-        opts: dict[str, Any] = {"multivariate": True, "group": True, "n_startup_trials": 10, **self.options}
+        opts: dict[str, Any] = {
+            "multivariate": True,
+            "group": True,
+            "n_startup_trials": 10,
+            "constant_liar": True,  # several workers: pending trials count as bad, so points spread out
+            **self.options,
+        }
         return optuna.samplers.TPESampler(seed=self.seed, **opts)
 
 

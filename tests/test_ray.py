@@ -1,0 +1,214 @@
+"""The Ray executor on a real local Ray runtime (no mocks), with the real tiny zoo.
+
+- ``mergetune search --executor ray`` end to end in a subprocess, and no Ray process left behind;
+- two Ray workers give the same scores as the in-process LocalExecutor for the same candidates;
+- a worker killed (SIGKILL to its PID) while it holds a candidate: the candidate is retried on
+  another worker, the worker replaced, and the search stores exactly its budget of candidates;
+  with ``max_attempts=1`` the candidate is failed with the reason instead;
+- a two-node cluster simulated with ``ray.cluster_utils.Cluster`` runs workers on both nodes.
+
+The first test starts its own runtime in a subprocess before this module starts one in-process
+(``ray_runtime``, module scope, 2 CPUs), so that its process count sees no other runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+from conftest import run_cli, trials_by_state
+from optuna.trial import TrialState
+
+from mergetune.recipe import Recipe
+from mergetune.search.config import SearchConfig
+from mergetune.search.executor import JobResult, LocalExecutor
+from mergetune.search.loop import SearchLoop, resolve_models, worker_setup
+from mergetune.search.ray_executor import RayExecutor, RayOptions
+from mergetune.search.worker import WorkerSetup
+
+RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "default_worker", "log_monitor", "runtime_env", "dashboard")
+
+
+def search_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "name": "tiny-test",
+        "models": {"zoo": "tiny"},
+        "space": {"methods": ["task_arithmetic", "ties", "dare_ties"], "weight": {"per": "task"}},
+        "budget": {"candidates": 8},
+        "selection": {"rescore_top": 2},
+        "output": str(tmp_path / "run"),
+    }
+    config.update(overrides)
+    return config
+
+
+def ray_processes() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    pids = set()
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if any(name in args for name in RAY_PROCESS_NAMES) and int(pid) != os.getpid():
+            pids.add(int(pid))
+    return pids
+
+
+def workers_of(journal: Path) -> set[str]:
+    return {t.user_attrs["worker"] for t in trials_by_state(journal)[TrialState.COMPLETE]}
+
+
+def test_cli_search_on_a_local_ray_runtime_leaves_no_process_behind(tmp_path: Path, zoo_env: dict[str, str]) -> None:
+    before = ray_processes()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(search_config(tmp_path)))
+    proc = run_cli(["search", str(path), "--executor", "ray", "--workers", "2"], zoo_env, tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "local Ray runtime: 2 worker(s) on 1 node(s)" in out
+    journal = tmp_path / "run" / "search.journal"
+    assert len(trials_by_state(journal)[TrialState.COMPLETE]) == 8
+    assert len(workers_of(journal)) == 2  # both workers evaluated candidates
+    assert (tmp_path / "run" / "chosen" / "recipe.yaml").is_file()
+    deadline = time.time() + 20
+    while ray_processes() - before and time.time() < deadline:
+        time.sleep(0.5)  # ray.shutdown() has returned; the OS reaps the last processes
+    assert not ray_processes() - before, "Ray processes left behind"
+
+
+@pytest.fixture(scope="module")
+def ray_runtime(zoo_env: dict[str, str]) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in zoo_env.items():
+            patch.setenv(key, value)  # the executor forwards MERGETUNE_* to its workers
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(ray_runtime: None, tmp_path_factory: pytest.TempPathFactory) -> WorkerSetup:
+    out = tmp_path_factory.mktemp("setup")
+    config = SearchConfig.model_validate(search_config(out))
+    return worker_setup(config, resolve_models(config))
+
+
+def candidates(setup: WorkerSetup) -> list[Recipe]:
+    base = {"base": setup.base, "experts": [{"name": t, "model": p} for t, p in setup.experts.items()]}
+    tasks = list(setup.experts)
+    return [
+        Recipe(**base, method="task_arithmetic", weight=0.3),
+        Recipe(**base, method="task_arithmetic", weight={tasks[0]: 0.8, "*": 0.2}),
+        Recipe(**base, method="ties", weight=1.0, density=0.2),
+        Recipe(**base, method="ties", weight=0.7, density={tasks[1]: 0.6, "*": 0.3}),
+        Recipe(**base, method="dare_ties", weight=1.0, density=0.5, seed=3),
+    ]
+
+
+def test_two_ray_workers_score_like_the_local_executor(tiny_setup: WorkerSetup) -> None:
+    recipes = candidates(tiny_setup)
+    local = LocalExecutor(tiny_setup)
+    expected = [local.worker.evaluate(r) for r in recipes]
+    executor = RayExecutor(tiny_setup, RayOptions(workers=2))
+    try:
+        for job, recipe in enumerate(recipes):
+            executor.submit(job, recipe)
+        results: list[JobResult] = []
+        while len(results) < len(recipes):
+            results += executor.results()
+        assert executor.results() == []  # nothing in flight: returns at once
+        by_job = {r.job: r for r in results}
+        for job, want in enumerate(expected):
+            got = by_job[job].evaluation
+            assert got is not None, by_job[job].error
+            assert got.scores == want.scores and got.normalized == want.normalized
+        assert len({r.worker for r in results}) == 2
+        assert executor.reference("search") == local.reference("search")
+        finalists = executor.score(recipes[:2], "holdout")
+        assert [e.scores for e in finalists] == [local.worker.evaluate(r, "holdout").scores for r in recipes[:2]]
+    finally:
+        executor.close()
+
+
+class KillOnSubmit:
+    """The real Ray executor; at the chosen submissions, SIGKILL the worker just handed the candidate.
+
+    A candidate takes tens of milliseconds at least, so the worker dies holding it."""
+
+    def __init__(self, executor: RayExecutor, kill_jobs: set[int]) -> None:
+        self.executor = executor
+        self.kill_jobs = kill_jobs
+        self.killed: dict[int, int] = {}  # job -> pid
+
+    def submit(self, job: int, recipe: Recipe) -> None:
+        self.executor.submit(job, recipe)
+        if job in self.kill_jobs:
+            (holder,) = [w for w in self.executor.workers() if w["job"] == job]
+            os.kill(holder["pid"], signal.SIGKILL)
+            self.killed[job] = holder["pid"]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.executor, name)
+
+
+def test_a_worker_killed_mid_candidate_is_survived(tiny_setup: WorkerSetup, tmp_path: Path) -> None:
+    config = SearchConfig.model_validate(search_config(tmp_path, execution={"executor": "ray", "workers": 2}))
+    executor = KillOnSubmit(RayExecutor(tiny_setup, RayOptions(workers=2)), kill_jobs={3})
+    loop = SearchLoop(config, executor=executor)  # type: ignore[arg-type]
+    try:
+        loop.run()
+        assert executor.replaced == 1 and executor.slots == 2  # the dead worker was replaced
+    finally:
+        loop.close()
+    states = trials_by_state(tmp_path / "run" / "search.journal")
+    complete = states[TrialState.COMPLETE]
+    assert len(complete) == 8 and set(states) == {TrialState.COMPLETE}  # nothing lost, nothing failed
+    (retried,) = [t for t in complete if t.user_attrs.get("attempts")]
+    assert retried.number == 3 and retried.user_attrs["attempts"] == 2
+    assert f":{executor.killed[3]}@" not in retried.user_attrs["worker"]  # finished by another process
+
+
+def test_a_candidate_whose_worker_dies_too_often_is_failed(tiny_setup: WorkerSetup) -> None:
+    recipe = candidates(tiny_setup)[0]
+    executor = RayExecutor(tiny_setup, RayOptions(workers=2, max_attempts=1))
+    try:
+        killer = KillOnSubmit(executor, kill_jobs={0})
+        killer.submit(0, recipe)
+        (lost,) = executor.results()
+        assert lost.evaluation is None and lost.attempts == 1
+        assert lost.error is not None and "worker lost 1 time(s)" in lost.error
+        executor.submit(1, recipe)  # the search goes on, on the replacement or the other worker
+        (ok,) = executor.results()
+        assert ok.evaluation is not None and ok.job == 1
+    finally:
+        executor.close()
+
+
+def test_two_node_cluster_runs_a_worker_on_each_node(tmp_path: Path, zoo_env: dict[str, str]) -> None:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(search_config(tmp_path, budget={"candidates": 6})))
+        args = ["search", str(path), "--executor", "ray", "--address", cluster.address]
+        proc = run_cli(args, zoo_env, tmp_path)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        assert "2 worker(s) on 2 node(s)" in out
+        journal = tmp_path / "run" / "search.journal"
+        assert len(trials_by_state(journal)[TrialState.COMPLETE]) == 6
+        nodes = {worker.rpartition("@")[2] for worker in workers_of(journal)}
+        assert len(nodes) == 2  # candidates ran on both nodes
+    finally:
+        cluster.shutdown()
