@@ -1,6 +1,7 @@
 """The Ray executor on a real local Ray runtime (no mocks), with the real tiny zoo.
 
 - ``mergetune search --executor ray`` end to end in a subprocess, and no Ray process left behind;
+- that driver killed with SIGKILL mid-search and restarted: exactly its budget of candidates;
 - two Ray workers give the same scores as the in-process LocalExecutor for the same candidates;
 - a worker killed (SIGKILL to its PID) while it holds a candidate: the candidate is retried on
   another worker, the worker replaced, and the search stores exactly its budget of candidates;
@@ -80,6 +81,30 @@ def test_cli_search_on_a_local_ray_runtime_leaves_no_process_behind(tmp_path: Pa
     while ray_processes() - before and time.time() < deadline:
         time.sleep(0.5)  # ray.shutdown() has returned; the OS reaps the last processes
     assert not ray_processes() - before, "Ray processes left behind"
+
+
+def test_a_killed_ray_driver_resumes_from_storage(tmp_path: Path, zoo_env: dict[str, str]) -> None:
+    budget = 24
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(search_config(tmp_path, budget={"candidates": budget})))
+    args = ["search", str(path), "--executor", "ray", "--workers", "2"]
+    journal = tmp_path / "run" / "search.journal"
+    proc = run_cli(args, zoo_env, tmp_path)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if journal.exists() and len(trials_by_state(journal).get(TrialState.COMPLETE, [])) >= 4:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {t.number: t.values for t in trials_by_state(journal)[TrialState.COMPLETE]}
+    assert 4 <= len(done_before) < budget, "the driver should be killed mid-search"
+    resumed = run_cli(args, zoo_env, tmp_path)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    complete = trials_by_state(journal)[TrialState.COMPLETE]
+    assert len(complete) == budget  # nothing lost, nothing evaluated twice
+    assert {t.number: t.values for t in complete if t.number in done_before} == done_before
 
 
 @pytest.fixture(scope="module")
