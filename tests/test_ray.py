@@ -6,7 +6,8 @@
 - a worker killed (SIGKILL to its PID) while it holds a candidate: the candidate is retried on
   another worker, the worker replaced, and the search stores exactly its budget of candidates;
   with ``max_attempts=1`` the candidate is failed with the reason instead;
-- a two-node cluster simulated with ``ray.cluster_utils.Cluster`` runs workers on both nodes.
+- a two-node cluster simulated with ``ray.cluster_utils.Cluster``, joined through a ``ray://``
+  client address, runs workers on both nodes.
 
 The first test starts its own runtime in a subprocess before this module starts one in-process
 (``ray_runtime``, module scope, 2 CPUs), so that its process count sees no other runtime.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -217,16 +219,26 @@ def test_a_candidate_whose_worker_dies_too_often_is_failed(tiny_setup: WorkerSet
         executor.close()
 
 
-def test_two_node_cluster_runs_a_worker_on_each_node(tmp_path: Path, zoo_env: dict[str, str]) -> None:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_node_cluster_joined_through_ray_client_runs_a_worker_on_each_node(
+    tmp_path: Path, zoo_env: dict[str, str]
+) -> None:
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    port = free_port()
+    head = {"num_cpus": 1, "include_dashboard": False, "ray_client_server_port": port}
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump(search_config(tmp_path, budget={"candidates": 6})))
-        args = ["search", str(path), "--executor", "ray", "--address", cluster.address]
+        args = ["search", str(path), "--executor", "ray", "--address", f"ray://127.0.0.1:{port}"]
         proc = run_cli(args, zoo_env, tmp_path)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
