@@ -60,6 +60,7 @@ WARM_STARTS = {
     "della": (1.0, 0.5),
     "tsv": (1.0, 1.0),
     "average": (1.0, 1.0),
+    "twin": (0.3, 1.0),  # λ of its shared merge (Twin-Merging's Task Arithmetic θ*)
 }
 OPTIMIZER_DIR = "optimizer"
 
@@ -178,6 +179,15 @@ class SearchLoop:
             budget=config.budget.candidates,
             options=opt.options,
         )
+        cap = self.optimizer.max_pending
+        if self._executor is not None and cap is not None and cap < self._executor.slots:
+            log.warning(
+                "optimizer.batch_size %d < %d workers: %s keeps at most %d candidate(s) in flight, the rest idle",
+                batch_size,
+                self._executor.slots,
+                opt.name,
+                cap,
+            )
         self.storage_url = storage_location(config.storage, self.out)
         self.study = optuna.create_study(
             study_name=config.name,
