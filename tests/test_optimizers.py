@@ -171,6 +171,14 @@ def test_improves_clearly_over_its_first_batch(name: str, batch: int) -> None:
     assert all(set(p) == set(space.active(p)) for p in run.proposals)  # only the chosen method's axes
 
 
+def test_ngopt_meta_model_runs_through_its_budget() -> None:
+    """At 8 dims NGOpt picks MetaModel(CMA), whose surrogate step (from about the 50th ask) crashed with
+    NumPy 2.4 (float() of a one-element array): the text8 search-quality run stopped there."""
+    space = make_space(("ties",))
+    run = Driver(build("ngopt", space, batch=1, budget=100), space, batch=1).run(100)
+    assert len(run.scores) == 100 and max(run.scores[50:]) > max(run.scores[:8])
+
+
 def test_ngopt_names_the_algorithm_it_picked() -> None:
     one_method = make_space(("ties",))  # 8 float axes, no categorical
     assert "NGOpt -> MetaModel -> CMA(popsize=10" in build("ngopt", one_method, batch=1, budget=100).describe()

@@ -79,7 +79,29 @@ def import_nevergrad() -> Any:
         warnings.simplefilter("ignore")
         import nevergrad
 
+    _guard_metamodel(nevergrad)
     return nevergrad
+
+
+def _guard_metamodel(ng: Any) -> None:
+    """nevergrad 1.0.12's meta-model (used by NGOpt at low dimension) calls ``float()`` on a
+    one-element array, which NumPy 2.4 refuses (TypeError): the whole ask crashed mid-search. The
+    TypeError becomes nevergrad's own ``MetaModelFailure``, on which it falls back to its base
+    optimizer's proposal, as it does whenever the meta-model cannot help."""
+    lib, metamodel = ng.optimization.optimizerlib, ng.optimization.metamodel
+    learn = metamodel.learn_on_k_best
+    if getattr(learn, "_mergetune_guarded", False):
+        return
+    failure = metamodel.MetaModelFailure
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return learn(*args, **kwargs)
+        except TypeError as exc:
+            raise failure(f"meta-model unusable with this NumPy: {exc}") from exc
+
+    guarded._mergetune_guarded = True  # type: ignore[attr-defined]
+    lib.learn_on_k_best = metamodel.learn_on_k_best = guarded  # optimizerlib imported the name itself
 
 
 def build_parametrization(space: SearchSpace, seed: int | list[int]) -> Any:
