@@ -157,6 +157,16 @@ def protocol_config(
 
 
 # ---- running ------------------------------------------------------------------------------------
+def comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings that change the results: where candidates run (``execution``) does not, and an unset
+    optimizer batch is the local executor's 1."""
+    config = copy.deepcopy(settings.get("config") or {})
+    config.pop("execution", None)
+    optimizer = config.get("optimizer") or {}
+    optimizer["batch_size"] = optimizer.get("batch_size") or 1
+    return {**settings, "config": config}
+
+
 def run_protocol(protocol: str, config: SearchConfig, settings: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or read back) one protocol; returns its summary dict and wall time."""
     folder = config.output_dir
@@ -164,7 +174,7 @@ def run_protocol(protocol: str, config: SearchConfig, settings: dict[str, Any]) 
     stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
     if stamp is not None:
         other = {k: stamp["settings"].get(k) for k in ("zoo", "seed", "config")}
-        if other != {k: settings[k] for k in other}:
+        if comparable(other) != comparable({k: settings[k] for k in other}):
             raise SystemExit(
                 f"{folder} holds a {protocol} run with other settings ({stamp['settings']}); "
                 f"delete it or pass another --out"
