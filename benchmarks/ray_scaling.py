@@ -41,7 +41,7 @@ from mergetune.search.space import SearchSpace
 from mergetune.search.worker import WorkerSetup
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "ray_scaling.md"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def seeded_candidates(space: SearchSpace, n: int, seed: int) -> list[Recipe]:
@@ -142,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--zoo", default="text4")
     parser.add_argument("--candidates", type=int, default=24, help="timed candidates per executor")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--autocast", default="none", choices=["none", "bfloat16"], help="evaluation.autocast")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="local,ray-1,ray-2")
     args = parser.parse_args(argv)
@@ -151,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     data = yaml.safe_load((ROOT / "configs" / "text4.yaml").read_text())
     data.update(models={"zoo": args.zoo}, output="runs/ray_scaling")
-    data.setdefault("evaluation", {})["device"] = args.device
+    data.setdefault("evaluation", {}).update(device=args.device, autocast=args.autocast)
     config = SearchConfig.model_validate(data)
     models = resolve_models(config)
     setup: WorkerSetup = worker_setup(config, models)
@@ -171,14 +172,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "# Ray scaling",
         "",
         f"Zoo `{args.zoo}`, {args.candidates} timed candidates per executor (seeded random points of the text4 "
-        f"demo space), device {args.device}, one torch thread per worker, {now}.",
+        f"demo space), device {args.device}, autocast {args.autocast}, one torch thread per worker, {now}.",
         f"Command: `python benchmarks/ray_scaling.py --zoo {args.zoo} --candidates {args.candidates} "
-        f"--device {args.device}`",
+        f"--device {args.device} --autocast {args.autocast}`",
         "",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join([*header, *lines]) + "\n")
-    print(f"written {RESULTS}")
+    path = RESULTS / ("ray_scaling.md" if args.autocast == "none" else f"ray_scaling-{args.autocast}.md")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([*header, *lines]) + "\n")
+    print(f"written {path}")
 
 
 if __name__ == "__main__":
