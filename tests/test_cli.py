@@ -48,7 +48,8 @@ def test_bert_merge_loads_with_transformers_and_keeps_heads(tiny_bert_dir, tmp_p
         expert = load_file(expert_dir / "model.safetensors")
         assert torch.equal(head["classifier.weight"], expert["classifier.weight"])
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "method: ties" in card and "base_model:" in card
+    assert "method: ties" in card and f"`{base_dir}`" in card
+    assert "base_model:" not in card  # a local path: the hub's metadata takes hub ids only
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "della", "pcb"])

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from mergetune.merging.loading import looks_like_hub_id
 from mergetune.merging.modelset import ModelSet
 from mergetune.recipe import Recipe
 
@@ -47,7 +48,8 @@ def save_merged(
     recipe: Recipe,
     out_dir: str | Path,
     *,
-    scores: Mapping[str, float] | None = None,
+    scores: ScoreTable | None = None,
+    about: str = "",
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write the merged model folder; returns its path."""
@@ -60,7 +62,7 @@ def save_merged(
     _copy_tokenizer(modelset.base_folder, out)
     recipe.save(out / "recipe.yaml")
     _write_heads(modelset, out)
-    (out / "README.md").write_text(model_card(recipe, modelset, scores))
+    (out / "README.md").write_text(model_card(recipe, modelset, scores, about))
     return out
 
 
@@ -72,9 +74,18 @@ class MergedFolder:
 
 
 def merge_to_folder(
-    recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", compile: bool | None = None
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    compile: bool | None = None,
+    scores: ScoreTable | None = None,
+    about: str = "",
 ) -> MergedFolder:
-    """Load the models a recipe names, merge them, write the folder (``mergetune merge``)."""
+    """Load the models a recipe names, merge them, write the folder (``mergetune merge``).
+
+    ``scores`` and ``about`` go into the model card (a search's scores of the recipe, where it came from).
+    """
     from mergetune.merging.engine import Merger  # the engine imports torch.compile machinery
 
     start = time.perf_counter()
@@ -82,7 +93,8 @@ def merge_to_folder(
     loaded = time.perf_counter()
     merged = Merger(modelset, compile=compile).merge(recipe)
     done = time.perf_counter()
-    return MergedFolder(save_merged(modelset, merged, recipe, out_dir), loaded - start, done - loaded)
+    folder = save_merged(modelset, merged, recipe, out_dir, scores=scores, about=about)
+    return MergedFolder(folder, loaded - start, done - loaded)
 
 
 def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
@@ -140,22 +152,24 @@ def _write_heads(modelset: ModelSet, out: Path) -> None:
             save_file(state, str(out / "heads" / f"{task}.safetensors"))
 
 
-def model_card(recipe: Recipe, modelset: ModelSet, scores: Mapping[str, float] | None) -> str:
-    experts = "\n".join(f"- `{e.name}`: `{e.model}`" for e in recipe.experts)
-    score_lines = ""
-    if scores:
-        rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in scores.items())
-        score_lines = f"\n## Scores\n\n| task | score |\n|---|---|\n{rows}\n"
+ScoreTable = Mapping[str, Mapping[str, float | None]]  # task -> column (e.g. "test") -> score
+
+
+def model_card(recipe: Recipe, modelset: ModelSet, scores: ScoreTable | None, about: str = "") -> str:
+    """README.md of a merged folder, ready for the hub: metadata, models, scores (if given), the recipe.
+
+    The metadata names only hub ids as ``base_model`` (the hub rejects local paths there); every
+    model, local or not, is listed in the text. ``about`` says where the recipe came from.
+    """
+    experts = "\n".join(
+        f"- `{e.name}`: `{e.model}`" + (f" (revision `{e.revision}`)" if e.revision else "") for e in recipe.experts
+    )
     heads = ""
     if any(modelset.task_tensors):
         heads = "\nTask-specific tensors (classification heads) are in `heads/<task>.safetensors`.\n"
+    about = f"{about}\n\n" if about else ""
     return f"""---
-base_model: {recipe.base}
-tags:
-- merge
-- mergetune
-- {recipe.method}
----
+{_card_metadata(recipe)}---
 # Merged model ({recipe.method})
 
 Merged with [mergetune](https://pypi.org/project/mergetune/) from the base `{recipe.base}` and
@@ -163,10 +177,34 @@ Merged with [mergetune](https://pypi.org/project/mergetune/) from the base `{rec
 
 {experts}
 
-`recipe.yaml` reproduces these weights bit for bit: `mergetune merge recipe.yaml OUT_DIR`.
-{heads}{score_lines}
+{about}`recipe.yaml` reproduces these weights bit for bit: `mergetune merge recipe.yaml OUT_DIR`.
+{heads}{_scores_markdown(scores)}
 ## Recipe
 
 ```yaml
 {recipe.to_yaml()}```
 """
+
+
+def _card_metadata(recipe: Recipe) -> str:
+    """YAML front matter: library, hub-id base models (a merge of them), tags."""
+    models = [recipe.base, *(e.model for e in recipe.experts)]
+    hub = [m for m in dict.fromkeys(models) if looks_like_hub_id(m) and not Path(m).exists()]
+    lines = ["library_name: transformers"]
+    if hub:
+        lines += ["base_model:", *(f"- {m}" for m in hub), "base_model_relation: merge"]
+    lines += ["tags:", "- merge", "- mergetune", f"- {recipe.method}"]
+    return "".join(line + "\n" for line in lines)
+
+
+def _scores_markdown(scores: ScoreTable | None) -> str:
+    """A task x column table; missing values are shown as '–'."""
+    if not scores:
+        return ""
+    columns = list(dict.fromkeys(c for row in scores.values() for c in row))
+    header = "| task | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
+    rows = "\n".join(
+        f"| {task} | " + " | ".join("–" if row.get(c) is None else f"{row[c]:.4f}" for c in columns) + " |"
+        for task, row in scores.items()
+    )
+    return f"\n## Scores\n\n{header}\n{rows}\n"
