@@ -117,6 +117,14 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDirs:
     return build_llama_models(tmp_path_factory.mktemp("tiny_llama"))
 
 
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """The real tiny zoo (3 experts of a random 2-layer BERT trained on real corpora), built once in a private cache."""
+    from mergetune.objectives.zoo import build_zoo
+
+    return build_zoo("tiny", cache_dir=tmp_path_factory.mktemp("zoo-cache"), progress=False)
+
+
 @pytest.fixture
 def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Nothing reaches the network: the hub client is offline, its cache an empty folder (returned).

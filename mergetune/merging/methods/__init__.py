@@ -11,7 +11,7 @@ import importlib
 from mergetune.errors import RecipeError
 from mergetune.merging.methods.base import ChunkMethod, MergeMethod, MethodOptions, Prepared, TensorMethod
 
-_MODULES = ("task_arithmetic", "ties", "dare", "breadcrumbs", "della", "pcb", "tsv")
+_MODULES = ("task_arithmetic", "ties", "dare", "breadcrumbs", "della", "pcb", "tsv", "twin")
 METHODS: dict[str, MergeMethod] = {}
 
 
@@ -29,6 +29,12 @@ def get_method(name: str) -> MergeMethod:
         raise RecipeError(f"unknown merge method '{name}'; available: {sorted(METHODS)}") from None
 
 
+def method_kind(name: str | None) -> str:
+    """'dynamic' for a method whose merged weights depend on the input (Twin-Merging), else 'static'."""
+    method = METHODS.get(name or "")
+    return "dynamic" if method is not None and method.dynamic else "static"
+
+
 for _module in _MODULES:
     for _cls in importlib.import_module(f"{__name__}.{_module}").METHODS:
         register(_cls())
@@ -41,5 +47,6 @@ __all__ = [
     "Prepared",
     "TensorMethod",
     "get_method",
+    "method_kind",
     "register",
 ]

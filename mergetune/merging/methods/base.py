@@ -23,7 +23,7 @@ Methods that need a whole matrix at once (TSV-M's SVDs) subclass ``TensorMethod`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -55,10 +55,15 @@ class MergeMethod(ABC):
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     uses_density: ClassVar[bool] = False
     random: ClassVar[bool] = False
+    dynamic: ClassVar[bool] = False  # True: the merged weights depend on the input (Twin-Merging's router)
     citation: ClassVar[str] = ""
 
     def validate(self, ctx: MergeContext) -> None:  # noqa: B027 (optional hook)
         """Raise a RecipeError for parameter combinations the method cannot run."""
+
+    def density_used(self, option_spec: Mapping[str, Any]) -> bool:
+        """Whether recipes with these options (fixed values, or lists searched among) use ``density``."""
+        return self.uses_density
 
 
 class ChunkMethod(MergeMethod):
