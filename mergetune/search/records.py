@@ -51,6 +51,13 @@ class TrialRecord:
         return self.state == TrialState.COMPLETE.name
 
     @property
+    def kind(self) -> str:
+        """'static' (one merged model) or 'dynamic' (routed per input: Twin-Merging), from the method."""
+        from mergetune.merging.methods import method_kind
+
+        return method_kind(self.method)
+
+    @property
     def mean_normalized(self) -> float | None:
         return self.values.get("mean")
 

@@ -53,6 +53,7 @@ def candidate_json(record: TrialRecord) -> dict[str, Any]:
         "number": record.number,
         "state": record.state,
         "method": record.method,
+        "kind": record.kind,
         "feasible": record.feasible,
         "values": record.values,
         "mean_normalized": mean_of(record.normalized) if record.normalized else None,
@@ -77,6 +78,7 @@ def csv_columns(records: Sequence[TrialRecord], objectives: Sequence[str]) -> li
         "number",
         "state",
         "method",
+        "kind",
         "feasible",
         *(f"objective.{o}" for o in objectives),
         "mean_normalized",
@@ -93,7 +95,8 @@ def csv_columns(records: Sequence[TrialRecord], objectives: Sequence[str]) -> li
 def csv_row(record: TrialRecord) -> dict[str, Any]:
     """One trial as a flat dict keyed like ``csv_columns`` (absent fields are left out)."""
     row = candidate_json(record)
-    flat: dict[str, Any] = {k: row[k] for k in ("number", "state", "method", "feasible", "density", "worker", "error")}
+    fixed = ("number", "state", "method", "kind", "feasible", "density", "worker", "error")
+    flat: dict[str, Any] = {k: row[k] for k in fixed}
     flat["mean_normalized"] = row["mean_normalized"]
     flat["worst_normalized"] = row["worst_normalized"]
     for prefix, mapping in (
@@ -133,7 +136,13 @@ def write_front(out: Path, front: Sequence[TrialRecord], objectives: Sequence[st
         Recipe.model_validate(record.recipe).save(folder / name)
         files.append(f"front/{name}")
     _write_json(
-        out / "front.json", {"objectives": list(objectives), "trials": [r.number for r in front], "files": files}
+        out / "front.json",
+        {
+            "objectives": list(objectives),
+            "trials": [r.number for r in front],
+            "kinds": [r.kind for r in front],
+            "files": files,
+        },
     )
     return files
 
@@ -164,6 +173,7 @@ def write_chosen(out: Path, record: TrialRecord, heldout: dict | None, test: dic
     entry = {
         "trial": record.number,
         "method": record.method,
+        "kind": record.kind,
         "feasible": record.feasible,
         "recipe": recipe_file,
         "search": score_block({"normalized": record.normalized, "scores": record.scores}),
@@ -214,6 +224,7 @@ def write_results(
         "counts": {"candidates": len(records), **{s.lower(): n for s, n in sorted(counts.items())}},
         "any_feasible": any(r.ok and r.feasible for r in records),
         "front": [r.number for r in front],
+        "front_kinds": dict(Counter(r.kind for r in front)),
         "front_files": front_files,
         "front_per_task": [r.number for r in task_front],
         "finalists": [_finalist_entry(i, r, heldout[i], chosen_index) for i, r in enumerate(finalists)],
@@ -232,6 +243,7 @@ def _finalist_entry(i: int, record: TrialRecord, heldout: dict | None, chosen_in
         "rank": i + 1,
         "trial": record.number,
         "method": record.method,
+        "kind": record.kind,
         "feasible": record.feasible,
         "chosen": i == chosen_index,
         "search": {"mean": mean_of(record.normalized), "worst": worst_of(record.normalized)},
@@ -259,7 +271,11 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     counts = summary["counts"]
     by_state = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "candidates")
     lines.append(f"- candidates: {counts['candidates']} ({by_state})")
-    lines.append(f"- objectives: {', '.join(summary['objectives'])}; optimised front: {len(summary['front'])} point(s)")
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted((summary.get("front_kinds") or {}).items()))
+    lines.append(
+        f"- objectives: {', '.join(summary['objectives'])}; optimised front: {len(summary['front'])} point(s)"
+        + (f" ({kinds})" if kinds else "")
+    )
     lines.append(f"- per-task Pareto set: {len(summary['front_per_task'])} candidate(s)")
     lines += ["", "## Finalists", ""]
     if not summary["any_feasible"]:
@@ -269,6 +285,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             "rank",
             "trial",
             "method",
+            "kind",
             "feasible",
             "search mean",
             "search worst",
@@ -288,6 +305,7 @@ def _finalist_cells(f: Mapping[str, Any]) -> list[str]:
         str(f["rank"]),
         str(f["trial"]),
         str(f["method"]),
+        str(f.get("kind", "static")),
         "yes" if f["feasible"] else "no",
         _fmt(f["search"]["mean"]),
         _fmt(f["search"]["worst"]),
@@ -301,7 +319,8 @@ def _chosen_markdown(summary: Mapping[str, Any]) -> list[str]:
     chosen = summary.get("chosen")
     if not chosen:
         return ["## Chosen recipe", "", "No candidate completed: nothing was chosen."]
-    lines = [f"## Chosen recipe: trial {chosen['trial']} ({chosen['method']})", "", f"Recipe: `{chosen['recipe']}`", ""]
+    method = f"{chosen['method']}, {chosen.get('kind', 'static')}"
+    lines = [f"## Chosen recipe: trial {chosen['trial']} ({method})", "", f"Recipe: `{chosen['recipe']}`", ""]
     blocks = {k: chosen.get(k) or {} for k in ("search", "heldout", "test")}
     refs = summary.get("references") or {}
     rows = []
@@ -463,11 +482,12 @@ def _best_text(records: list[TrialRecord]) -> str:
 def _front_table(front: list[TrialRecord], names: list[str], top: int) -> Table:
     tasks = task_names(front)
     title = f"Optimised front: {len(front)} point(s)" + (f", top {top} shown" if len(front) > top else "")
-    table = Table("trial", "method", "feasible", *names, *tasks, title=title, title_justify="left")
+    table = Table("trial", "method", "kind", "feasible", *names, *tasks, title=title, title_justify="left")
     for r in front[:top]:
         table.add_row(
             str(r.number),
             str(r.method),
+            r.kind,
             "yes" if r.feasible else "[red]no[/]",
             *(_fmt(r.values.get(n)) for n in names),
             *(_fmt(r.normalized.get(t)) for t in tasks),

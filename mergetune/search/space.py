@@ -90,6 +90,7 @@ DEFAULT_WEIGHT = {
     "della": (0.2, 1.5),
     "pcb": (0.2, 2.0),
     "tsv": (0.1, 2.0),
+    "twin": (0.0, 1.0),  # the shared merge's λ (Task Arithmetic by default)
 }
 DEFAULT_DENSITY = {"della": (0.15, 0.85), "breadcrumbs": (0.05, 0.9), "breadcrumbs_ties": (0.05, 0.9)}
 
@@ -141,7 +142,7 @@ class SearchSpace:
         return self._weight.model_copy(update={"low": low, "high": high})
 
     def density_range(self, method: str) -> ParamRange | None:
-        if not METHODS[method].uses_density:
+        if not METHODS[method].density_used(self.methods[method].options):
             return None
         spec = self.methods[method].density
         if spec is not None:

@@ -16,24 +16,29 @@ chosen recipe.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from mergetune.errors import MergetuneError
 from mergetune.merging.engine import Merger
+from mergetune.merging.methods import get_method
 from mergetune.merging.modelset import ModelSet
 from mergetune.objectives.models import load_task_model
 from mergetune.objectives.suite import SuiteScores, ValidationSuite
 from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData
 from mergetune.recipe import Recipe
+
+if TYPE_CHECKING:
+    from mergetune.search.dynamic import DynamicRunner
 
 Split = Literal["search", "holdout", "test"]
 
@@ -136,14 +141,27 @@ class Worker:
         return load_task_model(task, folder, trust_remote_code=self.setup.trust_remote_code, device=self.setup.device)
 
     def evaluate(self, recipe: Recipe | Mapping[str, Any], split: Split = "search") -> Evaluation:
-        """Merge a candidate in place and score it on a split (the search's part by default)."""
+        """Merge a candidate in place and score it on a split (the search's part by default).
+
+        A dynamic recipe (Twin-Merging: the weights depend on the input) is built and scored by ``dynamic``.
+        """
         recipe = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
+        if get_method(recipe.method).dynamic:
+            run = self.dynamic.run(recipe, self.suite(split))
+            return run.annotate(_evaluation(run.scores, run.build_seconds, run.eval_seconds, self.name))
         start = time.perf_counter()
         self.merger.merge(recipe)
         merged = time.perf_counter()
         scores = self.suite(split).score(self.models)
         done = time.perf_counter()
         return _evaluation(scores, merged - start, done - merged, self.name)
+
+    @functools.cached_property
+    def dynamic(self) -> DynamicRunner:
+        """Builds and scores dynamic (Twin-Merging) candidates on this worker's resident models."""
+        from mergetune.search.dynamic import DynamicRunner  # late: that module imports this one
+
+        return DynamicRunner(self.modelset, self.merger, self.models, self._all_tasks, self.tokenizer)
 
     def reference(self, split: Split = "search") -> dict[str, float]:
         return self.suite(split).reference
