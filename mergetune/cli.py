@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -40,20 +41,33 @@ def _compile_flag(engine: Engine) -> bool | None:
 
 @app.command()
 def merge(
-    recipe_path: Annotated[Path, typer.Argument(help="Recipe file (YAML or JSON).", metavar="RECIPE")],
+    recipe_path: Annotated[
+        Path, typer.Argument(help="Recipe file (YAML or JSON), or a search's output folder.", metavar="RECIPE")
+    ],
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the merged Hugging Face model to.")],
+    point: Annotated[
+        str, typer.Option(help="With a search folder: 'chosen', a front position (1, 2, ...) or 'trial:N'.")
+    ] = "chosen",
     device: Annotated[str, typer.Option(help="Device to merge on: cpu, cuda, cuda:1, ...")] = "cpu",
     engine: Annotated[Engine, typer.Option(help="Kernel backend; the same backend reproduces the same bits.")] = (
         Engine.auto
     ),
 ) -> None:
-    """Merge the models a recipe names and write a Hugging Face folder that AutoModel loads."""
+    """Merge the models a recipe names and write a Hugging Face folder that AutoModel loads.
+
+    Given a search's output folder, merge one of its points; its scores go into the model card.
+    """
+    from mergetune.export.card import merge_point
     from mergetune.merging.save import merge_to_folder
     from mergetune.recipe import Recipe
 
     with _errors():
-        recipe = Recipe.load(recipe_path)
-        result = merge_to_folder(recipe, out_dir, device=device, compile=_compile_flag(engine))
+        if recipe_path.is_dir():
+            found, result = merge_point(recipe_path, point, out_dir, device=device, compile=_compile_flag(engine))
+            recipe = found.recipe
+        else:
+            recipe = Recipe.load(recipe_path)
+            result = merge_to_folder(recipe, out_dir, device=device, compile=_compile_flag(engine))
         console.print(
             f"merged {len(recipe.experts)} experts with [bold]{recipe.method}[/] "
             f"(load {result.load_seconds:.1f}s, merge {result.merge_seconds:.1f}s) -> [green]{result.folder}[/]"
@@ -161,6 +175,148 @@ def status(
 
     with _errors():
         console.print(status_report(storage, study, top))
+
+
+twin_app = typer.Typer(
+    no_args_is_help=True, help="Twin-Merging: a shared merge plus each expert's compressed knowledge, routed per input."
+)
+app.add_typer(twin_app, name="twin")
+
+
+class TwinSplit(StrEnum):
+    validation = "validation"
+    test = "test"
+
+
+@twin_app.command("build")
+def twin_build(
+    recipe_path: Annotated[Path, typer.Argument(help="Recipe with method: twin (YAML or JSON).", metavar="RECIPE")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the Twin to.")],
+    tasks: Annotated[
+        Path | None, typer.Option(help="YAML list of task configs (default: the zoo experts' own records).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="Device to build on: cpu, cuda, ...")] = "cpu",
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads (a search worker's default is 1).")] = 1,
+    engine: Annotated[Engine, typer.Option(help="Kernel backend of the shared merge.")] = Engine.auto,
+) -> None:
+    """Build a Twin: θ*, the experts' exclusive knowledge compressed by SVD, the router; write its folder."""
+    import torch
+
+    from mergetune.merging.twin.workflow import build_folder, build_report
+    from mergetune.recipe import Recipe
+
+    torch.set_num_threads(threads)
+    with _errors():
+        result = build_folder(
+            Recipe.load(recipe_path), out_dir, tasks_file=tasks, device=device, compile=_compile_flag(engine)
+        )
+        console.print(build_report(result))
+
+
+@twin_app.command("eval")
+def twin_eval(
+    folder: Annotated[Path, typer.Argument(help="A Twin folder written by 'mergetune twin build'.")],
+    split: Annotated[TwinSplit, typer.Option(help="Split to score (test: once, for a chosen recipe).")] = (
+        TwinSplit.validation
+    ),
+    device: Annotated[str, typer.Option(help="Device to score on.")] = "cpu",
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads.")] = 1,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores to this JSON file.")] = None,
+) -> None:
+    """Score a Twin folder on its tasks, normalised by the experts' scores when their folders are there."""
+    import json
+
+    import torch
+
+    from mergetune.merging.twin.workflow import evaluate_folder, scores_table
+    from mergetune.objectives.zoo import resolve_cache_dir
+
+    torch.set_num_threads(threads)
+    with _errors():
+        result = evaluate_folder(folder, split=split.value, device=device, cache_dir=resolve_cache_dir() / "twin")
+        console.print(scores_table(result))
+        if json_out is not None:
+            payload = {**result.scores.to_dict(), "routing_accuracy": result.routing_accuracy}
+            json_out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+class ExportFormat(StrEnum):
+    mergekit = "mergekit"
+
+
+@app.command("export")
+def export(
+    recipe_path: Annotated[Path, typer.Argument(help="Recipe file (YAML or JSON).", metavar="RECIPE")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="What to write.")] = ExportFormat.mergekit,
+    approximate: Annotated[
+        bool, typer.Option("--approximate", help="Where mergekit cannot do it exactly, write the closest config.")
+    ] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Write a mergekit configuration that reproduces a recipe (refused, or --approximate, where it cannot)."""
+    from mergetune.export.mergekit import export_mergekit
+    from mergetune.recipe import Recipe
+
+    with _errors():
+        exporters = {ExportFormat.mergekit: export_mergekit}
+        exported = exporters[fmt](Recipe.load(recipe_path), approximate=approximate, source=str(recipe_path))
+        _write_text(exported.yaml, output)
+        errors.print(f"{exported.method} for mergekit: {exported.faithful}", highlight=False)
+        for line in [*(f"differs: {d}" for d in exported.differences), *(f"note: {n}" for n in exported.notes)]:
+            errors.print(f"  {line}", highlight=False, markup=False)
+
+
+@app.command("import-mergekit")
+def import_mergekit_command(
+    config_path: Annotated[Path, typer.Argument(help="A mergekit YAML configuration.", metavar="CONFIG")],
+    approximate: Annotated[
+        bool, typer.Option("--approximate", help="Where a recipe cannot hold it exactly, write the closest one.")
+    ] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Turn a mergekit configuration into a mergetune recipe (to merge it, or to start a search from it)."""
+    from mergetune.export.mergekit_import import import_mergekit
+
+    with _errors():
+        imported = import_mergekit(config_path, approximate=approximate)
+        _write_text(imported.recipe.to_yaml(), output)
+        for line in [*(f"differs: {d}" for d in imported.differences), *(f"note: {n}" for n in imported.notes)]:
+            errors.print(line, highlight=False, markup=False)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A search's output folder.", metavar="RUN_DIR")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Folder for the page (default RUN_DIR/report).")
+    ] = None,
+    pair: Annotated[
+        list[str] | None,
+        typer.Option("--pair", help="Task pair TASK:TASK to plot (repeat; default: most conflicting)."),
+    ] = None,
+    score_references: Annotated[
+        Path | None,
+        typer.Option(help="The search's config: score the base and the baselines on validation and test first."),
+    ] = None,
+) -> None:
+    """Write a self-contained HTML report (and PNG figures) of a search."""
+    from mergetune.export.report import write_report
+
+    with _errors():
+        if score_references is not None:
+            from mergetune.export.references import score_references as score
+
+            _quiet_libraries()
+            console.print(f"scored the base and baselines -> {score(run_dir, score_references)}")
+        page = write_report(run_dir, output, pair or [])
+        console.print(f"report: [green]{page}[/] (figures beside it as PNG)")
+
+
+def _write_text(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
 
 
 class _errors:
