@@ -160,3 +160,28 @@ def test_floors_on_some_tasks_name_their_own_constraints() -> None:
     assert outcome.constraint_names == ("c",)
     assert outcome.constraints == pytest.approx((0.1,))
     assert not outcome.feasible
+
+
+def test_a_low_precision_recipe_is_scored_with_its_own_weights(
+    zoo_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Task models are bound to the float32 merge buffer; a bfloat16 recipe merges into its own buffer,
+    whose weights the scored models must then hold (not the previous candidate's)."""
+    import torch
+
+    from mergetune.search.loop import resolve_models, worker_setup
+    from mergetune.search.worker import Worker
+
+    for key, value in zoo_env.items():
+        monkeypatch.setenv(key, value)
+    config = SearchConfig.load(write_config(tmp_path / "c.yaml"))
+    setup = worker_setup(config, resolve_models(config))
+    worker = Worker(setup)
+    experts = [Expert(name=t, model=p) for t, p in setup.experts.items()]
+    recipe = Recipe(base=setup.base, experts=experts, method="task_arithmetic", weight=0.37, dtype="bfloat16")
+    worker.evaluate(recipe.model_copy(update={"dtype": "float32", "weight": 0.9}))  # something else first
+    worker.evaluate(recipe)
+    fp32, bf16 = worker.merger.output_buffer(torch.float32), worker.merger.output_buffer(torch.bfloat16)
+    assert torch.equal(fp32, bf16.float())
+    worker.merger.merge(recipe.model_copy(update={"dtype": "float32"}))
+    assert not torch.equal(bf16.float(), fp32)  # bf16 rounding is visible: the check above is not vacuous

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mergetune.errors import MergetuneError
-from mergetune.merging.engine import Merger
+from mergetune.merging.engine import DTYPES, Merger
 from mergetune.merging.methods import get_method
 from mergetune.merging.modelset import ModelSet
 from mergetune.objectives.models import load_task_model
@@ -151,6 +151,8 @@ class Worker:
             return run.annotate(_evaluation(run.scores, run.build_seconds, run.eval_seconds, self.name))
         start = time.perf_counter()
         self.merger.merge(recipe)
+        if recipe.dtype != "float32":  # the task models are bound to the float32 buffer: give them these weights
+            self.merger.output_buffer(torch.float32).copy_(self.merger.output_buffer(DTYPES[recipe.dtype]))
         merged = time.perf_counter()
         scores = self.suite(split).score(self.models)
         done = time.perf_counter()
