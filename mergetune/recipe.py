@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from mergetune.errors import RecipeError
+from mergetune.errors import RecipeError, read_config_file
 
 GroupValue = float | list[float] | dict[str, float]
 ParamSpec = float | dict[str, GroupValue]
@@ -177,14 +177,7 @@ class Recipe(StrictModel):
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         """Read a recipe from a YAML or JSON file; errors name the file and the field."""
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
-        try:
-            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            raise RecipeError(f"{path}: not valid YAML/JSON: {exc}") from exc
-        return cls.parse(data, source=str(path))
+        return cls.parse(read_config_file(path, "recipe file", RecipeError), source=str(path))
 
     @classmethod
     def parse(cls, data: Any, source: str = "recipe") -> Recipe:

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from mergetune.errors import MergetuneError, RecipeError
+from mergetune.errors import MergetuneError, RecipeError, read_config_file
 from mergetune.export.layout import ModelLayout, read_layout
 from mergetune.export.mergekit import band_mismatch, count_report, topk_mismatch
 from mergetune.export.settings import Setting, evaluate
@@ -87,13 +86,7 @@ class Imported:
 # ---- reading -------------------------------------------------------------------------------------------
 def import_mergekit(path: str | Path, *, approximate: bool = False) -> Imported:
     """Read a mergekit YAML file and return the equivalent recipe (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MergekitImportError(f"mergekit configuration not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MergekitImportError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_config_file(path, "mergekit configuration", MergekitImportError)
     return import_config(data, source=str(path), approximate=approximate)
 
 

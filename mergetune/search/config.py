@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mergetune.errors import MergetuneError
+from mergetune.errors import MergetuneError, read_config_file
 from mergetune.merging.methods import get_method
 from mergetune.objectives.tasks import TaskConfig
 from mergetune.recipe import Expert, StrictModel, format_validation_error
@@ -196,13 +195,7 @@ class SearchConfig(StrictModel):
 
     @classmethod
     def load(cls, path: str | Path) -> SearchConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise SearchConfigError(f"search config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise SearchConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = read_config_file(path, "search config", SearchConfigError)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

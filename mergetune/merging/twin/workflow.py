@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Group
 from rich.table import Table
 
-from mergetune.errors import MergetuneError, RecipeError
+from mergetune.errors import MergetuneError, RecipeError, read_config_file
 from mergetune.merging.engine import Merger
 from mergetune.merging.methods.twin import TWIN
 from mergetune.merging.modelset import ModelSet
@@ -70,9 +69,7 @@ def read_task_configs(recipe: Recipe, tasks_file: Path | None) -> list[TaskConfi
 
 
 def _configs_from_file(path: Path) -> dict[str, TaskConfig]:
-    if not path.is_file():
-        raise MergetuneError(f"tasks file not found: {path}")
-    data = yaml.safe_load(path.read_text())
+    data = read_config_file(path, "tasks file")
     items = data.get("tasks") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise MergetuneError(f"{path}: expected a list of task configs (or a mapping with a 'tasks' list)")
