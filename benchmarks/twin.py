@@ -33,13 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mergetune.forward import scoring
 from mergetune.merging.methods.twin import TWIN
 from mergetune.merging.twin import Twin, build_twin
 from mergetune.merging.twin.io import save_twin
 from mergetune.merging.twin.reference import NaiveTwin
 from mergetune.merging.twin.router import body_of
 from mergetune.merging.twin.workflow import folder_bytes
-from mergetune.objectives.evaluators import ClassificationEvaluator, scoring
+from mergetune.objectives.evaluators import ClassificationEvaluator
 from mergetune.objectives.suite import ValidationSuite
 from mergetune.objectives.zoo import build_zoo
 from mergetune.recipe import Recipe

@@ -28,20 +28,15 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mergetune.errors import RecipeError, read_config_file
+from mergetune.strict import StrictModel, format_validation_error
 
 GroupValue = float | list[float] | dict[str, float]
 ParamSpec = float | dict[str, GroupValue]
 DType = Literal["float32", "bfloat16", "float16"]
 DEFAULT_KEY = "*"
-
-
-class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors, never silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class Expert(StrictModel):
@@ -187,18 +182,6 @@ class Recipe(StrictModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise RecipeError(f"{source}: invalid recipe:\n{format_validation_error(exc)}") from exc
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: the dotted field path and what is wrong with it."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling; unknown keys are errors, not ignored)"
-        lines.append(f"  - {where}: {msg}")
-    return "\n".join(lines)
 
 
 def _map_values(spec: Any, fn: Any) -> Any:

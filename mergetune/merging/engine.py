@@ -27,6 +27,7 @@ import torch
 import torch._dynamo.config as dynamo_config
 
 from mergetune.errors import RecipeError
+from mergetune.forward import best_prefix
 from mergetune.merging.layer_groups import LayerGroups
 from mergetune.merging.methods import ChunkMethod, TensorMethod, get_method
 from mergetune.merging.methods.base import MethodOptions, Prepared
@@ -228,7 +229,7 @@ class Merger:
         """
         views = self.views(self.output_buffer(DTYPES[dtype]))
         params = dict(module.named_parameters())
-        prefix = _best_prefix(params, views)
+        prefix = best_prefix(params, views)
         unbound = [n for n in views if prefix + n not in params]
         if unbound:
             raise RecipeError(
@@ -284,12 +285,6 @@ class Merger:
             for i, seg in enumerate(self.modelset.segments):
                 delta = method.merge_tensor(ctx, i).reshape(-1)
                 out[seg.offset : seg.end].copy_(base[seg.offset : seg.end] + delta)
-
-
-def _best_prefix(params: dict[str, torch.nn.Parameter], names: dict[str, torch.Tensor]) -> str:
-    """The module-name prefix ('' or e.g. 'bert.') under which most merged tensor names are found."""
-    candidates = {""} | {k.split(".", 1)[0] + "." for k in params if "." in k}
-    return max(sorted(candidates), key=lambda p: (sum(p + n in params for n in names), p == ""))
 
 
 def _with_base(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -19,13 +19,11 @@ For the fewest threads' contention, a worker should call ``torch.set_num_threads
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +32,8 @@ import torch
 from torch import nn
 
 from mergetune.errors import TaskError
+from mergetune.forward import Inputs, forward_params, model_device, scoring
 
-Inputs = dict[str, torch.Tensor]
 LogitsFn = Callable[[nn.Module, Inputs], torch.Tensor]
 
 #: Padded tokens per batch by default (see :func:`length_batches`); ``None`` lifts the budget.
@@ -153,50 +151,6 @@ def pad_id(tokenizer: Any) -> int:
 
 
 # ---- model helpers ---------------------------------------------------------------------------
-
-_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
-
-
-def forward_params(model: nn.Module) -> frozenset[str]:
-    """Names the model's ``forward`` declares explicitly (``**kwargs`` does not count)."""
-    cls = type(model)
-    if cls not in _FORWARD_PARAMS:
-        params = inspect.signature(model.forward).parameters.values()
-        _FORWARD_PARAMS[cls] = frozenset(
-            p.name for p in params if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-        )
-    return _FORWARD_PARAMS[cls]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
-@contextmanager
-def scoring(model: nn.Module, autocast: torch.dtype | None = None) -> Iterator[None]:
-    """Inference mode (no autograd graph, no version counters) and eval mode (no dropout) for a block.
-
-    With ``autocast`` (e.g. ``torch.bfloat16``), matrix products run in that dtype through
-    ``torch.autocast`` on the model's device: about 2x faster for MiniLM on a CPU with AMX (a model
-    whose weights are bfloat16 itself is about 3x faster; see ``load_task_model(dtype=...)``).
-    """
-    device = model_device(model).type
-    with torch.inference_mode(), eval_mode(model), torch.autocast(device, dtype=autocast, enabled=autocast is not None):
-        yield
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode (no dropout) and restore each one's flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def sequence_logits(model: nn.Module, inputs: Inputs) -> torch.Tensor:

@@ -37,7 +37,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from mergetune.errors import TaskError
 from mergetune.objectives.corpora import CORPORA, available_corpora, get_corpus, load_corpus
 from mergetune.objectives.splits import DedupReport, Splits, stratified_split
-from mergetune.recipe import StrictModel, format_validation_error
+from mergetune.strict import StrictModel, format_validation_error
 
 Kind = Literal["classification", "multiple_choice", "lm", "unsupervised"]
 Metric = Literal["accuracy", "macro_f1", "mcc", "neg_loss", "neg_entropy"]

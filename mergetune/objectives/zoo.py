@@ -45,7 +45,7 @@ from mergetune.errors import MergetuneError
 from mergetune.objectives.splits import stable_hash
 from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData, load_task
 from mergetune.packaged import PACKAGED_MODELS, packaged_model_dir
-from mergetune.recipe import StrictModel
+from mergetune.strict import StrictModel
 
 if TYPE_CHECKING:
     import torch

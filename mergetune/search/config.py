@@ -14,8 +14,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from mergetune.errors import MergetuneError, read_config_file
 from mergetune.merging.methods import get_method
 from mergetune.objectives.tasks import TaskConfig
-from mergetune.recipe import Expert, StrictModel, format_validation_error
+from mergetune.recipe import Expert
 from mergetune.search.space import MethodSpace, ParamRange
+from mergetune.strict import StrictModel, format_validation_error
 
 OptimizerName = Literal["tpe", "nsga2", "gp", "cmaes", "ngopt", "ng_cma", "ng_de", "random", "grid"]
 ObjectiveName = Literal["mean", "worst", "sparsity"]

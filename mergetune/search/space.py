@@ -32,7 +32,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from pydantic import Field, model_validator
 
 from mergetune.merging.methods import METHODS, get_method
-from mergetune.recipe import Expert, Grouping, Recipe, StrictModel
+from mergetune.recipe import Expert, Grouping, Recipe
+from mergetune.strict import StrictModel
 
 Per = Literal["shared", "task", "group", "task_group"]
 METHOD_KEY = "method"

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from mergetune.recipe import StrictModel
+from mergetune.strict import StrictModel
 
 if TYPE_CHECKING:
     from mergetune.merging.engine import MergeContext

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergetune.errors import RecipeError
-from mergetune.merging.engine import _best_prefix
+from mergetune.forward import best_prefix
 from mergetune.merging.twin.exclusive import ExclusiveKnowledge, ExclusiveTensor
 
 Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]
@@ -152,7 +152,7 @@ ADAPTERS: dict[type[nn.Module], tuple[tuple[str, ...], Callable[..., Hook]]] = {
 def adapted_modules(model: nn.Module, knowledge: ExclusiveKnowledge) -> dict[str, dict[str, ExclusiveTensor]]:
     """Module name in ``model`` -> {parameter name: its exclusive knowledge}, checked against what hooks support."""
     params = dict(model.named_parameters())
-    prefix = _best_prefix(params, knowledge.tensors)
+    prefix = best_prefix(params, knowledge.tensors)
     modules: dict[str, dict[str, ExclusiveTensor]] = {}
     for name, tensor in knowledge.adapted.items():
         if prefix + name not in params:

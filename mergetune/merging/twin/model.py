@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mergetune.errors import RecipeError
+from mergetune.forward import forward_params
 from mergetune.merging.engine import Merger
 from mergetune.merging.methods.twin import TwinOptions, shared_recipe, twin_options
 from mergetune.merging.modelset import ModelSet
@@ -41,7 +42,6 @@ from mergetune.merging.twin.router import (
     task_features,
     train_router,
 )
-from mergetune.objectives.evaluators import forward_params
 from mergetune.objectives.tasks import TaskData
 from mergetune.recipe import Recipe
 

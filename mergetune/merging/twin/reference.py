@@ -14,10 +14,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mergetune.merging.engine import _best_prefix
+from mergetune.forward import best_prefix, forward_params
 from mergetune.merging.twin.model import Twin
 from mergetune.merging.twin.router import body_of, pooled_hidden, routing_weights
-from mergetune.objectives.evaluators import forward_params
 
 
 class NaiveTwin:
@@ -35,7 +34,7 @@ class NaiveTwin:
     def materialise(self, model: nn.Module, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """θ(x) = θ* + Σ_t w_t v̂_t for every adapted parameter of ``model`` (by its own parameter names)."""
         params = dict(model.named_parameters())
-        prefix = _best_prefix(params, self.deltas)
+        prefix = best_prefix(params, self.deltas)
         out = {}
         for name, delta in self.deltas.items():
             shared = params[prefix + name].detach()

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergetune.forward import Inputs, forward_params, scoring
 from mergetune.merging.methods.twin import TwinOptions
-from mergetune.objectives.evaluators import Inputs, forward_params, scoring
 from mergetune.objectives.suite import build_evaluator, examples
 from mergetune.objectives.tasks import TaskData
 
