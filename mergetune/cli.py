@@ -9,9 +9,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from mergetune.errors import MergetuneError
+from mergetune.errors import MergetuneError, describe_os_error
 
 
 def _quiet_libraries() -> None:
@@ -70,7 +72,8 @@ def merge(
             result = merge_to_folder(recipe, out_dir, device=device, compile=_compile_flag(engine))
         console.print(
             f"merged {len(recipe.experts)} experts with [bold]{recipe.method}[/] "
-            f"(load {result.load_seconds:.1f}s, merge {result.merge_seconds:.1f}s) -> [green]{result.folder}[/]"
+            f"(load {result.load_seconds:.1f}s, merge {result.merge_seconds:.1f}s) "
+            f"-> [green]{escape(str(result.folder))}[/]"
         )
 
 
@@ -100,7 +103,8 @@ def search(
         if overrides:
             config = config.updated("execution", **overrides)
         loop = run_with_progress(config, console)
-        console.print(f"chosen recipe: [green]{loop.out / 'chosen' / 'recipe.yaml'}[/]; front: {loop.out / 'front'}")
+        chosen, front = escape(str(loop.out / "chosen" / "recipe.yaml")), escape(str(loop.out / "front"))
+        console.print(f"chosen recipe: [green]{chosen}[/]; front: {front}")
 
 
 @app.command()
@@ -147,7 +151,7 @@ def zoo_build(
         zoo = build_zoo(name, cache_dir=cache_dir, force=force, threads=threads, console=console)
         console.print(
             f"zoo [bold]{zoo.name}[/]: {len(zoo.trained)} expert(s) built, {len(zoo.experts) - len(zoo.trained)} "
-            f"cached, {zoo.seconds:.1f}s -> [green]{zoo.folder}[/] (manifest: {zoo.manifest.name})"
+            f"cached, {zoo.seconds:.1f}s -> [green]{escape(str(zoo.folder))}[/] (manifest: {escape(zoo.manifest.name)})"
         )
 
 
@@ -307,9 +311,9 @@ def report(
             from mergetune.export.references import score_references as score
 
             _quiet_libraries()
-            console.print(f"scored the base and baselines -> {score(run_dir, score_references)}")
+            console.print(f"scored the base and baselines -> {escape(str(score(run_dir, score_references)))}")
         page = write_report(run_dir, output, pair or [])
-        console.print(f"report: [green]{page}[/] (figures beside it as PNG)")
+        console.print(f"report: [green]{escape(str(page))}[/] (figures beside it as PNG)")
 
 
 def _write_text(text: str, output: Path | None) -> None:
@@ -326,8 +330,11 @@ class _errors:
         return None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-        if isinstance(exc, MergetuneError):
-            errors.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        if isinstance(exc, MergetuneError | OSError):
+            # The message is printed as plain text: a path or value such as "[inf]" or "[/x]" would be
+            # read as rich markup (and vanish, or crash the printer).
+            message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+            errors.print(Text("error: ", style="red") + Text(message), highlight=False)
             raise typer.Exit(code=2)
         return False
 
