@@ -67,6 +67,9 @@ class Recipe(StrictModel):
     dtype: DType = "float32"
     seed: int = Field(0, ge=0)
     trust_remote_code: bool = False
+    allow_tokenizer_mismatch: bool = Field(
+        False, description="Merge experts whose tokenizer differs from the base's (warn instead of refusing)."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -24,13 +24,14 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from mergetune.errors import BadWeightsError, IncompatibleModelsError
 from mergetune.merging.layer_groups import LayerGroups, build_layer_groups
 from mergetune.merging.loading import LoadedModel, load_model
+from mergetune.merging.tokenizers import tokenizer_differences
 
 ModelSource = str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module
 DEFAULT_TASK_SPECIFIC = (r"(^|\.)(classifier|score|qa_outputs)\.",)
@@ -74,6 +75,7 @@ class ModelSet:
         storage_dtype: torch.dtype = torch.float32,
         task_specific: Sequence[str] = DEFAULT_TASK_SPECIFIC,
         check_finite: bool = True,
+        tokenizer_mismatch: Literal["error", "warn"] = "error",
     ) -> None:
         if len(experts) != len(task_names) or not experts:
             raise ValueError("give one task name per expert, and at least one expert")
@@ -87,6 +89,7 @@ class ModelSet:
         self.storage_dtype = storage_dtype
         patterns = [re.compile(p) for p in task_specific]
 
+        _check_tokenizers(base, experts, tokenizer_mismatch)
         expert_states = [_align_prefix(base.state, e) for e in experts]
         if check_finite:
             for model, state in [(base, base.state), *zip(experts, expert_states, strict=True)]:
@@ -118,6 +121,7 @@ class ModelSet:
 
     @classmethod
     def from_recipe(cls, recipe: Any, **kwargs: Any) -> ModelSet:
+        kwargs.setdefault("tokenizer_mismatch", "warn" if recipe.allow_tokenizer_mismatch else "error")
         return cls.load(recipe.base, [(e.name, e.model) for e in recipe.experts], **kwargs)
 
     def _fill(
@@ -269,6 +273,26 @@ def _classify(
             if name not in base.state:
                 per_task[t][name] = tensor
     return merged, passthrough, per_task
+
+
+def _check_tokenizers(base: LoadedModel, experts: Sequence[LoadedModel], on_mismatch: str) -> None:
+    """Same vocabulary size is not enough: the same row must mean the same token in every model."""
+    if base.folder is None:
+        return
+    for expert in experts:
+        if expert.folder is None:
+            continue
+        found = tokenizer_differences(base.folder, expert.folder)
+        if not found:
+            continue
+        message = (
+            f"{expert.name}: its tokenizer differs from that of the {base.name}: {'; '.join(found)}. Merged embeddings "
+            "would mix different tokens. Use experts fine-tuned with the base's tokenizer, or set "
+            "allow_tokenizer_mismatch: true in the recipe if the difference is known to be harmless"
+        )
+        if on_mismatch == "error":
+            raise IncompatibleModelsError(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _check_pair(base_name: str, expert_name: str, name: str, b: torch.Tensor, e: torch.Tensor | None) -> None:
