@@ -1,6 +1,6 @@
 """Twin-Merging (Lu et al., 2024, "Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging").
 
-A *dynamic* recipe: the merged model depends on the input. Its parts (see :mod:`mergetune.merging.twin`):
+A *dynamic* recipe: the merged model depends on the input. Its parts (see :mod:`mergetune.twin`):
 
 1. shared knowledge θ* = the shared merge (any static method; the paper's is Task Arithmetic,
    θ* = θ_0 + λ Σ_t τ_t with λ = 0.3);
@@ -15,7 +15,7 @@ In a recipe, ``method: twin`` and the recipe's ``weight``, ``density``, ``groupi
 those of the shared merge; ``options`` name the shared method (with its own options), the
 compression, the routing and the router's training. This module registers the method so recipes
 validate strictly and the search space can tune it like any other; ``Merger.merge`` refuses it
-(one static set of weights cannot hold a routed model): build it with :func:`mergetune.merging.twin.build_twin`.
+(one static set of weights cannot hold a routed model): build it with :func:`mergetune.twin.build_twin`.
 """
 
 from __future__ import annotations
