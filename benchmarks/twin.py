@@ -39,7 +39,8 @@ from mergetune.objectives.evaluators import ClassificationEvaluator
 from mergetune.objectives.suite import ValidationSuite
 from mergetune.objectives.zoo import build_zoo
 from mergetune.recipe import Recipe
-from mergetune.search.worker import Evaluation, Worker, WorkerSetup
+from mergetune.search.evaluation import Evaluation
+from mergetune.search.worker import Worker, WorkerSetup
 from mergetune.twin import Twin, build_twin
 from mergetune.twin.io import save_twin
 from mergetune.twin.reference import NaiveTwin

@@ -27,7 +27,7 @@ from mergetune.merging.modelset import ModelSet
 from mergetune.objectives.suite import SuiteScores, ValidationSuite
 from mergetune.objectives.tasks import TaskData
 from mergetune.recipe import Recipe
-from mergetune.search.worker import Evaluation
+from mergetune.search.evaluation import Evaluation
 from mergetune.twin.model import TwinCache, build_twin
 from mergetune.twin.router import body_of
 
