@@ -35,16 +35,17 @@ import torch
 
 from mergetune.forward import scoring
 from mergetune.merging.methods.twin import TWIN
-from mergetune.merging.twin import Twin, build_twin
-from mergetune.merging.twin.io import save_twin
-from mergetune.merging.twin.reference import NaiveTwin
-from mergetune.merging.twin.router import body_of
-from mergetune.merging.twin.workflow import folder_bytes
 from mergetune.objectives.evaluators import ClassificationEvaluator
 from mergetune.objectives.suite import ValidationSuite
 from mergetune.objectives.zoo import build_zoo
 from mergetune.recipe import Recipe
-from mergetune.search.worker import Evaluation, Worker, WorkerSetup
+from mergetune.search.evaluation import Evaluation
+from mergetune.search.worker import Worker, WorkerSetup
+from mergetune.twin import Twin, build_twin
+from mergetune.twin.io import save_twin
+from mergetune.twin.reference import NaiveTwin
+from mergetune.twin.router import body_of
+from mergetune.twin.workflow import folder_bytes
 
 RESULTS = Path("benchmarks/results/twin.md")
 MIB = 1024**2

@@ -206,8 +206,8 @@ def twin_build(
     """Build a Twin: θ*, the experts' exclusive knowledge compressed by SVD, the router; write its folder."""
     import torch
 
-    from mergetune.merging.twin.workflow import build_folder, build_report
     from mergetune.recipe import Recipe
+    from mergetune.twin.workflow import build_folder, build_report
 
     torch.set_num_threads(threads)
     with _errors():
@@ -232,8 +232,8 @@ def twin_eval(
 
     import torch
 
-    from mergetune.merging.twin.workflow import evaluate_folder, scores_table
     from mergetune.objectives.zoo import resolve_cache_dir
+    from mergetune.twin.workflow import evaluate_folder, scores_table
 
     torch.set_num_threads(threads)
     with _errors():

@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -21,8 +22,11 @@ from typer.testing import CliRunner
 
 from mergetune.cli import app
 from mergetune.export.card import RunFolderError, run_point
-from mergetune.export.report import best_so_far, conflicting_pairs, load_run, write_report
+from mergetune.export.report import write_report
+from mergetune.export.report_data import Candidate, best_so_far, conflicting_pairs, load_run
 from mergetune.export.report_figures import frontier
+from mergetune.merging.save import model_card
+from mergetune.recipe import Recipe
 from mergetune.search import pareto
 from mergetune.search.records import TrialRecord
 from mergetune.search.results import write_results
@@ -136,9 +140,7 @@ def test_report_reads_times_baselines_and_recipe_from_the_run(run_dir: Path) -> 
 
 
 def test_convergence_and_frontier_helpers() -> None:
-    def cand(mean_of: float, feasible: bool = True):
-        from mergetune.export.report import Candidate
-
+    def cand(mean_of: float, feasible: bool = True) -> Candidate:
         return Candidate(0, "ties", feasible, {}, {"a": mean_of}, {}, 0.0, False)
 
     best = best_so_far([cand(0.5, False), cand(0.4), cand(0.7), cand(0.6), cand(0.9, False)])
@@ -211,11 +213,6 @@ def test_chosen_point_has_test_scores_and_bad_points_are_refused(run_dir: Path) 
 
 
 def test_model_card_metadata_names_hub_ids_only() -> None:
-    from types import SimpleNamespace
-
-    from mergetune.merging.save import model_card
-    from mergetune.recipe import Recipe
-
     recipe = Recipe.model_validate(
         {"base": "org/base-model", "experts": [{"name": "a", "model": "/no/such/local/a"}], "method": "task_arithmetic"}
     )

@@ -20,16 +20,16 @@ from mergetune.errors import RecipeError
 from mergetune.merging.engine import Merger
 from mergetune.merging.methods.twin import TwinOptions, shared_recipe
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.twin import TwinCache, build_twin
-from mergetune.merging.twin.adapters import Routing, adapters
-from mergetune.merging.twin.exclusive import compress_tensor, exclusive_knowledge, kept_rank, truncated_svd
-from mergetune.merging.twin.io import TwinFolderError, load_twin, save_twin, twin_task_models
-from mergetune.merging.twin.reference import NaiveTwin
-from mergetune.merging.twin.router import routing_accuracy, routing_weights, task_features, train_router
 from mergetune.objectives.models import load_task_model
 from mergetune.objectives.suite import ValidationSuite
 from mergetune.objectives.tasks import TaskConfig
 from mergetune.recipe import Recipe
+from mergetune.twin import TwinCache, build_twin
+from mergetune.twin.adapters import Routing, adapters
+from mergetune.twin.exclusive import compress_tensor, exclusive_knowledge, kept_rank, truncated_svd
+from mergetune.twin.io import TwinFolderError, load_twin, save_twin, twin_task_models
+from mergetune.twin.reference import NaiveTwin
+from mergetune.twin.router import routing_accuracy, routing_weights, task_features, train_router
 
 
 class Resident:

@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mergetune.export.card import read_json
-from mergetune.export.report import REFERENCES_FILE, load_run
+from mergetune.export.report_data import REFERENCES_FILE, load_run
 from mergetune.recipe import Recipe
-
-if TYPE_CHECKING:
-    from mergetune.search.worker import WorkerSetup
+from mergetune.search.config import SearchConfig
+from mergetune.search.loop import resolve_models, worker_setup
+from mergetune.search.worker import Worker, WorkerSetup
 
 SPLITS = ("search", "test")
 
 
 def reference_recipes(run: Path, config_path: Path) -> tuple[dict[str, Recipe], WorkerSetup]:
     """The base and the warm-start recipes of a run, and the config's worker setup to score them with."""
-    from mergetune.search.config import SearchConfig
-    from mergetune.search.loop import resolve_models, worker_setup
-
     config = SearchConfig.load(config_path)
     models = resolve_models(config)
     setup = worker_setup(config, models)
@@ -48,8 +44,6 @@ def reference_recipes(run: Path, config_path: Path) -> tuple[dict[str, Recipe], 
 
 def score_references(run: Path, config_path: Path) -> Path:
     """Score the base and baselines on validation (the search's part) and test; write references.json."""
-    from mergetune.search.worker import Worker
-
     recipes, setup = reference_recipes(Path(run), Path(config_path))
     worker = Worker(setup)
     scored = {

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mergetune.export.report import Candidate, RunData, best_so_far
+from mergetune.export.report_data import Candidate, RunData, best_so_far
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,6 +27,7 @@ GREY, BLUE, ORANGE, RED, GREEN = "#b9b9b9", "#3b75af", "#ef8636", "#c03d3e", "#5
 
 
 def _pyplot():
+    # late: matplotlib is heavy and only the report needs it; Agg must be chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")

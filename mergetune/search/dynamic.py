@@ -2,7 +2,7 @@
 
 A search worker keeps the ModelSet, the merger, one task model per task bound to the merge buffer,
 the tasks (with their training splits) and the tokeniser. A ``method: twin`` candidate is built on
-them (:func:`mergetune.merging.twin.build_twin`: the shared merge goes into the same buffer, so the
+them (:func:`mergetune.twin.build_twin`: the shared merge goes into the same buffer, so the
 bound task models hold θ*), then scored with the task models wrapped as routed models, adapters
 installed only for the duration of the scoring. The SVDs and the routers of the latest shared
 merges are cached, so re-scoring a finalist (held-out, test) does not recompute them.
@@ -24,12 +24,12 @@ from torch import nn
 
 from mergetune.merging.engine import Merger
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.twin.model import TwinCache, build_twin
-from mergetune.merging.twin.router import body_of
 from mergetune.objectives.suite import SuiteScores, ValidationSuite
 from mergetune.objectives.tasks import TaskData
 from mergetune.recipe import Recipe
-from mergetune.search.worker import Evaluation
+from mergetune.search.evaluation import Evaluation
+from mergetune.twin.model import TwinCache, build_twin
+from mergetune.twin.router import body_of
 
 DYNAMIC = "dynamic"
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,12 +32,11 @@ from mergetune.merging.engine import DTYPES, Merger
 from mergetune.merging.methods import get_method
 from mergetune.merging.modelset import ModelSet
 from mergetune.objectives.models import load_task_model
-from mergetune.objectives.suite import SuiteScores, ValidationSuite
+from mergetune.objectives.suite import ValidationSuite
 from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData
 from mergetune.recipe import Recipe
-
-if TYPE_CHECKING:
-    from mergetune.search.dynamic import DynamicRunner
+from mergetune.search.dynamic import DynamicRunner
+from mergetune.search.evaluation import Evaluation, evaluation_from_scores
 
 Split = Literal["search", "holdout", "test"]
 
@@ -59,27 +57,6 @@ class WorkerSetup:
     trust_remote_code: bool = False
     compile: bool | None = None  # None: compile kernels when a compiler is available
     autocast: str = "none"  # "bfloat16": score under bf16 autocast
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """One candidate's scores (higher is better) and where the time went."""
-
-    scores: dict[str, float]
-    normalized: dict[str, float]
-    metrics: dict[str, dict[str, float]]
-    merge_seconds: float
-    eval_seconds: float
-    worker: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def mean_normalized(self) -> float:
-        return float(np.mean(list(self.normalized.values())))
-
-    @property
-    def worst_normalized(self) -> float:
-        return float(min(self.normalized.values()))
 
 
 class Worker:
@@ -148,7 +125,7 @@ class Worker:
         recipe = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
         if get_method(recipe.method).dynamic:
             run = self.dynamic.run(recipe, self.suite(split))
-            return run.annotate(_evaluation(run.scores, run.build_seconds, run.eval_seconds, self.name))
+            return run.annotate(evaluation_from_scores(run.scores, run.build_seconds, run.eval_seconds, self.name))
         start = time.perf_counter()
         self.merger.merge(recipe)
         if recipe.dtype != "float32":  # the task models are bound to the float32 buffer: give them these weights
@@ -156,13 +133,11 @@ class Worker:
         merged = time.perf_counter()
         scores = self.suite(split).score(self.models)
         done = time.perf_counter()
-        return _evaluation(scores, merged - start, done - merged, self.name)
+        return evaluation_from_scores(scores, merged - start, done - merged, self.name)
 
     @functools.cached_property
     def dynamic(self) -> DynamicRunner:
         """Builds and scores dynamic (Twin-Merging) candidates on this worker's resident models."""
-        from mergetune.search.dynamic import DynamicRunner  # late: that module imports this one
-
         return DynamicRunner(self.modelset, self.merger, self.models, self._all_tasks, self.tokenizer)
 
     def reference(self, split: Split = "search") -> dict[str, float]:
@@ -170,20 +145,6 @@ class Worker:
 
     def ping(self) -> str:
         return self.name
-
-
-def _evaluation(scores: SuiteScores, merge_s: float, eval_s: float, worker: str) -> Evaluation:
-    bad = [name for name, value in scores.scores.items() if not math.isfinite(value)]
-    if bad:
-        raise MergetuneError(f"non-finite score on task(s) {bad}: the merged model produced NaN/inf")
-    return Evaluation(
-        scores=scores.scores,
-        normalized={k: float(v) for k, v in scores.normalized.items()},
-        metrics={name: dict(t.metrics) for name, t in scores.tasks.items()},
-        merge_seconds=merge_s,
-        eval_seconds=eval_s,
-        worker=worker,
-    )
 
 
 def split_holdout(task: TaskData, fraction: float, seed: int) -> tuple[TaskData, TaskData]:
@@ -211,14 +172,14 @@ def _subset(split: SplitData, rows: np.ndarray) -> SplitData:
 
 def _quiet_transformers() -> None:
     """No per-model loading bars: a worker loads one model per task, the search shows its own progress."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # late: transformers is heavy
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
 
 def _tokenizer(setup: WorkerSetup) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # late: transformers is heavy
 
     for source in (setup.base, *setup.experts.values()):
         try:

@@ -1,6 +1,6 @@
 """Twin-Merging (Lu et al., 2024, "Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging").
 
-A *dynamic* recipe: the merged model depends on the input. Its parts (see :mod:`mergetune.merging.twin`):
+A *dynamic* recipe: the merged model depends on the input. Its parts (see :mod:`mergetune.twin`):
 
 1. shared knowledge θ* = the shared merge (any static method; the paper's is Task Arithmetic,
    θ* = θ_0 + λ Σ_t τ_t with λ = 0.3);
@@ -15,7 +15,7 @@ In a recipe, ``method: twin`` and the recipe's ``weight``, ``density``, ``groupi
 those of the shared merge; ``options`` name the shared method (with its own options), the
 compression, the routing and the router's training. This module registers the method so recipes
 validate strictly and the search space can tune it like any other; ``Merger.merge`` refuses it
-(one static set of weights cannot hold a routed model): build it with :func:`mergetune.merging.twin.build_twin`.
+(one static set of weights cannot hold a routed model): build it with :func:`mergetune.twin.build_twin`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from mergetune.errors import RecipeError
 from mergetune.merging.methods.base import MergeMethod, MethodOptions
+from mergetune.merging.methods.registry import get_method
+from mergetune.recipe import Recipe
 
 if TYPE_CHECKING:
     from mergetune.merging.engine import MergeContext
-    from mergetune.recipe import Recipe
 
 TWIN = "twin"
 DEFAULT_SHARED = "task_arithmetic"
@@ -62,8 +63,6 @@ class TwinOptions(MethodOptions):
     @field_validator("shared_method")
     @classmethod
     def _static_shared_method(cls, name: str) -> str:
-        from mergetune.merging.methods import get_method  # late: the registry imports this module
-
         try:
             method = get_method(name)
         except RecipeError as exc:
@@ -75,8 +74,6 @@ class TwinOptions(MethodOptions):
     @field_validator("shared_options")
     @classmethod
     def _shared_method_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from mergetune.merging.methods import get_method
-
         if "shared_method" in info.data:  # absent when the shared method itself failed validation
             get_method(info.data["shared_method"]).Options.model_validate(options)
         return options
@@ -99,8 +96,6 @@ class TwinMethod(MergeMethod):
 
     def density_used(self, option_spec: Mapping[str, Any]) -> bool:
         """Density matters only when a shared method that may be chosen uses it."""
-        from mergetune.merging.methods import get_method
-
         shared = option_spec.get("shared_method", DEFAULT_SHARED)
         names = shared if isinstance(shared, list) else [shared]
         return any(get_method(str(n)).uses_density for n in names)
@@ -108,13 +103,11 @@ class TwinMethod(MergeMethod):
 
 def shared_recipe(recipe: Recipe) -> Recipe:
     """The static recipe of θ*: the Twin recipe's models, weight, density, grouping, dtype and seed."""
-    from mergetune.recipe import Recipe as RecipeModel
-
     if recipe.method != TWIN:
         raise RecipeError(f"expected a '{TWIN}' recipe, got method '{recipe.method}'")
     options = twin_options(recipe)
     data = recipe.to_dict() | {"method": options.shared_method, "options": options.shared_options}
-    return RecipeModel.model_validate(data)
+    return Recipe.model_validate(data)
 
 
 def twin_options(recipe: Recipe) -> TwinOptions:

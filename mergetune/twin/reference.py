@@ -15,8 +15,8 @@ from torch import nn
 from torch.func import functional_call
 
 from mergetune.forward import best_prefix, forward_params
-from mergetune.merging.twin.model import Twin
-from mergetune.merging.twin.router import body_of, pooled_hidden, routing_weights
+from mergetune.twin.model import Twin
+from mergetune.twin.router import body_of, pooled_hidden, routing_weights
 
 
 class NaiveTwin:

@@ -29,7 +29,7 @@ from torch import nn
 
 from mergetune.errors import RecipeError
 from mergetune.forward import best_prefix
-from mergetune.merging.twin.exclusive import ExclusiveKnowledge, ExclusiveTensor
+from mergetune.twin.exclusive import ExclusiveKnowledge, ExclusiveTensor
 
 Hook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]
 

@@ -27,13 +27,13 @@ from mergetune.errors import MergetuneError, RecipeError, read_config_file
 from mergetune.merging.engine import Merger
 from mergetune.merging.methods.twin import TWIN
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.twin.io import LoadedTwin, load_twin, save_twin, twin_task_models
-from mergetune.merging.twin.model import Twin, build_twin
-from mergetune.merging.twin.router import body_of
 from mergetune.objectives.models import load_task_model
 from mergetune.objectives.suite import SuiteScores, ValidationSuite
 from mergetune.objectives.tasks import TaskConfig
 from mergetune.recipe import Recipe
+from mergetune.twin.io import LoadedTwin, load_twin, save_twin, twin_task_models
+from mergetune.twin.model import Twin, build_twin
+from mergetune.twin.router import body_of
 
 ZOO_RECORD = "zoo_expert.json"
 WORST_SHOWN = 5
@@ -140,13 +140,13 @@ def evaluate_folder(
 
 def _quiet_loading() -> None:
     """No per-model 'Loading weights' bars: the commands print their own report."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # late: transformers is heavy
 
     hf_logging.disable_progress_bar()
 
 
 def _tokenizer(sources: list[str | Path], trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # late: transformers is heavy
 
     for source in sources:
         try:

@@ -31,9 +31,11 @@ from mergetune.forward import forward_params
 from mergetune.merging.engine import Merger
 from mergetune.merging.methods.twin import TwinOptions, shared_recipe, twin_options
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.twin.adapters import Routing, adapters
-from mergetune.merging.twin.exclusive import ExclusiveKnowledge, exclusive_knowledge
-from mergetune.merging.twin.router import (
+from mergetune.objectives.tasks import TaskData
+from mergetune.recipe import Recipe
+from mergetune.twin.adapters import Routing, adapters
+from mergetune.twin.exclusive import ExclusiveKnowledge, exclusive_knowledge
+from mergetune.twin.router import (
     Router,
     body_of,
     pooled_hidden,
@@ -42,8 +44,6 @@ from mergetune.merging.twin.router import (
     task_features,
     train_router,
 )
-from mergetune.objectives.tasks import TaskData
-from mergetune.recipe import Recipe
 
 T = TypeVar("T")
 

@@ -33,11 +33,12 @@ from mergetune.merging.loading import read_folder, read_weights_file
 from mergetune.merging.methods.twin import shared_recipe
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.save import save_merged
-from mergetune.merging.twin.exclusive import DROPPED, LOW_RANK, ExclusiveKnowledge, ExclusiveTensor
-from mergetune.merging.twin.model import Twin
-from mergetune.merging.twin.router import Router
+from mergetune.objectives.models import check_head, overwrite_shared, task_model_class
 from mergetune.objectives.tasks import TaskConfig, TaskData
 from mergetune.recipe import Recipe
+from mergetune.twin.exclusive import DROPPED, LOW_RANK, ExclusiveKnowledge, ExclusiveTensor
+from mergetune.twin.model import Twin
+from mergetune.twin.router import Router
 
 FORMAT = "mergetune-twin"
 VERSION = 1
@@ -186,9 +187,7 @@ def twin_task_models(loaded: LoadedTwin, tasks: Sequence[TaskData], device: str 
 
 
 def _task_model(loaded: LoadedTwin, task: TaskData, device: str) -> nn.Module:
-    from transformers import AutoConfig
-
-    from mergetune.objectives.models import check_head, overwrite_shared, task_model_class
+    from transformers import AutoConfig  # late: transformers is heavy, only this path needs it here
 
     shared_dir = loaded.shared_dir
     options = {"num_labels": task.num_labels} if task.num_labels else {}

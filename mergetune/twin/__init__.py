@@ -15,6 +15,6 @@ training, routing weights), :mod:`.adapters` (the batched low-rank forward hooks
 side (``method: twin`` and its options) is :mod:`mergetune.merging.methods.twin`.
 """
 
-from mergetune.merging.twin.model import RoutedModel, Twin, TwinCache, build_twin
+from mergetune.twin.model import RoutedModel, Twin, TwinCache, build_twin
 
 __all__ = ["RoutedModel", "Twin", "TwinCache", "build_twin"]

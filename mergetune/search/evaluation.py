@@ -1,0 +1,53 @@
+"""One candidate's evaluation: its scores and where the time went.
+
+Its own module so that the worker (which scores static candidates and hands dynamic ones to
+:mod:`mergetune.search.dynamic`) and the dynamic runner (which annotates an evaluation with its routing
+statistics) both build on it without importing each other both ways: worker -> dynamic -> evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mergetune.errors import MergetuneError
+from mergetune.objectives.suite import SuiteScores
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One candidate's scores (higher is better) and where the time went."""
+
+    scores: dict[str, float]
+    normalized: dict[str, float]
+    metrics: dict[str, dict[str, float]]
+    merge_seconds: float
+    eval_seconds: float
+    worker: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_normalized(self) -> float:
+        return float(np.mean(list(self.normalized.values())))
+
+    @property
+    def worst_normalized(self) -> float:
+        return float(min(self.normalized.values()))
+
+
+def evaluation_from_scores(scores: SuiteScores, merge_s: float, eval_s: float, worker: str) -> Evaluation:
+    """A suite's scores as an Evaluation; a non-finite score is an error (the merged model produced NaN/inf)."""
+    bad = [name for name, value in scores.scores.items() if not math.isfinite(value)]
+    if bad:
+        raise MergetuneError(f"non-finite score on task(s) {bad}: the merged model produced NaN/inf")
+    return Evaluation(
+        scores=scores.scores,
+        normalized={k: float(v) for k, v in scores.normalized.items()},
+        metrics={name: dict(t.metrics) for name, t in scores.tasks.items()},
+        merge_seconds=merge_s,
+        eval_seconds=eval_s,
+        worker=worker,
+    )
