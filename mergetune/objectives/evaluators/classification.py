@@ -28,6 +28,7 @@ from mergetune.objectives.evaluators.base import (
     pad_id,
 )
 
+#: How a batch becomes logits over the labels (default: :func:`sequence_logits`; see :func:`pooled_head_logits`).
 LogitsFn = Callable[[nn.Module, Inputs], torch.Tensor]
 
 
