@@ -151,7 +151,7 @@ def test_killed_search_resumes_without_losing_or_repeating_candidates(tmp_path: 
 
 
 def test_floors_on_some_tasks_name_their_own_constraints() -> None:
-    from mergetune.search.loop import outcome_of
+    from mergetune.search.outcomes import outcome_of
 
     config = SearchConfig.model_validate(
         {"name": "x", "models": {"zoo": "tiny"}, "space": {"methods": ["ties"]}, "objectives": {"floors": {"c": 0.9}}}
