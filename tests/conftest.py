@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants as hub_constants
 import optuna
 import pytest
 import torch
@@ -33,6 +34,7 @@ from optuna.trial import TrialState
 
 from mergetune.merging.engine import Merger
 from mergetune.merging.modelset import ModelSet
+from mergetune.objectives.zoo import build_zoo
 from mergetune.recipe import Recipe
 from mergetune.search.storage import open_storage
 
@@ -127,8 +129,6 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDirs:
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
     """The real tiny zoo (3 experts of a random 2-layer BERT trained on real corpora), built once in a private cache."""
-    from mergetune.objectives.zoo import build_zoo
-
     return build_zoo("tiny", cache_dir=tmp_path_factory.mktemp("zoo-cache"), progress=False)
 
 
@@ -139,8 +139,6 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     The environment variable alone is not enough once ``huggingface_hub`` is imported (it reads
     it at import time), so the module constants are patched too.
     """
-    import huggingface_hub.constants as hub_constants
-
     cache = tmp_path / "hub-cache"
     cache.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -153,8 +151,6 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def zoo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment with a private zoo cache holding the tiny zoo (built once, seconds)."""
-    from mergetune.objectives.zoo import build_zoo
-
     cache = tmp_path_factory.mktemp("cache")
     build_zoo("tiny", cache_dir=cache, progress=False)
     return {"MERGETUNE_CACHE": str(cache), "MERGETUNE_COMPILE": "0"}
