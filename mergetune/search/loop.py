@@ -255,7 +255,7 @@ class SearchLoop:
         self.overheads: list[float] = []
         self._best_mean: float | None = None
 
-    # ---- setup -----------------------------------------------------------------------------------
+    # ---- lifecycle and resume --------------------------------------------------------------------
     def close(self) -> None:
         """Stop the executor's workers (and a Ray runtime it started); the storage stays as it is."""
         self.executor.close()
