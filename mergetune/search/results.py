@@ -1,4 +1,6 @@
-"""What a search leaves behind: the result files written when it finishes (``mergetune status``: ``status``).
+"""What a search leaves behind: the result files written when it finishes.
+
+``mergetune status``, which reads a search's storage while it runs, is ``search.status``.
 
 ``write_results`` writes, under the output folder:
 
