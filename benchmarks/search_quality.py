@@ -66,7 +66,7 @@ import yaml
 
 from mergetune.merging.methods import METHODS
 from mergetune.search.config import SearchConfig
-from mergetune.search.loop import SearchLoop
+from mergetune.search.loop import open_search
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "text8.yaml"
@@ -190,7 +190,7 @@ def run_protocol(protocol: str, config: SearchConfig, settings: dict[str, Any]) 
     previous_wall = float(stamp.get("wall_s") or 0.0) if stamp else 0.0
     stamp_path.write_text(json.dumps({"settings": settings, "finished": False, "wall_s": previous_wall}, indent=2))
     started = time.perf_counter()
-    loop = SearchLoop(config)
+    loop = open_search(config)
     try:
         summary = loop.run()
     finally:

@@ -175,7 +175,7 @@ def status(
     top: Annotated[int, typer.Option(min=1, help="Rows of the optimised front to show.")] = 10,
 ) -> None:
     """Show a search, running or finished: trials by state, best feasible mean, front, recent errors."""
-    from mergetune.search.results import status_report
+    from mergetune.search.status import status_report
 
     with _errors():
         console.print(status_report(storage, study, top))

@@ -13,16 +13,16 @@ from pathlib import Path
 from rich.console import Console
 
 from mergetune.errors import MergetuneError
+from mergetune.merging.save import merge_to_folder
+from mergetune.recipe import Recipe
+from mergetune.search.config import SearchConfig
+from mergetune.search.progress import run_with_progress
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "text4.yaml"
 
 
 def run_demo(out_dir: Path | None, console: Console) -> Path:
-    from mergetune.merging.save import merge_to_folder
-    from mergetune.recipe import Recipe
-    from mergetune.search.config import SearchConfig
-    from mergetune.search.progress import run_with_progress
-
+    """Run the demo search into ``out_dir`` (default: the config's output) and merge its chosen recipe."""
     if not DEMO_CONFIG.is_file():
         raise MergetuneError(f"demo config not found at {DEMO_CONFIG}: run the demo from a clone of the repository")
     config = SearchConfig.load(DEMO_CONFIG)

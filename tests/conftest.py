@@ -8,7 +8,9 @@ Every model is a few thousand parameters, built once per test session and saved 
 - ``tiny_llama_dir``: a ``LlamaForCausalLM`` base and experts of the same class;
 - ``zoo_env``: environment variables pointing at a private cache holding the real tiny zoo
   (MiniLM experts, built once per session), with kernel compilation off for speed; ``run_cli``
-  and ``trials_by_state`` run ``mergetune`` in a subprocess and read a search's storage back.
+  and ``trials_by_state`` run ``mergetune`` in a subprocess and read a search's storage back;
+- ``make_models``, ``make_recipe`` and ``merge``: in-memory state dicts, recipes over them and
+  their merge, shared by the merge-method tests (import them with ``from conftest import ...``).
 
 Experts are the base plus small seeded noise, so their task vectors are known and reproducible.
 Model initialisation runs under a forked, seeded RNG: building them leaves the global RNG alone.
@@ -19,15 +21,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import huggingface_hub.constants as hub_constants
 import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
 
+from mergetune.merging.engine import Merger
+from mergetune.merging.modelset import ModelSet
+from mergetune.objectives.zoo import build_zoo
+from mergetune.recipe import Recipe
 from mergetune.search.storage import open_storage
 
 TINY_DIMS = {"vocab_size": 99, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -36,6 +44,7 @@ LLAMA_TASKS = ("math", "code", "chat")
 EXPERT_NOISE = 0.01
 
 ModelDirs = tuple[Path, dict[str, Path]]
+State = dict[str, torch.Tensor]
 
 
 @contextmanager
@@ -120,8 +129,6 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDirs:
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
     """The real tiny zoo (3 experts of a random 2-layer BERT trained on real corpora), built once in a private cache."""
-    from mergetune.objectives.zoo import build_zoo
-
     return build_zoo("tiny", cache_dir=tmp_path_factory.mktemp("zoo-cache"), progress=False)
 
 
@@ -132,8 +139,6 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     The environment variable alone is not enough once ``huggingface_hub`` is imported (it reads
     it at import time), so the module constants are patched too.
     """
-    import huggingface_hub.constants as hub_constants
-
     cache = tmp_path / "hub-cache"
     cache.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -146,8 +151,6 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def zoo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment with a private zoo cache holding the tiny zoo (built once, seconds)."""
-    from mergetune.objectives.zoo import build_zoo
-
     cache = tmp_path_factory.mktemp("cache")
     build_zoo("tiny", cache_dir=cache, progress=False)
     return {"MERGETUNE_CACHE": str(cache), "MERGETUNE_COMPILE": "0"}
@@ -170,3 +173,33 @@ def trials_by_state(journal: Path, name: str = "tiny-test") -> dict[TrialState, 
     for t in study.get_trials(deepcopy=False):
         out.setdefault(t.state, []).append(t)
     return out
+
+
+# ---- in-memory models, recipes over them, and their merge (merge-method tests) ----------------------
+def make_models(
+    shapes: dict[str, tuple[int, ...]], tasks: Sequence[str], *, seed: int = 0, noise: float = 0.5
+) -> tuple[State, dict[str, State]]:
+    """A random base state dict and one expert per task: the base plus ``noise`` times standard normal noise.
+
+    Drawn from one generator seeded with ``seed``: the base's tensors in ``shapes`` order, then
+    each task's noise in ``tasks`` order, so the same arguments always give the same tensors.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    experts = {t: {k: v + noise * torch.randn(v.shape, generator=gen) for k, v in base.items()} for t in tasks}
+    return base, experts
+
+
+def make_recipe(method: str, tasks: Sequence[str], **fields: Any) -> Recipe:
+    """A recipe of ``method`` over in-memory experts named ``tasks`` (their paths are placeholders).
+
+    Parsed like a recipe file, so invalid fields or options raise ``RecipeError``.
+    """
+    experts = [{"name": t, "model": "x"} for t in tasks]
+    return Recipe.parse({"base": "b", "experts": experts, "method": method, **fields})
+
+
+def merge(modelset: ModelSet, recipe: Recipe, *, compile: bool = False, **merger_options: Any) -> State:
+    """The merged tensors, cloned: the Merger returns views of a buffer that its next merge overwrites."""
+    merged = Merger(modelset, compile=compile, **merger_options).merge(recipe)
+    return {k: v.clone() for k, v in merged.items()}

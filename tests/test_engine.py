@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_models, make_recipe, merge
 
 from mergetune.errors import RecipeError
 from mergetune.merging.engine import Merger
@@ -24,17 +25,6 @@ SHAPES = {
     "layers.1.scale": (1,),
     "norm.weight": (4,),
 }
-
-
-def make_models(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    gen = torch.Generator().manual_seed(seed)
-    base = {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
-    experts = {t: {n: v + torch.randn(v.shape, generator=gen) for n, v in base.items()} for t in TASKS}
-    return base, experts
-
-
-def recipe(method: str, **kw: object) -> Recipe:
-    return Recipe(base="base", experts=[{"name": t, "model": t} for t in TASKS], method=method, **kw)
 
 
 def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -55,12 +45,12 @@ GROUPS = ["embed", "blocks.0", "blocks.1", "head"]
 
 @pytest.fixture(scope="module")
 def models():
-    base, experts = make_models()
+    base, experts = make_models(SHAPES, TASKS, noise=1.0)
     return base, experts, ModelSet.load(base, experts)
 
 
 def merged_flat(ms: ModelSet, r: Recipe, **kw: object) -> torch.Tensor:
-    return flat(Merger(ms, compile=False, **kw).merge(r))
+    return flat(merge(ms, r, **kw))
 
 
 def topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
@@ -100,7 +90,7 @@ def ties_reference(tv: torch.Tensor, weights: torch.Tensor, disjoint: str, befor
 def test_task_arithmetic_per_task_and_per_group(models):
     base, experts, ms = models
     weight = {"a": 0.5, "b": [0.1, 0.2, 0.3, 0.4], "c": {"blocks.1": 2.0, "*": -1.0}}
-    got = merged_flat(ms, recipe("task_arithmetic", weight=weight))
+    got = merged_flat(ms, make_recipe("task_arithmetic", TASKS, weight=weight))
     per_group = {"a": [0.5] * 4, "b": [0.1, 0.2, 0.3, 0.4], "c": [-1.0, -1.0, 2.0, -1.0]}
     tv = task_vectors(base, experts)
     expected = {
@@ -112,7 +102,7 @@ def test_task_arithmetic_per_task_and_per_group(models):
 
 def test_average_is_mean_of_experts(models):
     _, experts, ms = models
-    got = merged_flat(ms, recipe("average"))
+    got = merged_flat(ms, make_recipe("average", TASKS))
     expected = {n: sum(experts[t][n] for t in TASKS) / 3 for n in SHAPES}
     torch.testing.assert_close(got, flat(expected), rtol=0, atol=1e-6)
 
@@ -144,8 +134,9 @@ def trimmed_flat(base, experts, density: float, scope: str) -> torch.Tensor:
 def test_ties_matches_reference(models, scope, disjoint, weights):
     base, experts, ms = models
     lam = {"a": 0.7, "b": 1.3, "c": 0.4}
-    r = recipe(
+    r = make_recipe(
         "ties",
+        TASKS,
         weight=lam,
         density=0.3,
         options={"scope": scope, "disjoint": disjoint, "weights": weights, "scale": 1.5},
@@ -166,7 +157,7 @@ def single_tensor_models(values: list[list[float]]) -> ModelSet:
 def test_ties_keeps_ties_at_threshold():
     # density 0.25 of 4 entries keeps 1 entry; two entries tie at the largest magnitude: both kept.
     ms = single_tensor_models([[3.0, -3.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    out = Merger(ms, compile=False).merge(recipe("ties", density=0.25, options={"disjoint": "sum"}))["w"]
+    out = Merger(ms, compile=False).merge(make_recipe("ties", TASKS, density=0.25, options={"disjoint": "sum"}))["w"]
     # sign sum of the kept entries: +3 at entry 0, -3 at entry 1; nothing else survives.
     assert out.tolist() == [3.0, -3.0, 0.0, 0.0]
 
@@ -174,15 +165,15 @@ def test_ties_keeps_ties_at_threshold():
 def test_ties_zero_sign_sum_falls_back_to_majority():
     # entry 0: +2, -1, -1 -> sum 0; majority of signs is negative -> keep the two -1 (mean -1).
     ms = single_tensor_models([[2.0, 1.0], [-1.0, 1.0], [-1.0, 1.0]])
-    out = Merger(ms, compile=False).merge(recipe("ties", density=1.0))["w"]
+    out = Merger(ms, compile=False).merge(make_recipe("ties", TASKS, density=1.0))["w"]
     assert out.tolist() == [-1.0, 1.0]
 
 
 def test_ties_density_zero_and_one(models):
     base, experts, ms = models
-    zero = merged_flat(ms, recipe("ties", density=0.0))
+    zero = merged_flat(ms, make_recipe("ties", TASKS, density=0.0))
     torch.testing.assert_close(zero, flat(base), rtol=0, atol=0)
-    full = merged_flat(ms, recipe("ties", density=1.0, options={"disjoint": "sum"}))
+    full = merged_flat(ms, make_recipe("ties", TASKS, density=1.0, options={"disjoint": "sum"}))
     trimmed = trimmed_flat(base, experts, 1.0, "global")
     expected = flat(base) + ties_reference(trimmed, torch.ones_like(trimmed), "sum", False)
     torch.testing.assert_close(full, expected, rtol=0, atol=1e-5)
@@ -193,15 +184,17 @@ def test_one_element_tensor_per_row_scope():
     experts = {"a": {"s": torch.tensor([2.0])}, "b": {"s": torch.tensor([-0.5])}, "c": {"s": torch.tensor([1.0])}}
     ms = ModelSet.load(base, experts)
     # density 0.5 of a single entry keeps floor(0.5) = 0 entries; density 1.0 keeps it.
-    r_half = recipe("ties", density=0.5, options={"scope": "row"})
+    r_half = make_recipe("ties", TASKS, density=0.5, options={"scope": "row"})
     assert Merger(ms, compile=False).merge(r_half)["s"].tolist() == [0.0]
-    r_full = recipe("ties", density=1.0, options={"scope": "row"})
+    r_full = make_recipe("ties", TASKS, density=1.0, options={"scope": "row"})
     assert Merger(ms, compile=False).merge(r_full)["s"].tolist() == [1.5]  # mean of +2 and +1
 
 
 def test_same_recipe_same_bits_and_chunking_does_not_matter(models):
     _, _, ms = models
-    r = recipe("ties", weight={"a": [0.2, 0.9], "*": 0.5}, density={"*": 0.4, "b": {"blocks.0": 0.1, "*": 0.6}})
+    r = make_recipe(
+        "ties", TASKS, weight={"a": [0.2, 0.9], "*": 0.5}, density={"*": 0.4, "b": {"blocks.0": 0.1, "*": 0.6}}
+    )
     first = merged_flat(ms, r)
     again = flat(Merger(ms, compile=False).merge(r))
     tiny_chunks = merged_flat(ms, r, chunk_size=4)
@@ -224,7 +217,7 @@ def test_precomputed_thresholds_equal_naive_kthvalue(models, scope):
 
 def test_output_dtype_follows_recipe(models):
     _, _, ms = models
-    out = Merger(ms, compile=False).merge(recipe("task_arithmetic", weight=0.3, dtype="bfloat16"))
+    out = Merger(ms, compile=False).merge(make_recipe("task_arithmetic", TASKS, weight=0.3, dtype="bfloat16"))
     assert all(t.dtype == torch.bfloat16 for t in out.values())
 
 
@@ -238,16 +231,18 @@ def test_recipe_tasks_must_match_models(models):
 def test_unknown_group_in_recipe_is_named(models):
     _, _, ms = models
     with pytest.raises(RecipeError, match=r"unknown layer group.*blocks\.7"):
-        Merger(ms, compile=False).merge(recipe("task_arithmetic", weight={"a": {"blocks.7": 1.0, "*": 0.0}, "*": 1.0}))
+        Merger(ms, compile=False).merge(
+            make_recipe("task_arithmetic", TASKS, weight={"a": {"blocks.7": 1.0, "*": 0.0}, "*": 1.0})
+        )
 
 
 def test_compiled_kernels_agree_with_eager(models):
     """torch.compile fuses each kernel; it must compute the same merge (to float rounding)."""
     _, _, ms = models
     eager, compiled = Merger(ms, compile=False), Merger(ms, compile=True)
-    for r in (recipe("task_arithmetic", weight=0.3), recipe("ties", weight=0.8, density=0.2)):
+    for r in (make_recipe("task_arithmetic", TASKS, weight=0.3), make_recipe("ties", TASKS, weight=0.8, density=0.2)):
         torch.testing.assert_close(flat(compiled.merge(r)), flat(eager.merge(r)), rtol=1e-6, atol=1e-6)
-    again = recipe("ties", weight=0.8, density=0.2)
+    again = make_recipe("ties", TASKS, weight=0.8, density=0.2)
     assert torch.equal(flat(compiled.merge(again)), flat(Merger(ms, compile=True).merge(again)))
 
 
@@ -284,8 +279,8 @@ def test_bfloat16_storage_merges_close_to_float32(models):
     ms16 = ModelSet.load(base, experts, storage_dtype=torch.bfloat16)
     assert ms16.tau.dtype == torch.bfloat16
     for r in (
-        recipe("task_arithmetic", weight=0.4),
-        recipe("ties", weight=0.8, density=0.5, options={"scope": "tensor"}),
+        make_recipe("task_arithmetic", TASKS, weight=0.4),
+        make_recipe("ties", TASKS, weight=0.8, density=0.5, options={"scope": "tensor"}),
     ):
         got16 = merged_flat(ms16, r)
         got32 = merged_flat(ms32, r)

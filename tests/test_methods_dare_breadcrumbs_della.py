@@ -9,16 +9,17 @@ draw the same masks.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
+from conftest import State, make_models, make_recipe, merge
 
 from mergetune.errors import RecipeError
 from mergetune.merging.engine import Merger
 from mergetune.merging.methods.della import RANK_KIND, della_ranks
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import tensor_keys, uniform
-from mergetune.recipe import Recipe
 
 TASKS = ["t0", "t1", "t2"]
 SHAPES = {"layers.0.w": (4, 5), "layers.0.b": (5,), "layers.1.w": (3, 5), "layers.1.s": (1,)}
@@ -30,43 +31,15 @@ WEIGHT = [[0.5, 0.5], [0.3, 0.9], [1.2, 0.7]]
 DENSITY_SPEC = {"t0": 0.3, "t1": [0.5, 0.8], "t2": 0.6}
 DENSITY = [[0.3, 0.3], [0.5, 0.8], [0.6, 0.6]]
 
-State = dict[str, torch.Tensor]
-
 
 # ---- fixtures and helpers ---------------------------------------------------------------------------
-def make_models(shapes: dict[str, tuple[int, ...]], n_tasks: int, seed: int = 0) -> tuple[State, dict[str, State]]:
-    g = torch.Generator().manual_seed(seed)
-    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-    experts = {
-        f"t{t}": {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in range(n_tasks)
-    }
-    return base, experts
-
-
 @pytest.fixture(scope="module")
 def models() -> tuple[State, dict[str, State], ModelSet]:
-    base, experts = make_models(SHAPES, len(TASKS))
+    base, experts = make_models(SHAPES, TASKS)
     return base, experts, ModelSet.load(base, experts)
 
 
-def recipe(method: str, *, weight=1.0, density=1.0, options=None, seed: int = 0, tasks=TASKS) -> Recipe:
-    experts = [{"name": t, "model": "x"} for t in tasks]
-    return Recipe.parse(
-        {
-            "base": "b",
-            "experts": experts,
-            "method": method,
-            "weight": weight,
-            "density": density,
-            "options": options or {},
-            "seed": seed,
-        }
-    )
-
-
-def merge(ms: ModelSet, rec: Recipe, **kwargs) -> State:
-    """Merged tensors, cloned (the Merger returns views of a buffer reused by the next merge)."""
-    return {k: v.clone() for k, v in Merger(ms, compile=False, **kwargs).merge(rec).items()}
+recipe = partial(make_recipe, tasks=TASKS)  # the shared helper over this module's tasks (``tasks=`` overrides)
 
 
 def task_vectors(base: State, experts: dict[str, State]) -> dict[str, list[torch.Tensor]]:
@@ -191,7 +164,7 @@ def test_dare_linear_matches_reference(models) -> None:
 def test_dare_is_unbiased_and_keeps_fraction_d() -> None:
     """One big tensor: keep rate ≈ d and Σ(τ̃ − τ) ≈ 0, within 5 standard deviations of the sampling noise."""
     d = 0.3
-    base, experts = make_models({"layers.0.w": (200, 250)}, 1, seed=3)
+    base, experts = make_models({"layers.0.w": (200, 250)}, ["t0"], seed=3)
     ms = ModelSet.load(base, experts)
     tau = (experts["t0"]["layers.0.w"] - base["layers.0.w"]).double()
     got = merge(ms, recipe("dare_linear", density=d, seed=11, tasks=["t0"]))["layers.0.w"]

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import State, make_models, make_recipe, merge
 
 from mergetune.errors import RecipeError
 from mergetune.merging.engine import Merger, compile_available
@@ -23,28 +24,9 @@ from mergetune.recipe import Recipe
 SHAPES = {"layers.0.w": (6, 4), "layers.0.b": (4,), "layers.1.s": (1,)}
 GROUP = {"layers.0.w": "blocks.0", "layers.0.b": "blocks.0", "layers.1.s": "blocks.1"}
 TASKS = ["t0", "t1", "t2"]
-State = dict[str, torch.Tensor]
 
 
 # ---- fixtures and helpers -------------------------------------------------------------------------
-def make_models(shapes: dict[str, tuple[int, ...]], n_tasks: int, seed: int = 0) -> tuple[State, dict[str, State]]:
-    gen = torch.Generator().manual_seed(seed)
-    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    experts = {
-        f"t{t}": {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for t in range(n_tasks)
-    }
-    return base, experts
-
-
-def recipe(method: str, tasks: list[str], **fields) -> Recipe:
-    return Recipe(base="b", experts=[{"name": t, "model": "x"} for t in tasks], method=method, **fields)
-
-
-def merge(base: State, experts: dict[str, State], rec: Recipe, compile: bool = False) -> State:
-    out = Merger(ModelSet.load(base, experts), compile=compile).merge(rec)
-    return {k: v.clone() for k, v in out.items()}
-
-
 def deltas(base: State, experts: dict[str, State], tasks: list[str]) -> dict[str, torch.Tensor]:
     """Task vectors per tensor, ``[T, *shape]`` float64."""
     return {k: torch.stack([experts[t][k].double() - base[k].double() for t in tasks]) for k in base}
@@ -127,37 +109,37 @@ def _density_row(density, tasks: list[str], group: str, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_pcb_matches_reference(scope: str, inter: str) -> None:
     """Both scopes × both inter variants, per-task λ and per-task density, against the reference."""
-    base, experts = make_models(SHAPES, 3)
+    base, experts = make_models(SHAPES, TASKS)
     weight = {"t0": 0.5, "t1": 1.0, "t2": 1.5}
     density = {"t0": 0.2, "t1": 0.5, "t2": 0.8}
     opts = {"scope": scope, "inter": inter, "scale": 1.3}
-    out = merge(base, experts, recipe("pcb", TASKS, weight=weight, density=density, options=opts))
+    out = merge(ModelSet.load(base, experts), make_recipe("pcb", TASKS, weight=weight, density=density, options=opts))
     expected = ref_pcb(base, experts, TASKS, scope=scope, inter=inter, weight=weight, density=density, scale=1.3)
     assert_delta(out, base, expected)
 
 
 def test_pcb_per_group_density_and_larger_clip_quantile() -> None:
     """Tensor scope with a density per task and layer group, and q = 0.1 (clips 3 of 24 on each side)."""
-    base, experts = make_models(SHAPES, 3, seed=1)
+    base, experts = make_models(SHAPES, TASKS, seed=1)
     density = {"t0": {"blocks.0": 0.3, "blocks.1": 1.0}, "*": {"blocks.0": 0.7, "blocks.1": 0.0}}
     opts = {"scope": "tensor", "clip_quantile": 0.1}
-    out = merge(base, experts, recipe("pcb", TASKS, weight=0.8, density=density, options=opts))
+    out = merge(ModelSet.load(base, experts), make_recipe("pcb", TASKS, weight=0.8, density=density, options=opts))
     full = {t: density.get(t, density["*"]) for t in TASKS}
     expected = ref_pcb(base, experts, TASKS, scope="tensor", q=0.1, weight=0.8, density=full)
     assert_delta(out, base, expected)
 
 
 def test_pcb_density_zero_merges_nothing() -> None:
-    base, experts = make_models(SHAPES, 3)
-    out = merge(base, experts, recipe("pcb", TASKS, weight=1.0, density=0.0))
+    base, experts = make_models(SHAPES, TASKS)
+    out = merge(ModelSet.load(base, experts), make_recipe("pcb", TASKS, weight=1.0, density=0.0))
     for k in base:
         torch.testing.assert_close(out[k], base[k])
 
 
 def test_pcb_density_one_keeps_all_but_the_minimum() -> None:
     """T = 1, r = 1: Δ = λ τ̄ everywhere but at the smallest β (= smallest |τ|), where Δ = 0."""
-    base, experts = make_models(SHAPES, 1)
-    out = merge(base, experts, recipe("pcb", ["t0"], weight=0.7, density=1.0))
+    base, experts = make_models(SHAPES, ["t0"])
+    out = merge(ModelSet.load(base, experts), make_recipe("pcb", ["t0"], weight=0.7, density=1.0))
     expected = ref_pcb(base, experts, ["t0"], weight=0.7, density=1.0)
     assert_delta(out, base, expected)
     flat = torch.cat([(out[k].double() - base[k].double()).reshape(-1) for k in base])
@@ -168,19 +150,19 @@ def test_pcb_density_one_keeps_all_but_the_minimum() -> None:
 
 def test_pcb_keeps_floor_density_entries() -> None:
     """T = 1: exactly ⌊r·n⌋ entries of the global block survive the drop (n = 29)."""
-    base, experts = make_models(SHAPES, 1, seed=3)
+    base, experts = make_models(SHAPES, ["t0"], seed=3)
     for r in (0.1, 0.3, 0.5, 0.9):
-        out = merge(base, experts, recipe("pcb", ["t0"], weight=1.0, density=r))
+        out = merge(ModelSet.load(base, experts), make_recipe("pcb", ["t0"], weight=1.0, density=r))
         nonzero = sum(int((out[k] - base[k] != 0).sum()) for k in base)
         assert nonzero == math.floor(r * 29), r
 
 
 def test_pcb_clips_an_outlier() -> None:
     """Three identical experts with one huge entry: the merge gives λ·(2nd largest |τ|), signed, there."""
-    base, experts = make_models(SHAPES, 1, seed=2)
+    base, experts = make_models(SHAPES, ["t0"], seed=2)
     experts["t0"]["layers.0.w"][2, 1] = base["layers.0.w"][2, 1] - 1000.0
     same = {t: {k: v.clone() for k, v in experts["t0"].items()} for t in TASKS}
-    out = merge(base, same, recipe("pcb", TASKS, weight=0.5, density=1.0))
+    out = merge(ModelSet.load(base, same), make_recipe("pcb", TASKS, weight=0.5, density=1.0))
     mags = torch.cat([(experts["t0"][k].double() - base[k].double()).abs().reshape(-1) for k in base])
     second = mags.sort(descending=True).values[1]
     got = out["layers.0.w"][2, 1].double() - base["layers.0.w"][2, 1].double()
@@ -193,11 +175,11 @@ def test_pcb_candidates_only_rescale_and_scores_are_computed_once(monkeypatch: p
     calls = []
     original = pcb_module.compute_scores
     monkeypatch.setattr(pcb_module, "compute_scores", lambda *a: calls.append(1) or original(*a))
-    base, experts = make_models(SHAPES, 3)
+    base, experts = make_models(SHAPES, TASKS)
     merger = Merger(ModelSet.load(base, experts), compile=False)
-    one = {k: v.clone() for k, v in merger.merge(recipe("pcb", TASKS, weight=0.4, density=0.5)).items()}
-    two = {k: v.clone() for k, v in merger.merge(recipe("pcb", TASKS, weight=1.2, density=0.3)).items()}
-    three = merger.merge(recipe("pcb", TASKS, weight=3.6, density=0.3))
+    one = {k: v.clone() for k, v in merger.merge(make_recipe("pcb", TASKS, weight=0.4, density=0.5)).items()}
+    two = {k: v.clone() for k, v in merger.merge(make_recipe("pcb", TASKS, weight=1.2, density=0.3)).items()}
+    three = merger.merge(make_recipe("pcb", TASKS, weight=3.6, density=0.3))
     assert len(calls) == 1
     for k in base:
         torch.testing.assert_close(three[k] - base[k], 3.0 * (two[k] - base[k]), atol=1e-5, rtol=1e-5)
@@ -206,9 +188,9 @@ def test_pcb_candidates_only_rescale_and_scores_are_computed_once(monkeypatch: p
 
 @pytest.mark.skipif(not compile_available(torch.device("cpu")), reason="no C++ compiler for torch.compile")
 def test_pcb_compiled_kernel_matches_eager() -> None:
-    base, experts = make_models(SHAPES, 3)
-    rec = recipe("pcb", TASKS, weight={"t0": 0.5, "*": 1.0}, density=0.4, options={"inter": "es"})
-    eager, compiled = merge(base, experts, rec), merge(base, experts, rec, compile=True)
+    base, experts = make_models(SHAPES, TASKS)
+    rec = make_recipe("pcb", TASKS, weight={"t0": 0.5, "*": 1.0}, density=0.4, options={"inter": "es"})
+    eager, compiled = merge(ModelSet.load(base, experts), rec), merge(ModelSet.load(base, experts), rec, compile=True)
     for k in base:
         torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=1e-5)
 
@@ -270,17 +252,17 @@ def ref_tsv(
 @pytest.mark.parametrize("rank_fraction", [1.0, 0.5])
 def test_tsv_matches_reference(rank_fraction: float) -> None:
     """2-D and 3-D tensors against the SVD reference, 1-D ones as the λ-weighted mean / T."""
-    base, experts = make_models(TSV_SHAPES, 3)
+    base, experts = make_models(TSV_SHAPES, TASKS)
     weight = {"t0": 0.5, "t1": 1.0, "t2": 2.0}
     opts = {"rank_fraction": rank_fraction, "scale": 0.7}
-    out = merge(base, experts, recipe("tsv", TASKS, weight=weight, options=opts))
+    out = merge(ModelSet.load(base, experts), make_recipe("tsv", TASKS, weight=weight, options=opts))
     assert_delta(out, base, ref_tsv(base, experts, TASKS, weight, rank_fraction, 0.7), atol=1e-4)
 
 
 def test_tsv_one_dim_rule_is_the_weighted_average() -> None:
-    base, experts = make_models(TSV_SHAPES, 3, seed=5)
+    base, experts = make_models(TSV_SHAPES, TASKS, seed=5)
     weight = {"t0": 0.3, "t1": 0.6, "t2": 0.9}
-    out = merge(base, experts, recipe("tsv", TASKS, weight=weight))
+    out = merge(ModelSet.load(base, experts), make_recipe("tsv", TASKS, weight=weight))
     for k in ("layers.0.b", "layers.1.s"):
         expected = sum(weight[t] * (experts[t][k] - base[k]) for t in TASKS) / 3
         torch.testing.assert_close(out[k] - base[k], expected, atol=1e-6, rtol=1e-5)
@@ -288,7 +270,7 @@ def test_tsv_one_dim_rule_is_the_weighted_average() -> None:
 
 def test_tsv_factors_are_orthonormal() -> None:
     """Reference U⊥ᵀU⊥ = V⊥ᵀV⊥ = I, and the cached factors satisfy the same (usᵀus = diag(S²))."""
-    base, experts = make_models(TSV_SHAPES, 3, seed=4)
+    base, experts = make_models(TSV_SHAPES, TASKS, seed=4)
     mats = deltas(base, experts, TASKS)["layers.0.w"]  # 8 × 12, k = 2 per task, T·k = 6
     ref = ref_tsv_matrix(mats, torch.ones(3, dtype=torch.float64), 1.0)
     eye = torch.eye(6, dtype=torch.float64)
@@ -302,8 +284,8 @@ def test_tsv_factors_are_orthonormal() -> None:
 
 def test_tsv_single_task_full_rank_reproduces_tau() -> None:
     """T = 1, rank_fraction = 1: U⊥ = U, V⊥ = V, so ΔW = λ·scale·τ exactly (to float rounding)."""
-    base, experts = make_models(TSV_SHAPES, 1, seed=6)
-    out = merge(base, experts, recipe("tsv", ["t0"], weight=0.8, options={"scale": 1.5}))
+    base, experts = make_models(TSV_SHAPES, ["t0"], seed=6)
+    out = merge(ModelSet.load(base, experts), make_recipe("tsv", ["t0"], weight=0.8, options={"scale": 1.5}))
     expected = {k: 1.2 * (experts["t0"][k].double() - base[k].double()) for k in base}
     assert_delta(out, base, expected, atol=1e-5)
 
@@ -313,12 +295,12 @@ def test_tsv_candidates_only_rescale_and_svds_run_once(monkeypatch: pytest.Monke
     calls = []
     original = tsv_module.segment_factors
     monkeypatch.setattr(tsv_module, "segment_factors", lambda *a: calls.append(a[1]) or original(*a))
-    base, experts = make_models(TSV_SHAPES, 3)
+    base, experts = make_models(TSV_SHAPES, TASKS)
     merger = Merger(ModelSet.load(base, experts), compile=False)
     weight = {"t0": 0.2, "t1": 0.5, "t2": 1.0}
-    one = {k: v.clone() for k, v in merger.merge(recipe("tsv", TASKS, weight=weight)).items()}
+    one = {k: v.clone() for k, v in merger.merge(make_recipe("tsv", TASKS, weight=weight)).items()}
     assert sorted(calls) == list(range(len(TSV_SHAPES)))  # once per tensor
-    two = merger.merge(recipe("tsv", TASKS, weight={t: 2.5 * w for t, w in weight.items()}))
+    two = merger.merge(make_recipe("tsv", TASKS, weight={t: 2.5 * w for t, w in weight.items()}))
     assert len(calls) == len(TSV_SHAPES)
     for k in base:
         torch.testing.assert_close(two[k] - base[k], 2.5 * (one[k] - base[k]), atol=1e-5, rtol=1e-5)
@@ -330,8 +312,8 @@ def test_tsv_candidates_only_rescale_and_svds_run_once(monkeypatch: pytest.Monke
 )
 def test_naive_statistics_give_the_same_merge(method: str, options: dict, shapes: dict) -> None:
     """The naive baseline (no caching, kthvalue per call) merges the same weights."""
-    base, experts = make_models(shapes, 3, seed=7)
-    rec = recipe(method, TASKS, weight={"t0": 0.6, "*": 1.1}, density=0.4, options=options)
+    base, experts = make_models(shapes, TASKS, seed=7)
+    rec = make_recipe(method, TASKS, weight={"t0": 0.6, "*": 1.1}, density=0.4, options=options)
     ms = ModelSet.load(base, experts)
     fast, naive = Merger(ms, compile=False).merge(rec), Merger(ms, compile=False, naive=True).merge(rec)
     for k in base:

@@ -22,7 +22,8 @@ from mergetune.recipe import Recipe
 from mergetune.search import pareto
 from mergetune.search.pareto import choose, optimized_front, pareto_mask, per_task_front, rank_finalists
 from mergetune.search.records import TrialRecord, read_records
-from mergetune.search.results import SearchStorageError, status_report, summary_table, write_results
+from mergetune.search.results import summary_table, write_results
+from mergetune.search.status import SearchStorageError, status_report
 from mergetune.search.storage import open_storage
 
 TASKS = ("sst2", "mnli", "topic")

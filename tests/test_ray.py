@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from mergetune.recipe import Recipe
 from mergetune.search.config import SearchConfig
 from mergetune.search.executor import JobResult, LocalExecutor
-from mergetune.search.loop import SearchLoop, resolve_models, worker_setup
+from mergetune.search.loop import open_search, resolve_models, worker_setup
 from mergetune.search.ray_executor import RayExecutor, RayOptions
 from mergetune.search.worker import WorkerSetup
 
@@ -189,7 +189,7 @@ class KillOnSubmit:
 def test_a_worker_killed_mid_candidate_is_survived(tiny_setup: WorkerSetup, tmp_path: Path) -> None:
     config = SearchConfig.model_validate(search_config(tmp_path, execution={"executor": "ray", "workers": 2}))
     executor = KillOnSubmit(RayExecutor(tiny_setup, RayOptions(workers=2)), kill_jobs={3})
-    loop = SearchLoop(config, executor=executor)  # type: ignore[arg-type]
+    loop = open_search(config, executor=executor)  # type: ignore[arg-type]
     try:
         loop.run()
         assert executor.replaced == 1 and executor.slots == 2  # the dead worker was replaced

@@ -111,8 +111,13 @@ def test_search_writes_results_and_improves_on_its_warm_starts(tmp_path: Path, z
     complete = states[TrialState.COMPLETE]
     assert len(complete) == 14 and TrialState.RUNNING not in states
     warm = [t.values[0] for t in complete if t.user_attrs.get("warm_start")]
-    assert len(warm) == 2  # TA λ=0.3 and TIES (0.2, 1.0), evaluated first
-    assert max(t.values[0] for t in complete) > sum(warm) / len(warm)
+    searched = [t.values[0] for t in complete if not t.user_attrs.get("warm_start")]
+    assert len(warm) == 2 and len(searched) == 12  # TA λ=0.3 and TIES (0.2, 1.0), evaluated first
+    # The optimizer's own candidates, warm starts excluded, must beat the best warm start. (The old
+    # check, best of ALL trials > mean of the warm starts, could not fail: the warm starts are among
+    # all trials and their best is at least their mean.) A search that proposes only worse recipes
+    # than the papers' defaults fails here; measured: best warm 0.758, best searched 0.864.
+    assert max(searched) > max(warm)
     # A second run of the same command finds the budget spent and evaluates nothing new.
     again = run_cli(["search", str(cfg)], zoo_env, tmp_path)
     again.communicate(timeout=300)
@@ -151,7 +156,7 @@ def test_killed_search_resumes_without_losing_or_repeating_candidates(tmp_path: 
 
 
 def test_floors_on_some_tasks_name_their_own_constraints() -> None:
-    from mergetune.search.loop import outcome_of
+    from mergetune.search.outcomes import outcome_of
 
     config = SearchConfig.model_validate(
         {"name": "x", "models": {"zoo": "tiny"}, "space": {"methods": ["ties"]}, "objectives": {"floors": {"c": 0.9}}}

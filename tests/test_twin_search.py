@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from mergetune.cli import app
 from mergetune.recipe import Expert, Recipe
 from mergetune.search.config import SearchConfig
-from mergetune.search.loop import SearchLoop
+from mergetune.search.loop import open_search
 from mergetune.search.space import FloatRange, MethodSpace, ParamRange, SearchSpace
 
 TASKS = ["a", "b", "c"]
@@ -77,7 +77,7 @@ def test_search_mixes_static_and_dynamic_and_a_twin_rebuilds_bit_for_bit(zoo_cac
             "output": str(tmp_path / "run"),
         }
     )
-    loop = SearchLoop(config)
+    loop = open_search(config)
     loop.run()
     run = tmp_path / "run"
     candidates = json.loads((run / "candidates.json").read_text())

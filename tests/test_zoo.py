@@ -26,7 +26,6 @@ from typer.testing import CliRunner
 from mergetune.cli import app
 from mergetune.merging.modelset import ModelSet
 from mergetune.objectives import ZooError, ZooSpec, build_zoo, get_zoo, load_task
-from mergetune.objectives import zoo as zoo_module
 from mergetune.objectives.zoo import (
     EXPERT_RECORD,
     MANIFEST,
@@ -38,6 +37,7 @@ from mergetune.objectives.zoo import (
     length_bucketed_batches,
     warmup_decay,
 )
+from mergetune.objectives.zoo import build as zoo_build  # build_zoo calls train_expert from here
 
 runner = CliRunner()
 TINY_MARGIN = 0.05  # a tiny expert beats the tiny base wearing its head by at least this much
@@ -252,13 +252,13 @@ def test_stale_temp_folder_with_complete_files_is_not_taken_as_built(tiny_zoo: Z
 
 def test_failure_during_a_build_leaves_no_expert_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     spec = one_task_tiny()
-    real_train = zoo_module.train_expert
+    real_train = zoo_build.train_expert
 
     def train_then_fail(*args: object, **kwargs: object) -> object:
         real_train(*args, **kwargs)  # the weights are saved in the temporary folder ...
         raise KeyboardInterrupt  # ... and the build is interrupted before the record and the rename
 
-    monkeypatch.setattr(zoo_module, "train_expert", train_then_fail)
+    monkeypatch.setattr(zoo_build, "train_expert", train_then_fail)
     with pytest.raises(KeyboardInterrupt):
         build_zoo(spec, cache_dir=tmp_path, progress=False)
     folder = spec.folder(tmp_path)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from mergetune.errors import TaskError
@@ -42,6 +43,7 @@ KIND_MODEL_CLASS = {
 
 def task_model_class(kind: str) -> Any:
     """The transformers auto class for a task kind (sequence classification or causal LM)."""
+    # transformers: imported only when a model is loaded (importing it takes seconds)
     import transformers
 
     if kind not in KIND_MODEL_CLASS:
@@ -177,8 +179,6 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
     ``.bin`` files are read with ``weights_only=True`` (no pickled code runs).
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder).expanduser()
     if folder.is_file():
         return _read_file(folder, load_file)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mergetune.errors import TaskError
@@ -286,8 +287,6 @@ def _read_source(config: TaskConfig, kind: str, location: str) -> Columns:
 
 def _read_file(config: TaskConfig, path: Path) -> Columns:
     """A local CSV/TSV/JSONL/JSON/Parquet file as column lists (pandas; CSV cells kept as strings)."""
-    import pandas as pd
-
     suffix = _data_suffix(str(path))
     try:
         if suffix in (".csv", ".tsv"):
@@ -305,8 +304,6 @@ def _read_file(config: TaskConfig, path: Path) -> Columns:
 
 def _read_json(path: Path) -> Any:
     """A JSON file holding a list of records, or JSON lines despite the .json suffix."""
-    import pandas as pd
-
     try:
         return pd.read_json(path, dtype=False)
     except ValueError:
@@ -315,6 +312,7 @@ def _read_json(path: Path) -> Any:
 
 def _read_folder(config: TaskConfig, folder: Path) -> Columns:
     """A folder written by save_to_disk, or a folder of data files datasets.load_dataset reads."""
+    # datasets: imported only for folder and hub sources (importing it takes seconds)
     import datasets
 
     saved = any((folder / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
@@ -331,6 +329,7 @@ def _read_folder(config: TaskConfig, folder: Path) -> Columns:
 
 def _pick_splits(config: TaskConfig, dataset_dict: Any, where: str) -> Any:
     """The named split(s) ('a+b' pools several) of a DatasetDict; default 'train'."""
+    # datasets: imported only for folder and hub sources (importing it takes seconds)
     import datasets
 
     names = (config.split or "train").split("+")
@@ -344,6 +343,7 @@ def _pick_splits(config: TaskConfig, dataset_dict: Any, where: str) -> Any:
 
 def _read_hub(config: TaskConfig, source: str) -> Columns:
     """datasets.load_dataset(source, subset, split); any failure becomes an error naming the task and source."""
+    # datasets: imported only for folder and hub sources (importing it takes seconds)
     import datasets
 
     split = config.split or "train"
@@ -369,6 +369,7 @@ def _hub_failure(config: TaskConfig, source: str, split: str, exc: Exception) ->
 
 def _dataset_columns(dataset: Any) -> Columns:
     """A datasets.Dataset as column lists, with ClassLabel integers turned into their names."""
+    # datasets: imported only for folder and hub sources (importing it takes seconds)
     import datasets
 
     columns = dataset.to_dict()

@@ -14,18 +14,45 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
 
 from mergetune.errors import MergetuneError
 from mergetune.recipe import Recipe
 from mergetune.search import pareto, results
-from mergetune.search.loop import SearchLoop, floors_of, overhead_summary
+from mergetune.search.config import SearchConfig
+from mergetune.search.executor import Executor
+from mergetune.search.optimizers import Optimizer
+from mergetune.search.outcomes import floors_of
+from mergetune.search.records import TrialRecord
+from mergetune.search.space import SearchSpace
 from mergetune.search.worker import Evaluation
 
 log = logging.getLogger(__name__)
 
 
-def finalize(loop: SearchLoop) -> dict[str, Any]:
+class FinishedSearch(Protocol):
+    """What finalising reads of a search whose budget is spent (the loop is one).
+
+    A protocol, so that the loop calls ``finalize(self)`` without this module importing the loop.
+    """
+
+    config: SearchConfig
+    out: Path
+    objectives: list[str]
+    space: SearchSpace
+    optimizer: Optimizer
+    executor: Executor
+    storage_url: str
+    overheads: list[float]  # the loop's own seconds per candidate (ask + tell)
+
+    def records(self) -> list[TrialRecord]: ...
+
+
+def finalize(loop: FinishedSearch) -> dict[str, Any]:
+    """Choose, confirm and write down the result of a finished search; returns the summary (see above)."""
     config = loop.config
     records = loop.records()
     completed = [r for r in records if r.ok]
@@ -72,7 +99,7 @@ def finalize(loop: SearchLoop) -> dict[str, Any]:
     )
 
 
-def _references(loop: SearchLoop) -> dict[str, dict[str, float]]:
+def _references(loop: FinishedSearch) -> dict[str, dict[str, float]]:
     """The experts' own scores: {task: {split: score}}."""
     splits = ("search", "holdout", "test") if loop.config.selection.holdout_fraction > 0 else ("search", "test")
     by_split = {split: loop.executor.reference(split) for split in splits}
@@ -85,4 +112,18 @@ def _scores(ev: Evaluation) -> dict[str, Any]:
         "normalized": ev.normalized,
         "mean_normalized": ev.mean_normalized,
         "worst_normalized": ev.worst_normalized,
+    }
+
+
+def overhead_summary(loop: FinishedSearch) -> dict[str, float]:
+    """The loop's own cost per candidate, beside the executor's and the evaluation's (for the summary)."""
+    evals = [r.timing.get("merge", 0) + r.timing.get("eval", 0) for r in loop.records() if r.ok]
+    if not loop.overheads or not evals:
+        return {}
+    executor = [r.timing["executor"] for r in loop.records() if r.ok and "executor" in r.timing]
+    return {
+        "overhead_ms_per_candidate": 1e3 * float(np.mean(loop.overheads)),
+        "executor_ms_per_candidate": 1e3 * float(np.mean(executor)) if executor else 0.0,
+        "eval_s_per_candidate": float(np.mean(evals)),
+        "overhead_fraction": float(np.mean(loop.overheads) / np.mean(evals)),
     }

@@ -1,19 +1,20 @@
 """The search loop: ask -> executor -> tell, recorded in an Optuna storage, resumable at any moment.
 
+``open_search(config)`` does everything with side effects before the loop exists: it resolves the
+models (a zoo is built or taken from its cache), builds the search space, starts the executor
+(local worker or Ray actors), opens (or creates) the study in its storage, and hands the ready
+parts to ``SearchLoop``. Constructing a ``SearchLoop`` itself trains nothing and starts nothing.
+
 Flow of ``SearchLoop.run()``:
-1. resolve the models (a zoo is built or taken from its cache) and the search space;
-2. open (or resume) the study: trials a killed driver left RUNNING are failed and re-queued,
-   external optimizers restore their checkpoint and replay what came after it;
-3. on a new study, queue the warm starts (the papers' defaults for each method in the space);
-4. keep every executor slot busy: a new candidate is asked for as soon as one finishes (queued
+1. resume the study: trials a killed driver left RUNNING are failed and re-queued, external
+   optimizers restore their checkpoint and replay what came after it;
+2. on a new study, queue the warm starts (the papers' defaults for each method in the space);
+3. keep every executor slot busy: a new candidate is asked for as soon as one finishes (queued
    trials first, then the optimizer); each result is told to the study and the optimizer;
-5. when the budget is spent: choose (see ``finalize``), re-score the finalists on held-out
+4. when the budget is spent: choose (see ``finalize``), re-score the finalists on held-out
    validation examples, score the chosen recipe once on the test split, write the results.
 
-Objectives (higher is better unless noted): ``mean`` and ``worst`` normalised score over tasks
-(merged / expert), ``sparsity`` = the recipe's mean density (minimised). Per-task floors on the
-normalised score are constraints (``floor_t − s_t ≤ 0``). Single-objective optimizers see
-``ObjectivesConfig``'s scalarisation.
+Objectives, constraints and the scalarisation of a candidate: see ``outcomes``.
 """
 
 from __future__ import annotations
@@ -21,22 +22,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from mergetune.errors import MergetuneError
 from mergetune.merging.layer_groups import build_layer_groups
 from mergetune.merging.loading import tensor_names
-from mergetune.recipe import Expert, Recipe, resolve_parameter
+from mergetune.objectives.zoo import build_zoo
+from mergetune.recipe import Expert, Recipe
 from mergetune.search import records as R
 from mergetune.search.config import SearchConfig
 from mergetune.search.executor import Executor, JobResult, LocalExecutor
+from mergetune.search.finalize import finalize
 from mergetune.search.optimizers import Optimizer, Outcome, Proposal, make_optimizer
+from mergetune.search.outcomes import mean_density, outcome_of
 from mergetune.search.space import SearchSpace
 from mergetune.search.storage import (
     finished_trials,
@@ -48,7 +50,6 @@ from mergetune.search.storage import (
 from mergetune.search.worker import WorkerSetup
 
 log = logging.getLogger(__name__)
-DIRECTION = {"mean": "maximize", "worst": "maximize", "sparsity": "minimize"}
 # The papers' untuned defaults, evaluated first: (weight λ, density).
 WARM_STARTS = {
     "task_arithmetic": (0.3, 1.0),
@@ -93,8 +94,6 @@ class _Pending:
 def resolve_models(config: SearchConfig, console: Any = None) -> ResolvedModels:
     """Base, experts and task configs: from the zoo (built on first use) or from the config."""
     if config.models.zoo is not None:
-        from mergetune.objectives.zoo import build_zoo
-
         zoo = build_zoo(config.models.zoo, console=console)
         tasks = [t.model_dump(mode="json") for t in zoo.tasks.values()]
         return ResolvedModels(str(zoo.base), {t: str(p) for t, p in zoo.experts.items()}, tasks)
@@ -122,6 +121,8 @@ def worker_setup(config: SearchConfig, models: ResolvedModels) -> WorkerSetup:
 
 
 def ray_executor(config: SearchConfig, setup: WorkerSetup) -> Executor:
+    """Ray actors for the setup, as the config's ``execution`` section says (this starts or joins Ray)."""
+    # Imported here, only for a Ray search: Ray is heavy and a local search never needs it.
     from mergetune.search.ray_executor import RayExecutor, RayOptions
 
     ex = config.execution
@@ -146,85 +147,118 @@ def build_space(config: SearchConfig, models: ResolvedModels) -> SearchSpace:
     )
 
 
-class SearchLoop:
-    """One search: resumable, executor-agnostic (local by default)."""
+def open_search(
+    config: SearchConfig,
+    *,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+    console: Any = None,
+) -> SearchLoop:
+    """Prepare everything a search needs, with its side effects, and return the loop ready to ``run()``.
 
-    def __init__(
-        self,
-        config: SearchConfig,
-        *,
-        executor: Executor | None = None,
-        executor_factory: Callable[[WorkerSetup], Executor] | None = None,
-        progress: Progress | None = None,
-        console: Any = None,
-    ) -> None:
+    Creates the output folder, builds the zoo if the config names one (``console`` shows its
+    progress), starts the executor unless one is given (Ray actors for ``execution.executor: ray``,
+    else one in-process worker), and opens the study in its storage (a new one, or the one to
+    resume, after checking it optimises the same objectives). An executor started here is closed
+    again if a later step fails; a given one is the caller's to close.
+    """
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    models = resolve_models(config, console)
+    space = build_space(config, models)
+    setup = worker_setup(config, models)
+    started = executor is None
+    if executor is None:
+        executor = ray_executor(config, setup) if config.execution.executor == "ray" else LocalExecutor(setup)
+    try:
+        optimizer = _make_optimizer(config, space, executor)
+        storage_url = storage_location(config.storage, config.output_dir)
+        study = _open_study(config, storage_url, optimizer)
+    except BaseException:
+        if started:
+            executor.close()
+        raise
+    parts = SearchParts(models, space, setup, optimizer, executor, study, storage_url)
+    return SearchLoop(config, parts, progress=progress)
+
+
+def _make_optimizer(config: SearchConfig, space: SearchSpace, executor: Executor) -> Optimizer:
+    """The configured optimizer; its batch is the executor's worker count unless the config sets one."""
+    opt = config.optimizer
+    batch_size = opt.batch_size or executor.slots
+    optimizer = make_optimizer(
+        opt.name, space, seed=config.seed, batch_size=batch_size, budget=config.budget.candidates, options=opt.options
+    )
+    cap = optimizer.max_pending
+    if cap is not None and cap < executor.slots:
+        log.warning(
+            "optimizer.batch_size %d < %d workers: %s keeps at most %d candidate(s) in flight, the rest idle",
+            batch_size,
+            executor.slots,
+            opt.name,
+            cap,
+        )
+    return optimizer
+
+
+def _open_study(config: SearchConfig, storage_url: str, optimizer: Optimizer) -> optuna.Study:
+    """Create or load the search's study; a new one records its objectives, budget and optimizer."""
+    objectives = list(config.objectives.optimize)
+    study = optuna.create_study(
+        study_name=config.name,
+        storage=open_storage(storage_url),
+        directions=[R.DIRECTION[o] for o in objectives],
+        sampler=optimizer.sampler(),
+        load_if_exists=True,
+    )
+    stored = study.user_attrs.get(R.OBJECTIVES)
+    if stored is None:
+        study.set_user_attr(R.OBJECTIVES, objectives)
+        study.set_metric_names(objectives)
+        study.set_user_attr(R.BUDGET, config.budget.model_dump())
+        study.set_user_attr(R.OPTIMIZER, config.optimizer.name)
+    elif list(stored) != objectives:
+        raise MergetuneError(
+            f"the storage {storage_url} holds search '{config.name}' with objectives {stored}; "
+            f"this config optimises {objectives}: use another name, storage or output folder"
+        )
+    return study
+
+
+@dataclass(frozen=True)
+class SearchParts:
+    """What ``open_search`` prepared for a loop: resolved models, space, worker setup, optimizer, executor, study."""
+
+    models: ResolvedModels
+    space: SearchSpace
+    setup: WorkerSetup
+    optimizer: Optimizer
+    executor: Executor
+    study: optuna.Study
+    storage_url: str
+
+
+class SearchLoop:
+    """One search: resumable, executor-agnostic. Build it with ``open_search``, which prepares its parts."""
+
+    def __init__(self, config: SearchConfig, parts: SearchParts, *, progress: Progress | None = None) -> None:
         self.config = config
         self.out = config.output_dir
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.models = resolve_models(config, console)
-        self.space = build_space(config, self.models)
         self.objectives = list(config.objectives.optimize)
-        self.setup = worker_setup(config, self.models)
-        self._executor = executor
-        if self._executor is None and executor_factory is None and config.execution.executor == "ray":
-            self._executor = ray_executor(config, self.setup)  # now: the optimizer's batch is its worker count
-        self._executor_factory = executor_factory or LocalExecutor
-        opt = config.optimizer
-        batch_size = opt.batch_size or (self._executor.slots if self._executor is not None else 1)
-        self.optimizer: Optimizer = make_optimizer(
-            opt.name,
-            self.space,
-            seed=config.seed,
-            batch_size=batch_size,
-            budget=config.budget.candidates,
-            options=opt.options,
-        )
-        cap = self.optimizer.max_pending
-        if self._executor is not None and cap is not None and cap < self._executor.slots:
-            log.warning(
-                "optimizer.batch_size %d < %d workers: %s keeps at most %d candidate(s) in flight, the rest idle",
-                batch_size,
-                self._executor.slots,
-                opt.name,
-                cap,
-            )
-        self.storage_url = storage_location(config.storage, self.out)
-        self.study = optuna.create_study(
-            study_name=config.name,
-            storage=open_storage(self.storage_url),
-            directions=[DIRECTION[o] for o in self.objectives],
-            sampler=self.optimizer.sampler(),
-            load_if_exists=True,
-        )
-        self._check_same_objectives()
+        self.models = parts.models
+        self.space = parts.space
+        self.setup = parts.setup
+        self.optimizer = parts.optimizer
+        self.executor = parts.executor
+        self.study = parts.study
+        self.storage_url = parts.storage_url
         self.progress = progress
         self.overheads: list[float] = []
         self._best_mean: float | None = None
 
-    # ---- setup -----------------------------------------------------------------------------------
-    def _check_same_objectives(self) -> None:
-        stored = self.study.user_attrs.get(R.OBJECTIVES)
-        if stored is None:
-            self.study.set_user_attr(R.OBJECTIVES, self.objectives)
-            self.study.set_metric_names(self.objectives)
-            self.study.set_user_attr("budget", self.config.budget.model_dump())
-            self.study.set_user_attr("optimizer", self.config.optimizer.name)
-        elif list(stored) != self.objectives:
-            raise MergetuneError(
-                f"the storage {self.storage_url} holds search '{self.config.name}' with objectives {stored}; "
-                f"this config optimises {self.objectives}: use another name, storage or output folder"
-            )
-
-    @property
-    def executor(self) -> Executor:
-        if self._executor is None:
-            self._executor = self._executor_factory(self.setup)
-        return self._executor
-
+    # ---- lifecycle and resume --------------------------------------------------------------------
     def close(self) -> None:
         """Stop the executor's workers (and a Ray runtime it started); the storage stays as it is."""
-        if self._executor is not None:
-            self._executor.close()
+        self.executor.close()
 
     def _resume(self) -> None:
         recovery = recover_interrupted(self.study)
@@ -270,8 +304,6 @@ class SearchLoop:
         finally:
             if self.progress:
                 self.progress.stop()
-        from mergetune.search.finalize import finalize
-
         return finalize(self)
 
     def _concurrency(self) -> int:
@@ -364,55 +396,3 @@ class SearchLoop:
         if not record.ok:
             return Outcome(values=None, scalar=-math.inf, feasible=False)
         return outcome_of(record.normalized, record.density, self.objectives, self.config)
-
-
-def mean_density(recipe: Recipe, space: SearchSpace) -> float:
-    """The recipe's nominal density (fraction kept) averaged over tasks and groups; 1 if unused."""
-    if space.density_range(recipe.method) is None:
-        return 1.0
-    return float(np.mean(resolve_parameter(recipe.density, space.tasks, space.groups, "density")))
-
-
-def floors_of(config: SearchConfig, tasks: list[str]) -> dict[str, float]:
-    floors = config.objectives.floors
-    if floors is None:
-        return {}
-    if isinstance(floors, float | int):
-        return dict.fromkeys(tasks, float(floors))
-    default = floors.get("*")
-    return {t: float(floors.get(t, default)) for t in tasks if floors.get(t, default) is not None}
-
-
-def outcome_of(normalized: dict[str, float], density: float, objectives: list[str], config: SearchConfig) -> Outcome:
-    """Objective values, constraints and the scalarisation of one evaluated candidate."""
-    values = list(normalized.values())
-    mean, worst = float(np.mean(values)), float(min(values))
-    by_name = {"mean": mean, "worst": worst, "sparsity": density}
-    floors = floors_of(config, list(normalized))
-    floored = tuple(t for t in normalized if t in floors)
-    constraints = tuple(floors[t] - normalized[t] for t in floored)
-    violation = sum(max(0.0, c) for c in constraints)
-    obj = config.objectives
-    scalar = mean + obj.worst_weight * worst - obj.penalty * violation
-    if "sparsity" in objectives:
-        scalar -= obj.sparsity_weight * density
-    return Outcome(
-        values=tuple(by_name[o] for o in objectives),
-        scalar=scalar,
-        feasible=all(c <= 0 for c in constraints),
-        constraints=constraints,
-        constraint_names=floored,
-    )
-
-
-def overhead_summary(loop: SearchLoop) -> dict[str, float]:
-    evals = [r.timing.get("merge", 0) + r.timing.get("eval", 0) for r in loop.records() if r.ok]
-    if not loop.overheads or not evals:
-        return {}
-    executor = [r.timing["executor"] for r in loop.records() if r.ok and "executor" in r.timing]
-    return {
-        "overhead_ms_per_candidate": 1e3 * float(np.mean(loop.overheads)),
-        "executor_ms_per_candidate": 1e3 * float(np.mean(executor)) if executor else 0.0,
-        "eval_s_per_candidate": float(np.mean(evals)),
-        "overhead_fraction": float(np.mean(loop.overheads) / np.mean(evals)),
-    }

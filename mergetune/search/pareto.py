@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mergetune.search.records import TrialRecord
+from mergetune.search.records import DIRECTION, TrialRecord
 
 RULES = ("best_mean_feasible", "best_worst_feasible")
 _TIE_DECIMALS = 12  # scores equal to this many decimals tie (float noise in means does not decide)
@@ -71,12 +71,10 @@ def pareto_mask(values: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
 def optimized_front(records: Sequence[TrialRecord], objectives: Sequence[str]) -> list[TrialRecord]:
     """The non-dominated completed records on the optimised objectives, best first.
 
-    Directions come from ``loop.DIRECTION`` (``mean``/``worst`` maximised, ``sparsity`` minimised).
+    Directions come from ``records.DIRECTION`` (``mean``/``worst`` maximised, ``sparsity`` minimised).
     Records without a value for every objective are left out. Sorted by the first objective (best
     first), ties by the next objectives, then by trial number.
     """
-    from mergetune.search.loop import DIRECTION  # late import: the loop pulls in torch
-
     unknown = [o for o in objectives if o not in DIRECTION]
     if unknown:
         raise ValueError(f"unknown objective(s) {unknown}; known: {sorted(DIRECTION)}")

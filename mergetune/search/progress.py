@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from mergetune.search.config import SearchConfig
+from mergetune.search.loop import SearchLoop, open_search
 from mergetune.search.records import TrialRecord
-
-if TYPE_CHECKING:
-    from mergetune.search.config import SearchConfig
-    from mergetune.search.loop import SearchLoop
+from mergetune.search.results import summary_table
 
 
 class RichProgress:
@@ -59,10 +56,7 @@ class RichProgress:
 
 def run_with_progress(config: SearchConfig, console: Console) -> SearchLoop:
     """Run a search with a progress bar and print its finalists; returns the finished loop."""
-    from mergetune.search.loop import SearchLoop
-    from mergetune.search.results import summary_table
-
-    loop = SearchLoop(config, progress=RichProgress(console), console=console)
+    loop = open_search(config, progress=RichProgress(console), console=console)
     console.print(
         f"search [bold]{config.name}[/]: {loop.space.dimension} parameters, "
         f"optimizer {loop.optimizer.describe()}, storage {loop.storage_url}"

@@ -96,6 +96,7 @@ class WorkerActor:
 
 def _node_id() -> str:
     try:
+        # ray: imported only when Ray is used (it is heavy; a local search never loads it)
         import ray
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
@@ -127,6 +128,7 @@ class RayExecutor:
     """Candidates on Ray actors, behind the same interface as ``LocalExecutor``."""
 
     def __init__(self, setup: WorkerSetup, options: RayOptions | None = None) -> None:
+        # ray: imported only when Ray is used (it is heavy; a local search never loads it)
         import ray
 
         self.setup = setup

@@ -14,6 +14,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mergetune.merging.methods import method_kind
+
 # user-attribute keys written by the loop
 RECIPE = "recipe"
 SCORES = "scores"
@@ -25,8 +27,14 @@ ERROR = "error"
 EVALUATED = "evaluated"
 FEASIBLE = "feasible"
 OBJECTIVES = "objectives"  # names of the study's objectives, in order (study user attr)
+BUDGET = "budget"  # the search config's budget (study user attr, shown by ``mergetune status``)
+OPTIMIZER = "optimizer"  # the optimizer's name (study user attr)
 DENSITY = "mean_density"
 ATTEMPTS = "attempts"  # set when a candidate was retried after its worker died
+
+#: Each objective's direction in the study: normalised scores are maximised, the mean density minimised.
+#: Here, below the loop and the Pareto code, because both need it and the records name the objectives.
+DIRECTION = {"mean": "maximize", "worst": "maximize", "sparsity": "minimize"}
 
 
 @dataclass(frozen=True)
@@ -53,8 +61,6 @@ class TrialRecord:
     @property
     def kind(self) -> str:
         """'static' (one merged model) or 'dynamic' (routed per input: Twin-Merging), from the method."""
-        from mergetune.merging.methods import method_kind
-
         return method_kind(self.method)
 
     @property

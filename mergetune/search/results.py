@@ -1,4 +1,6 @@
-"""What a search leaves behind, and what ``mergetune status`` shows of one running or finished.
+"""What a search leaves behind: the result files written when it finishes.
+
+``mergetune status``, which reads a search's storage while it runs, is ``search.status``.
 
 ``write_results`` writes, under the output folder:
 
@@ -27,23 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Group, RenderableType
 from rich.table import Table
-from rich.text import Text
 
-from mergetune.errors import MergetuneError
 from mergetune.recipe import Recipe
-from mergetune.search.pareto import front_by_values, heldout_normalized, mean_of, task_names, worst_of
+from mergetune.search.display import fmt
+from mergetune.search.pareto import heldout_normalized, mean_of, task_names, worst_of
 from mergetune.search.records import TrialRecord
 
 TIMING_ORDER = ("merge", "eval", "ask", "wall")
-BUDGET_ATTR = "budget"
-OPTIMIZER_ATTR = "optimizer"
-RECENT_ERRORS = 5
-
-
-class SearchStorageError(MergetuneError):
-    """A search storage is missing, empty, unreadable, or does not hold the named search."""
 
 
 # ---- candidates -----------------------------------------------------------------------------------
@@ -267,7 +260,7 @@ def references(meta: Mapping[str, Any]) -> dict[str, float]:
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     """The human-readable report: run facts, finalists (search vs held-out), the chosen recipe's scores."""
     lines = ["# Search results", "", "## Run", ""]
-    lines += [f"- {k}: {_fmt(v)}" for k, v in _flatten(summary.get("meta") or {}) if not k.startswith("references")]
+    lines += [f"- {k}: {fmt(v)}" for k, v in _flatten(summary.get("meta") or {}) if not k.startswith("references")]
     counts = summary["counts"]
     by_state = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "candidates")
     lines.append(f"- candidates: {counts['candidates']} ({by_state})")
@@ -307,10 +300,10 @@ def _finalist_cells(f: Mapping[str, Any]) -> list[str]:
         str(f["method"]),
         str(f.get("kind", "static")),
         "yes" if f["feasible"] else "no",
-        _fmt(f["search"]["mean"]),
-        _fmt(f["search"]["worst"]),
-        _fmt(held.get("mean")),
-        _fmt(held.get("worst")),
+        fmt(f["search"]["mean"]),
+        fmt(f["search"]["worst"]),
+        fmt(held.get("mean")),
+        fmt(held.get("worst")),
         "**chosen**" if f["chosen"] else "",
     ]
 
@@ -328,11 +321,11 @@ def _chosen_markdown(summary: Mapping[str, Any]) -> list[str]:
         rows.append(
             [
                 task,
-                _fmt(blocks["search"].get("normalized", {}).get(task)),
-                _fmt(blocks["heldout"].get("normalized", {}).get(task)),
-                _fmt(blocks["test"].get("scores", {}).get(task)),
-                _fmt(refs.get(task)),
-                _fmt(blocks["test"].get("normalized", {}).get(task)),
+                fmt(blocks["search"].get("normalized", {}).get(task)),
+                fmt(blocks["heldout"].get("normalized", {}).get(task)),
+                fmt(blocks["test"].get("scores", {}).get(task)),
+                fmt(refs.get(task)),
+                fmt(blocks["test"].get("normalized", {}).get(task)),
             ]
         )
     means = [blocks[k].get("mean_normalized") for k in ("search", "heldout")]
@@ -340,7 +333,7 @@ def _chosen_markdown(summary: Mapping[str, Any]) -> list[str]:
         float(np.mean([refs[t] for t in summary["tasks"]])) if refs and set(summary["tasks"]) <= set(refs) else None
     )
     test_means = [blocks["test"].get("mean_score"), ref_mean, blocks["test"].get("mean_normalized")]
-    rows.append(["**mean**", *(_fmt(v) for v in (*means, *test_means))])
+    rows.append(["**mean**", *(fmt(v) for v in (*means, *test_means))])
     header = ["task", "search (norm.)", "held-out (norm.)", "test score", "expert test score", "test (norm.)"]
     return lines + _md_table(header, rows)
 
@@ -362,159 +355,13 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             str(f["trial"]),
             str(f["method"]),
             "yes" if f["feasible"] else "[red]no[/]",
-            _fmt(f["search"]["mean"]),
-            _fmt(f["search"]["worst"]),
-            _fmt(held.get("mean")),
-            _fmt(test) if f["chosen"] else "",
+            fmt(f["search"]["mean"]),
+            fmt(f["search"]["worst"]),
+            fmt(held.get("mean")),
+            fmt(test) if f["chosen"] else "",
             style="bold" if f["chosen"] else None,
         )
     return table
-
-
-# ---- status of a (running) search -----------------------------------------------------------------
-def status_report(storage_url: str, study_name: str | None, top: int) -> RenderableType:
-    """What ``mergetune status`` prints: counts by state, best feasible mean, front, recent errors, budget.
-
-    Reads the storage without writing to it, so it works while the search runs (a journal line
-    being written is skipped until complete). ``storage_url`` is a journal file, a search's output
-    folder (its ``search.journal``), or a database URL. Missing, empty or unreadable storages and
-    unknown search names raise ``SearchStorageError``.
-    """
-    import optuna
-
-    from mergetune.search.records import objective_names, read_records
-
-    study = _open_study(storage_url, study_name)
-    names = objective_names(study)
-    maximize = [d == optuna.study.StudyDirection.MAXIMIZE for d in study.directions]
-    records = read_records(study)
-    counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
-    front = front_by_values(records, names, maximize)
-    parts: list[RenderableType] = [_status_header(study, names, maximize, counts, records)]
-    parts.append(_front_table(front, names, top))
-    errors = [r for r in records if r.error][-RECENT_ERRORS:]
-    if errors:
-        parts.append(_errors_table(errors))
-    return Group(*parts)
-
-
-def _open_study(storage_url: str, study_name: str | None) -> Any:
-    """Load a study, refusing to create a storage that is not there."""
-    from mergetune.search.storage import JOURNAL_NAME, load_study, open_storage
-
-    url = str(storage_url)
-    if "://" not in url or url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///")).expanduser()
-        if path.is_dir():
-            path = path / JOURNAL_NAME
-            url = str(path)
-        if not path.is_file():
-            raise SearchStorageError(f"no search storage at {path}: give a journal file, an output folder or a URL")
-        if path.stat().st_size == 0:
-            raise SearchStorageError(f"{path} is empty: no search has been recorded there yet")
-    try:
-        storage = open_storage(url)
-        _check_study_name(storage, study_name, url)
-        return load_study(storage, study_name)
-    except SearchStorageError:
-        raise
-    except FileNotFoundError as exc:
-        raise SearchStorageError(f"{url}: {exc}") from exc
-    except Exception as exc:  # optuna raises ValueError, KeyError, JSON and DB errors on bad storages
-        raise SearchStorageError(f"cannot read the search storage {url}: {exc}") from exc
-
-
-def _check_study_name(storage: Any, study_name: str | None, url: str) -> None:
-    import optuna
-
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if study_name is not None and study_name not in names:
-        raise SearchStorageError(f"{url} holds no search named {study_name!r}; it holds {names}")
-
-
-def _status_header(study: Any, names: list[str], maximize: list[bool], counts: Counter, records: list) -> Table:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("search", Text(study.study_name))
-    grid.add_row(
-        "objectives", ", ".join(f"{n} ({'max' if m else 'min'})" for n, m in zip(names, maximize, strict=True))
-    )
-    optimizer = study.user_attrs.get(OPTIMIZER_ATTR)
-    if optimizer is not None:
-        grid.add_row("optimizer", _fmt(optimizer))
-    finished = sum(1 for r in records if r.ok) + sum(1 for r in records if not r.ok and r.error)
-    budget = study.user_attrs.get(BUDGET_ATTR)
-    grid.add_row("budget", _budget_text(budget, finished) if budget is not None else "not recorded")
-    order = ["complete", "failed", "running", "waiting"]
-    states = {"fail": "failed"}
-    named = Counter({states.get(k, k): v for k, v in counts.items()})
-    extra = [k for k in named if k not in order]
-    grid.add_row("trials", " · ".join(f"{named.get(k, 0)} {k}" for k in order + extra))
-    grid.add_row("best feasible mean", _best_text(records))
-    return grid
-
-
-def _budget_text(budget: Any, finished: int) -> str:
-    if isinstance(budget, Mapping):
-        candidates = budget.get("candidates")
-        parts = [f"{finished} / {candidates} candidates"] if candidates else [f"{finished} candidates"]
-        if budget.get("seconds"):
-            parts.append(f"{_fmt(budget['seconds'])} s")
-        return ", ".join(parts)
-    if isinstance(budget, int) and not isinstance(budget, bool):
-        return f"{finished} / {budget} candidates"
-    return _fmt(budget)
-
-
-def _best_text(records: list[TrialRecord]) -> str:
-    done = [r for r in records if r.ok and r.normalized]
-    feasible = [r for r in done if r.feasible]
-    if feasible:
-        best = max(feasible, key=lambda r: (mean_of(r.normalized), -r.number))
-        return f"{_fmt(mean_of(best.normalized))} (trial {best.number}, {best.method})"
-    if done:
-        best = max(done, key=lambda r: (mean_of(r.normalized), -r.number))
-        return f"none feasible yet (best infeasible: {_fmt(mean_of(best.normalized))}, trial {best.number})"
-    return "no completed candidate yet"
-
-
-def _front_table(front: list[TrialRecord], names: list[str], top: int) -> Table:
-    tasks = task_names(front)
-    title = f"Optimised front: {len(front)} point(s)" + (f", top {top} shown" if len(front) > top else "")
-    table = Table("trial", "method", "kind", "feasible", *names, *tasks, title=title, title_justify="left")
-    for r in front[:top]:
-        table.add_row(
-            str(r.number),
-            str(r.method),
-            r.kind,
-            "yes" if r.feasible else "[red]no[/]",
-            *(_fmt(r.values.get(n)) for n in names),
-            *(_fmt(r.normalized.get(t)) for t in tasks),
-        )
-    return table
-
-
-def _errors_table(errors: list[TrialRecord]) -> Table:
-    table = Table("trial", "worker", "error", title="Recent errors", title_justify="left")
-    for r in errors:
-        first_line = (r.error or "").strip().splitlines()[0] if r.error and r.error.strip() else ""
-        table.add_row(str(r.number), str(r.worker or "-"), Text(first_line[:200]))
-    return table
-
-
-# ---- formatting and JSON --------------------------------------------------------------------------
-def _fmt(value: Any) -> str:
-    """Numbers to 4 decimals, None/non-finite to '–', mappings to 'k: v' lists."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float | np.floating):
-        return f"{value:.4f}" if math.isfinite(value) else "–"
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
-    return str(value)
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

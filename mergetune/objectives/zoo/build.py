@@ -1,0 +1,207 @@
+"""Building a zoo: every expert fine-tuned (or taken from the cache), with a progress bar and a manifest."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mergetune.objectives.tasks import TaskConfig
+from mergetune.objectives.zoo.cache import (
+    BASE_RECORD,
+    EXPERT_RECORD,
+    MANIFEST,
+    is_built,
+    prepare_folder,
+    publish,
+    read_expert_result,
+    temp_folder,
+    write_json,
+    write_manifest,
+)
+from mergetune.objectives.zoo.results import ExpertResult, Zoo
+from mergetune.objectives.zoo.specs import RandomBase, ZooError, ZooSpec, get_zoo
+from mergetune.objectives.zoo.tables import results_table
+from mergetune.objectives.zoo.training import train_expert
+from mergetune.packaged import PACKAGED_MODELS, packaged_model_dir
+
+
+def build_zoo(
+    zoo: str | ZooSpec,
+    *,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    threads: int = 1,
+    console: Console | None = None,
+    progress: bool = True,
+) -> Zoo:
+    """Build (or reuse from the cache) every expert of a zoo and return where they are.
+
+    ``force`` rebuilds every expert; ``threads`` is the number of torch threads while building (it
+    does not enter the cache key). With a ``console``, a progress bar shows experts and steps
+    (unless ``progress`` is False) and the accuracy table is printed at the end.
+    """
+    spec = get_zoo(zoo) if isinstance(zoo, str) else zoo
+    started = time.perf_counter()
+    folder = spec.folder(cache_dir)
+    prepare_folder(folder)
+    results: dict[str, ExpertResult] = {}
+    trained: list[str] = []
+    with _torch_threads(threads), _quiet_transformers(), _BuildProgress(console, progress, len(spec.tasks)) as bar:
+        base_dir = materialise_base(spec, folder, force=force)
+        for task in spec.tasks:
+            dest = folder / task.name
+            bar.start_expert(task.name)
+            if force or not is_built(dest, spec.cache_key()):
+                results[task.name] = _publish_expert(spec, task, base_dir, dest, threads, bar.step)
+                trained.append(task.name)
+            else:
+                results[task.name] = read_expert_result(dest)
+            bar.finish_expert()
+    built = Zoo(
+        spec=spec,
+        folder=folder,
+        base=base_dir,
+        experts={t.name: folder / t.name for t in spec.tasks},
+        results=results,
+        trained=tuple(trained),
+        seconds=time.perf_counter() - started,
+        manifest=folder / MANIFEST,
+    )
+    write_manifest(built)
+    if console is not None:
+        console.print(results_table(built))
+    return built
+
+
+def materialise_base(spec: ZooSpec, folder: Path, *, force: bool = False) -> Path:
+    """The base model folder: a packaged model's, a local folder, or a random base generated into the zoo."""
+    if isinstance(spec.base, RandomBase):
+        dest = folder / "base"
+        if force or not (dest / BASE_RECORD).is_file():
+            tmp = temp_folder(folder, "base")
+            _write_random_base(spec.base, tmp)
+            publish(tmp, dest)
+        return dest
+    if spec.base in PACKAGED_MODELS:
+        return packaged_model_dir(spec.base)
+    path = Path(spec.base).expanduser()
+    if not (path / "config.json").is_file():
+        raise ZooError(
+            f"zoo '{spec.name}': base {path} is neither a packaged model ({sorted(PACKAGED_MODELS)}) "
+            "nor a model folder with a config.json"
+        )
+    return path
+
+
+def _write_random_base(base: RandomBase, dest: Path) -> None:
+    """Save a seeded random ``BertModel`` sized by ``base`` and the packaged tokenizer it borrows."""
+    # transformers: imported only when a model is built or trained (importing it takes seconds)
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir(base.tokenizer_from))
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=base.hidden_size,
+        num_hidden_layers=base.num_hidden_layers,
+        num_attention_heads=base.num_attention_heads,
+        intermediate_size=base.intermediate_size,
+        max_position_embeddings=base.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(base.seed)
+        model = BertModel(config)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    write_json(dest / BASE_RECORD, {"random_base": base.model_dump(mode="json")})
+
+
+def _publish_expert(
+    spec: ZooSpec, task: TaskConfig, base_dir: Path, dest: Path, threads: int, on_step: Callable[[int], None]
+) -> ExpertResult:
+    """Build one expert in a temporary folder and rename it to ``dest`` once its record is written."""
+    tmp = temp_folder(dest.parent, task.name)
+    try:
+        result = train_expert(spec.training, task, base_dir, tmp, threads=threads, on_step=on_step)
+        record = {"cache_key": spec.cache_key(), "zoo": spec.name, "task": task.model_dump(mode="json")}
+        write_json(tmp / EXPERT_RECORD, {**record, "result": result.to_json()})
+        publish(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run with ``threads`` intra-op torch threads, restoring the previous number afterwards."""
+    if threads < 1:
+        raise ZooError(f"threads must be at least 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence the expected "newly initialized classifier" warnings and the per-file loading bars while building."""
+    # transformers: imported only when a model is built or trained (importing it takes seconds)
+    from transformers.utils import logging
+
+    previous, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
+        if bars:
+            logging.enable_progress_bar()
+
+
+class _BuildProgress:
+    """A rich progress bar with one row for the experts and one for the current expert's steps."""
+
+    def __init__(self, console: Console | None, enabled: bool, n_experts: int) -> None:
+        self._progress = None
+        if console is not None and enabled:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self._progress = Progress(*columns, console=console)
+        self._n = n_experts
+        self._experts: Any = None
+        self._steps: Any = None
+
+    def __enter__(self) -> _BuildProgress:
+        if self._progress is not None:
+            self._progress.__enter__()
+            self._experts = self._progress.add_task("experts", total=self._n)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start_expert(self, task: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._experts, description=f"experts ({task})")
+            self._steps = self._progress.add_task(f"  {task} steps", total=None)
+
+    def step(self, total: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._steps, total=total, advance=1)
+
+    def finish_expert(self) -> None:
+        if self._progress is not None:
+            self._progress.remove_task(self._steps)
+            self._progress.advance(self._experts)

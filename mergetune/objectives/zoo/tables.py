@@ -1,0 +1,65 @@
+"""Rich tables of the zoos: one zoo's measurements after a build, and the registry with its cache state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from mergetune.objectives.zoo.cache import is_built
+from mergetune.objectives.zoo.results import ExpertResult, Zoo
+from mergetune.objectives.zoo.specs import ZOOS, available_zoos, resolve_cache_dir
+
+
+def results_table(zoo: Zoo) -> Table:
+    """Per expert: validation accuracy, the base encoder's with the same head, the gain, test accuracy, time."""
+    table = Table(title=f"zoo {zoo.name}: validation accuracy of each expert and of the base with its head")
+    for column in ("task", "train", "val", "expert", "base+head", "gain", "test", "secs", ""):
+        table.add_column(column, justify="left" if column in ("task", "") else "right")
+    for task, r in zoo.results.items():
+        state = "built" if task in zoo.trained else "cached"
+        table.add_row(task, *_result_cells(r), state)
+    results = list(zoo.results.values())
+    table.add_section()
+    table.add_row(
+        "mean",
+        "",
+        "",
+        _mean_cell([r.validation_accuracy for r in results]),
+        _mean_cell([r.base_head_validation_accuracy for r in results]),
+        f"{np.mean([r.gain for r in results]):+.3f}",
+        _mean_cell([r.test_accuracy for r in results]),
+        f"{sum(r.build_seconds for r in results):.0f}",
+        "",
+    )
+    return table
+
+
+def _result_cells(r: ExpertResult) -> list[str]:
+    return [
+        str(r.train_size),
+        str(r.validation_size),
+        f"{r.validation_accuracy:.3f}",
+        f"{r.base_head_validation_accuracy:.3f}",
+        f"{r.gain:+.3f}",
+        f"{r.test_accuracy:.3f}",
+        f"{r.build_seconds:.0f}",
+    ]
+
+
+def _mean_cell(values: list[float]) -> str:
+    return f"{np.mean(values):.3f}"
+
+
+def zoos_table(cache_dir: str | Path | None = None) -> Table:
+    """The registered zoos, their tasks and how many of their experts are built in the cache."""
+    table = Table("zoo", "base", "tasks", "train", "built", caption=f"cache: {resolve_cache_dir(cache_dir) / 'zoo'}")
+    for name in available_zoos():
+        spec = ZOOS[name]
+        folder = spec.folder(cache_dir)
+        done = sum(is_built(folder / t.name, spec.cache_key()) for t in spec.tasks)
+        base = spec.base if isinstance(spec.base, str) else "random BERT"
+        sizes = "/".join(sorted({str(t.train_size) for t in spec.tasks}))
+        table.add_row(name, base, ", ".join(t.name for t in spec.tasks), sizes, f"{done}/{len(spec.tasks)}")
+    return table

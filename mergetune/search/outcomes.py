@@ -1,0 +1,58 @@
+"""What one evaluated candidate means to the search: its objective values, floor constraints and scalar.
+
+Pure functions of the config, the recipe and the normalised scores, shared by the loop (which
+tells the outcome to the study and the optimizer) and the finalisation (which reports the floors).
+
+Objectives (higher is better unless noted): ``mean`` and ``worst`` normalised score over tasks
+(merged / expert), ``sparsity`` = the recipe's mean density (minimised). Per-task floors on the
+normalised score are constraints (``floor_t − s_t ≤ 0``). Single-objective optimizers see
+``ObjectivesConfig``'s scalarisation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mergetune.recipe import Recipe, resolve_parameter
+from mergetune.search.config import SearchConfig
+from mergetune.search.optimizers import Outcome
+from mergetune.search.space import SearchSpace
+
+
+def mean_density(recipe: Recipe, space: SearchSpace) -> float:
+    """The recipe's nominal density (fraction kept) averaged over tasks and groups; 1 if unused."""
+    if space.density_range(recipe.method) is None:
+        return 1.0
+    return float(np.mean(resolve_parameter(recipe.density, space.tasks, space.groups, "density")))
+
+
+def floors_of(config: SearchConfig, tasks: list[str]) -> dict[str, float]:
+    floors = config.objectives.floors
+    if floors is None:
+        return {}
+    if isinstance(floors, float | int):
+        return dict.fromkeys(tasks, float(floors))
+    default = floors.get("*")
+    return {t: float(floors.get(t, default)) for t in tasks if floors.get(t, default) is not None}
+
+
+def outcome_of(normalized: dict[str, float], density: float, objectives: list[str], config: SearchConfig) -> Outcome:
+    """Objective values, constraints and the scalarisation of one evaluated candidate."""
+    values = list(normalized.values())
+    mean, worst = float(np.mean(values)), float(min(values))
+    by_name = {"mean": mean, "worst": worst, "sparsity": density}
+    floors = floors_of(config, list(normalized))
+    floored = tuple(t for t in normalized if t in floors)
+    constraints = tuple(floors[t] - normalized[t] for t in floored)
+    violation = sum(max(0.0, c) for c in constraints)
+    obj = config.objectives
+    scalar = mean + obj.worst_weight * worst - obj.penalty * violation
+    if "sparsity" in objectives:
+        scalar -= obj.sparsity_weight * density
+    return Outcome(
+        values=tuple(by_name[o] for o in objectives),
+        scalar=scalar,
+        feasible=all(c <= 0 for c in constraints),
+        constraints=constraints,
+        constraint_names=floored,
+    )
