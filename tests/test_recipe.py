@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mergetune.errors import RecipeError
+from mergetune.merging.methods import load_recipe, parse_recipe
 from mergetune.recipe import Recipe, interpolate_anchors, resolve_parameter
 
 TASKS = ["a", "b", "c"]
@@ -35,9 +36,13 @@ def recipe_data(**overrides: Any) -> dict[str, Any]:
 
 
 def parse_error(data: Any) -> str:
-    """The message of the RecipeError that parsing ``data`` must raise."""
+    """The message of the RecipeError that reading ``data`` as user input must raise.
+
+    ``parse_recipe`` is what every entry point calls: the recipe's own checks, then the method
+    registry's (method name, options), which the recipe layer below merging cannot do itself.
+    """
     with pytest.raises(RecipeError) as info:
-        Recipe.parse(data)
+        parse_recipe(data)
     return str(info.value)
 
 
@@ -93,7 +98,7 @@ def test_unknown_key_in_a_file_names_the_file_and_field(tmp_path: Path) -> None:
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump(recipe_data(options={"dencity": 0.2})))
     with pytest.raises(RecipeError, match=r"typo\.yaml.*\n.*options\.dencity: unknown key"):
-        Recipe.load(path)
+        load_recipe(path)
 
 
 def test_bad_option_value_names_the_option() -> None:

@@ -46,6 +46,7 @@ import yaml
 from mergetune.errors import MergetuneError
 from mergetune.export.layout import ModelLayout, architectures_of, read_layout, tensor_shapes
 from mergetune.export.settings import Setting, Value, encode
+from mergetune.merging.methods import check_recipe, method_options
 from mergetune.recipe import Recipe, resolve_parameter
 
 KEEP_GUARD = 1e-9  # mergetune's floor guard in keep counts (stats.keep_counts)
@@ -134,6 +135,7 @@ def export_mergekit(recipe: Recipe, *, approximate: bool = False, source: str = 
     Raises ``ExportError`` when mergekit cannot reproduce the recipe and ``approximate`` is False,
     or when it cannot run it at all (different architectures, task-specific tensors).
     """
+    check_recipe(recipe, source)
     translate = TRANSLATORS.get(recipe.method)
     if translate is None:
         raise ExportError(
@@ -218,7 +220,7 @@ def _context(recipe: Recipe, layout: ModelLayout) -> ExportContext:
     return ExportContext(
         recipe,
         layout,
-        recipe.method_options(),
+        method_options(recipe),
         np.concatenate([weight, heads], axis=1),
         np.concatenate([density, heads + 1.0], axis=1),
     )

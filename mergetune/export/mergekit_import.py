@@ -24,6 +24,7 @@ from mergetune.errors import MergetuneError, RecipeError, read_config_file
 from mergetune.export.layout import ModelLayout, read_layout
 from mergetune.export.mergekit import band_mismatch, count_report, topk_mismatch
 from mergetune.export.settings import Setting, evaluate
+from mergetune.merging.methods import check_recipe
 from mergetune.recipe import DEFAULT_KEY, Recipe
 
 TOP_KEYS = {
@@ -473,7 +474,7 @@ def _recipe(
     if density is not None:
         fields["density"] = per_group_spec(r.layout, density, names, "density", diffs, use)
     try:
-        recipe = Recipe.model_validate(fields)
+        recipe = check_recipe(Recipe.model_validate(fields))
     except Exception as exc:
         raise RecipeError(f"the imported recipe does not validate: {exc}") from exc
     return Imported(recipe, diffs)

@@ -1,39 +1,29 @@
-"""The one registry of merge methods: name -> method object.
+"""The merge methods: one module per paper, each listing its method classes in ``METHODS``.
 
-Each method lives in its own module (named after the paper) that lists its method classes in
-``METHODS``; the registry imports the modules below, in this order.
+Importing this package registers every method of the modules below, in this order, in the one
+registry (``registry.METHODS``). Everything a part of mergetune needs to know about a method (its
+options, search ranges, the paper's default recipe, its mergekit translation) is declared on its
+class (see ``base.MergeMethod``), so adding a method means adding its module here and nothing else.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from mergetune.errors import RecipeError
 from mergetune.merging.methods.base import ChunkMethod, MergeMethod, MethodOptions, Prepared, TensorMethod
+from mergetune.merging.methods.registry import (
+    METHODS,
+    check_recipe,
+    get_method,
+    load_recipe,
+    method_kind,
+    method_options,
+    parse_recipe,
+    register,
+    unregister,
+)
 
 _MODULES = ("task_arithmetic", "ties", "dare", "breadcrumbs", "della", "pcb", "tsv", "twin")
-METHODS: dict[str, MergeMethod] = {}
-
-
-def register(method: MergeMethod) -> MergeMethod:
-    if method.name in METHODS:
-        raise ValueError(f"merge method '{method.name}' is registered twice")
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> MergeMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise RecipeError(f"unknown merge method '{name}'; available: {sorted(METHODS)}") from None
-
-
-def method_kind(name: str | None) -> str:
-    """'dynamic' for a method whose merged weights depend on the input (Twin-Merging), else 'static'."""
-    method = METHODS.get(name or "")
-    return "dynamic" if method is not None and method.dynamic else "static"
-
 
 for _module in _MODULES:
     for _cls in importlib.import_module(f"{__name__}.{_module}").METHODS:
@@ -46,7 +36,12 @@ __all__ = [
     "MethodOptions",
     "Prepared",
     "TensorMethod",
+    "check_recipe",
     "get_method",
+    "load_recipe",
     "method_kind",
+    "method_options",
+    "parse_recipe",
     "register",
+    "unregister",
 ]

@@ -25,14 +25,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from mergetune.merging.context import MergeContext
 from mergetune.strict import StrictModel
-
-if TYPE_CHECKING:
-    from mergetune.merging.engine import MergeContext
 
 
 class MethodOptions(StrictModel):

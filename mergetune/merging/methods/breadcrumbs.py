@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from mergetune.merging.context import MergeContext
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
 from mergetune.merging.methods.ties import ConsensusOptions, Disjoint, WeightsAt, consensus_args, sign_consensus
 from mergetune.merging.ops import per_task, weighted_task_sum
@@ -72,7 +73,7 @@ def breadcrumbs_ties_kernel(
     return sign_consensus(masked, weight, election_weight, disjoint) * scale
 
 
-def band_thresholds(ctx, density: torch.Tensor, gamma: float, scope: Scope) -> dict[str, torch.Tensor]:
+def band_thresholds(ctx: MergeContext, density: torch.Tensor, gamma: float, scope: Scope) -> dict[str, torch.Tensor]:
     """Per-row ``lower`` = thr(k_lo) and ``upper`` = thr(k_hi) (``[T, n_rows]``, see the module doc)."""
     _, length = ctx.rows.blocks(scope, ctx.modelset)
     k_hi = keep_counts(torch.full_like(density, gamma), length, ctx.rows.group)
@@ -90,7 +91,7 @@ class Breadcrumbs(ChunkMethod):
     citation = CITATION
     kernel = staticmethod(breadcrumbs_kernel)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: BreadcrumbsOptions = ctx.options
         args = {"weight": ctx.per_row(ctx.weight), **band_thresholds(ctx, ctx.density, opts.gamma, opts.scope)}
         return Prepared(row_args=args)
@@ -103,7 +104,7 @@ class BreadcrumbsTies(ChunkMethod):
     citation = CITATION
     kernel = staticmethod(breadcrumbs_ties_kernel)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: BreadcrumbsTiesOptions = ctx.options
         args = {**consensus_args(ctx, opts), **band_thresholds(ctx, ctx.density, opts.gamma, opts.scope)}
         return Prepared(row_args=args, static={"disjoint": opts.disjoint})

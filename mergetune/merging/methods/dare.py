@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from mergetune.merging.context import MergeContext
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
 from mergetune.merging.methods.ties import ConsensusOptions, consensus_args, sign_consensus
 from mergetune.merging.ops import per_task, row_uniform, trim, weighted_task_sum
@@ -103,7 +104,7 @@ def dare_ties_kernel(
     return sign_consensus(trimmed, weight, election_weight, disjoint) * scale
 
 
-def one_d_rows(ctx) -> torch.Tensor:
+def one_d_rows(ctx: MergeContext) -> torch.Tensor:
     """``[n_rows]`` bool: the row belongs to a tensor with fewer than 2 dimensions (bias, norm)."""
 
     def compute(ms) -> torch.Tensor:
@@ -113,7 +114,7 @@ def one_d_rows(ctx) -> torch.Tensor:
     return ctx.stats.cached("rows_1d", compute)
 
 
-def dare_args(ctx, skip_1d: bool) -> dict[str, torch.Tensor]:
+def dare_args(ctx: MergeContext, skip_1d: bool) -> dict[str, torch.Tensor]:
     """Per-row keep probability (1 on skipped 1-D tensors) and the random keys of each row."""
     keep_prob = ctx.per_row(ctx.density)
     if skip_1d:
@@ -129,7 +130,7 @@ class DareLinear(ChunkMethod):
     citation = CITATION
     kernel = staticmethod(dare_linear_kernel)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: DareOptions = ctx.options
         args = {"weight": ctx.per_row(ctx.weight), **dare_args(ctx, opts.skip_1d)}
         return Prepared(row_args=args)
@@ -143,14 +144,14 @@ class DareTies(ChunkMethod):
     citation = CITATION
     kernel = staticmethod(dare_ties_kernel)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: DareTiesOptions = ctx.options
         args = {**consensus_args(ctx, opts), **dare_args(ctx, opts.skip_1d)}
         args["threshold"] = self._trim_threshold(ctx, opts)
         return Prepared(row_args=args, static={"disjoint": opts.disjoint})
 
     @staticmethod
-    def _trim_threshold(ctx, opts: DareTiesOptions) -> torch.Tensor:
+    def _trim_threshold(ctx: MergeContext, opts: DareTiesOptions) -> torch.Tensor:
         """Per-row |τ| threshold of the trim; 0 (keep all) at trim_density 1, without sorting anything."""
         if opts.trim_density >= 1.0:
             return torch.zeros(ctx.n_tasks, ctx.rows.n_rows, device=ctx.weight.device)

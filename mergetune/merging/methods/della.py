@@ -29,6 +29,7 @@ import torch
 from pydantic import Field
 
 from mergetune.errors import RecipeError
+from mergetune.merging.context import MergeContext
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
 from mergetune.merging.methods.ties import WeightsAt, consensus_args, sign_consensus
 from mergetune.merging.modelset import ModelSet
@@ -112,7 +113,7 @@ class Della(ChunkMethod):
     citation = "Deep et al. 2024, DELLA-Merging"
     kernel = staticmethod(della_kernel)
 
-    def validate(self, ctx) -> None:
+    def validate(self, ctx: MergeContext) -> None:
         eps = ctx.options.epsilon
         bad = (ctx.density - eps <= 0) | (ctx.density + eps > 1 + _TOLERANCE)
         if bool(bad.any()):
@@ -124,7 +125,7 @@ class Della(ChunkMethod):
                 "lower epsilon or move the density"
             )
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: DellaOptions = ctx.options
         args = consensus_args(ctx, opts)
         density = ctx.per_row(ctx.density)

@@ -47,6 +47,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from mergetune.merging.context import MergeContext
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import per_task, task_sum
@@ -169,7 +170,7 @@ class Pcb(ChunkMethod):
     citation = "Du et al. 2024, PCB-Merging: Parameter Competition Balancing for Model Merging"
     kernel = staticmethod(pcb_kernel)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: PcbOptions = ctx.options
         scope = Scope(opts.scope)
         lo_seg, hi_seg = ctx.stats.cached(
@@ -197,7 +198,7 @@ class Pcb(ChunkMethod):
         return Prepared(row_args=row_args, element_args={"beta": beta})
 
     @staticmethod
-    def _thresholds(ctx, kind: str, scope: Scope, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    def _thresholds(ctx: MergeContext, kind: str, scope: Scope, compute) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row drop threshold (the (⌊r·n⌋+1)-th largest β, capped at n) and block maximum of β."""
         _, length = ctx.rows.blocks(scope, ctx.modelset)
         keep = keep_counts(ctx.density, length, ctx.rows.group)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from mergetune.errors import RecipeError
+from mergetune.merging.context import MergeContext
 from mergetune.merging.methods.base import ChunkMethod, Prepared
 from mergetune.merging.ops import weighted_task_sum
 
@@ -24,7 +25,7 @@ class TaskArithmetic(ChunkMethod):
     citation = "Ilharco et al. 2023, Editing Models with Task Arithmetic"
     kernel = staticmethod(weighted_sum)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         return Prepared(row_args={"weight": ctx.per_row(ctx.weight)})
 
 
@@ -33,7 +34,7 @@ class Average(ChunkMethod):
     citation = "Wortsman et al. 2022, Model soups"
     kernel = staticmethod(weighted_sum)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         total = ctx.weight.sum(0, keepdim=True)
         if bool((total == 0).any()):
             raise RecipeError("average: the weights of a layer group sum to 0; give positive weights")

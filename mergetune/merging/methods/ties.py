@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from mergetune.merging.context import MergeContext
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
 from mergetune.merging.ops import agreeing, disjoint_merge, elect_sign, trim
 from mergetune.merging.stats import Scope
@@ -66,7 +67,7 @@ def sign_consensus(
     return disjoint_merge(values, weights, masks, disjoint)
 
 
-def consensus_args(ctx, options: TiesOptions | object) -> dict[str, torch.Tensor]:
+def consensus_args(ctx: MergeContext, options: TiesOptions | object) -> dict[str, torch.Tensor]:
     """Per-row weight, election weight and scale shared by the sign-consensus methods."""
     weight = ctx.per_row(ctx.weight)
     before = getattr(options, "weights", "after_election") == "before_election"
@@ -81,7 +82,7 @@ class Ties(ChunkMethod):
     citation = "Yadav et al. 2023, TIES-Merging"
     kernel = staticmethod(ties_kernel)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: TiesOptions = ctx.options
         args = consensus_args(ctx, opts)
         args["threshold"] = ctx.keep_threshold(ctx.density, opts.scope)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
+from mergetune.merging.context import MergeContext
 from mergetune.merging.methods.base import MethodOptions, TensorMethod
 from mergetune.merging.modelset import ModelSet
 
@@ -86,7 +87,7 @@ class Tsv(TensorMethod):
     Options = TsvOptions
     citation = "Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging"
 
-    def merge_tensor(self, ctx, segment_index: int) -> torch.Tensor:
+    def merge_tensor(self, ctx: MergeContext, segment_index: int) -> torch.Tensor:
         opts: TsvOptions = ctx.options
         ms: ModelSet = ctx.modelset
         seg = ms.segments[segment_index]

@@ -21,16 +21,15 @@ validate strictly and the search space can tune it like any other; ``Merger.merg
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from mergetune.errors import RecipeError
+from mergetune.merging.context import MergeContext
 from mergetune.merging.methods.base import MergeMethod, MethodOptions
-
-if TYPE_CHECKING:
-    from mergetune.merging.engine import MergeContext
-    from mergetune.recipe import Recipe
+from mergetune.merging.methods.registry import get_method
+from mergetune.recipe import Recipe
 
 TWIN = "twin"
 DEFAULT_SHARED = "task_arithmetic"
@@ -62,8 +61,6 @@ class TwinOptions(MethodOptions):
     @field_validator("shared_method")
     @classmethod
     def _static_shared_method(cls, name: str) -> str:
-        from mergetune.merging.methods import get_method  # late: the registry imports this module
-
         try:
             method = get_method(name)
         except RecipeError as exc:
@@ -75,8 +72,6 @@ class TwinOptions(MethodOptions):
     @field_validator("shared_options")
     @classmethod
     def _shared_method_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from mergetune.merging.methods import get_method
-
         if "shared_method" in info.data:  # absent when the shared method itself failed validation
             get_method(info.data["shared_method"]).Options.model_validate(options)
         return options
@@ -99,8 +94,6 @@ class TwinMethod(MergeMethod):
 
     def density_used(self, option_spec: Mapping[str, Any]) -> bool:
         """Density matters only when a shared method that may be chosen uses it."""
-        from mergetune.merging.methods import get_method
-
         shared = option_spec.get("shared_method", DEFAULT_SHARED)
         names = shared if isinstance(shared, list) else [shared]
         return any(get_method(str(n)).uses_density for n in names)
@@ -108,19 +101,15 @@ class TwinMethod(MergeMethod):
 
 def shared_recipe(recipe: Recipe) -> Recipe:
     """The static recipe of θ*: the Twin recipe's models, weight, density, grouping, dtype and seed."""
-    from mergetune.recipe import Recipe as RecipeModel
-
     if recipe.method != TWIN:
         raise RecipeError(f"expected a '{TWIN}' recipe, got method '{recipe.method}'")
     options = twin_options(recipe)
     data = recipe.to_dict() | {"method": options.shared_method, "options": options.shared_options}
-    return RecipeModel.model_validate(data)
+    return Recipe.model_validate(data)
 
 
 def twin_options(recipe: Recipe) -> TwinOptions:
-    options = recipe.method_options()
-    assert isinstance(options, TwinOptions)
-    return options
+    return TwinOptions.model_validate(recipe.options)
 
 
 METHODS = (TwinMethod,)
