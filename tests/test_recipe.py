@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mergetune.errors import RecipeError
-from mergetune.merging.methods import load_recipe, parse_recipe
+from mergetune.merging.methods import check_recipe, load_recipe, parse_recipe
 from mergetune.recipe import Recipe, interpolate_anchors, resolve_parameter
 
 TASKS = ["a", "b", "c"]
@@ -108,6 +108,14 @@ def test_bad_option_value_names_the_option() -> None:
 def test_unknown_method_names_the_field_and_the_choices() -> None:
     message = parse_error(recipe_data(method="tiez"))
     assert "method" in message and "tiez" in message and "ties" in message
+
+
+def test_the_recipe_layer_leaves_method_and_options_to_check_recipe() -> None:
+    """The recipe sits below merging and does not know the methods: the registry's check says what is wrong."""
+    recipe = Recipe.parse(recipe_data(method="tiez", options={"dencity": 0.2}))
+    with pytest.raises(RecipeError, match=r"^recipe: invalid recipe:\n  - method: .*unknown merge method 'tiez'"):
+        check_recipe(recipe)
+    assert check_recipe(Recipe.parse(recipe_data())) == Recipe.parse(recipe_data())
 
 
 @pytest.mark.parametrize(
