@@ -15,6 +15,7 @@ import torch
 
 from mergetune.errors import RecipeError
 from mergetune.merging.engine import Merger
+from mergetune.merging.methods import parse_recipe
 from mergetune.merging.methods.della import RANK_KIND, della_ranks
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import tensor_keys, uniform
@@ -50,8 +51,9 @@ def models() -> tuple[State, dict[str, State], ModelSet]:
 
 
 def recipe(method: str, *, weight=1.0, density=1.0, options=None, seed: int = 0, tasks=TASKS) -> Recipe:
+    """A recipe read as user input is: the recipe's checks, then the method registry's (options)."""
     experts = [{"name": t, "model": "x"} for t in tasks]
-    return Recipe.parse(
+    return parse_recipe(
         {
             "base": "b",
             "experts": experts,

@@ -15,6 +15,7 @@ import torch
 
 from mergetune.errors import RecipeError
 from mergetune.merging.engine import Merger, compile_available
+from mergetune.merging.methods import parse_recipe
 from mergetune.merging.methods import pcb as pcb_module
 from mergetune.merging.methods import tsv as tsv_module
 from mergetune.merging.modelset import ModelSet
@@ -215,9 +216,9 @@ def test_pcb_compiled_kernel_matches_eager() -> None:
 
 def test_pcb_options_are_strict() -> None:
     with pytest.raises(RecipeError):
-        Recipe.parse({"base": "b", "experts": [{"name": "a", "model": "x"}], "method": "pcb", "options": {"k": 1}})
+        parse_recipe({"base": "b", "experts": [{"name": "a", "model": "x"}], "method": "pcb", "options": {"k": 1}})
     with pytest.raises(RecipeError):
-        Recipe.parse(
+        parse_recipe(
             {"base": "b", "experts": [{"name": "a", "model": "x"}], "method": "pcb", "options": {"scope": "row"}}
         )
 
