@@ -27,6 +27,7 @@ from test_mergekit_export import make_recipe
 
 from mergetune.errors import RecipeError
 from mergetune.export.mergekit import ExportError, export_mergekit
+from mergetune.export.mergekit_import import importable
 from mergetune.merging.context import MergeContext
 from mergetune.merging.engine import Merger, compile_available
 from mergetune.merging.mergekit_spec import APPROXIMATE, MergekitRefusal, MergekitSpec
@@ -337,6 +338,14 @@ def test_declarations_are_valid(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_mergekit_export_is_as_declared(name: str, tiny_llama_dir: ModelDirs) -> None:
     check_mergekit_export(name, tiny_llama_dir)
+
+
+def test_each_importable_mergekit_method_reads_back_as_one_registered_method() -> None:
+    """mergekit's methods that mergetune imports (mergekit 0.1.5's task-arithmetic family and linear)."""
+    specs = importable()  # raises if two registered methods claim the same mergekit method
+    assert all(spec.method == mergekit_method for mergekit_method, spec in specs.items())
+    family = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della"}
+    assert set(specs) == family | {"linear"}
 
 
 @pytest.mark.parametrize("name", DYNAMIC)
