@@ -60,15 +60,15 @@ def merge(
     Given a search's output folder, merge one of its points; its scores go into the model card.
     """
     from mergetune.export.card import merge_point
+    from mergetune.merging.methods import load_recipe
     from mergetune.merging.save import merge_to_folder
-    from mergetune.recipe import Recipe
 
     with _errors():
         if recipe_path.is_dir():
             found, result = merge_point(recipe_path, point, out_dir, device=device, compile=_compile_flag(engine))
             recipe = found.recipe
         else:
-            recipe = Recipe.load(recipe_path)
+            recipe = load_recipe(recipe_path)
             result = merge_to_folder(recipe, out_dir, device=device, compile=_compile_flag(engine))
         console.print(
             f"merged {len(recipe.experts)} experts with [bold]{recipe.method}[/] "
@@ -206,13 +206,13 @@ def twin_build(
     """Build a Twin: θ*, the experts' exclusive knowledge compressed by SVD, the router; write its folder."""
     import torch
 
-    from mergetune.recipe import Recipe
+    from mergetune.merging.methods import load_recipe
     from mergetune.twin.workflow import build_folder, build_report
 
     torch.set_num_threads(threads)
     with _errors():
         result = build_folder(
-            Recipe.load(recipe_path), out_dir, tasks_file=tasks, device=device, compile=_compile_flag(engine)
+            load_recipe(recipe_path), out_dir, tasks_file=tasks, device=device, compile=_compile_flag(engine)
         )
         console.print(build_report(result))
 
@@ -259,11 +259,11 @@ def export(
 ) -> None:
     """Write a mergekit configuration that reproduces a recipe (refused, or --approximate, where it cannot)."""
     from mergetune.export.mergekit import export_mergekit
-    from mergetune.recipe import Recipe
+    from mergetune.merging.methods import load_recipe
 
     with _errors():
         exporters = {ExportFormat.mergekit: export_mergekit}
-        exported = exporters[fmt](Recipe.load(recipe_path), approximate=approximate, source=str(recipe_path))
+        exported = exporters[fmt](load_recipe(recipe_path), approximate=approximate, source=str(recipe_path))
         _write_text(exported.yaml, output)
         errors.print(f"{exported.method} for mergekit: {exported.faithful}", highlight=False)
         for line in [*(f"differs: {d}" for d in exported.differences), *(f"note: {n}" for n in exported.notes)]:

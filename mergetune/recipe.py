@@ -15,6 +15,10 @@ Parameter values (``weight``, ``density``) accept, from coarse to fine:
 
 Densities are the fraction of entries **kept**, in [0, 1]. ``drop`` is accepted as an alias on
 input (density = 1 - drop) and is stored as density.
+
+This layer sits below the merge methods and does not know them: ``method`` and ``options`` are
+checked against the method registry by ``mergetune.merging.methods.check_recipe``, which every
+entry point calls right after reading a recipe.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mergetune.errors import RecipeError, read_config_file
 from mergetune.strict import StrictModel, format_validation_error
@@ -59,10 +63,10 @@ class Recipe(StrictModel):
     version: Literal[1] = 1
     base: str = Field(min_length=1, description="Local folder or hub id of the pretrained base.")
     experts: list[Expert] = Field(min_length=1)
-    method: str
+    method: str = Field(min_length=1, description="A registered merge method (checked by merging's check_recipe).")
     weight: ParamSpec = 1.0
     density: ParamSpec = 1.0
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, description="The method's options (check_recipe).")
     grouping: Grouping = Grouping()
     dtype: DType = "float32"
     seed: int = Field(0, ge=0)
@@ -95,18 +99,6 @@ class Recipe(StrictModel):
             raise ValueError(f"expert names must be unique; repeated: {dupes}")
         return experts
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, method: str) -> str:
-        """An unknown method is a validation error of the field, listed with the others."""
-        from mergetune.merging.methods import get_method  # late import: methods import recipe types
-
-        try:
-            get_method(method)
-        except RecipeError as exc:
-            raise ValueError(str(exc)) from None
-        return method
-
     @field_validator("weight")
     @classmethod
     def _finite_weight(cls, spec: ParamSpec) -> ParamSpec:
@@ -120,16 +112,6 @@ class Recipe(StrictModel):
         _check_values(spec, "density", lambda v: 0.0 <= v <= 1.0, "must be a fraction kept in [0, 1]")
         _check_anchor_lists(spec, "density")
         return spec
-
-    @field_validator("options")
-    @classmethod
-    def _method_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        """Validate the options against the method's own strict model (errors read ``options.<key>``)."""
-        from mergetune.merging.methods import get_method
-
-        if "method" in info.data:  # absent when the method itself failed validation
-            get_method(info.data["method"]).Options.model_validate(options)
-        return options
 
     @model_validator(mode="after")
     def _check_tasks(self) -> Recipe:
@@ -150,11 +132,6 @@ class Recipe(StrictModel):
     @property
     def task_names(self) -> list[str]:
         return [e.name for e in self.experts]
-
-    def method_options(self) -> BaseModel:
-        from mergetune.merging.methods import get_method
-
-        return get_method(self.method).Options.model_validate(self.options)
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

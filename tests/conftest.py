@@ -33,6 +33,7 @@ import torch
 from optuna.trial import TrialState
 
 from mergetune.merging.engine import Merger
+from mergetune.merging.methods import parse_recipe
 from mergetune.merging.modelset import ModelSet
 from mergetune.objectives.zoo import build_zoo
 from mergetune.recipe import Recipe
@@ -193,10 +194,11 @@ def make_models(
 def make_recipe(method: str, tasks: Sequence[str], **fields: Any) -> Recipe:
     """A recipe of ``method`` over in-memory experts named ``tasks`` (their paths are placeholders).
 
-    Parsed like a recipe file, so invalid fields or options raise ``RecipeError``.
+    Parsed like a recipe file (the recipe's checks, then the method registry's), so invalid fields or
+    options raise ``RecipeError``.
     """
     experts = [{"name": t, "model": "x"} for t in tasks]
-    return Recipe.parse({"base": "b", "experts": experts, "method": method, **fields})
+    return parse_recipe({"base": "b", "experts": experts, "method": method, **fields})
 
 
 def merge(modelset: ModelSet, recipe: Recipe, *, compile: bool = False, **merger_options: Any) -> State:

@@ -287,3 +287,15 @@ def test_bfloat16_storage_merges_close_to_float32(models):
         # bf16 keeps 8 bits of mantissa; a trim decision can flip only at near-ties.
         close = torch.isclose(got16, got32, rtol=2e-2, atol=2e-2)
         assert close.float().mean() > 0.97
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "field"), [("tiez", {}, "method"), ("ties", {"dencity": 0.2}, "options.dencity")]
+)
+def test_merge_checks_method_and_options_before_any_work(models, method: str, options: dict, field: str) -> None:
+    """A recipe built in code skips the entry points' check_recipe: the Merger runs it first."""
+    merger = Merger(models[2], compile=False)
+    with pytest.raises(RecipeError, match=rf"invalid recipe:\n  - {field}: "):
+        experts = [{"name": t, "model": "x"} for t in TASKS]
+        merger.merge(Recipe.parse({"base": "b", "experts": experts, "method": method, "options": options}))
+    assert merger.extra_bytes() == 0  # nothing was precomputed or allocated

@@ -16,10 +16,10 @@ from conftest import State, make_models, make_recipe, merge
 
 from mergetune.errors import RecipeError
 from mergetune.merging.engine import Merger, compile_available
+from mergetune.merging.methods import parse_recipe
 from mergetune.merging.methods import pcb as pcb_module
 from mergetune.merging.methods import tsv as tsv_module
 from mergetune.merging.modelset import ModelSet
-from mergetune.recipe import Recipe
 
 SHAPES = {"layers.0.w": (6, 4), "layers.0.b": (4,), "layers.1.s": (1,)}
 GROUP = {"layers.0.w": "blocks.0", "layers.0.b": "blocks.0", "layers.1.s": "blocks.1"}
@@ -197,9 +197,9 @@ def test_pcb_compiled_kernel_matches_eager() -> None:
 
 def test_pcb_options_are_strict() -> None:
     with pytest.raises(RecipeError):
-        Recipe.parse({"base": "b", "experts": [{"name": "a", "model": "x"}], "method": "pcb", "options": {"k": 1}})
+        parse_recipe({"base": "b", "experts": [{"name": "a", "model": "x"}], "method": "pcb", "options": {"k": 1}})
     with pytest.raises(RecipeError):
-        Recipe.parse(
+        parse_recipe(
             {"base": "b", "experts": [{"name": "a", "model": "x"}], "method": "pcb", "options": {"scope": "row"}}
         )
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mergetune.errors import RecipeError
+from mergetune.merging.methods import check_recipe, load_recipe, parse_recipe
 from mergetune.recipe import Recipe, interpolate_anchors, resolve_parameter
 
 TASKS = ["a", "b", "c"]
@@ -35,9 +36,13 @@ def recipe_data(**overrides: Any) -> dict[str, Any]:
 
 
 def parse_error(data: Any) -> str:
-    """The message of the RecipeError that parsing ``data`` must raise."""
+    """The message of the RecipeError that reading ``data`` as user input must raise.
+
+    ``parse_recipe`` is what every entry point calls: the recipe's own checks, then the method
+    registry's (method name, options), which the recipe layer below merging cannot do itself.
+    """
     with pytest.raises(RecipeError) as info:
-        Recipe.parse(data)
+        parse_recipe(data)
     return str(info.value)
 
 
@@ -93,7 +98,7 @@ def test_unknown_key_in_a_file_names_the_file_and_field(tmp_path: Path) -> None:
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump(recipe_data(options={"dencity": 0.2})))
     with pytest.raises(RecipeError, match=r"typo\.yaml.*\n.*options\.dencity: unknown key"):
-        Recipe.load(path)
+        load_recipe(path)
 
 
 def test_bad_option_value_names_the_option() -> None:
@@ -103,6 +108,14 @@ def test_bad_option_value_names_the_option() -> None:
 def test_unknown_method_names_the_field_and_the_choices() -> None:
     message = parse_error(recipe_data(method="tiez"))
     assert "method" in message and "tiez" in message and "ties" in message
+
+
+def test_the_recipe_layer_leaves_method_and_options_to_check_recipe() -> None:
+    """The recipe sits below merging and does not know the methods: the registry's check says what is wrong."""
+    recipe = Recipe.parse(recipe_data(method="tiez", options={"dencity": 0.2}))
+    with pytest.raises(RecipeError, match=r"^recipe: invalid recipe:\n  - method: .*unknown merge method 'tiez'"):
+        check_recipe(recipe)
+    assert check_recipe(Recipe.parse(recipe_data())) == Recipe.parse(recipe_data())
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from mergetune.errors import RecipeError
 from mergetune.merging.engine import Merger
+from mergetune.merging.methods import parse_recipe
 from mergetune.merging.methods.twin import TwinOptions, shared_recipe
 from mergetune.merging.modelset import ModelSet
 from mergetune.objectives.models import load_task_model
@@ -273,7 +274,7 @@ def test_twin_recipe_validates_its_shared_merge_and_is_not_a_static_merge(reside
     assert (shared.method, shared.weight, shared.options) == ("ties", 0.5, {"disjoint": "sum"})
     for bad, where in [({"shared_method": "twin"}, "shared_method"), ({"shared_options": {"dsjoint": 1}}, "dsjoint")]:
         with pytest.raises(RecipeError, match=where):
-            Recipe.parse({**recipe.to_dict(), "options": {"shared_method": "ties", **bad}})
+            parse_recipe({**recipe.to_dict(), "options": {"shared_method": "ties", **bad}})
     with pytest.raises(RecipeError, match="mergetune twin build"):
         resident.merger.merge(recipe)
     with pytest.raises(RecipeError, match="top_k"):

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mergetune.cli import app
+from mergetune.merging.methods import method_options
 from mergetune.recipe import Expert, Recipe
 from mergetune.search.config import SearchConfig
 from mergetune.search.loop import open_search
@@ -51,7 +52,7 @@ def test_space_searches_twin_options_and_density_only_for_a_density_shared_metho
         assert back == pytest.approx(params)
         methods.add(recipe.method)
         if recipe.method == "twin":
-            options = recipe.method_options()
+            options = method_options(recipe)
             assert 0.05 <= options.rank_fraction <= 0.5 and options.top_k in (1, 2, None)
     assert methods == {"task_arithmetic", "twin"}
 

@@ -1,27 +1,11 @@
 """``mergetune export RECIPE --format mergekit``: a mergekit configuration that reproduces a recipe.
 
-What mergekit 0.1.5 computes, per tensor, for its task-arithmetic family (``task_arithmetic``,
-``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``):
+What a method becomes in mergekit is declared on its class (``mergekit``: a ``MergekitSpec`` whose hook
+turns per-tensor λ and density into mergekit's per-tensor parameters, or a ``MergekitRefusal``; the
+rules and mergekit 0.1.5's formulas are in ``mergetune.merging.mergekit_spec``). This module does the
+rest: it expands the recipe to every tensor of the base, checks the models mergekit would run, and
+writes the configuration:
 
-    δ_t = sparsify(θ_t − θ_0, density_t)          magnitude top-k per tensor, Bernoulli, band, MagPrune
-    δ'_t = weight_t · δ_t
-    mask_t = sign(δ'_t) == sign(Σ_t δ'_t)         only with a sign consensus (ties, dare_ties, ...)
-    Δ = Σ_t δ'_t mask_t  [/ Σ_t weight_t mask_t if normalize]  · lambda
-
-and ``linear`` is Σ w_t θ_t / Σ w_t. The translation gives each tensor the weight, density and
-shared parameters that make this equal to mergetune's merge of the recipe:
-
-- weights: ``weight_t = λ_t · c_t``, where ``c_t`` rescales mergekit's sparsified δ_t to
-  mergetune's (DARE keeps entries with probability d and mergetune divides them by d: ``c = 1/d``
-  with ``rescale: false``, since mergekit's ``rescale: true`` restores the tensor's L1 norm
-  instead). mergekit's election then sees λ_t·v_t, which is mergetune's ``weights:
-  before_election``; ``after_election`` is the same only where the λ_t of a group are equal.
-- disjoint merge: ``sum`` is ``normalize: false``; ``weighted_mean`` divides by Σ λ_t c_t m_t, so
-  it is ``normalize: true`` with ``lambda = scale · c`` where the c_t of a group are equal; ``mean``
-  (official TIES) divides by the count, ``normalize: true`` with ``lambda = scale · λ c`` where the
-  λ_t c_t are equal.
-- densities are fractions kept on both sides; top-k counts are checked tensor by tensor (mergekit
-  keeps max(1, ⌊d·n⌋), mergetune ⌊d·n⌋, and Breadcrumbs' outlier band is counted per tensor).
 - per-layer-group values: one slice per group of blocks when values change with depth (the base in
   every slice), and ``filter`` conditions for the embeddings and final tensors (mergekit reads those
   with the first and last slice) and for tensors a group treats apart (DARE's ``skip_1d``).
@@ -35,21 +19,28 @@ configuration with every difference listed in its header and on stderr.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from mergetune.errors import MergetuneError
 from mergetune.export.layout import ModelLayout, architectures_of, read_layout, tensor_shapes
 from mergetune.export.settings import Setting, Value, encode
+from mergetune.merging.mergekit_spec import (
+    APPROXIMATE,
+    EXACT,
+    IN_DISTRIBUTION,
+    ExportTables,
+    MergekitRefusal,
+    MergekitSpec,
+    MergekitUnsupported,
+    Translation,
+)
+from mergetune.merging.methods import METHODS, check_recipe, get_method, method_options
 from mergetune.recipe import Recipe, resolve_parameter
 
-KEEP_GUARD = 1e-9  # mergetune's floor guard in keep counts (stats.keep_counts)
-EXACT, IN_DISTRIBUTION, APPROXIMATE = "exact", "in distribution", "approximate"
 # mergekit 0.1.5 problems with an architecture, said in the export's notes (the export itself is right).
 KNOWN_ISSUES = {
     "BertModel": "mergekit 0.1.5 fails to plan BertModel checkpoints (TypeError on the optional "
@@ -60,59 +51,22 @@ KNOWN_ISSUES = {
 }
 
 
-class ExportError(MergetuneError):
+class ExportError(MergekitUnsupported):
     """mergekit cannot run this recipe as it is; the message says why and what to do."""
-
-
-@dataclass
-class Translation:
-    """mergekit's method and per-tensor parameter values for one recipe, and what they do not reproduce."""
-
-    method: str
-    per_input: dict[str, dict[str, np.ndarray]]  # param -> [T, N] values (task x tensor)
-    shared: dict[str, np.ndarray | Value]  # param -> [N] values, or one value for every tensor
-    faithful: str = EXACT
-    differences: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    with_base: bool = True
 
 
 @dataclass(frozen=True)
 class ExportContext:
-    """The recipe's parameters expanded to every merged tensor: ``[T, N]`` arrays in layout order."""
+    """The recipe, the base's layout and the recipe's values expanded to every tensor (``tables``)."""
 
     recipe: Recipe
     layout: ModelLayout
-    options: Any
-    weight: np.ndarray  # [T, N]
-    density: np.ndarray  # [T, N]
-
-    @property
-    def tasks(self) -> list[str]:
-        return self.recipe.task_names
+    tables: ExportTables
 
     @property
     def names(self) -> tuple[str, ...]:
         """The merged tensors, then the task-specific ones (weight 0)."""
-        return (*self.layout.names, *self.layout.task_specific)
-
-    @property
-    def merged(self) -> np.ndarray:
-        """``[N]``: the tensor is one mergetune merges (not a task head)."""
-        return np.arange(len(self.names)) < len(self.layout.names)
-
-    @property
-    def numel(self) -> np.ndarray:
-        return np.array([self.layout.numel[n] for n in self.names], dtype=np.float64)
-
-    @property
-    def is_1d(self) -> np.ndarray:
-        return np.array([self.layout.ndim[n] < 2 for n in self.names])
-
-    def groups_of(self, columns: np.ndarray) -> list[str]:
-        """Names of the layer groups holding the tensors selected by a ``[N]`` mask, in depth order."""
-        hit = {self.layout.group_of(n) for n, c in zip(self.layout.names, columns, strict=False) if c}
-        return [g for g in self.layout.groups.names if g in hit]
+        return self.tables.names
 
 
 @dataclass(frozen=True)
@@ -134,18 +88,22 @@ def export_mergekit(recipe: Recipe, *, approximate: bool = False, source: str = 
     Raises ``ExportError`` when mergekit cannot reproduce the recipe and ``approximate`` is False,
     or when it cannot run it at all (different architectures, task-specific tensors).
     """
-    translate = TRANSLATORS.get(recipe.method)
-    if translate is None:
+    check_recipe(recipe, source)
+    spec = get_method(recipe.method).mergekit
+    if isinstance(spec, MergekitRefusal):
         raise ExportError(
-            f"{source}: method '{recipe.method}' has no mergekit equivalent; methods that export: {sorted(TRANSLATORS)}"
+            f"{source}: method '{recipe.method}' has no mergekit equivalent ({spec.reason}); "
+            f"methods that export: {exportable_methods()}"
         )
     layout = read_layout(recipe.base, recipe.grouping.granularity)
-    notes = _check_models(recipe, layout, source)
+    notes = _check_models(recipe, layout, spec, source)
     ctx = _context(recipe, layout)
-    tr = translate(ctx)
+    try:
+        tr = spec.translate(ctx.tables)
+    except MergekitUnsupported as exc:
+        raise ExportError(str(exc)) from exc
     tr.notes = notes + tr.notes
-    if tr.differences:
-        tr.faithful = APPROXIMATE
+    tr.faithful = APPROXIMATE if tr.differences else spec.faithful
     if tr.differences and not approximate:
         listed = "\n".join(f"  - {d}" for d in tr.differences)
         raise ExportError(
@@ -158,7 +116,12 @@ def export_mergekit(recipe: Recipe, *, approximate: bool = False, source: str = 
     )
 
 
-def _check_models(recipe: Recipe, layout: ModelLayout, source: str) -> list[str]:
+def exportable_methods() -> list[str]:
+    """The registered methods that declare a mergekit translation."""
+    return sorted(name for name, method in METHODS.items() if isinstance(method.mergekit, MergekitSpec))
+
+
+def _check_models(recipe: Recipe, layout: ModelLayout, spec: MergekitSpec, source: str) -> list[str]:
     """mergekit merges models of one architecture, tensor by tensor: refuse what it cannot run.
 
     Returns notes: what holds but is worth saying (task heads left at the base's values, known
@@ -179,12 +142,9 @@ def _check_models(recipe: Recipe, layout: ModelLayout, source: str) -> list[str]
             )
         _check_heads(expert.name, layout, tensor_shapes(folder), source)
     if layout.task_specific:
-        if recipe.method == "average":
-            raise ExportError(
-                f"{source}: average exports to mergekit's linear, which would average the task heads "
-                f"{list(layout.task_specific)[:3]} that mergetune keeps per task; use task_arithmetic with weights "
-                "w_t / sum(w) (the same merge of the shared tensors) to export"
-            )
+        if spec.heads_refusal:
+            heads = spec.heads_refusal.format(heads=list(layout.task_specific)[:3])
+            raise ExportError(f"{source}: {recipe.method} {heads}")
         notes.append(
             f"task-specific tensors {_short(layout.task_specific)} (heads) get weight 0: mergekit writes the base's; "
             "mergetune keeps each expert's in heads/<task>.safetensors"
@@ -215,260 +175,21 @@ def _context(recipe: Recipe, layout: ModelLayout) -> ExportContext:
     heads = np.zeros((len(recipe.experts), len(layout.task_specific)))
     weight = resolve_parameter(recipe.weight, recipe.task_names, groups, "weight")[:, index]
     density = resolve_parameter(recipe.density, recipe.task_names, groups, "density")[:, index]
-    return ExportContext(
-        recipe,
-        layout,
-        recipe.method_options(),
-        np.concatenate([weight, heads], axis=1),
-        np.concatenate([density, heads + 1.0], axis=1),
+    names = (*layout.names, *layout.task_specific)
+    tables = ExportTables(
+        tasks=recipe.task_names,
+        names=names,
+        options=method_options(recipe),
+        weight=np.concatenate([weight, heads], axis=1),
+        density=np.concatenate([density, heads + 1.0], axis=1),
+        numel=np.array([layout.numel[n] for n in names], dtype=np.float64),
+        is_1d=np.array([layout.ndim[n] < 2 for n in names]),
+        merged=np.arange(len(names)) < len(layout.names),
+        tensor_groups=tuple(layout.group_of(n) for n in layout.names),
+        group_names=tuple(layout.groups.names),
+        seed=recipe.seed,
     )
-
-
-# ---- method translations ---------------------------------------------------------------------------
-def _average(ctx: ExportContext) -> Translation:
-    return Translation("linear", {"weight": ctx.weight}, {"normalize": True}, with_base=False)
-
-
-def _task_arithmetic(ctx: ExportContext) -> Translation:
-    return Translation("task_arithmetic", {"weight": ctx.weight}, {"normalize": False, "lambda": 1.0})
-
-
-def _ties(ctx: ExportContext) -> Translation:
-    opts = ctx.options
-    tr = consensus("ties", ctx, ctx.density, np.ones_like(ctx.weight), opts.weights, opts.disjoint, opts.scale)
-    tr.differences = _scope_differences(ctx, opts.scope, "TIES") + topk_differences(ctx, ctx.density) + tr.differences
-    return tr
-
-
-def _breadcrumbs(ctx: ExportContext) -> Translation:
-    opts = ctx.options
-    if ctx.recipe.method == "breadcrumbs":
-        tr = Translation("breadcrumbs", {"weight": ctx.weight, "density": ctx.density}, {"normalize": False})
-    else:
-        ones = np.ones_like(ctx.weight)
-        tr = consensus("breadcrumbs_ties", ctx, ctx.density, ones, opts.weights, opts.disjoint, opts.scale)
-    tr.per_input["gamma"] = np.full_like(ctx.weight, opts.gamma)
-    tr.shared.setdefault("lambda", 1.0)
-    tr.differences = (
-        _scope_differences(ctx, opts.scope, "Breadcrumbs") + band_differences(ctx, opts.gamma) + tr.differences
-    )
-    return tr
-
-
-def _dare(ctx: ExportContext) -> Translation:
-    """DARE keeps with probability d and mergetune divides by d: mergekit without rescale, weight λ/d."""
-    opts = ctx.options
-    density = ctx.density.copy()
-    if opts.skip_1d:
-        density[:, ctx.is_1d] = 1.0  # kept whole and not rescaled
-    c = np.divide(1.0, density, out=np.zeros_like(density), where=density > 0)
-    if ctx.recipe.method == "dare_linear":
-        tr = Translation("dare_linear", {"weight": ctx.weight * c, "density": density}, {"normalize": False})
-    else:
-        tr = consensus("dare_ties", ctx, density, c, opts.weights, opts.disjoint, opts.scale)
-        if opts.trim_density < 1.0:
-            tr.differences.insert(
-                0,
-                f"trim_density {opts.trim_density:g}: mergekit's dare_ties does not trim after the drop; "
-                "set trim_density: 1 (mergekit's behaviour)",
-            )
-    tr.shared["rescale"] = False
-    tr.faithful = IN_DISTRIBUTION
-    tr.notes.append(_random_note(ctx))
-    return tr
-
-
-def _della(ctx: ExportContext) -> Translation:
-    """Exact in distribution at epsilon 0 (keep probability d, divide by d); else mergekit's L1 rescale."""
-    opts = ctx.options
-    _check_della_range(ctx, opts.epsilon)
-    exact = opts.epsilon == 0.0
-    c = np.divide(1.0, ctx.density, out=np.zeros_like(ctx.density), where=ctx.density > 0)
-    c = c if exact else np.ones_like(c)
-    tr = consensus("della", ctx, ctx.density, c, opts.weights, "weighted_mean", opts.scale)
-    tr.per_input["epsilon"] = np.full_like(ctx.weight, opts.epsilon)
-    tr.shared["rescale"] = not exact
-    if not exact:
-        tr.differences.insert(
-            0,
-            "DELLA divides each kept entry by its own keep probability; mergekit's della rescales all kept "
-            "entries of a tensor by one factor that restores its L1 norm (rescale: true): equal total magnitude, "
-            "not entry by entry (exact in distribution only with epsilon: 0)",
-        )
-    tr.faithful = IN_DISTRIBUTION
-    tr.notes.append(_random_note(ctx))
-    return tr
-
-
-def _pcb(ctx: ExportContext) -> Translation:
-    opts = ctx.options
-    ones = np.ones_like(ctx.weight)
-    tr = consensus("ties", ctx, ctx.density, ones, "before_election", "weighted_mean", opts.scale)
-    kept = "/".join(_fmt_set(ctx.density[:, ctx.merged]))
-    tr.differences = [
-        "PCB has no mergekit equivalent: its intra/inter balancing scores β, the clip of outliers and the "
-        f"β-weighted merge are replaced by TIES (magnitude trim per tensor at density {kept}, "
-        "sign election, weighted mean); expect different weights",
-    ]
-    return tr
-
-
-def _tsv(ctx: ExportContext) -> Translation:
-    opts = ctx.options
-    weight = ctx.weight * opts.scale
-    weight[:, ctx.is_1d] /= len(ctx.tasks)  # TSV-M averages 1-D tensors
-    tr = Translation("task_arithmetic", {"weight": weight}, {"normalize": False, "lambda": 1.0})
-    tr.differences = [
-        "TSV-M has no mergekit equivalent: its per-matrix SVD truncation (top rank/T singular triplets per task) "
-        "and orthogonalisation are replaced by Task Arithmetic with weight λ·scale (λ·scale/T on 1-D tensors, "
-        "which TSV-M averages)"
-    ]
-    return tr
-
-
-def consensus(
-    method: str, ctx: ExportContext, density: np.ndarray, c: np.ndarray, weights_at: str, disjoint: str, scale: float
-) -> Translation:
-    """Weights and shared parameters of a sign-consensus method (see the module docstring).
-
-    ``c`` ``[T, N]`` maps mergekit's sparsified values to mergetune's (1 for magnitude trims, 1/d for DARE);
-    tasks with density 0 contribute nothing on either side and are left out of the equality checks.
-    """
-    weight = ctx.weight
-    live = density > 0
-    tr = Translation(method, {"weight": weight * c, "density": density}, {})
-    if weights_at == "after_election":
-        bad = ~_equal_over_tasks(weight, live)
-        if bad.any():
-            tr.differences.append(
-                f"weights: after_election (official TIES) with different λ per task in group(s) "
-                f"{_groups(ctx, bad)}: mergekit elects the sign on the weighted task vectors; set "
-                "options.weights: before_election, or one λ for all tasks of each group"
-            )
-    if disjoint == "sum":
-        tr.shared.update(normalize=False, **{"lambda": scale})
-        return tr
-    divisor = c if disjoint == "weighted_mean" else weight * c
-    active = live & (weight != 0) if disjoint == "weighted_mean" else live
-    bad = ~_equal_over_tasks(divisor, active)
-    if bad.any():
-        what = "1/density" if disjoint == "weighted_mean" else "λ (times 1/density for DARE)"
-        tr.differences.append(
-            f"disjoint: {disjoint} with different {what} per task in group(s) {_groups(ctx, bad)}: mergekit's "
-            "normalize divides by the sum of the agreeing weights; use disjoint: sum or weighted_mean, "
-            "or equal values per group"
-        )
-    tr.shared.update(normalize=True, **{"lambda": scale * _masked_mean(divisor, active)})
-    return tr
-
-
-def _equal_over_tasks(values: np.ndarray, active: np.ndarray) -> np.ndarray:
-    """``[N]``: the active tasks' values of a tensor are equal (to 1e-12 relative)."""
-    big = np.where(active, values, -np.inf).max(axis=0)
-    small = np.where(active, values, np.inf).min(axis=0)
-    spread = np.where(active.any(axis=0), big - small, 0.0)
-    return spread <= 1e-12 * np.maximum(1.0, np.abs(np.where(active.any(axis=0), big, 0.0)))
-
-
-def _masked_mean(values: np.ndarray, active: np.ndarray) -> np.ndarray:
-    total = np.where(active, values, 0.0).sum(axis=0)
-    count = active.sum(axis=0)
-    return np.where(count > 0, total / np.maximum(count, 1), 1.0)
-
-
-# ---- count conventions -----------------------------------------------------------------------------
-def topk_mismatch(numel: np.ndarray, density: np.ndarray) -> np.ndarray:
-    """``[T, N]``: mergekit's magnitude top-k keeps another count than mergetune (max(1, ⌊d·n⌋) vs ⌊d·n⌋)."""
-    n = numel[None, :]
-    ours = np.floor(density * n + KEEP_GUARD)
-    theirs = np.where(density >= 1, n, np.where(density <= 0, 0, np.maximum(1, np.floor(density * n))))
-    return ours != theirs
-
-
-def band_mismatch(numel: np.ndarray, density: np.ndarray, gamma: float) -> np.ndarray:
-    """``[T, N]``: Breadcrumbs' band differs (mergekit shrinks the outlier cut when γ + d > 1, keeps all at d = 1)."""
-    n = numel[None, :]
-    k_hi = np.floor(gamma * n + KEEP_GUARD)
-    kept_ours = np.minimum(n, k_hi + np.floor(density * n + KEEP_GUARD)) - k_hi
-    target = np.floor(density * n)
-    dropped_theirs = n - np.maximum(0, n - target - np.floor(gamma * n)) - target
-    kept_theirs = np.where(density >= 1, n, target)
-    same_drop = np.where(density >= 1, k_hi == 0, dropped_theirs == k_hi)
-    return ~((kept_ours == kept_theirs) & ((kept_ours == 0) | same_drop))
-
-
-def topk_differences(ctx: ExportContext, density: np.ndarray) -> list[str]:
-    why = "mergekit keeps max(1, ⌊d·n⌋) entries of a tensor, mergetune ⌊d·n⌋"
-    return count_report(ctx.names, ctx.tasks, topk_mismatch(ctx.numel, density) & ctx.merged[None, :], why)
-
-
-def band_differences(ctx: ExportContext, gamma: float) -> list[str]:
-    why = "mergekit shrinks the outlier cut when γ + density > 1 and keeps everything at density 1"
-    return count_report(ctx.names, ctx.tasks, band_mismatch(ctx.numel, ctx.density, gamma) & ctx.merged[None, :], why)
-
-
-def count_report(names: tuple[str, ...], tasks: list[str], bad: np.ndarray, why: str) -> list[str]:
-    """One line on the (task, tensor) pairs whose kept counts differ, with the first as an example."""
-    if not bad.any():
-        return []
-    t, i = (int(x) for x in np.argwhere(bad)[0])
-    return [
-        f"{int(bad.sum())} (task, tensor) pair(s) keep a different number of entries ({why}), e.g. "
-        f"'{names[i]}' of task '{tasks[t]}'; move the densities off these counts (a tensor of n entries "
-        "needs density ≥ 1/n)"
-    ]
-
-
-def _scope_differences(ctx: ExportContext, scope: Any, what: str) -> list[str]:
-    scope = str(getattr(scope, "value", scope))
-    if scope == "tensor":
-        return []
-    ranked = {"global": "the whole model at once", "row": "each row"}[scope]
-    return [
-        f"scope: {scope}: {what} ranks magnitudes over {ranked}, mergekit within each tensor; "
-        "set options.scope: tensor for an exact export"
-    ]
-
-
-def _check_della_range(ctx: ExportContext, epsilon: float) -> None:
-    d = ctx.density
-    bad = (d < 1) & (d > 0) & ((d + epsilon >= 1) | (d - epsilon <= 0))
-    if bad.any():
-        raise ExportError(
-            f"della: mergekit requires density ± epsilon strictly inside (0, 1); density "
-            f"{_fmt_set(d[bad])} with epsilon {epsilon:g} in group(s) {_groups(ctx, bad.any(axis=0))} is not; "
-            "lower epsilon or move the density"
-        )
-
-
-def _random_note(ctx: ExportContext) -> str:
-    return (
-        "random masks: mergekit draws them from torch's RNG (mergekit-yaml --random-seed N), mergetune from a "
-        f"hash of (seed {ctx.recipe.seed}, tensor, task): the same distribution, other draws"
-    )
-
-
-def _groups(ctx: ExportContext, columns: np.ndarray) -> str:
-    groups = ctx.groups_of(columns)
-    return ", ".join(groups[:6]) + (f" (+{len(groups) - 6} more)" if len(groups) > 6 else "")
-
-
-def _fmt_set(values: np.ndarray) -> list[str]:
-    return [f"{v:g}" for v in sorted(set(np.asarray(values).ravel().tolist()))[:5]]
-
-
-TRANSLATORS: dict[str, Callable[[ExportContext], Translation]] = {
-    "average": _average,
-    "task_arithmetic": _task_arithmetic,
-    "ties": _ties,
-    "breadcrumbs": _breadcrumbs,
-    "breadcrumbs_ties": _breadcrumbs,
-    "dare_linear": _dare,
-    "dare_ties": _dare,
-    "della": _della,
-    "pcb": _pcb,
-    "tsv": _tsv,
-}
+    return ExportContext(recipe, layout, tables)
 
 
 # ---- configuration ---------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ an unknown key or a parameter the method does not read is an error naming it (me
 silently ignores both). Every parameter is resolved per tensor exactly as mergekit resolves it
 (slices, gradients over a slice's layers, ``filter`` conditions, precedence source > slice >
 global > mergekit's default: ``settings.evaluate``), turned into mergetune's values by the inverse
-of the exporter's rules (see ``mergekit.py``), then gathered per layer group. What a recipe
+hook declared on the method class whose ``mergekit`` spec names that mergekit method (see
+``mergetune.merging.mergekit_spec``), then gathered per layer group. What a recipe
 cannot hold exactly (values that differ inside a layer group, DARE's L1 ``rescale``, computing
 in half precision, ...) is refused with the reason, or, with ``approximate``, replaced by the
 closest value (the group's mean) with every difference listed.
@@ -20,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from mergetune.errors import MergetuneError, RecipeError, read_config_file
+from mergetune.errors import RecipeError, read_config_file
 from mergetune.export.layout import ModelLayout, read_layout
-from mergetune.export.mergekit import band_mismatch, count_report, topk_mismatch
 from mergetune.export.settings import Setting, evaluate
+from mergetune.merging.mergekit_spec import ImportedValues, ImportTables, MergekitSpec, MergekitUnsupported, tidy
+from mergetune.merging.methods import METHODS, check_recipe
 from mergetune.recipe import DEFAULT_KEY, Recipe
 
 TOP_KEYS = {
@@ -39,25 +41,10 @@ TOP_KEYS = {
     "chat_template",
     "name",  # mergekit-multi's merge name
 }
-GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della")
-# mergekit 0.1.5: method -> (shared parameters with defaults, per-model parameters with defaults; None = required)
-SHARED_GTA = {"int8_mask": False, "lambda": 1.0}
-DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "linear": ({"normalize": True}, {"weight": None}),
-    **{
-        m: (
-            {**SHARED_GTA, "normalize": m in ("ties", "della"), "rescale": m in ("dare_linear", "dare_ties", "della")},
-            {"weight": None, "density": 1.0}
-            | ({"gamma": 0.01} if m.startswith("breadcrumbs") else {})
-            | ({"epsilon": 0.15} if m == "della" else {}),
-        )
-        for m in GTA
-    },
-}
 DTYPES = {"float32", "bfloat16", "float16"}
 
 
-class MergekitImportError(MergetuneError):
+class MergekitImportError(MergekitUnsupported):
     """A mergekit configuration that mergetune cannot read or cannot express as a recipe."""
 
 
@@ -94,7 +81,7 @@ def import_config(data: Any, *, source: str = "mergekit config", approximate: bo
     """The recipe of a parsed mergekit configuration; errors name ``source`` and the key at fault."""
     config = _check_config(data, source)
     resolved = resolve(config, source)
-    out = INVERSES[resolved.method](resolved)
+    out = _invert(resolved)
     out.differences = _config_differences(config) + out.differences
     out.notes += _notes(config, resolved)
     if out.differences and not approximate:
@@ -118,9 +105,9 @@ def _check_config(data: Any, source: str) -> dict[str, Any]:
             f"known keys: {sorted(TOP_KEYS)}"
         )
     method = data.get("merge_method")
-    if method not in DEFAULTS:
+    if method not in importable():
         raise MergekitImportError(
-            f"{source}: merge_method '{method}' has no mergetune equivalent; importable methods: {sorted(DEFAULTS)}"
+            f"{source}: merge_method '{method}' has no mergetune equivalent; importable methods: {sorted(importable())}"
         )
     if bool(data.get("models")) == bool(data.get("slices")):
         raise MergekitImportError(f"{source}: give exactly one of 'models' and 'slices'")
@@ -138,7 +125,9 @@ class _Slice:
 def resolve(config: Mapping[str, Any], source: str) -> Resolved:
     """Resolve every parameter for every merged tensor of the base (see ``settings.evaluate``)."""
     method = config["merge_method"]
-    shared_defaults, model_defaults = DEFAULTS[method]
+    inverse = importable()[method].inverse
+    assert inverse is not None  # importable() lists only specs with an inverse
+    shared_defaults, model_defaults = inverse.shared, inverse.per_model
     slices = _slices(config, source)
     models = list(slices[0].sources)
     base = _model_name(config.get("base_model"), source, "base_model") if config.get("base_model") else None
@@ -277,203 +266,54 @@ def _first(
 
 
 # ---- from mergekit's values to mergetune's ---------------------------------------------------------------
-def _flag(r: Resolved, param: str, diffs: list[str]) -> bool:
-    """A boolean shared parameter; if it differs between tensors, the most common value (and a difference)."""
-    values = [bool(v) for v in r.shared[param]]
-    common = max(set(values), key=values.count)
-    if len(set(values)) > 1:
-        diffs.append(f"{param} differs between tensors; the recipe uses {common} everywhere")
-    return common
+def importable() -> dict[str, MergekitSpec]:
+    """mergekit method -> the spec of the registered method it imports as (the one that declares the inverse)."""
+    out: dict[str, MergekitSpec] = {}
+    for name, method in METHODS.items():
+        spec = method.mergekit
+        if isinstance(spec, MergekitSpec) and spec.inverse is not None:
+            if spec.method in out:
+                raise ValueError(f"mergekit's {spec.method} imports as two methods, one of them '{name}'")
+            out[spec.method] = spec
+    return out
 
 
-def _scale_of(r: Resolved) -> np.ndarray:
-    return np.array([float(v) for v in r.shared["lambda"]])
-
-
-def _linear(r: Resolved) -> Imported:
-    diffs: list[str] = []
-    if not _flag(r, "normalize", diffs):
-        raise MergekitImportError("linear with normalize: false sums the models' weights; mergetune has no such merge")
-    return _recipe(r, "average", r.per_model["weight"], None, {}, diffs)
-
-
-def _task_arithmetic(r: Resolved) -> Imported:
-    diffs: list[str] = []
-    return _recipe(r, r.method, _linear_weights(r, r.per_model["weight"]), None, {}, diffs)
-
-
-def _linear_weights(r: Resolved, w: np.ndarray) -> np.ndarray:
-    """Weights of a method without consensus: normalize divides by Σ w (|Σ| < 1e-8: 1), lambda multiplies."""
-    normalize = np.array([bool(v) for v in r.shared["normalize"]])
-    total = w.sum(axis=0)
-    w = np.where(normalize[None, :], w / np.where(np.abs(total) < 1e-8, 1.0, total), w)
-    return w * _scale_of(r)[None, :]
-
-
-def _ties(r: Resolved) -> Imported:
-    diffs: list[str] = []
-    density = r.per_model["density"]
-    diffs += count_report(r.layout.names, _names(r), topk_mismatch(_numel(r), density), "mergekit max(1, ⌊d·n⌋)")
-    weight, options = _consensus(r, np.ones_like(density), diffs)
-    return _recipe(r, "ties", weight, density, {"scope": "tensor", **options}, diffs)
-
-
-def _breadcrumbs(r: Resolved) -> Imported:
-    diffs: list[str] = []
-    density = r.per_model["density"]
-    gamma = _uniform_scalar(r.per_model["gamma"], "gamma", diffs)
-    diffs += count_report(r.layout.names, _names(r), band_mismatch(_numel(r), density, gamma), "outlier band")
-    if r.method == "breadcrumbs":
-        weight, options = _linear_weights(r, r.per_model["weight"]), {}
-    else:
-        weight, options = _consensus(r, np.ones_like(density), diffs)
-    return _recipe(r, r.method, weight, density, {"scope": "tensor", "gamma": gamma, **options}, diffs)
-
-
-def _dare(r: Resolved) -> Imported:
-    """DARE; 1-D tensors kept whole (density 1) while the others are dropped is mergetune's ``skip_1d``."""
-    diffs: list[str] = []
-    density = r.per_model["density"]
-    is_1d = np.array([r.layout.ndim[n] < 2 for n in r.layout.names])
-    skip_1d = bool(is_1d.any() and (density[:, is_1d] == 1).all() and (density[:, ~is_1d] < 1).any())
-    options: dict[str, Any] = {"skip_1d": True} if skip_1d else {}
-    use = ~is_1d if skip_1d else None
-    c = _random_rescale(r, density, diffs)
-    if r.method == "dare_linear":
-        weight = _linear_weights(r, r.per_model["weight"] / c)
-        return _recipe(r, "dare_linear", weight, density, options, diffs, use)
-    weight, consensus = _consensus(r, c, diffs)
-    return _recipe(r, "dare_ties", weight, density, {"scope": "tensor", **options, **consensus}, diffs, use)
-
-
-def _della(r: Resolved) -> Imported:
-    """Exact in distribution only at epsilon 0 without rescale (keep with probability d, mergetune divides by d)."""
-    diffs: list[str] = []
-    density = r.per_model["density"]
-    epsilon = _uniform_scalar(r.per_model["epsilon"], "epsilon", diffs)
-    if epsilon == 0.0:
-        c = _random_rescale(r, density, diffs)
-    else:
-        c = np.ones_like(density)
-        diffs.append(
-            "della's rescale: true restores each tensor's L1 norm with one factor (rescale: false keeps the survivors "
-            "unscaled); mergetune divides each kept entry by its own keep probability"
-            if _flag(r, "rescale", diffs)
-            else "della with rescale: false keeps MagPrune's survivors unscaled; mergetune divides each by its p"
-        )
-    if not _flag(r, "normalize", diffs):
-        diffs.append("della with normalize: false sums the agreeing entries; mergetune's della takes the weighted mean")
-    weight, options = _consensus(r, c, diffs, normalize=True)
-    options.pop("disjoint")
-    return _recipe(r, "della", weight, density, {"epsilon": epsilon, **options}, diffs)
-
-
-def _random_rescale(r: Resolved, density: np.ndarray, diffs: list[str]) -> np.ndarray:
-    """mergetune's factor c on mergekit's sparsified values: 1/d without rescale; rescale: true is L1 (≈ 1/d)."""
-    if _flag(r, "rescale", diffs):
-        diffs.append(
-            "rescale: true scales a tensor's kept entries to restore its L1 norm; mergetune divides them by the "
-            "density (equal in expectation); write rescale: false for an exact import"
-        )
-        return np.ones_like(density)
-    return np.divide(1.0, density, out=np.ones_like(density), where=density > 0)
-
-
-def _consensus(
-    r: Resolved, c: np.ndarray, diffs: list[str], normalize: bool | None = None
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Inverse of the exporter's ``consensus``: λ = w / c, election before the weights, disjoint from normalize."""
-    weight = r.per_model["weight"] / c
-    scale = _scale_of(r)
-    if normalize is None:
-        normalize = _flag(r, "normalize", diffs)
-    if normalize:
-        return _normalized(weight, c, scale, r.per_model["weight"], diffs)
-    if np.ptp(scale) > 1e-12 and (scale > 0).all():
-        return weight * scale[None, :], {"disjoint": "sum", "weights": "before_election", "scale": 1.0}
-    return weight, {"disjoint": "sum", "weights": "before_election", "scale": _one(scale, diffs)}
-
-
-def _normalized(
-    weight: np.ndarray, c: np.ndarray, scale: np.ndarray, w: np.ndarray, diffs: list[str]
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """mergekit's normalize: lambda · Σ w s m / Σ w m, with w = λ c (see the exporter's ``consensus``).
-
-    A uniform lambda is mergetune's weighted mean (scale = lambda / c). A lambda that varies with the
-    tensor is expressible where the weights of a tensor are equal: that is the official dis-mean,
-    Σ λ v m / count, with λ_t = lambda / c_t.
-    """
-    active = weight != 0
-    c_equal = _equal_columns(c, active)
-    if not c_equal.all():
-        diffs.append("normalize with different densities per model in a tensor: the weighted means differ")
-    c_bar = np.where(active, c, 0).sum(0) / np.maximum(active.sum(0), 1)
-    ratio = scale / np.where(c_bar > 0, c_bar, 1.0)
-    varies = np.ptp(scale) > 1e-12 * max(1.0, float(np.abs(scale).max()))
-    if varies and _equal_columns(w, w != 0).all() and (w >= 0).all() and (scale > 0).all():
-        mean_weight = np.divide(scale[None, :], c, out=np.zeros_like(c), where=active)
-        return mean_weight, {"disjoint": "mean", "weights": "before_election", "scale": 1.0}
-    return weight, {"disjoint": "weighted_mean", "weights": "before_election", "scale": _one(ratio, diffs)}
-
-
-def _equal_columns(values: np.ndarray, active: np.ndarray) -> np.ndarray:
-    """``[N]``: the active entries of each column are equal (to 1e-12 relative)."""
-    big = np.where(active, values, -np.inf).max(0)
-    small = np.where(active, values, np.inf).min(0)
-    some = active.any(0)
-    return np.where(some, big - small, 0.0) <= 1e-12 * np.maximum(1.0, np.abs(np.where(some, big, 0.0)))
-
-
-def _one(values: np.ndarray, diffs: list[str]) -> float:
-    """The options' single scale: uniform over tensors, else the mean (and a difference)."""
-    if np.ptp(values) > 1e-12 * max(1.0, float(np.abs(values).max())):
-        diffs.append("lambda differs between tensors and cannot be folded into the weights; the recipe uses its mean")
-    return _tidy(float(values.mean()))
-
-
-def _uniform_scalar(values: np.ndarray, name: str, diffs: list[str]) -> float:
-    if np.ptp(values) > 0:
-        diffs.append(f"{name} differs between models or tensors; the recipe uses its mean {values.mean():g}")
-        return _tidy(float(values.mean()))
-    return float(values.flat[0])
-
-
-INVERSES = {
-    "linear": _linear,
-    "task_arithmetic": _task_arithmetic,
-    "ties": _ties,
-    "breadcrumbs": _breadcrumbs,
-    "breadcrumbs_ties": _breadcrumbs,
-    "dare_linear": _dare,
-    "dare_ties": _dare,
-    "della": _della,
-}
+def _invert(r: Resolved) -> Imported:
+    """The recipe of resolved values, by the inverse hook of the method that mergekit's method imports as."""
+    inverse = importable()[r.method].inverse
+    assert inverse is not None
+    tables = ImportTables(
+        method=r.method,
+        tasks=_names(r),
+        names=r.layout.names,
+        numel=_numel(r),
+        is_1d=np.array([r.layout.ndim[n] < 2 for n in r.layout.names]),
+        per_model=r.per_model,
+        shared=r.shared,
+    )
+    try:
+        values = inverse.invert(tables)
+    except MergekitUnsupported as exc:
+        raise MergekitImportError(str(exc)) from exc
+    return _recipe(r, values)
 
 
 # ---- the recipe ------------------------------------------------------------------------------------------
-def _recipe(
-    r: Resolved,
-    method: str,
-    weight: np.ndarray,
-    density: np.ndarray | None,
-    options: dict[str, Any],
-    diffs: list[str],
-    use: np.ndarray | None = None,
-) -> Imported:
-    """The recipe from per-tensor ``[T, N]`` values; ``use`` masks the tensors that set the group values."""
-    names = _names(r)
+def _recipe(r: Resolved, values: ImportedValues) -> Imported:
+    """The recipe from per-tensor ``[T, N]`` values; ``values.use`` masks the tensors that set the group values."""
+    names, diffs, use = _names(r), values.differences, values.use
     fields: dict[str, Any] = {
         "base": r.base,
         "experts": [_expert(n, m) for n, m in zip(names, r.models, strict=True)],
-        "method": method,
-        "weight": per_group_spec(r.layout, weight, names, "weight", diffs, use),
-        "options": options,
+        "method": values.method,
+        "weight": per_group_spec(r.layout, values.weight, names, "weight", diffs, use),
+        "options": values.options,
         "dtype": r.dtype,
     }
-    if density is not None:
-        fields["density"] = per_group_spec(r.layout, density, names, "density", diffs, use)
+    if values.density is not None:
+        fields["density"] = per_group_spec(r.layout, values.density, names, "density", diffs, use)
     try:
-        recipe = Recipe.model_validate(fields)
+        recipe = check_recipe(Recipe.model_validate(fields))
     except Exception as exc:
         raise RecipeError(f"the imported recipe does not validate: {exc}") from exc
     return Imported(recipe, diffs)
@@ -502,17 +342,12 @@ def per_group_spec(
             table[:, g] = cols.mean(axis=1)
             diffs.append(f"{field_name} differs between tensors of layer group '{groups[g]}'; the recipe uses the mean")
     if field_name == "weight":  # densities are read back verbatim: their top-k counts must not move
-        table = np.vectorize(_tidy)(table)
+        table = np.vectorize(tidy)(table)
     per_task = {t: _group_value(table[i], groups) for i, t in enumerate(tasks)}
     if len({repr(v) for v in per_task.values()}) > 1:
         return per_task
     shared = next(iter(per_task.values()))
     return shared if isinstance(shared, float) else {DEFAULT_KEY: shared}
-
-
-def _tidy(value: float) -> float:
-    """12 significant digits: the noise of λ·d/d (1e-16) goes, decimals come back as written (float32: 1e-7)."""
-    return float(f"{value:.12g}")
 
 
 def _group_value(row: np.ndarray, groups: list[str]) -> float | dict[str, float]:

@@ -20,7 +20,6 @@ import os
 import shutil
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,128 +27,16 @@ import torch._dynamo.config as dynamo_config
 
 from mergetune.errors import RecipeError
 from mergetune.forward import best_prefix
-from mergetune.merging.layer_groups import LayerGroups
-from mergetune.merging.methods import ChunkMethod, TensorMethod, get_method
-from mergetune.merging.methods.base import MethodOptions, Prepared
-from mergetune.merging.modelset import ModelSet, Segment
-from mergetune.merging.ops import tensor_keys
-from mergetune.merging.stats import (
-    NaiveStatistics,
-    OrderStatistics,
-    RowLayout,
-    Scope,
-    ScoreFn,
-    abs_scores,
-    build_row_layout,
-    keep_counts,
-)
+from mergetune.merging.context import Layout, MergeContext, WorkItem
+from mergetune.merging.methods import ChunkMethod, TensorMethod, check_recipe, get_method, method_options
+from mergetune.merging.methods.base import Prepared
+from mergetune.merging.modelset import ModelSet
 from mergetune.recipe import Recipe, resolve_parameter
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CHUNK = 1 << 20
 RECOMPILE_LIMIT = 64
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """A chunk of whole rows of one tensor: flat range [start, stop), rows [row_lo, row_hi)."""
-
-    segment: int
-    start: int
-    stop: int
-    row_lo: int
-    row_hi: int
-    row_length: int
-
-    @property
-    def rows(self) -> int:
-        return self.row_hi - self.row_lo
-
-
-def plan_items(segments: list[Segment], chunk_size: int) -> list[WorkItem]:
-    items: list[WorkItem] = []
-    row = 0
-    for i, seg in enumerate(segments):
-        L = seg.row_length
-        n_rows = seg.numel // L
-        per_chunk = max(1, chunk_size // L)
-        for r0 in range(0, n_rows, per_chunk):
-            r1 = min(n_rows, r0 + per_chunk)
-            items.append(WorkItem(i, seg.offset + r0 * L, seg.offset + r1 * L, row + r0, row + r1, L))
-        row += n_rows
-    return items
-
-
-class MergeContext:
-    """One candidate's view of the resident state: what a method's ``prepare`` may use."""
-
-    def __init__(
-        self,
-        layout: _Layout,
-        weight: torch.Tensor,
-        density: torch.Tensor,
-        options: MethodOptions,
-        seed: int,
-    ) -> None:
-        self.layout = layout
-        self.modelset = layout.modelset
-        self.groups = layout.groups
-        self.rows = layout.rows
-        self.stats = layout.stats
-        self.weight = weight  # [T, G] float64
-        self.density = density  # [T, G] float64
-        self.options = options
-        self.seed = seed
-
-    @property
-    def n_tasks(self) -> int:
-        return self.modelset.n_tasks
-
-    def per_row(self, values: torch.Tensor) -> torch.Tensor:
-        """Broadcast ``[T, G]`` (or ``[G]``) values to rows: ``[T, n_rows]`` float32."""
-        return values.to(torch.float32)[..., self.rows.group]
-
-    def keep_threshold(
-        self, density: torch.Tensor, scope: Scope, kind: str = "abs", compute: ScoreFn = abs_scores
-    ) -> torch.Tensor:
-        """Per-row score threshold keeping the top ``density`` of each block (``[T, n_rows]``)."""
-        _, length = self.rows.blocks(scope, self.modelset)
-        return self.stats.kth_largest(kind, scope, keep_counts(density, length, self.rows.group), compute)
-
-    def random_keys(self) -> dict[str, torch.Tensor]:
-        """Per-row hash keys and each row's first index in its tensor, for ``ops.row_uniform``."""
-        return self.layout.random_keys(self.seed)
-
-
-class _Layout:
-    """Everything that depends on the grouping but not on the candidate (cached per granularity)."""
-
-    def __init__(self, modelset: ModelSet, granularity: int, chunk_size: int, naive: bool) -> None:
-        self.modelset = modelset
-        self.groups: LayerGroups = modelset.layer_groups(granularity)
-        group_of_segment = [self.groups.index(s.name) for s in modelset.segments]
-        self.rows: RowLayout = build_row_layout(modelset, group_of_segment)
-        self.stats = (NaiveStatistics if naive else OrderStatistics)(modelset, self.rows)
-        self.items = plan_items(modelset.segments, chunk_size)
-        self._keys: dict[int, dict[str, torch.Tensor]] = {}
-
-    def random_keys(self, seed: int) -> dict[str, torch.Tensor]:
-        if seed not in self._keys:
-            ms = self.modelset
-            per_seg = torch.tensor(
-                [tensor_keys(seed, s.name, ms.n_tasks) for s in ms.segments], dtype=torch.int64
-            )  # [n_seg, T, 2]
-            per_row = per_seg.to(ms.device)[self.rows.segment]  # [n_rows, T, 2]
-            seg_offset = torch.tensor([s.offset for s in ms.segments], device=ms.device)[self.rows.segment]
-            self._keys = {  # only the latest seed is kept: keys are [T, n_rows] int64
-                seed: {
-                    "key_lo": per_row[..., 0].T.contiguous(),
-                    "key_hi": per_row[..., 1].T.contiguous(),
-                    "row_offset": (self.rows.start - seg_offset).unsqueeze(0),
-                }
-            }
-        return self._keys[seed]
 
 
 def compile_available(device: torch.device) -> bool:
@@ -180,7 +67,7 @@ class Merger:
         self.compile = compile_available(modelset.device) if compile is None else compile
         self.chunk_size = chunk_size
         self.naive = naive
-        self._layouts: dict[int, _Layout] = {}
+        self._layouts: dict[int, Layout] = {}
         self._kernels: dict[str, Callable[..., torch.Tensor]] = {}
         self._out: dict[torch.dtype, torch.Tensor] = {}
 
@@ -197,6 +84,7 @@ class Merger:
         return self.views(out)
 
     def context(self, recipe: Recipe) -> tuple[MergeContext, Any]:
+        check_recipe(recipe)  # an unknown method or a bad option is an error naming the field, before any work
         self._check_tasks(recipe)
         method = get_method(recipe.method)
         layout = self.layout(recipe.grouping.granularity)
@@ -204,13 +92,13 @@ class Merger:
         dev = self.modelset.device
         weight = torch.from_numpy(resolve_parameter(recipe.weight, tasks, groups, "weight")).to(dev)
         density = torch.from_numpy(resolve_parameter(recipe.density, tasks, groups, "density")).to(dev)
-        ctx = MergeContext(layout, weight, density, recipe.method_options(), recipe.seed)
+        ctx = MergeContext(layout, weight, density, method_options(recipe), recipe.seed)
         method.validate(ctx)
         return ctx, method
 
-    def layout(self, granularity: int) -> _Layout:
+    def layout(self, granularity: int) -> Layout:
         if granularity not in self._layouts:
-            self._layouts[granularity] = _Layout(self.modelset, granularity, self.chunk_size, self.naive)
+            self._layouts[granularity] = Layout(self.modelset, granularity, self.chunk_size, self.naive)
         return self._layouts[granularity]
 
     def output_buffer(self, dtype: torch.dtype) -> torch.Tensor:

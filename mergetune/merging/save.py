@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from mergetune.merging.engine import Merger
 from mergetune.merging.loading import looks_like_hub_id
 from mergetune.merging.modelset import ModelSet
 from mergetune.recipe import Recipe
@@ -86,8 +87,6 @@ def merge_to_folder(
 
     ``scores`` and ``about`` go into the model card (a search's scores of the recipe, where it came from).
     """
-    from mergetune.merging.engine import Merger  # the engine imports torch.compile machinery
-
     start = time.perf_counter()
     modelset = ModelSet.from_recipe(recipe, device=device)
     loaded = time.perf_counter()

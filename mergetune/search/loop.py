@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from mergetune.errors import MergetuneError
 from mergetune.merging.layer_groups import build_layer_groups
 from mergetune.merging.loading import tensor_names
+from mergetune.merging.methods import get_method
 from mergetune.objectives.zoo import build_zoo
 from mergetune.recipe import Expert, Recipe
 from mergetune.search import records as R
@@ -50,19 +51,6 @@ from mergetune.search.storage import (
 from mergetune.search.worker import WorkerSetup
 
 log = logging.getLogger(__name__)
-# The papers' untuned defaults, evaluated first: (weight λ, density).
-WARM_STARTS = {
-    "task_arithmetic": (0.3, 1.0),
-    "ties": (1.0, 0.2),
-    "dare_ties": (1.0, 0.5),
-    "dare_linear": (0.3, 0.5),
-    "pcb": (1.0, 0.2),
-    "breadcrumbs": (0.3, 0.1),
-    "della": (1.0, 0.5),
-    "tsv": (1.0, 1.0),
-    "average": (1.0, 1.0),
-    "twin": (0.3, 1.0),  # λ of its shared merge (Twin-Merging's Task Arithmetic θ*)
-}
 OPTIMIZER_DIR = "optimizer"
 
 
@@ -269,14 +257,16 @@ class SearchLoop:
             self._enqueue_warm_starts()
 
     def _enqueue_warm_starts(self) -> None:
+        """Each method's paper default (declared on its class as ``warm_start``) is evaluated first."""
         for method in self.space.methods:
-            weight, density = WARM_STARTS.get(method, (1.0, 0.5))
+            start = get_method(method).warm_start
             recipe = Recipe(
                 base=self.space.base,
                 experts=self.space.experts,
                 method=method,
-                weight=weight,
-                density=density if self.space.density_range(method) else 1.0,
+                weight=start.weight,
+                density=start.density if self.space.density_range(method) else 1.0,
+                options=dict(start.options),
             )
             self.study.enqueue_trial(self.space.from_recipe(recipe), user_attrs={"warm_start": True})
 

@@ -32,7 +32,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from pydantic import Field, model_validator
 
 from mergetune.merging.methods import METHODS, get_method
-from mergetune.recipe import Expert, Grouping, Recipe
+from mergetune.recipe import Expert, Grouping, Recipe, resolve_parameter
 from mergetune.strict import StrictModel
 
 Per = Literal["shared", "task", "group", "task_group"]
@@ -79,23 +79,6 @@ class MethodSpace(StrictModel):
     )
 
 
-# Ranges where each method's λ is meaningful (papers' tuned grids); users override per method.
-DEFAULT_WEIGHT = {
-    "task_arithmetic": (0.0, 1.0),
-    "average": (0.1, 1.0),
-    "dare_linear": (0.0, 1.0),
-    "breadcrumbs": (0.0, 1.0),
-    "ties": (0.2, 2.0),
-    "dare_ties": (0.2, 2.0),
-    "breadcrumbs_ties": (0.0, 1.0),
-    "della": (0.2, 1.5),
-    "pcb": (0.2, 2.0),
-    "tsv": (0.1, 2.0),
-    "twin": (0.0, 1.0),  # the shared merge's λ (Task Arithmetic by default)
-}
-DEFAULT_DENSITY = {"della": (0.15, 0.85), "breadcrumbs": (0.05, 0.9), "breadcrumbs_ties": (0.05, 0.9)}
-
-
 @dataclass(frozen=True)
 class Axis:
     """One searched parameter: its name, Optuna distribution and the method that uses it."""
@@ -139,7 +122,8 @@ class SearchSpace:
         spec = self.methods[method].weight
         if spec is not None:
             return spec
-        low, high = DEFAULT_WEIGHT.get(method, (self._weight.low, self._weight.high))
+        # the method's own range (its paper's tuned grid), else the config's
+        low, high = METHODS[method].search_weight or (self._weight.low, self._weight.high)
         return self._weight.model_copy(update={"low": low, "high": high})
 
     def density_range(self, method: str) -> ParamRange | None:
@@ -148,7 +132,7 @@ class SearchSpace:
         spec = self.methods[method].density
         if spec is not None:
             return spec
-        low, high = DEFAULT_DENSITY.get(method, (self._density.low, self._density.high))
+        low, high = METHODS[method].search_density or (self._density.low, self._density.high)
         return self._density.model_copy(update={"low": low, "high": high})
 
     def _build_axes(self) -> list[Axis]:
@@ -265,8 +249,6 @@ class SearchSpace:
         Raises ValueError when the recipe cannot be expressed (another method, finer values than
         the space allows).
         """
-        from mergetune.recipe import resolve_parameter
-
         method = recipe.method
         if method not in self.methods:
             raise ValueError(f"method '{method}' is not in the search space {list(self.methods)}")

@@ -1,8 +1,9 @@
-"""The one registry of merge methods: name -> method object.
+"""The merge methods: one module per paper, each listing its method classes in ``METHODS``.
 
-Each method lives in its own module (named after the paper) that lists its method classes in
-``METHODS``; this package imports the modules below, in this order, and registers their classes in the
-table of :mod:`.registry` (a method module that looks others up imports that module, not this package).
+Importing this package registers every method of the modules below, in this order, in the one
+registry (``registry.METHODS``). Everything a part of mergetune needs to know about a method (its
+options, search ranges, the paper's default recipe, its mergekit translation) is declared on its
+class (see ``base.MergeMethod``), so adding a method means adding its module here and nothing else.
 """
 
 from __future__ import annotations
@@ -10,10 +11,19 @@ from __future__ import annotations
 import importlib
 
 from mergetune.merging.methods.base import ChunkMethod, MergeMethod, MethodOptions, Prepared, TensorMethod
-from mergetune.merging.methods.registry import METHODS, get_method, method_kind, register
+from mergetune.merging.methods.registry import (
+    METHODS,
+    check_recipe,
+    get_method,
+    load_recipe,
+    method_kind,
+    method_options,
+    parse_recipe,
+    register,
+    unregister,
+)
 
 _MODULES = ("task_arithmetic", "ties", "dare", "breadcrumbs", "della", "pcb", "tsv", "twin")
-
 
 for _module in _MODULES:
     for _cls in importlib.import_module(f"{__name__}.{_module}").METHODS:
@@ -26,7 +36,12 @@ __all__ = [
     "MethodOptions",
     "Prepared",
     "TensorMethod",
+    "check_recipe",
     "get_method",
+    "load_recipe",
     "method_kind",
+    "method_options",
+    "parse_recipe",
     "register",
+    "unregister",
 ]

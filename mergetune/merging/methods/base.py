@@ -18,6 +18,12 @@ structural options (strings, booleans) go in ``static``; no randomness but the c
 in ``ops.uniform`` (the same bits on any device, chunking or backend).
 
 Methods that need a whole matrix at once (TSV-M's SVDs) subclass ``TensorMethod`` instead.
+
+Everything the rest of mergetune needs to know about a method is declared on its class, so that
+adding a method touches its module and the registry's list only: its options (``Options``), where
+its λ and density are worth searching (``search_weight``, ``search_density``), its paper's default
+recipe (``warm_start``), and how mergekit runs it or why it cannot (``mergekit``, see
+``mergekit_spec.py``). The search space, the search loop, the exporter and the importer read these.
 """
 
 from __future__ import annotations
@@ -25,14 +31,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from mergetune.merging.context import MergeContext
+from mergetune.merging.mergekit_spec import MergekitRefusal, MergekitSpec
 from mergetune.strict import StrictModel
-
-if TYPE_CHECKING:
-    from mergetune.merging.engine import MergeContext
 
 
 class MethodOptions(StrictModel):
@@ -48,6 +53,18 @@ class Prepared:
     static: dict[str, Any] = field(default_factory=dict)  # structural options only
 
 
+Range = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """The paper's default recipe (its untuned λ and density): what a search evaluates first."""
+
+    weight: float = 1.0
+    density: float = 0.5  # used only where the method (with these options) uses a density
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
 class MergeMethod(ABC):
     """Base of every method. Subclasses set the class attributes and implement the hooks."""
 
@@ -57,6 +74,12 @@ class MergeMethod(ABC):
     random: ClassVar[bool] = False
     dynamic: ClassVar[bool] = False  # True: the merged weights depend on the input (Twin-Merging's router)
     citation: ClassVar[str] = ""
+    # Where λ and density are meaningful (the papers' tuned grids); None: the search config's range.
+    # A search config's per-method range overrides both.
+    search_weight: ClassVar[Range | None] = None
+    search_density: ClassVar[Range | None] = None
+    warm_start: ClassVar[WarmStart] = WarmStart()
+    mergekit: ClassVar[MergekitSpec | MergekitRefusal] = MergekitRefusal("no mergekit translation declared")
 
     def validate(self, ctx: MergeContext) -> None:  # noqa: B027 (optional hook)
         """Raise a RecipeError for parameter combinations the method cannot run."""

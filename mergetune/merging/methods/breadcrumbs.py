@@ -26,10 +26,30 @@ election, plain disjoint sum (mergekit ``normalize: false``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pydantic import Field
 
-from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
+from mergetune.merging.context import MergeContext
+from mergetune.merging.mergekit_spec import (
+    EXACT,
+    ExportTables,
+    ImportedValues,
+    ImportTables,
+    MergekitInverse,
+    MergekitSpec,
+    Translation,
+    band_differences,
+    band_mismatch,
+    consensus,
+    count_report,
+    gta_parameters,
+    inverse_consensus,
+    linear_weights,
+    scope_differences,
+    uniform_scalar,
+)
+from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.methods.ties import ConsensusOptions, Disjoint, WeightsAt, consensus_args, sign_consensus
 from mergetune.merging.ops import per_task, weighted_task_sum
 from mergetune.merging.stats import Scope, keep_counts
@@ -72,7 +92,7 @@ def breadcrumbs_ties_kernel(
     return sign_consensus(masked, weight, election_weight, disjoint) * scale
 
 
-def band_thresholds(ctx, density: torch.Tensor, gamma: float, scope: Scope) -> dict[str, torch.Tensor]:
+def band_thresholds(ctx: MergeContext, density: torch.Tensor, gamma: float, scope: Scope) -> dict[str, torch.Tensor]:
     """Per-row ``lower`` = thr(k_lo) and ``upper`` = thr(k_hi) (``[T, n_rows]``, see the module doc)."""
     _, length = ctx.rows.blocks(scope, ctx.modelset)
     k_hi = keep_counts(torch.full_like(density, gamma), length, ctx.rows.group)
@@ -83,14 +103,50 @@ def band_thresholds(ctx, density: torch.Tensor, gamma: float, scope: Scope) -> d
     }
 
 
+def breadcrumbs_to_mergekit(t: ExportTables) -> Translation:
+    """mergekit's breadcrumbs (a Task Arithmetic of the band-masked task vectors), or its TIES variant."""
+    opts: BreadcrumbsOptions = t.options
+    if isinstance(opts, BreadcrumbsTiesOptions):
+        ones = np.ones_like(t.weight)
+        tr = consensus("breadcrumbs_ties", t, t.density, ones, opts.weights, opts.disjoint, opts.scale)
+    else:
+        tr = Translation("breadcrumbs", {"weight": t.weight, "density": t.density}, {"normalize": False})
+    tr.per_input["gamma"] = np.full_like(t.weight, opts.gamma)
+    tr.shared.setdefault("lambda", 1.0)
+    tr.differences = scope_differences(opts.scope, "Breadcrumbs") + band_differences(t, opts.gamma) + tr.differences
+    return tr
+
+
+def breadcrumbs_from_mergekit(r: ImportTables) -> ImportedValues:
+    diffs: list[str] = []
+    density = r.per_model["density"]
+    gamma = uniform_scalar(r.per_model["gamma"], "gamma", diffs)
+    diffs += count_report(r.names, r.tasks, band_mismatch(r.numel, density, gamma), "outlier band")
+    if r.method == "breadcrumbs":
+        weight, options = linear_weights(r, r.per_model["weight"]), {}
+    else:
+        weight, options = inverse_consensus(r, np.ones_like(density), diffs)
+    return ImportedValues(r.method, weight, density, {"scope": "tensor", "gamma": gamma, **options}, diffs)
+
+
+def _breadcrumbs_spec(method: str) -> MergekitSpec:
+    shared, per_model = gta_parameters(normalize=False, rescale=False, gamma=0.01)
+    inverse = MergekitInverse(breadcrumbs_from_mergekit, shared, per_model)
+    return MergekitSpec(method, EXACT, breadcrumbs_to_mergekit, inverse)
+
+
 class Breadcrumbs(ChunkMethod):
     name = "breadcrumbs"
     Options = BreadcrumbsOptions
     uses_density = True
     citation = CITATION
     kernel = staticmethod(breadcrumbs_kernel)
+    search_weight = (0.0, 1.0)
+    search_density = (0.05, 0.9)
+    warm_start = WarmStart(weight=0.3, density=0.1)
+    mergekit = _breadcrumbs_spec("breadcrumbs")
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: BreadcrumbsOptions = ctx.options
         args = {"weight": ctx.per_row(ctx.weight), **band_thresholds(ctx, ctx.density, opts.gamma, opts.scope)}
         return Prepared(row_args=args)
@@ -102,8 +158,11 @@ class BreadcrumbsTies(ChunkMethod):
     uses_density = True
     citation = CITATION
     kernel = staticmethod(breadcrumbs_ties_kernel)
+    search_weight = (0.0, 1.0)
+    search_density = (0.05, 0.9)
+    mergekit = _breadcrumbs_spec("breadcrumbs_ties")
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: BreadcrumbsTiesOptions = ctx.options
         args = {**consensus_args(ctx, opts), **band_thresholds(ctx, ctx.density, opts.gamma, opts.scope)}
         return Prepared(row_args=args, static={"disjoint": opts.disjoint})

@@ -38,10 +38,29 @@ election, dis-mean, global scope), so ``dare_ties`` at density 1 equals ``ties``
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pydantic import Field
 
-from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
+from mergetune.merging.context import MergeContext
+from mergetune.merging.mergekit_spec import (
+    IN_DISTRIBUTION,
+    ExportTables,
+    ImportedValues,
+    ImportTables,
+    MergekitInverse,
+    MergekitSpec,
+    Translation,
+    consensus,
+    gta_parameters,
+    inverse_consensus,
+    inverse_density,
+    linear_weights,
+    random_note,
+    random_rescale,
+)
+from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.methods.ties import ConsensusOptions, consensus_args, sign_consensus
 from mergetune.merging.ops import per_task, row_uniform, trim, weighted_task_sum
 from mergetune.merging.stats import Scope
@@ -103,7 +122,7 @@ def dare_ties_kernel(
     return sign_consensus(trimmed, weight, election_weight, disjoint) * scale
 
 
-def one_d_rows(ctx) -> torch.Tensor:
+def one_d_rows(ctx: MergeContext) -> torch.Tensor:
     """``[n_rows]`` bool: the row belongs to a tensor with fewer than 2 dimensions (bias, norm)."""
 
     def compute(ms) -> torch.Tensor:
@@ -113,12 +132,56 @@ def one_d_rows(ctx) -> torch.Tensor:
     return ctx.stats.cached("rows_1d", compute)
 
 
-def dare_args(ctx, skip_1d: bool) -> dict[str, torch.Tensor]:
+def dare_args(ctx: MergeContext, skip_1d: bool) -> dict[str, torch.Tensor]:
     """Per-row keep probability (1 on skipped 1-D tensors) and the random keys of each row."""
     keep_prob = ctx.per_row(ctx.density)
     if skip_1d:
         keep_prob = torch.where(one_d_rows(ctx).unsqueeze(0), torch.ones_like(keep_prob), keep_prob)
     return {"keep_prob": keep_prob, **ctx.random_keys()}
+
+
+def dare_to_mergekit(t: ExportTables) -> Translation:
+    """DARE keeps with probability d and mergetune divides by d: mergekit without rescale, weight λ/d."""
+    opts: DareOptions = t.options
+    density = t.density.copy()
+    if opts.skip_1d:
+        density[:, t.is_1d] = 1.0  # kept whole and not rescaled
+    c = inverse_density(density)
+    if isinstance(opts, DareTiesOptions):
+        tr = consensus("dare_ties", t, density, c, opts.weights, opts.disjoint, opts.scale)
+        if opts.trim_density < 1.0:
+            tr.differences.insert(
+                0,
+                f"trim_density {opts.trim_density:g}: mergekit's dare_ties does not trim after the drop; "
+                "set trim_density: 1 (mergekit's behaviour)",
+            )
+    else:
+        tr = Translation("dare_linear", {"weight": t.weight * c, "density": density}, {"normalize": False})
+    tr.shared["rescale"] = False
+    tr.notes.append(random_note(t))
+    return tr
+
+
+def dare_from_mergekit(r: ImportTables) -> ImportedValues:
+    """DARE; 1-D tensors kept whole (density 1) while the others are dropped is mergetune's ``skip_1d``."""
+    diffs: list[str] = []
+    density = r.per_model["density"]
+    is_1d = r.is_1d
+    skip_1d = bool(is_1d.any() and (density[:, is_1d] == 1).all() and (density[:, ~is_1d] < 1).any())
+    options: dict[str, Any] = {"skip_1d": True} if skip_1d else {}
+    use = ~is_1d if skip_1d else None
+    c = random_rescale(r, density, diffs)
+    if r.method == "dare_linear":
+        weight = linear_weights(r, r.per_model["weight"] / c)
+        return ImportedValues("dare_linear", weight, density, options, diffs, use)
+    weight, consensus_options = inverse_consensus(r, c, diffs)
+    options = {"scope": "tensor", **options, **consensus_options}
+    return ImportedValues("dare_ties", weight, density, options, diffs, use)
+
+
+def _dare_spec(method: str, normalize: bool) -> MergekitSpec:
+    inverse = MergekitInverse(dare_from_mergekit, *gta_parameters(normalize=normalize, rescale=True))
+    return MergekitSpec(method, IN_DISTRIBUTION, dare_to_mergekit, inverse)
 
 
 class DareLinear(ChunkMethod):
@@ -128,8 +191,11 @@ class DareLinear(ChunkMethod):
     random = True
     citation = CITATION
     kernel = staticmethod(dare_linear_kernel)
+    search_weight = (0.0, 1.0)
+    warm_start = WarmStart(weight=0.3, density=0.5)
+    mergekit = _dare_spec("dare_linear", normalize=False)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: DareOptions = ctx.options
         args = {"weight": ctx.per_row(ctx.weight), **dare_args(ctx, opts.skip_1d)}
         return Prepared(row_args=args)
@@ -142,15 +208,18 @@ class DareTies(ChunkMethod):
     random = True
     citation = CITATION
     kernel = staticmethod(dare_ties_kernel)
+    search_weight = (0.2, 2.0)
+    warm_start = WarmStart(weight=1.0, density=0.5)
+    mergekit = _dare_spec("dare_ties", normalize=False)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: DareTiesOptions = ctx.options
         args = {**consensus_args(ctx, opts), **dare_args(ctx, opts.skip_1d)}
         args["threshold"] = self._trim_threshold(ctx, opts)
         return Prepared(row_args=args, static={"disjoint": opts.disjoint})
 
     @staticmethod
-    def _trim_threshold(ctx, opts: DareTiesOptions) -> torch.Tensor:
+    def _trim_threshold(ctx: MergeContext, opts: DareTiesOptions) -> torch.Tensor:
         """Per-row |τ| threshold of the trim; 0 (keep all) at trim_density 1, without sorting anything."""
         if opts.trim_density >= 1.0:
             return torch.zeros(ctx.n_tasks, ctx.rows.n_rows, device=ctx.weight.device)

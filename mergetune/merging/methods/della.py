@@ -25,11 +25,33 @@ Randomness: ``u < p`` with u from ``ops.row_uniform`` (recipe seed, tensor name,
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from mergetune.errors import RecipeError
-from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
+from mergetune.merging.context import MergeContext
+from mergetune.merging.mergekit_spec import (
+    IN_DISTRIBUTION,
+    ExportTables,
+    ImportedValues,
+    ImportTables,
+    MergekitInverse,
+    MergekitSpec,
+    MergekitUnsupported,
+    Translation,
+    consensus,
+    flag,
+    groups_text,
+    gta_parameters,
+    inverse_consensus,
+    inverse_density,
+    random_note,
+    random_rescale,
+    uniform_scalar,
+    values_text,
+)
+from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.methods.ties import WeightsAt, consensus_args, sign_consensus
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import per_task, row_uniform
@@ -104,6 +126,59 @@ def magprune(
     return torch.where(keep, tau / torch.where(keep, p, torch.ones_like(p)), torch.zeros_like(tau))
 
 
+def della_to_mergekit(t: ExportTables) -> Translation:
+    """Exact in distribution at epsilon 0 (keep probability d, divide by d); else mergekit's L1 rescale."""
+    opts: DellaOptions = t.options
+    _check_mergekit_range(t, opts.epsilon)
+    exact = opts.epsilon == 0.0
+    c = inverse_density(t.density) if exact else np.ones_like(t.density)
+    tr = consensus("della", t, t.density, c, opts.weights, "weighted_mean", opts.scale)
+    tr.per_input["epsilon"] = np.full_like(t.weight, opts.epsilon)
+    tr.shared["rescale"] = not exact
+    if not exact:
+        tr.differences.insert(
+            0,
+            "DELLA divides each kept entry by its own keep probability; mergekit's della rescales all kept "
+            "entries of a tensor by one factor that restores its L1 norm (rescale: true): equal total magnitude, "
+            "not entry by entry (exact in distribution only with epsilon: 0)",
+        )
+    tr.notes.append(random_note(t))
+    return tr
+
+
+def _check_mergekit_range(t: ExportTables, epsilon: float) -> None:
+    d = t.density
+    bad = (d < 1) & (d > 0) & ((d + epsilon >= 1) | (d - epsilon <= 0))
+    if bad.any():
+        raise MergekitUnsupported(
+            f"della: mergekit requires density ± epsilon strictly inside (0, 1); density "
+            f"{values_text(d[bad])} with epsilon {epsilon:g} in group(s) {groups_text(t, bad.any(axis=0))} is not; "
+            "lower epsilon or move the density"
+        )
+
+
+def della_from_mergekit(r: ImportTables) -> ImportedValues:
+    """Exact in distribution only at epsilon 0 without rescale (keep with probability d, mergetune divides by d)."""
+    diffs: list[str] = []
+    density = r.per_model["density"]
+    epsilon = uniform_scalar(r.per_model["epsilon"], "epsilon", diffs)
+    if epsilon == 0.0:
+        c = random_rescale(r, density, diffs)
+    else:
+        c = np.ones_like(density)
+        diffs.append(
+            "della's rescale: true restores each tensor's L1 norm with one factor (rescale: false keeps the survivors "
+            "unscaled); mergetune divides each kept entry by its own keep probability"
+            if flag(r, "rescale", diffs)
+            else "della with rescale: false keeps MagPrune's survivors unscaled; mergetune divides each by its p"
+        )
+    if not flag(r, "normalize", diffs):
+        diffs.append("della with normalize: false sums the agreeing entries; mergetune's della takes the weighted mean")
+    weight, options = inverse_consensus(r, c, diffs, normalize=True)
+    options.pop("disjoint")
+    return ImportedValues("della", weight, density, {"epsilon": epsilon, **options}, diffs)
+
+
 class Della(ChunkMethod):
     name = "della"
     Options = DellaOptions
@@ -111,8 +186,17 @@ class Della(ChunkMethod):
     random = True
     citation = "Deep et al. 2024, DELLA-Merging"
     kernel = staticmethod(della_kernel)
+    search_weight = (0.2, 1.5)
+    search_density = (0.15, 0.85)  # inside (epsilon, 1 - epsilon) for the default epsilon
+    warm_start = WarmStart(weight=1.0, density=0.5)
+    mergekit = MergekitSpec(
+        "della",
+        IN_DISTRIBUTION,
+        della_to_mergekit,
+        MergekitInverse(della_from_mergekit, *gta_parameters(normalize=True, rescale=True, epsilon=0.15)),
+    )
 
-    def validate(self, ctx) -> None:
+    def validate(self, ctx: MergeContext) -> None:
         eps = ctx.options.epsilon
         bad = (ctx.density - eps <= 0) | (ctx.density + eps > 1 + _TOLERANCE)
         if bool(bad.any()):
@@ -124,7 +208,7 @@ class Della(ChunkMethod):
                 "lower epsilon or move the density"
             )
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: DellaOptions = ctx.options
         args = consensus_args(ctx, opts)
         density = ctx.per_row(ctx.density)

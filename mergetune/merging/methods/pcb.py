@@ -44,10 +44,13 @@ import math
 from collections.abc import Iterator
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
-from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
+from mergetune.merging.context import MergeContext
+from mergetune.merging.mergekit_spec import APPROXIMATE, ExportTables, MergekitSpec, Translation, consensus, values_text
+from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import per_task, task_sum
 from mergetune.merging.stats import Scope, keep_counts
@@ -162,14 +165,31 @@ def clip_magnitude(tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tor
     return torch.sign(tau) * torch.minimum(torch.maximum(tau.abs(), lo), hi)
 
 
+def pcb_to_mergekit(t: ExportTables) -> Translation:
+    """No mergekit equivalent: the closest is TIES (magnitude trim per tensor, election, weighted mean)."""
+    opts: PcbOptions = t.options
+    ones = np.ones_like(t.weight)
+    tr = consensus("ties", t, t.density, ones, "before_election", "weighted_mean", opts.scale)
+    kept = "/".join(values_text(t.density[:, t.merged]))
+    tr.differences = [
+        "PCB has no mergekit equivalent: its intra/inter balancing scores β, the clip of outliers and the "
+        f"β-weighted merge are replaced by TIES (magnitude trim per tensor at density {kept}, "
+        "sign election, weighted mean); expect different weights",
+    ]
+    return tr
+
+
 class Pcb(ChunkMethod):
     name = "pcb"
     Options = PcbOptions
     uses_density = True
     citation = "Du et al. 2024, PCB-Merging: Parameter Competition Balancing for Model Merging"
     kernel = staticmethod(pcb_kernel)
+    search_weight = (0.2, 2.0)
+    warm_start = WarmStart(weight=1.0, density=0.2)
+    mergekit = MergekitSpec("ties", APPROXIMATE, pcb_to_mergekit)
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: PcbOptions = ctx.options
         scope = Scope(opts.scope)
         lo_seg, hi_seg = ctx.stats.cached(
@@ -197,7 +217,7 @@ class Pcb(ChunkMethod):
         return Prepared(row_args=row_args, element_args={"beta": beta})
 
     @staticmethod
-    def _thresholds(ctx, kind: str, scope: Scope, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    def _thresholds(ctx: MergeContext, kind: str, scope: Scope, compute) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row drop threshold (the (⌊r·n⌋+1)-th largest β, capped at n) and block maximum of β."""
         _, length = ctx.rows.blocks(scope, ctx.modelset)
         keep = keep_counts(ctx.density, length, ctx.rows.group)

@@ -17,10 +17,28 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
-from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared
+from mergetune.merging.context import MergeContext
+from mergetune.merging.mergekit_spec import (
+    EXACT,
+    ExportTables,
+    ImportedValues,
+    ImportTables,
+    MergekitInverse,
+    MergekitSpec,
+    Translation,
+    consensus,
+    count_report,
+    gta_parameters,
+    inverse_consensus,
+    scope_differences,
+    topk_differences,
+    topk_mismatch,
+)
+from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.ops import agreeing, disjoint_merge, elect_sign, trim
 from mergetune.merging.stats import Scope
 
@@ -66,12 +84,28 @@ def sign_consensus(
     return disjoint_merge(values, weights, masks, disjoint)
 
 
-def consensus_args(ctx, options: TiesOptions | object) -> dict[str, torch.Tensor]:
+def consensus_args(ctx: MergeContext, options: TiesOptions | object) -> dict[str, torch.Tensor]:
     """Per-row weight, election weight and scale shared by the sign-consensus methods."""
     weight = ctx.per_row(ctx.weight)
     before = getattr(options, "weights", "after_election") == "before_election"
     scale = torch.full((1, weight.shape[1]), float(getattr(options, "scale", 1.0)), device=weight.device)
     return {"weight": weight, "election_weight": weight if before else torch.ones_like(weight), "scale": scale}
+
+
+def ties_to_mergekit(t: ExportTables) -> Translation:
+    """mergekit's ties: exact with scope tensor and where its election and normalize match (``consensus``)."""
+    opts: TiesOptions = t.options
+    tr = consensus("ties", t, t.density, np.ones_like(t.weight), opts.weights, opts.disjoint, opts.scale)
+    tr.differences = scope_differences(opts.scope, "TIES") + topk_differences(t, t.density) + tr.differences
+    return tr
+
+
+def ties_from_mergekit(r: ImportTables) -> ImportedValues:
+    diffs: list[str] = []
+    density = r.per_model["density"]
+    diffs += count_report(r.names, r.tasks, topk_mismatch(r.numel, density), "mergekit max(1, ⌊d·n⌋)")
+    weight, options = inverse_consensus(r, np.ones_like(density), diffs)
+    return ImportedValues("ties", weight, density, {"scope": "tensor", **options}, diffs)
 
 
 class Ties(ChunkMethod):
@@ -80,8 +114,16 @@ class Ties(ChunkMethod):
     uses_density = True
     citation = "Yadav et al. 2023, TIES-Merging"
     kernel = staticmethod(ties_kernel)
+    search_weight = (0.2, 2.0)
+    warm_start = WarmStart(weight=1.0, density=0.2)  # the paper's top-20% trim, λ = 1
+    mergekit = MergekitSpec(
+        "ties",
+        EXACT,
+        ties_to_mergekit,
+        MergekitInverse(ties_from_mergekit, *gta_parameters(normalize=True, rescale=False)),
+    )
 
-    def prepare(self, ctx) -> Prepared:
+    def prepare(self, ctx: MergeContext) -> Prepared:
         opts: TiesOptions = ctx.options
         args = consensus_args(ctx, opts)
         args["threshold"] = ctx.keep_threshold(ctx.density, opts.scope)

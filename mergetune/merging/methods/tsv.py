@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from mergetune.merging.methods.base import MethodOptions, TensorMethod
+from mergetune.merging.context import MergeContext
+from mergetune.merging.mergekit_spec import APPROXIMATE, ExportTables, MergekitSpec, Translation
+from mergetune.merging.methods.base import MethodOptions, TensorMethod, WarmStart
 from mergetune.merging.modelset import ModelSet
 
 
@@ -81,12 +83,29 @@ def segment_factors(ms: ModelSet, segment_index: int, rank_fraction: float) -> T
         return matrix_factors(mats, rank_fraction)
 
 
+def tsv_to_mergekit(t: ExportTables) -> Translation:
+    """No mergekit equivalent: the closest is Task Arithmetic with TSV-M's weights (1-D tensors averaged)."""
+    opts: TsvOptions = t.options
+    weight = t.weight * opts.scale
+    weight[:, t.is_1d] /= len(t.tasks)  # TSV-M averages 1-D tensors
+    tr = Translation("task_arithmetic", {"weight": weight}, {"normalize": False, "lambda": 1.0})
+    tr.differences = [
+        "TSV-M has no mergekit equivalent: its per-matrix SVD truncation (top rank/T singular triplets per task) "
+        "and orthogonalisation are replaced by Task Arithmetic with weight λ·scale (λ·scale/T on 1-D tensors, "
+        "which TSV-M averages)"
+    ]
+    return tr
+
+
 class Tsv(TensorMethod):
     name = "tsv"
     Options = TsvOptions
     citation = "Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging"
+    search_weight = (0.1, 2.0)
+    warm_start = WarmStart(weight=1.0, density=1.0)  # the paper's merge: λ = 1 (α = scale)
+    mergekit = MergekitSpec("task_arithmetic", APPROXIMATE, tsv_to_mergekit)
 
-    def merge_tensor(self, ctx, segment_index: int) -> torch.Tensor:
+    def merge_tensor(self, ctx: MergeContext, segment_index: int) -> torch.Tensor:
         opts: TsvOptions = ctx.options
         ms: ModelSet = ctx.modelset
         seg = ms.segments[segment_index]

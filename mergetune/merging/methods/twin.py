@@ -21,17 +21,16 @@ validate strictly and the search space can tune it like any other; ``Merger.merg
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from mergetune.errors import RecipeError
-from mergetune.merging.methods.base import MergeMethod, MethodOptions
+from mergetune.merging.context import MergeContext
+from mergetune.merging.mergekit_spec import MergekitRefusal
+from mergetune.merging.methods.base import MergeMethod, MethodOptions, WarmStart
 from mergetune.merging.methods.registry import get_method
 from mergetune.recipe import Recipe
-
-if TYPE_CHECKING:
-    from mergetune.merging.engine import MergeContext
 
 TWIN = "twin"
 DEFAULT_SHARED = "task_arithmetic"
@@ -87,6 +86,11 @@ class TwinMethod(MergeMethod):
     uses_density = True  # through its shared method (see density_used)
     dynamic = True
     citation = "Lu et al. 2024, Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging"
+    search_weight = (0.0, 1.0)  # the shared merge's λ (Task Arithmetic by default)
+    warm_start = WarmStart(weight=0.3, density=1.0)  # λ of its shared merge (Twin-Merging's Task Arithmetic θ*)
+    mergekit = MergekitRefusal(
+        "Twin-Merging routes each input to a mix of experts: a routed model is not one set of weights"
+    )
 
     def validate(self, ctx: MergeContext) -> None:
         raise RecipeError(
@@ -111,9 +115,7 @@ def shared_recipe(recipe: Recipe) -> Recipe:
 
 
 def twin_options(recipe: Recipe) -> TwinOptions:
-    options = recipe.method_options()
-    assert isinstance(options, TwinOptions)
-    return options
+    return TwinOptions.model_validate(recipe.options)
 
 
 METHODS = (TwinMethod,)
