@@ -24,8 +24,8 @@ from optuna.distributions import FloatDistribution
 
 from mergetune.errors import MergetuneError
 from mergetune.recipe import Expert, Recipe
-from mergetune.search.optimizers import OPTIMIZERS, Optimizer, Outcome, Proposal, make_optimizer
-from mergetune.search.optimizers.grid import from_unit, to_unit
+from mergetune.search.optimizers import OPTIMIZERS, ExternalOptimizer, Optimizer, Outcome, Proposal, make_optimizer
+from mergetune.search.optimizers._external import from_unit, to_unit
 from mergetune.search.space import FloatRange, MethodSpace, ParamRange, SearchSpace
 
 TASKS = ("sst2", "mnli", "topic", "qnli")
@@ -145,6 +145,7 @@ def warm_start(space: SearchSpace, method: str = "ties") -> dict[str, Any]:
 # ---- registry ------------------------------------------------------------------------------------
 def test_external_optimizers_are_registered() -> None:
     assert set(EXTERNAL) <= set(OPTIMIZERS)
+    assert all(issubclass(OPTIMIZERS[n], ExternalOptimizer) and OPTIMIZERS[n].external for n in EXTERNAL)
     assert not any(OPTIMIZERS[n].multi_objective for n in SEARCHERS)
     assert OPTIMIZERS["grid"].multi_objective
 
@@ -351,7 +352,9 @@ def test_cmaes_refuses_a_space_that_is_not_continuous() -> None:
         build("cmaes", make_space())
     with pytest.raises(MergetuneError, match=r"categorical.*ngopt or tpe"):
         build("cmaes", make_space(("ties",), options={"disjoint": ["mean", "sum"]}))
-    assert build("cmaes", make_space(("ties",), options={"scale": FloatRange(low=0.5, high=2.0)}))
+    scaled = build("cmaes", make_space(("ties",), options={"scale": FloatRange(low=0.5, high=2.0)}))
+    proposal = scaled.propose()  # a float option is continuous: accepted, and searched within its range
+    assert proposal is not None and 0.5 <= proposal.params["ties/opt/scale"] <= 2.0
 
 
 def test_cmaes_popsize_is_a_multiple_of_the_batch() -> None:
