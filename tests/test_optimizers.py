@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from optuna.distributions import FloatDistribution
 
 from mergetune.errors import MergetuneError
 from mergetune.recipe import Expert, Recipe
 from mergetune.search.optimizers import OPTIMIZERS, ExternalOptimizer, Optimizer, Outcome, Proposal, make_optimizer
-from mergetune.search.optimizers._external import from_unit, to_unit
+from mergetune.search.optimizers._external import UnitBox, from_unit, to_unit
 from mergetune.search.space import FloatRange, MethodSpace, ParamRange, SearchSpace
 
 TASKS = ("sst2", "mnli", "topic", "qnli")
@@ -435,6 +437,39 @@ def test_grid_larger_than_the_budget() -> None:
 
 
 # ---- encoding ------------------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(
+    low=st.floats(1e-3, 10.0),
+    ratio=st.floats(1.01, 1e3),
+    log=st.booleans(),
+    u=st.floats(-0.5, 1.5),
+)
+def test_unit_coordinates_round_trip_and_stay_in_bounds(low: float, ratio: float, log: bool, u: float) -> None:
+    """The codec every external optimizer shares: any coordinate maps into the bounds (clipped outside
+    [0, 1]), and a coordinate inside [0, 1] comes back from its value."""
+    dist = FloatDistribution(low, low * ratio, log=log)
+    value = from_unit(dist, u)
+    assert dist.low <= value <= dist.high
+    assert to_unit(dist, value) == pytest.approx(min(max(u, 0.0), 1.0), abs=1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(x=st.lists(st.floats(0.0, 1.0), min_size=9, max_size=9))
+def test_unit_box_maps_points_to_vectors_and_back(x: list[float]) -> None:
+    log_weight = ParamRange(per="task", low=0.01, high=1.0, log=True)
+    space = make_space(("ties",), weight=log_weight, options={"scale": FloatRange(low=0.5, high=2.0)})
+    box = UnitBox(space)  # 4 log weights, 4 densities, the scale
+    params = box.decode(x)
+    assert list(params) == [a.name for a in space.axes] and len(box) == 9  # axis order
+    assert all(a.distribution.low <= params[a.name] <= a.distribution.high for a in space.axes)  # type: ignore[attr-defined]
+    assert np.allclose(box.encode(params), x, atol=1e-9)
+    partial = {k: v for k, v in params.items() if k != "ties/density/sst2"}  # the 5th axis
+    with pytest.raises(KeyError, match="ties/density/sst2"):
+        box.encode(partial)
+    filled = box.encode(partial, fill=np.full(9, 0.25))
+    assert filled[4] == 0.25 and np.allclose(np.delete(filled, 4), np.delete(np.array(x), 4), atol=1e-9)
+
+
 def test_log_axes_are_searched_geometrically_within_bounds() -> None:
     log_weight = ParamRange(per="task", low=0.01, high=1.0, log=True)
     dist = FloatDistribution(0.01, 1.0, log=True)
