@@ -425,6 +425,23 @@ def test_grid_restore_skips_finished_points(tmp_path: Path) -> None:
     assert not {str(p) for p, _ in history} & {str(p) for p in rest}
 
 
+def test_grid_is_exhausted_as_soon_as_only_finished_points_remain(tmp_path: Path) -> None:
+    """The loop asks only while not exhausted, and a None from propose would fall back to the study's random
+    sampler: a grid whose last points were already evaluated (warm starts, a restored history) must say
+    it is exhausted before it is asked again."""
+    space = make_space(("ties",), per="shared")
+    opt = build("grid", space, points=2)  # weight × density: 4 points
+    grid = opt.points_in_order()  # type: ignore[attr-defined]
+    opt.observe(None, grid[3], outcome(score(space, grid[3])))  # a warm start equal to the last grid point
+    proposals = [opt.propose() for _ in range(3)]
+    assert [p.params for p in proposals if p is not None] == grid[:3]
+    assert opt.exhausted
+    restored = build("grid", space, points=2)
+    restored.restore(tmp_path, [(p, outcome(0.0)) for p in (grid[0], grid[1], grid[3])])  # no checkpoint
+    proposal = restored.propose()
+    assert proposal is not None and proposal.params == grid[2] and restored.exhausted
+
+
 def test_grid_larger_than_the_budget() -> None:
     space = make_space(("ties",))  # 8 float axes: 5**8 points
     with pytest.raises(MergetuneError, match=r"390625 grid points.*budget of 60.*oversize: sample"):
