@@ -1,14 +1,15 @@
 """Optimizers for the search: two kinds (``base``), one registry (``registry``), one plug-in per module.
 
 A plug-in module defines its classes and registers each with ``@register_optimizer``; importing this
-package imports the plug-ins below so that the registry is complete. Plug-ins do not import one
-another: what external optimizers share lives in ``_external``.
+package imports the plug-ins (the first import below) so that the registry is complete. Plug-ins do
+not import one another: what external optimizers share lives in ``_external``. Importing them is
+cheap: pycma, Nevergrad and Optuna's GP (torch) load when an optimizer first uses them.
 """
 
 from __future__ import annotations
 
-import importlib
-
+# The plug-ins register themselves on import (a new one is one more name here).
+from mergetune.search.optimizers import cma_opt, grid, nevergrad_opt, optuna_samplers  # noqa: F401
 from mergetune.search.optimizers.base import (
     FAILED_LOSS,
     ExternalOptimizer,
@@ -26,11 +27,6 @@ from mergetune.search.optimizers.registry import (
     optimizer_class,
     register_optimizer,
 )
-
-PLUGINS = ("optuna_samplers", "nevergrad_opt", "cma_opt", "grid")  # cheap to import: heavy libraries load on use
-
-for _plugin in PLUGINS:
-    importlib.import_module(f"{__name__}.{_plugin}")
 
 __all__ = [
     "FAILED_LOSS",
