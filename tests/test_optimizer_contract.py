@@ -57,7 +57,7 @@ from mergetune.search.space import METHOD_KEY, FloatRange, MethodSpace, ParamRan
 
 DIRECTIONS = ["maximize", "maximize"]  # the loop's default objectives: mean and worst
 BUDGET = 200  # the candidate budget the optimizers are told (grid: every point of both spaces fits)
-RUN = 12  # candidates per run: a few past the samplers' 10 random startup trials, so their models run too
+RUN = 11  # candidates per run: one past the samplers' 10 random startup trials, so their models run too (gp is slow)
 FIXED_DISJOINT = "sum"
 
 

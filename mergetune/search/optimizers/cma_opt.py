@@ -231,7 +231,7 @@ class CmaEs(ExternalOptimizer):
 
     # ---- encoding --------------------------------------------------------------------------------
     def _decode(self, x: np.ndarray) -> dict[str, Any]:
-        return dict(self.box.decode(x))
+        return self.box.decode(x)
 
     def _encode(self, params: dict[str, Any]) -> np.ndarray | None:
         try:
