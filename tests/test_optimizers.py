@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from optuna.distributions import FloatDistribution
 
 from mergetune.errors import MergetuneError
 from mergetune.recipe import Expert, Recipe
-from mergetune.search.optimizers import OPTIMIZERS, Optimizer, Outcome, Proposal, make_optimizer
-from mergetune.search.optimizers.grid import from_unit, to_unit
+from mergetune.search.optimizers import OPTIMIZERS, ExternalOptimizer, Optimizer, Outcome, Proposal, make_optimizer
+from mergetune.search.optimizers._external import UnitBox, from_unit, to_unit
 from mergetune.search.space import FloatRange, MethodSpace, ParamRange, SearchSpace
 
 TASKS = ("sst2", "mnli", "topic", "qnli")
@@ -145,6 +147,7 @@ def warm_start(space: SearchSpace, method: str = "ties") -> dict[str, Any]:
 # ---- registry ------------------------------------------------------------------------------------
 def test_external_optimizers_are_registered() -> None:
     assert set(EXTERNAL) <= set(OPTIMIZERS)
+    assert all(issubclass(OPTIMIZERS[n], ExternalOptimizer) and OPTIMIZERS[n].external for n in EXTERNAL)
     assert not any(OPTIMIZERS[n].multi_objective for n in SEARCHERS)
     assert OPTIMIZERS["grid"].multi_objective
 
@@ -351,7 +354,9 @@ def test_cmaes_refuses_a_space_that_is_not_continuous() -> None:
         build("cmaes", make_space())
     with pytest.raises(MergetuneError, match=r"categorical.*ngopt or tpe"):
         build("cmaes", make_space(("ties",), options={"disjoint": ["mean", "sum"]}))
-    assert build("cmaes", make_space(("ties",), options={"scale": FloatRange(low=0.5, high=2.0)}))
+    scaled = build("cmaes", make_space(("ties",), options={"scale": FloatRange(low=0.5, high=2.0)}))
+    proposal = scaled.propose()  # a float option is continuous: accepted, and searched within its range
+    assert proposal is not None and 0.5 <= proposal.params["ties/opt/scale"] <= 2.0
 
 
 def test_cmaes_popsize_is_a_multiple_of_the_batch() -> None:
@@ -420,6 +425,23 @@ def test_grid_restore_skips_finished_points(tmp_path: Path) -> None:
     assert not {str(p) for p, _ in history} & {str(p) for p in rest}
 
 
+def test_grid_is_exhausted_as_soon_as_only_finished_points_remain(tmp_path: Path) -> None:
+    """The loop asks only while not exhausted, and a None from propose would fall back to the study's random
+    sampler: a grid whose last points were already evaluated (warm starts, a restored history) must say
+    it is exhausted before it is asked again."""
+    space = make_space(("ties",), per="shared")
+    opt = build("grid", space, points=2)  # weight × density: 4 points
+    grid = opt.points_in_order()  # type: ignore[attr-defined]
+    opt.observe(None, grid[3], outcome(score(space, grid[3])))  # a warm start equal to the last grid point
+    proposals = [opt.propose() for _ in range(3)]
+    assert [p.params for p in proposals if p is not None] == grid[:3]
+    assert opt.exhausted
+    restored = build("grid", space, points=2)
+    restored.restore(tmp_path, [(p, outcome(0.0)) for p in (grid[0], grid[1], grid[3])])  # no checkpoint
+    proposal = restored.propose()
+    assert proposal is not None and proposal.params == grid[2] and restored.exhausted
+
+
 def test_grid_larger_than_the_budget() -> None:
     space = make_space(("ties",))  # 8 float axes: 5**8 points
     with pytest.raises(MergetuneError, match=r"390625 grid points.*budget of 60.*oversize: sample"):
@@ -432,6 +454,39 @@ def test_grid_larger_than_the_budget() -> None:
 
 
 # ---- encoding ------------------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(
+    low=st.floats(1e-3, 10.0),
+    ratio=st.floats(1.01, 1e3),
+    log=st.booleans(),
+    u=st.floats(-0.5, 1.5),
+)
+def test_unit_coordinates_round_trip_and_stay_in_bounds(low: float, ratio: float, log: bool, u: float) -> None:
+    """The codec every external optimizer shares: any coordinate maps into the bounds (clipped outside
+    [0, 1]), and a coordinate inside [0, 1] comes back from its value."""
+    dist = FloatDistribution(low, low * ratio, log=log)
+    value = from_unit(dist, u)
+    assert dist.low <= value <= dist.high
+    assert to_unit(dist, value) == pytest.approx(min(max(u, 0.0), 1.0), abs=1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(x=st.lists(st.floats(0.0, 1.0), min_size=9, max_size=9))
+def test_unit_box_maps_points_to_vectors_and_back(x: list[float]) -> None:
+    log_weight = ParamRange(per="task", low=0.01, high=1.0, log=True)
+    space = make_space(("ties",), weight=log_weight, options={"scale": FloatRange(low=0.5, high=2.0)})
+    box = UnitBox(space)  # 4 log weights, 4 densities, the scale
+    params = box.decode(x)
+    assert list(params) == [a.name for a in space.axes] and len(box) == 9  # axis order
+    assert all(a.distribution.low <= params[a.name] <= a.distribution.high for a in space.axes)  # type: ignore[attr-defined]
+    assert np.allclose(box.encode(params), x, atol=1e-9)
+    partial = {k: v for k, v in params.items() if k != "ties/density/sst2"}  # the 5th axis
+    with pytest.raises(KeyError, match="ties/density/sst2"):
+        box.encode(partial)
+    filled = box.encode(partial, fill=np.full(9, 0.25))
+    assert filled[4] == 0.25 and np.allclose(np.delete(filled, 4), np.delete(np.array(x), 4), atol=1e-9)
+
+
 def test_log_axes_are_searched_geometrically_within_bounds() -> None:
     log_weight = ParamRange(per="task", low=0.01, high=1.0, log=True)
     dist = FloatDistribution(0.01, 1.0, log=True)

@@ -15,10 +15,10 @@ from mergetune.errors import MergetuneError, read_config_file
 from mergetune.merging.methods import get_method
 from mergetune.objectives.tasks import TaskConfig
 from mergetune.recipe import Expert
+from mergetune.search.optimizers import optimizer_class
 from mergetune.search.space import MethodSpace, ParamRange
 from mergetune.strict import StrictModel, format_validation_error
 
-OptimizerName = Literal["tpe", "nsga2", "gp", "cmaes", "ngopt", "ng_cma", "ng_de", "random", "grid"]
 ObjectiveName = Literal["mean", "worst", "sparsity"]
 
 
@@ -70,13 +70,19 @@ class SpaceConfig(StrictModel):
 
 
 class OptimizerConfig(StrictModel):
-    name: OptimizerName = "tpe"
+    name: str = Field("tpe", description="A registered optimizer (mergetune.search.optimizers.OPTIMIZERS).")
     batch_size: int | None = Field(
         None,
         ge=1,
         description="Candidates in flight before any result is told back; default: the executor's worker count.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Passed to the sampler / optimizer.")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        optimizer_class(value)  # the registry is the one list of names: its error lists the available ones
+        return value
 
 
 class BudgetConfig(StrictModel):

@@ -1,28 +1,45 @@
-"""The optimizer registry: a config name -> an Optimizer adapter class (one plug-in per module)."""
+"""Optimizers for the search: two kinds (``base``), one registry (``registry``), one plug-in per module.
+
+A plug-in module defines its classes and registers each with ``@register_optimizer``; importing this
+package imports the plug-ins (the first import below) so that the registry is complete. Plug-ins do
+not import one another: what external optimizers share lives in ``_external``. Importing them is
+cheap: pycma, Nevergrad and Optuna's GP (torch) load when an optimizer first uses them.
+"""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+# The plug-ins register themselves on import (a new one is one more name here).
+from mergetune.search.optimizers import cma_opt, grid, nevergrad_opt, optuna_samplers  # noqa: F401
+from mergetune.search.optimizers.base import (
+    FAILED_LOSS,
+    ExternalOptimizer,
+    History,
+    Optimizer,
+    Outcome,
+    Proposal,
+    SamplerOptimizer,
+)
+from mergetune.search.optimizers.registry import (
+    OPTIMIZERS,
+    OptimizerRegistrationError,
+    UnknownOptimizerError,
+    make_optimizer,
+    optimizer_class,
+    register_optimizer,
+)
 
-from mergetune.errors import MergetuneError
-from mergetune.search.optimizers.base import FAILED_LOSS, Optimizer, Outcome, Proposal
-from mergetune.search.space import SearchSpace
-
-_MODULES = ("optuna_samplers", "nevergrad_opt", "cma_opt", "grid")
-OPTIMIZERS: dict[str, type[Optimizer]] = {}
-
-for _module in _MODULES:
-    for _cls in importlib.import_module(f"{__name__}.{_module}").OPTIMIZERS:
-        OPTIMIZERS[_cls.name] = _cls
-
-
-def make_optimizer(
-    name: str, space: SearchSpace, *, seed: int, batch_size: int, budget: int | None, options: dict[str, Any]
-) -> Optimizer:
-    if name not in OPTIMIZERS:
-        raise MergetuneError(f"unknown optimizer '{name}'; available: {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[name](space, seed=seed, batch_size=batch_size, budget=budget, **options)
-
-
-__all__ = ["FAILED_LOSS", "OPTIMIZERS", "Optimizer", "Outcome", "Proposal", "make_optimizer"]
+__all__ = [
+    "FAILED_LOSS",
+    "OPTIMIZERS",
+    "ExternalOptimizer",
+    "History",
+    "Optimizer",
+    "OptimizerRegistrationError",
+    "Outcome",
+    "Proposal",
+    "SamplerOptimizer",
+    "UnknownOptimizerError",
+    "make_optimizer",
+    "optimizer_class",
+    "register_optimizer",
+]

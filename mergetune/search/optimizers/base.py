@@ -1,24 +1,26 @@
 """The optimizer interface: propose points, observe outcomes; Optuna's storage records everything.
 
 Every candidate becomes an Optuna trial whatever the optimizer, so that one storage holds the
-whole search (resume, ``mergetune status``, optuna-dashboard). Two kinds of optimizer plug in:
+whole search (resume, ``mergetune status``, optuna-dashboard). An optimizer is one of two kinds,
+each an abstract base whose hooks have no defaults, so that a plug-in that forgets one is refused
+when it is registered (see ``registry.register_optimizer``), never run as something else:
 
-- **Optuna samplers** (TPE, NSGA-II, GP, random): the study samples each point through
-  ``SearchSpace.suggest``; ``propose`` returns None and ``observe`` does nothing, since the study
-  is the optimizer's whole state.
-- **External optimizers** (Nevergrad, pycma CMA-ES, grid): ``propose`` returns a point, which the
+- ``SamplerOptimizer`` (TPE, NSGA-II, GP, random): it gives an Optuna sampler, and the study
+  samples each point through ``SearchSpace.suggest``; the study is its whole state, so the loop's
+  propose / observe / checkpoint / restore calls are settled once here (nothing to do).
+- ``ExternalOptimizer`` (Nevergrad, pycma CMA-ES, grid): ``propose`` returns a point, which the
   loop enqueues in the study and asks back as a trial (so it is recorded as RUNNING before it is
-  evaluated); ``observe`` tells the optimizer the outcome. Their state is checkpointed beside
-  the storage and restored on resume.
+  evaluated); ``observe`` tells the optimizer the outcome. Its state is checkpointed beside the
+  storage and restored on resume. The study's sampler is never consulted for its points.
 
-The loop asks for at most ``batch_size`` proposals before telling any result back; an external
+The loop asks for at most ``max_pending`` proposals before telling any result back; an external
 optimizer must accept that many pending points (Nevergrad's ``num_workers``).
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ from typing import Any, ClassVar
 import optuna
 
 from mergetune.search.space import SearchSpace
+
+FAILED_LOSS = 1e6
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,6 @@ class Outcome:
         return -self.scalar if math.isfinite(self.scalar) else FAILED_LOSS
 
 
-FAILED_LOSS = 1e6
-
-
 @dataclass
 class Proposal:
     """A point the optimizer wants evaluated, and its private token (e.g. a Nevergrad candidate)."""
@@ -60,12 +61,15 @@ class Proposal:
     token: Any = None
 
 
+History = Sequence[tuple[dict[str, Any], Outcome]]
+
+
 class Optimizer(ABC):
-    """Base of every optimizer adapter."""
+    """What the search loop calls, whatever the kind. Plug-ins subclass one of the two kinds below."""
 
     name: ClassVar[str]
     multi_objective: ClassVar[bool] = False  # False: uses Outcome.scalar / Outcome.loss
-    external: ClassVar[bool] = False  # True: proposes points itself (at most batch_size pending)
+    external: ClassVar[bool]  # True: proposes points itself (at most max_pending out at once)
 
     def __init__(self, space: SearchSpace, *, seed: int, batch_size: int, budget: int | None, **options: Any):
         self.space = space
@@ -74,35 +78,117 @@ class Optimizer(ABC):
         self.budget = budget
         self.options = options
 
-    @property
-    def exhausted(self) -> bool:
-        """True when the optimizer has nothing left to propose (a finished grid): the loop stops."""
-        return False
-
-    @property
-    def max_pending(self) -> int | None:
-        """Most proposals it can have out at once (None: no limit; Optuna's samplers use constant liar)."""
-        return self.batch_size if self.external else None
-
+    @abstractmethod
     def sampler(self) -> optuna.samplers.BaseSampler:
-        """The sampler of the study (externals: a seeded random sampler that is never consulted)."""
-        return optuna.samplers.RandomSampler(seed=self.seed)
+        """The sampler of the study."""
 
+    @abstractmethod
     def propose(self) -> Proposal | None:
         """A new point, or None to let the study's sampler choose."""
-        return None
 
-    def observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:  # noqa: B027
+    @abstractmethod
+    def observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
         """Learn from an outcome. ``proposal`` is None for points the optimizer did not propose
-        (warm starts, retried candidates): external optimizers should take them in if they can."""
+        (warm starts, retried candidates)."""
 
-    def checkpoint(self, folder: Path) -> None:  # noqa: B027
-        """Persist internal state (nothing for Optuna samplers: the study is the state)."""
+    @abstractmethod
+    def checkpoint(self, folder: Path) -> None:
+        """Persist the internal state in ``folder``."""
 
-    def restore(self, folder: Path, history: Sequence[tuple[dict[str, Any], Outcome]]) -> None:  # noqa: B027
-        """Restore state after a restart; ``history`` lists finished points in order, so that
+    @abstractmethod
+    def restore(self, folder: Path, history: History) -> None:
+        """Restore state after a restart; ``history`` lists finished points in trial order, so that
         outcomes after the last checkpoint can be replayed."""
+
+    @property
+    @abstractmethod
+    def exhausted(self) -> bool:
+        """True when the optimizer has nothing left to propose (a finished grid): the loop stops."""
+
+    @property
+    @abstractmethod
+    def max_pending(self) -> int | None:
+        """Most proposals it can have out at once (None: no limit)."""
 
     def describe(self) -> str:
         """One line for logs: what actually runs (e.g. the algorithm NGOpt picked)."""
         return self.name
+
+
+class SamplerOptimizer(Optimizer):
+    """An Optuna sampler: the study samples every point and holds the whole state.
+
+    A subclass gives ``sampler()`` only; the loop's other calls have nothing to do for this kind,
+    which is why they are settled here rather than left as defaults on ``Optimizer``.
+    """
+
+    external: ClassVar[bool] = False
+
+    @abstractmethod
+    def sampler(self) -> optuna.samplers.BaseSampler:
+        """A new sampler seeded with ``self.seed``: on resume it is built again on the stored study."""
+
+    def propose(self) -> None:
+        """Always None: the study's sampler chooses every point."""
+        return None
+
+    def observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
+        """Nothing: the study was told the outcome already."""
+
+    def checkpoint(self, folder: Path) -> None:
+        """Nothing: the study's storage is the state."""
+
+    def restore(self, folder: Path, history: History) -> None:
+        """Nothing: the sampler reads the stored study."""
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+    @property
+    def max_pending(self) -> None:
+        """No limit: pending trials are the samplers' business (TPE's constant liar)."""
+        return None
+
+
+class ExternalOptimizer(Optimizer):
+    """An optimizer that proposes points itself and keeps its own state (checkpointed by the loop).
+
+    A subclass implements ``propose``, ``observe``, ``checkpoint``, ``restore`` and ``exhausted``.
+    ``propose`` returns None only once ``exhausted`` is True: the loop would otherwise fall back to
+    the study's sampler, which is a random search.
+    """
+
+    external: ClassVar[bool] = True
+
+    def sampler(self) -> optuna.samplers.BaseSampler:
+        """A seeded random sampler, never consulted: every point is enqueued with fixed parameters."""
+        return optuna.samplers.RandomSampler(seed=self.seed)
+
+    @property
+    def max_pending(self) -> int | None:
+        """The batch: at most ``batch_size`` proposals out before a result is told back."""
+        return self.batch_size
+
+    @abstractmethod
+    def propose(self) -> Proposal | None:
+        """The next point to evaluate; None only when ``exhausted``."""
+
+    @abstractmethod
+    def observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
+        """Learn from an outcome; take in points it did not propose (``proposal`` None) if it can.
+        A failed candidate (``outcome.failed``) must be accepted too: it scores ``FAILED_LOSS``."""
+
+    @abstractmethod
+    def checkpoint(self, folder: Path) -> None:
+        """Write the state to ``folder`` so that ``restore`` continues exactly from here."""
+
+    @abstractmethod
+    def restore(self, folder: Path, history: History) -> None:
+        """Load the state from ``folder`` (possibly absent: start afresh) and replay the outcomes of
+        ``history`` the checkpoint had not seen."""
+
+    @property
+    @abstractmethod
+    def exhausted(self) -> bool:
+        """True when there is nothing left to propose (a finished grid); False for open-ended searches."""

@@ -4,7 +4,7 @@ CMA-ES needs a continuous space: one method and float axes only (a method choice
 option raises ``MergetuneError``; fix them in the config, or use ``ngopt`` / ``tpe``).
 
 - **Encoding**: every float axis is mapped to [0, 1] (logarithmically for log axes, see
-  ``grid.to_unit``), so one ``sigma0`` (a fraction of the box, option ``sigma0``, default 0.25)
+  ``_external.UnitBox``), so one ``sigma0`` (a fraction of the box, option ``sigma0``, default 0.25)
   fits every axis; the box is enforced by pycma's ``bounds`` option (its ``BoundTransform``).
 - **Generations**: one CMA generation is asked at a time (``popsize`` points: pycma's default
   4 + ⌊3 ln n⌋, or option ``popsize``, rounded up to a multiple of ``batch_size``) and handed out
@@ -38,10 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import pickle
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +46,18 @@ from typing import Any
 import numpy as np
 
 from mergetune.errors import MergetuneError
-from mergetune.search.optimizers.base import Optimizer, Outcome, Proposal
-from mergetune.search.optimizers.grid import Ledger, atomic_write, float_axes, from_unit, point_key, to_unit
+from mergetune.search.optimizers._external import (
+    Ledger,
+    UnitBox,
+    atomic_write,
+    default_popsize,
+    float_axes,
+    import_cma,
+    point_key,
+    round_up,
+)
+from mergetune.search.optimizers.base import ExternalOptimizer, History, Outcome, Proposal
+from mergetune.search.optimizers.registry import register_optimizer
 from mergetune.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -83,24 +90,6 @@ class _Generation:
         return next((i for i, m in enumerate(self.members) if not m.handed and m.loss is None), None)
 
 
-def import_cma() -> Any:
-    """pycma, imported on first use (it takes a second; the CLI should not pay it for other optimizers)."""
-    with warnings.catch_warnings():  # pycma warns at import when matplotlib is missing
-        warnings.simplefilter("ignore")
-        import cma
-
-    return cma
-
-
-def default_popsize(dimension: int) -> int:
-    """pycma's default population size, 4 + ⌊3 ln n⌋ (Hansen)."""
-    return 4 + int(3 * math.log(dimension))
-
-
-def round_up(value: int, multiple: int) -> int:
-    return max(multiple, -(-value // multiple) * multiple)
-
-
 def check_continuous(space: SearchSpace, name: str) -> None:
     """CMA-ES searches a box of reals: refuse method choices and categorical options clearly."""
     if len(space.methods) > 1:
@@ -118,10 +107,9 @@ def check_continuous(space: SearchSpace, name: str) -> None:
         raise MergetuneError(f"{name} (CMA-ES): the space has no parameter to search")
 
 
-class CmaEs(Optimizer):
+@register_optimizer
+class CmaEs(ExternalOptimizer):
     """pycma CMA-ES on the unit box of the float axes, generation by generation, with IPOP restarts."""
-
-    external = True
 
     name = "cmaes"
 
@@ -131,7 +119,8 @@ class CmaEs(Optimizer):
         if unknown:
             raise MergetuneError(f"cmaes: unknown option(s) {unknown}; cmaes takes {sorted(OPTIONS)}")
         check_continuous(space, self.name)
-        self.axes = float_axes(space)
+        self.box = UnitBox(space)
+        self.axes = self.box.axes
         self.sigma0 = float(options.get("sigma0", 0.25))
         self.ipop_factor = int(options.get("ipop_factor", 2))
         self.max_restarts = options.get("max_restarts")
@@ -242,15 +231,19 @@ class CmaEs(Optimizer):
 
     # ---- encoding --------------------------------------------------------------------------------
     def _decode(self, x: np.ndarray) -> dict[str, Any]:
-        return {a.name: from_unit(a.distribution, float(u)) for a, u in zip(self.axes, x, strict=True)}  # type: ignore[arg-type]
+        return self.box.decode(x)
 
     def _encode(self, params: dict[str, Any]) -> np.ndarray | None:
         try:
-            return np.array([to_unit(a.distribution, float(params[a.name])) for a in self.axes])  # type: ignore[arg-type]
+            return self.box.encode(params)
         except (KeyError, TypeError, ValueError):
             return None  # a point of another space (e.g. another method): nothing to learn
 
     # ---- optimizer interface ---------------------------------------------------------------------
+    @property
+    def exhausted(self) -> bool:
+        return False  # IPOP restarts without end: the budget stops it
+
     def propose(self) -> Proposal | None:
         """The next point of the oldest generation with points to hand out; a new generation if none."""
         for _ in range(MAX_NEW_GENERATIONS):
@@ -316,7 +309,7 @@ class CmaEs(Optimizer):
         }
         atomic_write(folder / STATE_JSON, json.dumps(summary).encode())
 
-    def restore(self, folder: Path, history: Sequence[tuple[dict[str, Any], Outcome]]) -> None:
+    def restore(self, folder: Path, history: History) -> None:
         state = self._load(folder)
         if state is not None:
             self._es, self._rng, self._gens = state["es"], state["rng"], state["gens"]
@@ -352,6 +345,3 @@ class CmaEs(Optimizer):
             f"cmaes: pycma {cma.__version__} CMA-ES (CSA) on {len(self.axes)} dims, popsize {self.popsize_now}, "
             f"sigma0 {self.sigma0}, IPOP restarts {self._restarts}"
         )
-
-
-OPTIMIZERS = [CmaEs]

@@ -1,4 +1,4 @@
-"""Grid search, the papers' protocol baseline, and the helpers the external optimizers share.
+"""Grid search, the papers' protocol baseline.
 
 ``grid`` enumerates, for each method of the space in order, the Cartesian product of its axes in
 the space's axis order (the first axis varies slowest): ``points`` values per float axis
@@ -12,26 +12,19 @@ When the grid holds more points than the candidate budget, the default is to ref
 grid order. The grid is enumerated lazily (mixed-radix index → point), so huge grids cost nothing.
 
 State is the position in the enumeration plus the set of finished points: on restore, every grid
-point already in the history is skipped, so no finished point is proposed twice. When the grid is
-exhausted ``propose`` returns None and ``exhausted`` becomes True.
-
-Shared helpers (this module imports nothing heavy, so ``cma_opt`` and ``nevergrad_opt`` use them):
-the unit-box codec of float axes (``to_unit`` / ``from_unit``), ``point_key`` (a canonical
-fingerprint of a point, to recognise points across a restart), ``Ledger`` (the multiset of
-observed points, which tells what part of the history a checkpoint has not seen) and
-``atomic_write``.
+point already in the history is skipped, so no finished point is proposed twice. The position
+always rests on a point not yet evaluated (or the end), so that ``exhausted`` is True as soon as
+nothing is left to propose: the loop then stops rather than asking ``propose`` for a point it
+has not got (a None would have fallen back to the study's random sampler).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import random
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,86 +32,13 @@ import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from mergetune.errors import MergetuneError
-from mergetune.search.optimizers.base import Optimizer, Outcome, Proposal
-from mergetune.search.space import METHOD_KEY, Axis, SearchSpace
+from mergetune.search.optimizers._external import atomic_write, float_axes, from_unit, point_key
+from mergetune.search.optimizers.base import ExternalOptimizer, History, Outcome, Proposal
+from mergetune.search.optimizers.registry import register_optimizer
+from mergetune.search.space import METHOD_KEY, SearchSpace
 
 log = logging.getLogger(__name__)
 GRID_STATE = "grid.json"
-
-
-# ---- shared helpers ------------------------------------------------------------------------------
-def to_unit(dist: FloatDistribution, value: float) -> float:
-    """Map a value of a float axis to [0, 1] (logarithmically for log axes), clipped."""
-    if dist.log:
-        u = (math.log(value) - math.log(dist.low)) / (math.log(dist.high) - math.log(dist.low))
-    else:
-        u = (value - dist.low) / (dist.high - dist.low)
-    return min(max(float(u), 0.0), 1.0)
-
-
-def from_unit(dist: FloatDistribution, u: float) -> float:
-    """Inverse of ``to_unit``; clipped to the bounds (exact at the ends) so Optuna accepts it as a fixed parameter."""
-    u = float(u)
-    if u <= 0.0 or u >= 1.0:
-        return float(dist.low if u <= 0.0 else dist.high)
-    if dist.log:
-        value = math.exp(math.log(dist.low) + u * (math.log(dist.high) - math.log(dist.low)))
-    else:
-        value = dist.low + u * (dist.high - dist.low)
-    return min(max(value, dist.low), dist.high)
-
-
-def point_key(params: Mapping[str, Any]) -> str:
-    """A canonical fingerprint of a point (exact values: floats round-trip through the storage)."""
-    text = json.dumps({k: params[k] for k in sorted(params)}, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:20]
-
-
-class Ledger:
-    """The points an optimizer has observed (a multiset of fingerprints, with their last loss).
-
-    It tells which part of a history a checkpoint has not seen: the loop's history is in trial-number
-    order, not in the order results arrived, so a count of observed outcomes cannot; fingerprints
-    can (duplicates included). The losses let an optimizer recognise a point it is about to propose
-    again as already evaluated.
-    """
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.losses: dict[str, float] = {}
-
-    def add(self, params: Mapping[str, Any], loss: float) -> None:
-        key = point_key(params)
-        self.counts[key] += 1
-        self.losses[key] = loss
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def unseen(self, history: Sequence[tuple[dict[str, Any], Outcome]]) -> list[tuple[dict[str, Any], Outcome]]:
-        """The history items this ledger has not observed, in history order."""
-        left = Counter(self.counts)
-        out = []
-        for params, outcome in history:
-            key = point_key(params)
-            if left[key] > 0:
-                left[key] -= 1
-            else:
-                out.append((params, outcome))
-        return out
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so that a crash mid-write leaves the previous version intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def float_axes(space: SearchSpace) -> list[Axis]:
-    return [a for a in space.axes if isinstance(a.distribution, FloatDistribution)]
 
 
 # ---- the grid ------------------------------------------------------------------------------------
@@ -133,14 +53,13 @@ def axis_values(dist: BaseDistribution, points: int) -> list[Any]:
     raise TypeError(f"unsupported distribution for the grid: {dist}")
 
 
-class GridSearch(Optimizer):
+@register_optimizer
+class GridSearch(ExternalOptimizer):
     """Grid over every float axis × every categorical value, methods first, in a fixed order.
 
     Options: ``points`` (values per float axis, default 5); ``oversize`` ("error", default, or
     "sample": a seeded random subset of ``budget`` points when the grid exceeds the budget).
     """
-
-    external = True
 
     name = "grid"
     multi_objective = True  # it ignores the outcomes: any objectives are fine
@@ -209,23 +128,29 @@ class GridSearch(Optimizer):
     def exhausted(self) -> bool:
         return self.position >= len(self._order)
 
+    def _skip_finished(self) -> None:
+        """Move the position past grid points already evaluated (warm starts, a restored history)."""
+        while not self.exhausted and point_key(self.point(self._order[self.position])) in self._finished:
+            self.position += 1
+
     # ---- optimizer interface ---------------------------------------------------------------------
     def propose(self) -> Proposal | None:
-        while not self.exhausted:
-            params = self.point(self._order[self.position])
-            self.position += 1
-            if point_key(params) not in self._finished:
-                return Proposal(params=params, token=self.position - 1)
-        return None
+        if self.exhausted:
+            return None
+        index = self.position
+        self.position += 1
+        self._skip_finished()
+        return Proposal(params=self.point(self._order[index]), token=index)
 
     def observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
         self._finished.add(point_key(params))
+        self._skip_finished()
 
     def checkpoint(self, folder: Path) -> None:
         state = {"position": self.position, "size": self.size, "points": self.points, "finished": len(self._finished)}
         atomic_write(folder / GRID_STATE, json.dumps(state).encode())
 
-    def restore(self, folder: Path, history: Sequence[tuple[dict[str, Any], Outcome]]) -> None:
+    def restore(self, folder: Path, history: History) -> None:
         """Continue after the checkpointed position; skip every grid point already in ``history``."""
         path = folder / GRID_STATE
         state = json.loads(path.read_text()) if path.exists() else {}
@@ -234,6 +159,7 @@ class GridSearch(Optimizer):
             state = {}
         self.position = int(state.get("position", 0))
         self._finished = {point_key(params) for params, _ in history}
+        self._skip_finished()
         log.info(
             "grid: resuming at position %d of %d, %d finished point(s)",
             self.position,
@@ -243,6 +169,3 @@ class GridSearch(Optimizer):
 
     def describe(self) -> str:
         return f"grid: {len(self._order)} of {self.size} points ({self.points} per float axis)"
-
-
-OPTIMIZERS = [GridSearch]

@@ -51,17 +51,25 @@ import json
 import logging
 import pickle
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.distributions import CategoricalDistribution
 
 from mergetune.errors import MergetuneError
-from mergetune.search.optimizers.base import Optimizer, Outcome, Proposal
-from mergetune.search.optimizers.cma_opt import import_cma
-from mergetune.search.optimizers.grid import Ledger, atomic_write, float_axes, from_unit, point_key, to_unit
+from mergetune.search.optimizers._external import (
+    Ledger,
+    UnitBox,
+    atomic_write,
+    default_popsize,
+    import_cma,
+    point_key,
+    round_up,
+)
+from mergetune.search.optimizers.base import ExternalOptimizer, History, Outcome, Proposal
+from mergetune.search.optimizers.registry import register_optimizer
 from mergetune.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -77,7 +85,7 @@ def import_nevergrad() -> Any:
     import_cma()  # pycma warns at import when matplotlib is missing: import it quietly first
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import nevergrad
+        import nevergrad  # heavy optional dependency: imported on use
 
     _guard_metamodel(nevergrad)
     return nevergrad
@@ -111,9 +119,9 @@ def build_parametrization(space: SearchSpace, seed: int | list[int]) -> Any:
     for axis in space.axes:
         if isinstance(axis.distribution, CategoricalDistribution):
             children[axis.name] = ng.p.Choice(list(axis.distribution.choices))
-    floats = float_axes(space)
-    if floats:
-        children[FLOATS] = ng.p.Array(shape=(len(floats),), lower=0.0, upper=1.0)
+    dimension = len(UnitBox(space))
+    if dimension:
+        children[FLOATS] = ng.p.Array(shape=(dimension,), lower=0.0, upper=1.0)
     if not children:
         raise MergetuneError("nevergrad: the search space has no parameter to search")
     parametrization = ng.p.Dict(**children)
@@ -153,10 +161,8 @@ def _label(opt: Any) -> str:
     return str(opt.name)
 
 
-class _Nevergrad(Optimizer):
+class _Nevergrad(ExternalOptimizer):
     """Common adapter: parametrization, ask/tell bookkeeping, checkpoint and replay."""
-
-    external = True
 
     algorithm: ClassVar[str]
     accepted_options: ClassVar[frozenset[str]] = frozenset()
@@ -166,7 +172,7 @@ class _Nevergrad(Optimizer):
         unknown = sorted(set(options) - self.accepted_options)
         if unknown:
             raise MergetuneError(f"{self.name}: unknown option(s) {unknown}; accepted: {sorted(self.accepted_options)}")
-        self.floats = float_axes(space)
+        self.box = UnitBox(space)
         self.categorical = [a for a in space.axes if isinstance(a.distribution, CategoricalDistribution)]
         self._optimizer = self._build()
         self._pending: dict[str, list[Any]] = {}  # point key -> asked, untold candidates
@@ -207,9 +213,8 @@ class _Nevergrad(Optimizer):
     # ---- encoding --------------------------------------------------------------------------------
     def _decode(self, value: dict[str, Any]) -> dict[str, Any]:
         point = {a.name: value[a.name] for a in self.categorical}
-        if self.floats:
-            unit = value[FLOATS]
-            point.update({a.name: from_unit(a.distribution, float(u)) for a, u in zip(self.floats, unit, strict=True)})  # type: ignore[arg-type]
+        if len(self.box):
+            point.update(self.box.decode(value[FLOATS]))
         return self.space.active(point)
 
     def _encode(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -218,16 +223,15 @@ class _Nevergrad(Optimizer):
         for axis in self.categorical:
             if axis.name in params and params[axis.name] in axis.distribution.choices:  # type: ignore[attr-defined]
                 value[axis.name] = params[axis.name]
-        if self.floats:
-            unit = np.array(value[FLOATS], dtype=float)
-            for i, axis in enumerate(self.floats):
-                if axis.name in params:
-                    assert isinstance(axis.distribution, FloatDistribution)
-                    unit[i] = to_unit(axis.distribution, float(params[axis.name]))
-            value[FLOATS] = unit
+        if len(self.box):
+            value[FLOATS] = self.box.encode(params, fill=np.asarray(value[FLOATS], dtype=float))
         return value
 
     # ---- optimizer interface ---------------------------------------------------------------------
+    @property
+    def exhausted(self) -> bool:
+        return False  # Nevergrad asks on past its budget: the loop's budget stops it
+
     def propose(self) -> Proposal | None:
         """Ask Nevergrad; a point already evaluated (a retraced draw after a rebuild, a discrete space)
         is answered from the ledger instead of being evaluated again."""
@@ -263,7 +267,7 @@ class _Nevergrad(Optimizer):
 
     def _tell_foreign(self, params: dict[str, Any], loss: float) -> None:
         """Tell a point Nevergrad did not ask for, where the algorithm accepts it."""
-        from nevergrad.optimization import recaster
+        from nevergrad.optimization import recaster  # heavy optional dependency: loaded with nevergrad
 
         ng = import_nevergrad()
         if any(isinstance(o, recaster.RecastOptimizer) for o in optimizer_tree(self._optimizer)):
@@ -294,7 +298,7 @@ class _Nevergrad(Optimizer):
         }
         atomic_write(folder / STATE_JSON, json.dumps(summary).encode())
 
-    def restore(self, folder: Path, history: Sequence[tuple[dict[str, Any], Outcome]]) -> None:
+    def restore(self, folder: Path, history: History) -> None:
         state = self._load(folder)
         if state is not None:
             self._optimizer, self._pending, self._ledger = state["optimizer"], state["pending"], state["ledger"]
@@ -334,6 +338,7 @@ class _Nevergrad(Optimizer):
         return f"{self.name}: nevergrad {import_nevergrad().__version__} {algorithm_name(self._optimizer)}"
 
 
+@register_optimizer
 class NgOpt(_Nevergrad):
     """NGOpt: Nevergrad's algorithm selector (Liu et al. 2020)."""
 
@@ -357,6 +362,7 @@ class NgOpt(_Nevergrad):
         return super()._optimizer_class(dimension)
 
 
+@register_optimizer
 class NgCma(_Nevergrad):
     """CMA-ES through Nevergrad: CSA step size, popsize a multiple of the workers, diagonal at high dims."""
 
@@ -367,19 +373,16 @@ class NgCma(_Nevergrad):
 
     def _optimizer_class(self, dimension: int) -> Any:
         diagonal = bool(self.options.get("diagonal", dimension >= 100))
-        popsize = int(self.options.get("popsize") or 4 + int(3 * np.log(max(dimension, 1))))
-        popsize = max(self.batch_size, -(-popsize // self.batch_size) * self.batch_size)
+        popsize = round_up(int(self.options.get("popsize") or default_popsize(dimension)), self.batch_size)
         csa = import_cma().sigma_adaptation.CMAAdaptSigmaCSA
         return import_nevergrad().optimizers.ParametrizedCMA(
             popsize=popsize, diagonal=diagonal, inopts={"AdaptSigma": csa}
         )
 
 
+@register_optimizer
 class NgDe(_Nevergrad):
     """Differential evolution (Storn & Price 1997), Nevergrad's TwoPointsDE."""
 
     name = "ng_de"
     algorithm = "TwoPointsDE"
-
-
-OPTIMIZERS = [NgOpt, NgCma, NgDe]

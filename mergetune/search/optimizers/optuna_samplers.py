@@ -16,10 +16,12 @@ from typing import Any
 
 import optuna
 
-from mergetune.search.optimizers.base import Optimizer
+from mergetune.search.optimizers.base import SamplerOptimizer
+from mergetune.search.optimizers.registry import register_optimizer
 
 
-class Tpe(Optimizer):
+@register_optimizer
+class Tpe(SamplerOptimizer):
     name = "tpe"
     multi_objective = True
 
@@ -34,7 +36,8 @@ class Tpe(Optimizer):
         return optuna.samplers.TPESampler(seed=self.seed, **opts)
 
 
-class Nsga2(Optimizer):
+@register_optimizer
+class Nsga2(SamplerOptimizer):
     name = "nsga2"
     multi_objective = True
 
@@ -43,7 +46,8 @@ class Nsga2(Optimizer):
         return optuna.samplers.NSGAIISampler(seed=self.seed, **opts)
 
 
-class Gp(Optimizer):
+@register_optimizer
+class Gp(SamplerOptimizer):
     name = "gp"
     multi_objective = True
 
@@ -52,12 +56,10 @@ class Gp(Optimizer):
         return optuna.samplers.GPSampler(seed=self.seed, **opts)
 
 
-class RandomSearch(Optimizer):
+@register_optimizer
+class RandomSearch(SamplerOptimizer):
     name = "random"
     multi_objective = True
 
     def sampler(self) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=self.seed, **self.options)
-
-
-OPTIMIZERS = [Tpe, Nsga2, Gp, RandomSearch]
