@@ -24,7 +24,9 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/mergetune demo
 
+# lint-imports checks the layer contracts in pyproject.toml ([tool.importlinter]) before the tests run.
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 lint: setup
