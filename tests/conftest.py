@@ -177,6 +177,17 @@ def trials_by_state(journal: Path, name: str = "tiny-test") -> dict[TrialState, 
 
 
 # ---- in-memory models, recipes over them, and their merge (merge-method tests) ----------------------
+#: A small Llama-like layout: an embedding, two blocks (matrices, a bias, a one-element tensor), a norm.
+LAYERED_SHAPES = {
+    "embed_tokens.weight": (6, 4),
+    "layers.0.w": (4, 5),
+    "layers.0.bias": (5,),
+    "layers.1.w": (3, 4),
+    "layers.1.scale": (1,),
+    "norm.weight": (4,),
+}
+
+
 def make_models(
     shapes: dict[str, tuple[int, ...]], tasks: Sequence[str], *, seed: int = 0, noise: float = 0.5
 ) -> tuple[State, dict[str, State]]:

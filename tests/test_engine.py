@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_models, make_recipe, merge
+from conftest import LAYERED_SHAPES, make_models, make_recipe, merge
 
 from mergetune.errors import RecipeError
 from mergetune.merging.engine import Merger
@@ -17,14 +17,7 @@ from mergetune.merging.stats import NaiveStatistics, Scope, keep_counts
 from mergetune.recipe import Recipe
 
 TASKS = ["a", "b", "c"]
-SHAPES = {
-    "embed_tokens.weight": (6, 4),
-    "layers.0.w": (4, 5),
-    "layers.0.bias": (5,),
-    "layers.1.w": (3, 4),
-    "layers.1.scale": (1,),
-    "norm.weight": (4,),
-}
+SHAPES = LAYERED_SHAPES
 
 
 def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:

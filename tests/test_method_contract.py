@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ModelDirs
+from conftest import LAYERED_SHAPES, ModelDirs, make_models
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_mergekit_export import EXACT as MERGEKIT_EXACT
@@ -47,14 +47,7 @@ from mergetune.merging.ops import weighted_task_sum
 from mergetune.recipe import Recipe
 
 TASKS = ("a", "b", "c")
-SHAPES = {
-    "embed_tokens.weight": (6, 4),
-    "layers.0.w": (4, 5),
-    "layers.0.bias": (5,),
-    "layers.1.w": (3, 4),
-    "layers.1.scale": (1,),
-    "norm.weight": (4,),
-}
+SHAPES = LAYERED_SHAPES
 GROUP_OF = {"embed_tokens.weight": "embed", "norm.weight": "head"}  # else blocks.<layer>
 STATIC = sorted(name for name, method in METHODS.items() if not method.dynamic)
 DYNAMIC = sorted(name for name, method in METHODS.items() if method.dynamic)
@@ -66,23 +59,20 @@ ATOL = 1e-5  # eager vs compiled: float rounding of fused kernels
 State = dict[str, torch.Tensor]
 
 
-def make_models(shapes: dict[str, tuple[int, ...]], seed: int) -> tuple[State, dict[str, State]]:
+def unit_noise_models(shapes: dict[str, tuple[int, ...]], seed: int) -> tuple[State, dict[str, State]]:
     """A base and one expert per task: the base plus unit Gaussian noise (task vectors of every sign)."""
-    gen = torch.Generator().manual_seed(seed)
-    base = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
-    experts = {t: {n: v + torch.randn(v.shape, generator=gen) for n, v in base.items()} for t in TASKS}
-    return base, experts
+    return make_models(shapes, TASKS, seed=seed, noise=1.0)
 
 
 @pytest.fixture(scope="module")
 def modelset() -> ModelSet:
-    return ModelSet.load(*make_models(SHAPES, seed=0))
+    return ModelSet.load(*unit_noise_models(SHAPES, seed=0))
 
 
 @pytest.fixture(scope="module")
 def matrices() -> ModelSet:
     """Only tensors of several rows: one compiled graph per kernel."""
-    return ModelSet.load(*make_models({"layers.0.w": (4, 5), "layers.1.w": (3, 4)}, seed=1))
+    return ModelSet.load(*unit_noise_models({"layers.0.w": (4, 5), "layers.1.w": (3, 4)}, seed=1))
 
 
 def contract_recipe(name: str, **fields: Any) -> Recipe:
@@ -117,7 +107,7 @@ def assert_equal(ours: State, expected: State) -> None:
 # ---- the rules -------------------------------------------------------------------------------------------
 def check_chunk_invariance(name: str, shapes: dict[str, tuple[int, ...]], seed: int, chunk_size: int) -> None:
     """Chunks of whole rows only change how the work is cut: the same bits for any chunk size."""
-    ms = ModelSet.load(*make_models(shapes, seed))
+    ms = ModelSet.load(*unit_noise_models(shapes, seed))
     recipe = contract_recipe(name)
     assert_equal(merged(ms, recipe, chunk_size=chunk_size), merged(ms, recipe))
 
