@@ -30,12 +30,12 @@ from torch import nn
 from mergetune.errors import MergetuneError
 from mergetune.merging.engine import DTYPES
 from mergetune.merging.loading import read_folder, read_weights_file
+from mergetune.merging.methods import load_recipe
 from mergetune.merging.methods.twin import shared_recipe
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.save import save_merged
 from mergetune.objectives.models import check_head, overwrite_shared, task_model_class
 from mergetune.objectives.tasks import TaskConfig, TaskData
-from mergetune.recipe import Recipe
 from mergetune.twin.exclusive import DROPPED, LOW_RANK, ExclusiveKnowledge, ExclusiveTensor
 from mergetune.twin.model import Twin
 from mergetune.twin.router import Router
@@ -110,7 +110,7 @@ def load_twin(folder: str | Path) -> LoadedTwin:
     for name in (RECIPE_FILE, META_FILE, EXCLUSIVE_FILE, ROUTER_FILE, f"{SHARED_DIR}/config.json"):
         if not (folder / name).is_file():
             raise TwinFolderError(f"{folder} is not a Twin folder: {name} is missing (write one with save_twin)")
-    recipe = Recipe.load(folder / RECIPE_FILE)
+    recipe = load_recipe(folder / RECIPE_FILE)  # the method and its options checked before anything loads
     meta = _read_meta(folder / META_FILE)
     tasks = [TaskConfig.parse(t, source=str(folder / META_FILE)) for t in meta["tasks"]]
     if [t.name for t in tasks] != recipe.task_names:
