@@ -35,10 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mergetune.errors import MergetuneError
-from mergetune.search.optimizers._external import Ledger, atomic_write, point_key
+from mergetune.search.optimizers._external import CheckpointError, Ledger, atomic_write, point_key, read_json
 from mergetune.search.optimizers.base import ExternalOptimizer, History, Outcome, Proposal
-from mergetune.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 FORMAT = "mergetune optimizer checkpoint"
@@ -51,17 +49,6 @@ EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "configure": {"configure": (dict,)},
 }
 CONFIGURE_FIELDS: dict[str, tuple[type, ...]] = {"batch_size": (int,), "budget": (int, type(None))}
-
-
-class CheckpointError(MergetuneError):
-    """An optimizer checkpoint cannot be read: it names the file and says how to go on without it."""
-
-    def __init__(self, path: Path, problem: str) -> None:
-        super().__init__(
-            f"optimizer checkpoint {path}: {problem}; delete this file to rebuild the optimizer from the "
-            "search's history (its finished trials are kept), then run the same command again"
-        )
-        self.path = path
 
 
 # ---- the file ------------------------------------------------------------------------------------
@@ -78,13 +65,10 @@ class SavedLog:
 
 def read_checkpoint(path: Path, libraries: list[str]) -> SavedLog | None:
     """The checkpoint at ``path`` (None when there is none); a ``CheckpointError`` if it cannot be read."""
-    if not path.exists():
+    data = read_json(path)
+    if data is None:
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"not readable as JSON ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if data.get("format") != FORMAT:
         raise CheckpointError(path, f"not a {FORMAT} (no 'format': {FORMAT!r})")
     if data.get("version") != VERSION:
         raise CheckpointError(
@@ -92,13 +76,13 @@ def read_checkpoint(path: Path, libraries: list[str]) -> SavedLog | None:
         )
     try:
         settings, events = dict(data["settings"]), list(data["events"])
-        _check_event({"configure": {"batch_size": settings.pop("batch_size"), "budget": settings.pop("budget")}})
-        for event in events:
+        sizes = {"batch_size": settings.pop("batch_size"), "budget": settings.pop("budget")}
+        for event in [{"configure": sizes}, *events]:
             _check_event(event)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(path, f"malformed ({type(exc).__name__}: {exc})") from exc
-    size = data["settings"]
-    return SavedLog({n: str(data.get(n)) for n in libraries}, settings, size["batch_size"], size["budget"], events)
+    versions = {name: str(data.get(name)) for name in libraries}
+    return SavedLog(versions, settings, sizes["batch_size"], sizes["budget"], events)
 
 
 def _check_event(event: Any) -> None:
