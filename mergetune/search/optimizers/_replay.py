@@ -119,9 +119,11 @@ def outcome_from(loss: float, failed: bool) -> Outcome:
 
 
 class CallLog:
-    """The calls made to an optimizer, as JSON-ready events; proposals are numbered in ask order."""
+    """The calls made to an optimizer, as JSON-ready events; proposals are numbered in ask order.
+    ``built``: the batch and budget the optimizer was built with (later changes are events)."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: int, budget: int | None) -> None:
+        self.built = {"batch_size": batch_size, "budget": budget}
         self.events: list[Event] = []
         self.asked = 0
         self._out: dict[int, tuple[int, Proposal]] = {}  # id(proposal) -> (number, proposal), until told
@@ -180,7 +182,7 @@ class ReplayedOptimizer(ExternalOptimizer):
     # ---- state -----------------------------------------------------------------------------------
     def _start_fresh(self) -> None:
         self._ledger = Ledger()
-        self._log = CallLog()
+        self._log = CallLog(self.batch_size, self.budget)
         self._reset()
 
     def _settings(self) -> dict[str, Any]:
@@ -207,7 +209,7 @@ class ReplayedOptimizer(ExternalOptimizer):
             **self._libraries(),
             "seen": self._ledger.total,
             "summary": self._summary(),
-            "settings": {**self._settings(), "batch_size": self.batch_size, "budget": self.budget},
+            "settings": {**self._settings(), **self._log.built},
             "events": self._log.events,
         }
         atomic_write(folder / self.checkpoint_file, json.dumps(data, allow_nan=False).encode())
@@ -282,7 +284,7 @@ class ReplayedOptimizer(ExternalOptimizer):
         for number, event in enumerate(events):
             if "ask" in event:
                 proposals.append(self.propose())
-                if point_key(proposals[-1].params) != event["ask"]:
+                if self._log.events[-1]["ask"] != event["ask"]:  # the fingerprint propose() just logged
                     raise ReplayDiverged(f"event {number}: proposal {len(proposals) - 1} is another point")
                 points.setdefault(event["ask"], proposals[-1].params)
             elif "tell" in event:
