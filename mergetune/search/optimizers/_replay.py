@@ -297,7 +297,7 @@ class ReplayedOptimizer(ExternalOptimizer):
 
     def _replay_tell(self, number: int, event: Event, proposals: list[Proposal], points: dict[str, Any]) -> None:
         index, params = event["tell"], points.get(event["key"])
-        if params is None or (index is not None and index >= len(proposals)):
+        if params is None or (index is not None and not 0 <= index < len(proposals)):
             raise ReplayDiverged(f"event {number}: the point told is neither proposed nor in the history")
         proposal = None if index is None else proposals[index]
         self.observe(proposal, params, outcome_from(event["loss"], event["failed"]))
