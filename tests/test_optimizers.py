@@ -330,8 +330,8 @@ def test_nevergrad_checkpoint_of_another_version_is_rebuilt(tmp_path: Path) -> N
     space = make_space()
     a = Driver(build("ngopt", space, batch=2), space, 2).run(10)
     a.opt.checkpoint(tmp_path)
-    summary = json.loads((tmp_path / "nevergrad.json").read_text())
-    (tmp_path / "nevergrad.json").write_text(json.dumps({**summary, "nevergrad": "0.0.1"}))
+    summary = json.loads((tmp_path / "nevergrad.checkpoint.json").read_text())
+    (tmp_path / "nevergrad.checkpoint.json").write_text(json.dumps({**summary, "nevergrad": "0.0.1"}))
     opt = build("ngopt", space, batch=2)
     opt.restore(tmp_path, a.trial_history())
     assert opt._optimizer.num_tell == 10  # type: ignore[attr-defined]  # rebuilt: all ten told as new points

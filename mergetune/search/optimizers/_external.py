@@ -6,8 +6,9 @@
 - ``point_key``: a canonical fingerprint of a point, to recognise points across a restart, and
   ``Ledger``: the multiset of observed points, which tells what part of the history a checkpoint
   has not seen.
-- ``atomic_write`` for checkpoints; ``import_cma`` (pycma, imported quietly on first use) and the
-  CMA population rules, used by both ``cmaes`` and ``ng_cma``.
+- ``atomic_write`` and ``read_json`` for checkpoints (JSON: data, never code) and ``CheckpointError``;
+  ``import_cma`` (pycma, imported quietly on first use) and the CMA population rules, used by both
+  ``cmaes`` and ``ng_cma``.
 
 Nothing heavy is imported at module level: pycma and Nevergrad load when an optimizer first uses them.
 """
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from optuna.distributions import FloatDistribution
 
+from mergetune.errors import MergetuneError
 from mergetune.search.optimizers.base import History, Outcome
 from mergetune.search.space import Axis, SearchSpace
 
@@ -131,6 +133,31 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+class CheckpointError(MergetuneError):
+    """An optimizer checkpoint cannot be read: it names the file and says how to go on without it."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(
+            f"optimizer checkpoint {path}: {problem}; delete this file to rebuild the optimizer from the "
+            "search's history (its finished trials are kept), then run the same command again"
+        )
+        self.path = path
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in a checkpoint file (None when there is none); a ``CheckpointError`` naming the
+    file when it is not one. Checkpoints are JSON so that reading one never runs code."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"not readable as JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(path, f"a JSON {type(data).__name__}, not an object")
+    return data
 
 
 # ---- CMA-ES (pycma directly, or inside Nevergrad) ------------------------------------------------

@@ -28,41 +28,37 @@ option raises ``MergetuneError``; fix them in the config, or use ``ngopt`` / ``t
   half of a generation), where it takes its known loss without being evaluated again.
 - **Seeding**: pycma draws from the adapter's own ``numpy.random.RandomState(seed)`` (option
   ``randn``; ``seed=nan`` so the global NumPy state is never touched): same seed, same proposals.
-- **Checkpoint**: one pickle with the ES (pycma ES objects pickle), the generations in flight, the
-  injection queue, the random state and the ledger of observed points; a JSON summary beside it.
-  ``restore`` loads it (when present and written by the same pycma version) and replays the
-  history items it had not seen; without a usable checkpoint it starts afresh and replays all.
+- **Checkpoint**: ``cmaes.checkpoint.json``, the log of the calls made to the adapter (``_replay``):
+  a resume builds a fresh ES with the same seed and settings and makes the same calls again, which
+  retraces the same generations, injections and restarts (a pickle of the ES would run code from
+  the run folder when loaded). Then the history items the log had not seen are replayed; without
+  a usable checkpoint (none, another pycma, other settings, a replay that diverged) it starts
+  afresh and replays the whole history.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mergetune.errors import MergetuneError
 from mergetune.search.optimizers._external import (
-    Ledger,
     UnitBox,
-    atomic_write,
     default_popsize,
     float_axes,
     import_cma,
     point_key,
     round_up,
 )
-from mergetune.search.optimizers.base import ExternalOptimizer, History, Outcome, Proposal
+from mergetune.search.optimizers._replay import ReplayedOptimizer
+from mergetune.search.optimizers.base import Outcome, Proposal
 from mergetune.search.optimizers.registry import register_optimizer
 from mergetune.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
-STATE_PICKLE = "cmaes.pkl"
-STATE_JSON = "cmaes.json"
 MAX_NEW_GENERATIONS = 10_000  # per propose: generations replayed from the ledger after a fresh restart
 OPTIONS = {"sigma0", "popsize", "ipop_factor", "max_restarts", "restart_from", "diagonal", "cma_options"}
 
@@ -108,10 +104,11 @@ def check_continuous(space: SearchSpace, name: str) -> None:
 
 
 @register_optimizer
-class CmaEs(ExternalOptimizer):
+class CmaEs(ReplayedOptimizer):
     """pycma CMA-ES on the unit box of the float axes, generation by generation, with IPOP restarts."""
 
     name = "cmaes"
+    checkpoint_file = "cmaes.checkpoint.json"
 
     def __init__(self, space: SearchSpace, *, seed: int, batch_size: int, budget: int | None, **options: Any):
         super().__init__(space, seed=seed, batch_size=batch_size, budget=budget, **options)
@@ -127,18 +124,20 @@ class CmaEs(ExternalOptimizer):
         self.restart_from = options.get("restart_from", "random")
         if self.restart_from not in ("random", "best"):
             raise MergetuneError(f"cmaes: restart_from must be 'random' or 'best', got {self.restart_from!r}")
-        wanted = int(options.get("popsize") or default_popsize(len(self.axes)))
-        self.popsize = round_up(wanted, batch_size)
+        self._start_fresh()
+
+    def _reset(self) -> None:
+        wanted = int(self.options.get("popsize") or default_popsize(len(self.axes)))
+        self.popsize = round_up(wanted, self.batch_size)
         if self.popsize != wanted:
             log.info("cmaes: popsize %d rounded up to %d (a multiple of batch_size)", wanted, self.popsize)
-        self._rng = np.random.RandomState(seed)
+        self._rng = np.random.RandomState(self.seed)
         self._restarts = 0
         self._es = self._new_es(np.full(len(self.axes), 0.5), self.popsize)
         self._gens: list[_Generation] = []  # in flight, oldest first
         self._numbered = 0
         self._known: list[tuple[np.ndarray, float]] = []  # outcomes to inject into the next generation
         self._best: tuple[float, np.ndarray] | None = None
-        self._ledger = Ledger()
 
     # ---- pycma -----------------------------------------------------------------------------------
     def _new_es(self, x0: np.ndarray, popsize: int) -> Any:
@@ -244,7 +243,7 @@ class CmaEs(ExternalOptimizer):
     def exhausted(self) -> bool:
         return False  # IPOP restarts without end: the budget stops it
 
-    def propose(self) -> Proposal | None:
+    def _propose(self) -> Proposal:
         """The next point of the oldest generation with points to hand out; a new generation if none."""
         for _ in range(MAX_NEW_GENERATIONS):
             gen = next((g for g in self._gens if g.next_free() is not None), None)
@@ -257,8 +256,7 @@ class CmaEs(ExternalOptimizer):
             self._tell_ready()  # a generation made only of points already evaluated is told at once
         raise RuntimeError(f"cmaes: {MAX_NEW_GENERATIONS} new generations held only points already evaluated")
 
-    def observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
-        self._ledger.add(params, outcome.loss)
+    def _observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
         x = self._encode(params)
         if x is not None and not outcome.failed and (self._best is None or outcome.loss < self._best[0]):
             self._best = (outcome.loss, x)
@@ -284,60 +282,17 @@ class CmaEs(ExternalOptimizer):
                     return member
         return None
 
-    def checkpoint(self, folder: Path) -> None:
-        cma = import_cma()
-        state = {
-            "version": cma.__version__,
-            "es": self._es,
-            "rng": self._rng,
-            "gens": self._gens,
-            "numbered": self._numbered,
-            "known": self._known,
-            "best": self._best,
-            "restarts": self._restarts,
-            "ledger": self._ledger,
-        }
-        atomic_write(folder / STATE_PICKLE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
-        summary = {
-            "cma": cma.__version__,
-            "seen": self._ledger.total,
+    def _libraries(self) -> dict[str, str]:
+        return {"cma": import_cma().__version__}
+
+    def _summary(self) -> dict[str, Any]:
+        return {
             "restarts": self._restarts,
             "popsize": self.popsize_now,
             "iterations": int(self._es.countiter),
             "sigma": float(self._es.sigma),
             "best_loss": None if self._best is None else self._best[0],
         }
-        atomic_write(folder / STATE_JSON, json.dumps(summary).encode())
-
-    def restore(self, folder: Path, history: History) -> None:
-        state = self._load(folder)
-        if state is not None:
-            self._es, self._rng, self._gens = state["es"], state["rng"], state["gens"]
-            self._numbered, self._known, self._best = state["numbered"], state["known"], state["best"]
-            self._restarts, self._ledger = state["restarts"], state["ledger"]
-        unseen = self._ledger.unseen(history)
-        log.info("cmaes: %s; replaying %d outcome(s)", "checkpoint restored" if state else "fresh start", len(unseen))
-        for params, outcome in unseen:
-            self.observe(None, params, outcome)
-
-    def _load(self, folder: Path) -> dict[str, Any] | None:
-        cma = import_cma()
-        path = folder / STATE_PICKLE
-        if not path.exists():
-            return None
-        try:
-            state = pickle.loads(path.read_bytes())
-        except Exception as exc:  # a corrupt or foreign pickle: start afresh rather than stop
-            log.warning("cmaes: checkpoint %s unreadable (%s); starting afresh and replaying the history", path, exc)
-            return None
-        if state.get("version") != cma.__version__:
-            log.warning(
-                "cmaes: checkpoint written by pycma %s, this is %s; starting afresh",
-                state.get("version"),
-                cma.__version__,
-            )
-            return None
-        return state
 
     def describe(self) -> str:
         cma = import_cma()

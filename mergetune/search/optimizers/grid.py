@@ -32,13 +32,21 @@ import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from mergetune.errors import MergetuneError
-from mergetune.search.optimizers._external import atomic_write, float_axes, from_unit, point_key
+from mergetune.search.optimizers._external import (
+    CheckpointError,
+    atomic_write,
+    float_axes,
+    from_unit,
+    point_key,
+    read_json,
+)
 from mergetune.search.optimizers.base import ExternalOptimizer, History, Outcome, Proposal
 from mergetune.search.optimizers.registry import register_optimizer
 from mergetune.search.space import METHOD_KEY, SearchSpace
 
 log = logging.getLogger(__name__)
 GRID_STATE = "grid.json"
+GRID_VERSION = 1  # earlier files had no version and the same fields: read as version 1
 
 
 # ---- the grid ------------------------------------------------------------------------------------
@@ -147,17 +155,29 @@ class GridSearch(ExternalOptimizer):
         self._skip_finished()
 
     def checkpoint(self, folder: Path) -> None:
-        state = {"position": self.position, "size": self.size, "points": self.points, "finished": len(self._finished)}
+        state = {
+            "version": GRID_VERSION,
+            "position": self.position,
+            "size": self.size,
+            "points": self.points,
+            "finished": len(self._finished),
+        }
         atomic_write(folder / GRID_STATE, json.dumps(state).encode())
 
     def restore(self, folder: Path, history: History) -> None:
         """Continue after the checkpointed position; skip every grid point already in ``history``."""
         path = folder / GRID_STATE
-        state = json.loads(path.read_text()) if path.exists() else {}
+        state = read_json(path) or {}
+        if state.get("version", GRID_VERSION) != GRID_VERSION:
+            raise CheckpointError(path, f"grid state version {state['version']!r} unknown (reads {GRID_VERSION})")
+        state.pop("version", None)
         if state and (state.get("size"), state.get("points")) != (self.size, self.points):
             log.warning("grid: the checkpoint describes another grid (%s); starting from the first point", state)
             state = {}
-        self.position = int(state.get("position", 0))
+        position = state.get("position", 0)
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise CheckpointError(path, f"'position' {position!r} is not an integer")
+        self.position = position
         self._finished = {point_key(params) for params, _ in history}
         self._skip_finished()
         log.info(

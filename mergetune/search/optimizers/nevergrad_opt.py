@@ -36,23 +36,21 @@ are logged). Thread-based scipy optimizers (Cobyla, ...) would take a foreign lo
 the point they asked: foreign points are skipped for them (NGOpt no longer picks them, see above).
 A point Nevergrad asks for that was already evaluated is answered from the ledger, not evaluated again.
 
-Checkpoint: one pickle holding the optimizer (what ``Optimizer.dump`` writes) together with the
-pending candidates and the ledger of observed points (one file, so that they stay consistent),
-and a JSON summary naming the nevergrad version, the algorithm and the number of outcomes seen.
-Pickles are version-bound: ``restore`` loads the pickle only when the installed nevergrad wrote
-it, then replays the history items the state had not seen; otherwise it rebuilds the optimizer
-(seeded from the seed and the history's length, so that it does not retrace the first run's
-draws) and tells it the whole history as points it did not propose.
+Checkpoint: ``nevergrad.checkpoint.json``, the log of the calls made to the adapter (``_replay``),
+with the nevergrad and pycma versions. A resume builds a fresh optimizer with the same seed and
+settings and makes the same calls again, which retraces the same asks and tells (a pickle of the
+optimizer, what ``Optimizer.dump`` writes, would run code from the run folder when loaded); then
+it replays the history items the log had not seen. Without a usable checkpoint (none, another
+library version, other settings, a replay that diverged) it rebuilds the optimizer (seeded from
+the seed and the history's length, so that it does not retrace the first run's draws) and tells
+it the whole history as points it did not propose.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -60,22 +58,19 @@ from optuna.distributions import CategoricalDistribution
 
 from mergetune.errors import MergetuneError
 from mergetune.search.optimizers._external import (
-    Ledger,
     UnitBox,
-    atomic_write,
     default_popsize,
     import_cma,
     point_key,
     round_up,
 )
-from mergetune.search.optimizers.base import ExternalOptimizer, History, Outcome, Proposal
+from mergetune.search.optimizers._replay import ReplayedOptimizer
+from mergetune.search.optimizers.base import Outcome, Proposal
 from mergetune.search.optimizers.registry import register_optimizer
 from mergetune.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 FLOATS = "__floats__"  # the Dict key of the unit-box array (no axis name can start with "_")
-STATE_PICKLE = "nevergrad.pkl"
-STATE_JSON = "nevergrad.json"
 MAX_REPEATS = 20  # asks answered from the ledger before a repeated point is proposed anyway
 CSA_ONLY = 10**9  # pycma's TPA_dimension: TPA never, CSA always
 
@@ -161,9 +156,10 @@ def _label(opt: Any) -> str:
     return str(opt.name)
 
 
-class _Nevergrad(ExternalOptimizer):
+class _Nevergrad(ReplayedOptimizer):
     """Common adapter: parametrization, ask/tell bookkeeping, checkpoint and replay."""
 
+    checkpoint_file = "nevergrad.checkpoint.json"
     algorithm: ClassVar[str]
     accepted_options: ClassVar[frozenset[str]] = frozenset()
 
@@ -174,9 +170,7 @@ class _Nevergrad(ExternalOptimizer):
             raise MergetuneError(f"{self.name}: unknown option(s) {unknown}; accepted: {sorted(self.accepted_options)}")
         self.box = UnitBox(space)
         self.categorical = [a for a in space.axes if isinstance(a.distribution, CategoricalDistribution)]
-        self._optimizer = self._build()
-        self._pending: dict[str, list[Any]] = {}  # point key -> asked, untold candidates
-        self._ledger = Ledger()
+        self._start_fresh()
         log.info(
             "%s: %s (dimension %d, budget %s, num_workers %d)",
             self.name,
@@ -186,15 +180,23 @@ class _Nevergrad(ExternalOptimizer):
             self.num_workers,
         )
 
+    def _reset(self) -> None:
+        self._optimizer = self._build()
+        self._pending: dict[str, list[Any]] = {}  # point key -> asked, untold candidates
+
+    def _rebuild(self, count: int) -> None:
+        """Rebuilt from a history of ``count`` outcomes: a seed of its own, so that it does not retrace the
+        first run's draws."""
+        if self._optimizer.num_ask == 0:
+            self._optimizer = self._build(seed=[self.seed, count])
+
     def _build(self, seed: int | list[int] | None = None) -> Any:
         ng = import_nevergrad()
         parametrization = build_parametrization(self.space, self.seed if seed is None else seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ng.errors.NevergradRuntimeWarning)
             cls = self._optimizer_class(parametrization.dimension)
-            optimizer = cls(parametrization, budget=self.budget, num_workers=self.num_workers)
-        optimizer.enable_pickling()  # recast optimizers (Cobyla, ...) must be told before any ask
-        return optimizer
+            return cls(parametrization, budget=self.budget, num_workers=self.num_workers)
 
     @property
     def num_workers(self) -> int:
@@ -232,7 +234,7 @@ class _Nevergrad(ExternalOptimizer):
     def exhausted(self) -> bool:
         return False  # Nevergrad asks on past its budget: the loop's budget stops it
 
-    def propose(self) -> Proposal | None:
+    def _propose(self) -> Proposal:
         """Ask Nevergrad; a point already evaluated (a retraced draw after a rebuild, a discrete space)
         is answered from the ledger instead of being evaluated again."""
         for _ in range(MAX_REPEATS):
@@ -245,8 +247,7 @@ class _Nevergrad(ExternalOptimizer):
         self._pending.setdefault(point_key(params), []).append(candidate)
         return Proposal(params=params, token=candidate)
 
-    def observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
-        self._ledger.add(params, outcome.loss)
+    def _observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
         candidate = self._take_pending(proposal, params)
         if candidate is not None:
             self._optimizer.tell(candidate, outcome.loss)
@@ -279,60 +280,16 @@ class _Nevergrad(ExternalOptimizer):
         except (ng.errors.TellNotAskedNotSupportedError, AssertionError, ValueError, RuntimeError) as exc:
             log.info("%s: %s refused a point it did not propose (%s)", self.name, self.describe(), exc)
 
-    def checkpoint(self, folder: Path) -> None:
-        ng = import_nevergrad()
-        state = {
-            "nevergrad": ng.__version__,
-            "optimizer": self._optimizer,
-            "pending": self._pending,
-            "ledger": self._ledger,
-        }
-        atomic_write(folder / STATE_PICKLE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
-        summary = {
-            "nevergrad": ng.__version__,
+    def _libraries(self) -> dict[str, str]:
+        return {"nevergrad": import_nevergrad().__version__, "cma": import_cma().__version__}
+
+    def _summary(self) -> dict[str, Any]:
+        return {
             "algorithm": self.describe(),
-            "seen": self._ledger.total,
             "pending": sum(len(q) for q in self._pending.values()),
             "num_ask": self._optimizer.num_ask,
             "num_tell": self._optimizer.num_tell,
         }
-        atomic_write(folder / STATE_JSON, json.dumps(summary).encode())
-
-    def restore(self, folder: Path, history: History) -> None:
-        state = self._load(folder)
-        if state is not None:
-            self._optimizer, self._pending, self._ledger = state["optimizer"], state["pending"], state["ledger"]
-        unseen = self._ledger.unseen(history)
-        if state is None and unseen and self._optimizer.num_ask == 0:
-            # rebuilt from the history: a seed of its own, so that it does not retrace the first run's draws
-            self._optimizer = self._build(seed=[self.seed, len(unseen)])
-        log.info(
-            "%s: %s; replaying %d outcome(s)", self.name, "checkpoint restored" if state else "fresh start", len(unseen)
-        )
-        for params, outcome in unseen:
-            self.observe(None, params, outcome)
-
-    def _load(self, folder: Path) -> dict[str, Any] | None:
-        """The pickled state, if present and written by this nevergrad version (pickles are version-bound)."""
-        ng = import_nevergrad()
-        summary_path, path = folder / STATE_JSON, folder / STATE_PICKLE
-        if not path.exists() or not summary_path.exists():
-            return None
-        written_by = json.loads(summary_path.read_text()).get("nevergrad")
-        if written_by != ng.__version__:
-            log.warning(
-                "%s: checkpoint written by nevergrad %s, this is %s: rebuilding from the history",
-                self.name,
-                written_by,
-                ng.__version__,
-            )
-            return None
-        try:
-            state = pickle.loads(path.read_bytes())
-        except Exception as exc:  # corrupt or incompatible pickle: rebuild rather than stop the search
-            log.warning("%s: checkpoint %s unreadable (%s): rebuilding from the history", self.name, path, exc)
-            return None
-        return state if isinstance(state, dict) and "optimizer" in state else None
 
     def describe(self) -> str:
         return f"{self.name}: nevergrad {import_nevergrad().__version__} {algorithm_name(self._optimizer)}"
