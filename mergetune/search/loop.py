@@ -6,11 +6,13 @@ models (a zoo is built or taken from its cache), builds the search space, starts
 parts to ``SearchLoop``. Constructing a ``SearchLoop`` itself trains nothing and starts nothing.
 
 Flow of ``SearchLoop.run()``:
-1. resume the study: trials a killed driver left RUNNING are failed and re-queued, external
+1. resume the study: trials a killed driver left RUNNING are completed from their saved result
+   (``evaluations/<trial>.json``) or, cut mid-evaluation, failed and re-queued; external
    optimizers restore their checkpoint and replay what came after it;
 2. on a new study, queue the warm starts (the papers' defaults for each method in the space);
 3. keep every executor slot busy: a new candidate is asked for as soon as one finishes (queued
-   trials first, then the optimizer); each result is told to the study and the optimizer;
+   trials first, then the optimizer); each result is saved to its own file, then told to the
+   study and the optimizer;
 4. when the budget is spent: choose (see ``finalize``), re-score the finalists on held-out
    validation examples, score the chosen recipe once on the test split, write the results.
 
