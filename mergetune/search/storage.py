@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
@@ -124,7 +124,7 @@ def _torn_tail_size(path: Path) -> int:
     return 0
 
 
-def _last_line(f: Any, size: int) -> bytes:
+def _last_line(f: BinaryIO, size: int) -> bytes:
     """The file's last line, newline included, read backwards in chunks (journals grow to many MB)."""
     tail = b""
     position = size
