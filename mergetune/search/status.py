@@ -98,13 +98,14 @@ def _status_header(study: Any, names: list[str], maximize: list[bool], counts: C
     finished = sum(1 for r in records if r.evaluated)
     budget = study.user_attrs.get(BUDGET)
     grid.add_row("budget", _budget_text(budget, finished) if budget is not None else "not recorded")
-    order = ["complete", "failed", "interrupted", "running", "waiting"]
     states = {"fail": "failed"}
     named = Counter({states.get(k, k): v for k, v in counts.items()})
     interrupted = sum(1 for r in records if not r.evaluated)
     named["failed"] -= interrupted
     named["interrupted"] = interrupted
-    extra = [k for k in named if k not in order]
+    # "interrupted" (failed by a kill, re-queued: not a failure of the candidate) only when there are some
+    order = ["complete", "failed", *(["interrupted"] if interrupted else []), "running", "waiting"]
+    extra = [k for k in named if k not in order and k != "interrupted"]
     grid.add_row("trials", " · ".join(f"{named.get(k, 0)} {k}" for k in order + extra))
     grid.add_row("best feasible mean", _best_text(records))
     return grid
