@@ -361,7 +361,8 @@ class SearchLoop:
             attrs.update({R.ERROR: result.error or "unknown error", R.EVALUATED: True})
             state = TrialState.FAIL
         else:
-            outcome = self._record(item, result, attrs, constraints)
+            outcome, measured, constraints = self._record(item, result)
+            attrs.update(measured)
             state = TrialState.COMPLETE
         trial = item.trial
         values = None if outcome.values is None else list(outcome.values)
@@ -370,29 +371,30 @@ class SearchLoop:
         )
         return outcome, saved
 
-    def _record(
-        self, item: _Pending, result: JobResult, attrs: dict[str, Any], constraints: dict[str, float]
-    ) -> Outcome:
-        """An evaluated candidate's outcome; its scores, timings and floors go into ``attrs`` and ``constraints``."""
+    def _record(self, item: _Pending, result: JobResult) -> tuple[Outcome, dict[str, Any], dict[str, float]]:
+        """An evaluated candidate's outcome, the attributes it is recorded with and its floor constraints."""
         ev = result.evaluation
         assert ev is not None
         density = mean_density(item.recipe, self.space)
         outcome = outcome_of(ev.normalized, density, self.objectives, self.config)
-        attrs[R.SCORES] = ev.scores
-        attrs[R.NORMALIZED] = ev.normalized
-        attrs[R.METRICS] = ev.metrics
-        attrs[R.DENSITY] = density
-        attrs[R.FEASIBLE] = outcome.feasible
-        attrs[R.TIMING] = {
-            "merge": ev.merge_seconds,
-            "eval": ev.eval_seconds,
-            "ask": item.ask_seconds,
-            "executor": result.queued_seconds,
-            "wall": time.perf_counter() - item.submitted,
+        attrs = {
+            R.SCORES: ev.scores,
+            R.NORMALIZED: ev.normalized,
+            R.METRICS: ev.metrics,
+            R.DENSITY: density,
+            R.FEASIBLE: outcome.feasible,
+            R.TIMING: {
+                "merge": ev.merge_seconds,
+                "eval": ev.eval_seconds,
+                "ask": item.ask_seconds,
+                "executor": result.queued_seconds,
+                "wall": time.perf_counter() - item.submitted,
+            },
         }
-        for task, value in zip(outcome.constraint_names, outcome.constraints, strict=True):
-            constraints[f"floor:{task}"] = value
-        return outcome
+        constraints = {
+            f"floor:{task}": value for task, value in zip(outcome.constraint_names, outcome.constraints, strict=True)
+        }
+        return outcome, attrs, constraints
 
     # ---- reading back ----------------------------------------------------------------------------
     def records(self) -> list[R.TrialRecord]:
