@@ -84,8 +84,10 @@ def describe_os_error(exc: OSError) -> str:
     """One line for a file-system failure: what failed, on which path, and what to do about it."""
     where = exc.filename if exc.filename is not None else "(path unknown)"
     if exc.errno == errno.ENOSPC:
+        # a strerror other than the system's carries how much the failed write needed (search.atomic.located)
+        needed = f" ({exc.strerror})" if exc.strerror and exc.strerror != os.strerror(errno.ENOSPC) else ""
         return (
-            f"no space left on the device holding {where}: free some space (or point the output elsewhere), "
+            f"no space left on the device holding {where}{needed}: free some space (or point the output elsewhere), "
             "then run the same command again; finished work is kept"
         )
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):

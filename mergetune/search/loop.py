@@ -6,11 +6,13 @@ models (a zoo is built or taken from its cache), builds the search space, starts
 parts to ``SearchLoop``. Constructing a ``SearchLoop`` itself trains nothing and starts nothing.
 
 Flow of ``SearchLoop.run()``:
-1. resume the study: trials a killed driver left RUNNING are failed and re-queued, external
+1. resume the study: trials a killed driver left RUNNING are completed from their saved result
+   (``evaluations/<trial>.json``) or, cut mid-evaluation, failed and re-queued; external
    optimizers restore their checkpoint and replay what came after it;
 2. on a new study, queue the warm starts (the papers' defaults for each method in the space);
 3. keep every executor slot busy: a new candidate is asked for as soon as one finishes (queued
-   trials first, then the optimizer); each result is told to the study and the optimizer;
+   trials first, then the optimizer); each result is saved to its own file, then told to the
+   study and the optimizer;
 4. when the budget is spent: choose (see ``finalize``), re-score the finalists on held-out
    validation examples, score the chosen recipe once on the test split, write the results.
 
@@ -19,9 +21,13 @@ Objectives, constraints and the scalarisation of a candidate: see ``outcomes``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +46,7 @@ from mergetune.search.executor import Executor, JobResult, LocalExecutor
 from mergetune.search.finalize import finalize
 from mergetune.search.optimizers import Optimizer, Outcome, Proposal, make_optimizer
 from mergetune.search.outcomes import mean_density, outcome_of
+from mergetune.search.saved_evaluation import SavedEvaluation, record_evaluation
 from mergetune.search.space import SearchSpace
 from mergetune.search.storage import (
     finished_trials,
@@ -249,7 +256,7 @@ class SearchLoop:
         self.executor.close()
 
     def _resume(self) -> None:
-        recovery = recover_interrupted(self.study)
+        recovery = recover_interrupted(self.study, self.out)
         # Only real outcomes: trials just failed as "interrupted" are re-queued, not failures.
         history = [(r.params, self._outcome_of(r)) for r in self.records() if r.params and r.evaluated]
         self.optimizer.restore(self.out / OPTIMIZER_DIR, history)
@@ -322,21 +329,15 @@ class SearchLoop:
         return _Pending(trial, params, recipe, proposal, time.perf_counter() - start)
 
     def _tell(self, item: _Pending, result: JobResult) -> None:
+        """Record a finished candidate: saved whole to its own file first, then in the study, then told
+        to the optimizer. A kill between the study's appends loses nothing: the resume records the file."""
         start = time.perf_counter()
         trial = item.trial
-        trial.set_user_attr(R.RECIPE, item.recipe.to_dict())
-        trial.set_user_attr(R.WORKER, result.worker)
-        if result.attempts > 1:
-            trial.set_user_attr(R.ATTEMPTS, result.attempts)
+        outcome, saved = self._saved_evaluation(item, result)
+        saved.save(self.out)
+        record_evaluation(self.study, trial._trial_id, saved, after_append=_test_kill_hook())
         if result.evaluation is None:
-            outcome = Outcome(values=None, scalar=-math.inf, feasible=False)
-            trial.set_user_attr(R.ERROR, result.error or "unknown error")
-            trial.set_user_attr(R.EVALUATED, True)
-            self.study.tell(trial, state=TrialState.FAIL)
             log.warning("trial %d failed: %s", trial.number, result.error)
-        else:
-            outcome = self._record(trial, item, result)
-            self.study.tell(trial, list(outcome.values or ()))
         self.optimizer.observe(item.proposal, item.params, outcome)
         self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
         if outcome.feasible and outcome.values is not None:
@@ -349,29 +350,51 @@ class SearchLoop:
             frozen = self.study.get_trials(deepcopy=False)[trial.number]  # trials are listed by number
             self.progress.update(R.TrialRecord.from_trial(frozen, self.objectives), self._best_mean)
 
-    def _record(self, trial: optuna.Trial, item: _Pending, result: JobResult) -> Outcome:
+    def _saved_evaluation(self, item: _Pending, result: JobResult) -> tuple[Outcome, SavedEvaluation]:
+        """The candidate's outcome and everything the study records of it (see ``saved_evaluation``)."""
+        attrs: dict[str, Any] = {R.RECIPE: item.recipe.to_dict(), R.WORKER: result.worker}
+        if result.attempts > 1:
+            attrs[R.ATTEMPTS] = result.attempts
+        constraints: dict[str, float] = {}
+        if result.evaluation is None:
+            outcome = Outcome(values=None, scalar=-math.inf, feasible=False)
+            attrs.update({R.ERROR: result.error or "unknown error", R.EVALUATED: True})
+            state = TrialState.FAIL
+        else:
+            outcome, measured, constraints = self._record(item, result)
+            attrs.update(measured)
+            state = TrialState.COMPLETE
+        trial = item.trial
+        values = None if outcome.values is None else list(outcome.values)
+        saved = SavedEvaluation(
+            self.study.study_name, trial.number, trial.params, state.name, values, attrs, constraints
+        )
+        return outcome, saved
+
+    def _record(self, item: _Pending, result: JobResult) -> tuple[Outcome, dict[str, Any], dict[str, float]]:
+        """An evaluated candidate's outcome, the attributes it is recorded with and its floor constraints."""
         ev = result.evaluation
         assert ev is not None
         density = mean_density(item.recipe, self.space)
         outcome = outcome_of(ev.normalized, density, self.objectives, self.config)
-        trial.set_user_attr(R.SCORES, ev.scores)
-        trial.set_user_attr(R.NORMALIZED, ev.normalized)
-        trial.set_user_attr(R.METRICS, ev.metrics)
-        trial.set_user_attr(R.DENSITY, density)
-        trial.set_user_attr(R.FEASIBLE, outcome.feasible)
-        trial.set_user_attr(
-            R.TIMING,
-            {
+        attrs = {
+            R.SCORES: ev.scores,
+            R.NORMALIZED: ev.normalized,
+            R.METRICS: ev.metrics,
+            R.DENSITY: density,
+            R.FEASIBLE: outcome.feasible,
+            R.TIMING: {
                 "merge": ev.merge_seconds,
                 "eval": ev.eval_seconds,
                 "ask": item.ask_seconds,
                 "executor": result.queued_seconds,
                 "wall": time.perf_counter() - item.submitted,
             },
-        )
-        for task, value in zip(outcome.constraint_names, outcome.constraints, strict=True):
-            trial.set_constraint(f"floor:{task}", value)
-        return outcome
+        }
+        constraints = {
+            f"floor:{task}": value for task, value in zip(outcome.constraint_names, outcome.constraints, strict=True)
+        }
+        return outcome, attrs, constraints
 
     # ---- reading back ----------------------------------------------------------------------------
     def records(self) -> list[R.TrialRecord]:
@@ -386,3 +409,22 @@ class SearchLoop:
         if not record.ok:
             return Outcome(values=None, scalar=-math.inf, feasible=False)
         return outcome_of(record.normalized, record.density, self.objectives, self.config)
+
+
+#: Test-only: with this set to N, the driver SIGKILLs itself after N journal appends of one result, to
+#: prove that a kill between them loses nothing (tests/test_faults.py). Never set it in a real run.
+KILL_AFTER_APPENDS_ENV = "MERGETUNE_TEST_KILL_AFTER_APPENDS"
+
+
+def _test_kill_hook() -> Callable[[], None] | None:
+    """The test-only kill after ``KILL_AFTER_APPENDS_ENV`` appends (None, the normal case, when unset)."""
+    limit = os.environ.get(KILL_AFTER_APPENDS_ENV)
+    if not limit:
+        return None
+    appends = itertools.count(1)
+
+    def kill_when_due() -> None:
+        if next(appends) >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill_when_due

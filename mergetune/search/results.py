@@ -15,12 +15,14 @@
 
 Score blocks (search, held-out, test) all read ``{"scores": {task: raw}, "normalized": {task:
 merged/expert}, "mean_normalized", "worst_normalized", "mean_score"}``; non-finite numbers are
-written as null.
+written as null. Every file is written atomically (``atomic.write_atomic``): a kill or a full disk
+leaves the previous version or the new one, never a truncated file.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections import Counter
@@ -32,6 +34,7 @@ import numpy as np
 from rich.table import Table
 
 from mergetune.recipe import Recipe
+from mergetune.search.atomic import write_atomic
 from mergetune.search.display import fmt
 from mergetune.search.pareto import heldout_normalized, mean_of, task_names, worst_of
 from mergetune.search.records import TrialRecord
@@ -105,11 +108,12 @@ def csv_row(record: TrialRecord) -> dict[str, Any]:
 def write_candidates(out: Path, records: Sequence[TrialRecord], objectives: Sequence[str]) -> None:
     """``candidates.csv`` (flat, one row per trial) and ``candidates.json`` (nested, with recipes)."""
     columns = csv_columns(records, objectives)
-    with (out / "candidates.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", restval="")
-        writer.writeheader()
-        for record in records:
-            writer.writerow({k: "" if v is None else v for k, v in csv_row(record).items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", restval="")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: "" if v is None else v for k, v in csv_row(record).items()})
+    write_atomic(out / "candidates.csv", text.getvalue())
     _write_json(out / "candidates.json", [candidate_json(r) for r in records])
 
 
@@ -126,7 +130,7 @@ def write_front(out: Path, front: Sequence[TrialRecord], objectives: Sequence[st
         if record.recipe is None:
             continue
         name = f"{i:0{width}d}-trial{record.number:04d}.yaml"
-        Recipe.model_validate(record.recipe).save(folder / name)
+        _write_recipe(folder / name, record.recipe)
         files.append(f"front/{name}")
     _write_json(
         out / "front.json",
@@ -161,7 +165,7 @@ def write_chosen(out: Path, record: TrialRecord, heldout: dict | None, test: dic
     folder.mkdir(parents=True, exist_ok=True)
     recipe_file = None
     if record.recipe is not None:
-        Recipe.model_validate(record.recipe).save(folder / "recipe.yaml")
+        _write_recipe(folder / "recipe.yaml", record.recipe)
         recipe_file = "chosen/recipe.yaml"
     entry = {
         "trial": record.number,
@@ -227,7 +231,7 @@ def write_results(
     }
     summary = _clean(summary)
     _write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(summary_markdown(summary))
+    write_atomic(out / "summary.md", summary_markdown(summary))
     return summary
 
 
@@ -393,4 +397,9 @@ def _clean(value: Any) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(_clean(data), indent=2, default=str) + "\n")
+    write_atomic(path, json.dumps(_clean(data), indent=2, default=str) + "\n")
+
+
+def _write_recipe(path: Path, recipe: Mapping[str, Any]) -> None:
+    """A stored recipe as YAML (validated first: the file must load back with ``Recipe.load``)."""
+    write_atomic(path, Recipe.model_validate(recipe).to_yaml())

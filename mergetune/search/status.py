@@ -1,7 +1,8 @@
 """What ``mergetune status`` shows of a search, running or finished: read from its storage, never written.
 
-Counts of trials by state, the best feasible mean, the optimised front, recent errors and the
-budget used. A journal line being written by the running search is skipped until complete.
+Counts of trials by state (trials a killed driver interrupted apart from evaluated failures), the
+best feasible mean, the optimised front, recent errors and the budget used (evaluated candidates
+only). A journal line being written by the running search is skipped until complete.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _open_study(storage_url: str, study_name: str | None) -> Any:
         if path.stat().st_size == 0:
             raise SearchStorageError(f"{path} is empty: no search has been recorded there yet")
     try:
-        storage = open_storage(url)
+        storage = open_storage(url, repair=False)  # status never writes, not even to cut a torn line
         _check_study_name(storage, study_name, url)
         return load_study(storage, study_name)
     except SearchStorageError:
@@ -92,13 +93,19 @@ def _status_header(study: Any, names: list[str], maximize: list[bool], counts: C
     optimizer = study.user_attrs.get(OPTIMIZER)
     if optimizer is not None:
         grid.add_row("optimizer", fmt(optimizer))
-    finished = sum(1 for r in records if r.ok) + sum(1 for r in records if not r.ok and r.error)
+    # Only evaluated candidates spend the budget: a trial interrupted by a kill is failed and
+    # re-queued, so its candidate is counted once, when its retry finishes.
+    finished = sum(1 for r in records if r.evaluated)
     budget = study.user_attrs.get(BUDGET)
     grid.add_row("budget", _budget_text(budget, finished) if budget is not None else "not recorded")
-    order = ["complete", "failed", "running", "waiting"]
     states = {"fail": "failed"}
     named = Counter({states.get(k, k): v for k, v in counts.items()})
-    extra = [k for k in named if k not in order]
+    interrupted = sum(1 for r in records if not r.evaluated)
+    named["failed"] -= interrupted
+    named["interrupted"] = interrupted
+    # "interrupted" (failed by a kill, re-queued: not a failure of the candidate) only when there are some
+    order = ["complete", "failed", *(["interrupted"] if interrupted else []), "running", "waiting"]
+    extra = [k for k in named if k not in order and k != "interrupted"]
     grid.add_row("trials", " · ".join(f"{named.get(k, 0)} {k}" for k in order + extra))
     grid.add_row("best feasible mean", _best_text(records))
     return grid

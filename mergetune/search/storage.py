@@ -5,34 +5,138 @@ Pitfalls handled here (see shared/docs/search-stack.md):
   dangle and, after a ``kill -9`` that held the lock, the next process would block forever;
 - ask/tell has no heartbeats: trials left RUNNING by a killed driver are marked FAIL on resume
   and their parameters re-queued, so the interrupted candidates are evaluated again while no
-  finished one is.
+  finished one is; a trial whose result was saved before the kill (``saved_evaluation``) is
+  completed from that file instead;
+- a journal append cut by a full disk or a kill leaves a torn last line, and the next append would
+  be glued to it and make the whole journal unreadable: an append that fails is rolled back, and
+  ``open_storage`` cuts a torn last line (under the journal's lock, so a concurrent writer's
+  append in progress is never taken for one) before anything is appended.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
+from mergetune.search.atomic import located
+from mergetune.search.saved_evaluation import SavedEvaluation, record_evaluation
+
 log = logging.getLogger(__name__)
 JOURNAL_NAME = "search.journal"
 RETRY_ATTR = "retry_of"
+TAIL_CHUNK = 1 << 16  # bytes read at a time, backwards, to find the journal's last line
 
 
-def open_storage(url_or_path: str | Path) -> BaseStorage:
-    """An Optuna storage from a URL (``sqlite:///``, ``postgresql://``, ...) or a journal file path."""
+def open_storage(url_or_path: str | Path, *, repair: bool = True) -> BaseStorage:
+    """An Optuna storage from a URL (``sqlite:///``, ``postgresql://``, ...) or a journal file path.
+
+    A journal's torn last line is cut first unless ``repair`` is False (``mergetune status``, which
+    never writes: Optuna's reader skips a last line without its newline).
+    """
     text = str(url_or_path)
     if "://" in text:
         return optuna.storages.RDBStorage(text)
     path = Path(text).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-    return JournalStorage(backend)
+    lock = JournalFileOpenLock(str(path))
+    if repair and path.is_file():
+        cut_torn_tail(path, lock)
+    return JournalStorage(RollbackJournalBackend(str(path), lock_obj=lock))
+
+
+class RollbackJournalBackend(JournalFileBackend):
+    """Optuna's journal file whose failed append is rolled back: a full disk never leaves a torn line.
+
+    Optuna's own append writes through a buffered file; on ENOSPC the part that fitted stays in
+    the journal, and its ``OSError`` names no file. Here the append is one unbuffered write, under
+    the same lock, cut back to the previous end if it fails, and the error names the journal.
+    """
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in logs).encode()
+        self._lock.acquire()
+        try:
+            with open(self._file_path, "ab", buffering=0) as f:
+                end = f.seek(0, os.SEEK_END)
+                try:
+                    _write_all(f.fileno(), data)
+                    os.fsync(f.fileno())
+                except OSError as exc:
+                    os.ftruncate(f.fileno(), end)  # frees what fitted, so it works on a full disk
+                    raise located(exc, self._file_path, len(data)) from exc
+        finally:
+            self._lock.release()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def cut_torn_tail(path: Path, lock: JournalFileOpenLock) -> int:
+    """Cut the journal's last line if an append was torn (no newline, or not JSON); returns the bytes cut.
+
+    Checked once without the lock (a healthy journal is never locked nor written), then again under
+    it: a line that looked torn may be a concurrent writer's append still in progress.
+    """
+    if _torn_tail_size(path) == 0:
+        return 0
+    lock.acquire()
+    try:
+        cut = _torn_tail_size(path)
+        if cut:
+            os.truncate(path, path.stat().st_size - cut)
+    finally:
+        lock.release()
+    if cut:
+        log.warning(
+            "%s: cut a torn last record of %d bytes (an append cut short by a full disk or a kill); "
+            "every complete record is kept",
+            path,
+            cut,
+        )
+    return cut
+
+
+def _torn_tail_size(path: Path) -> int:
+    """Bytes of the last line if it is torn (no trailing newline, or not valid JSON), else 0."""
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        line = _last_line(f, size)
+    if not line.endswith(b"\n"):
+        return len(line)
+    try:
+        json.loads(line)
+    except ValueError:
+        return len(line)
+    return 0
+
+
+def _last_line(f: BinaryIO, size: int) -> bytes:
+    """The file's last line, newline included, read backwards in chunks (journals grow to many MB)."""
+    tail = b""
+    position = size
+    while position > 0:
+        step = min(TAIL_CHUNK, position)
+        position -= step
+        f.seek(position)
+        tail = f.read(step) + tail
+        start = tail.rfind(b"\n", 0, len(tail) - 1)  # the newline that ends the previous line
+        if start >= 0:
+            return tail[start + 1 :]
+    return tail
 
 
 def storage_location(storage: str | None, output_dir: Path) -> str:
@@ -53,25 +157,39 @@ def load_study(storage: BaseStorage, name: str | None = None) -> optuna.Study:
 
 @dataclass(frozen=True)
 class Recovery:
-    """What a resume found: trials interrupted mid-evaluation, now failed and re-queued."""
+    """What a resume found: trials interrupted mid-evaluation (now failed and re-queued), trials
+    recorded from their saved evaluation, and the number of finished trials."""
 
     requeued: list[int]
     finished: int
+    completed: list[int]
 
 
-def recover_interrupted(study: optuna.Study) -> Recovery:
-    """Fail the trials a dead driver left RUNNING and queue their parameters again."""
-    requeued = []
+def recover_interrupted(study: optuna.Study, run: Path) -> Recovery:
+    """Finish the trials a dead driver left RUNNING: from their saved result, or failed and re-queued.
+
+    A trial whose evaluation was saved under ``run`` (see ``saved_evaluation``) was evaluated: it is
+    recorded from the file, never evaluated again. The others were cut mid-evaluation: they are
+    failed (as interrupted, not evaluated) and their parameters queued again.
+    """
+    requeued, completed = [], []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        saved = SavedEvaluation.load_for(run, study, trial)
+        if saved is not None:
+            record_evaluation(study, trial._trial_id, saved)
+            completed.append(trial.number)
+            continue
         # Attributes must be set before the trial finishes; ask/tell has no public handle here.
         study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: the driver stopped mid-evaluation")
         study.tell(trial.number, state=TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number}, skip_if_exists=False)
         requeued.append(trial.number)
     finished = len(finished_trials(study))
+    if completed:
+        log.info("resume: %d trial(s) recorded from their saved evaluation: %s", len(completed), completed)
     if requeued:
         log.info("resume: %d interrupted trial(s) re-queued: %s", len(requeued), requeued)
-    return Recovery(requeued, finished)
+    return Recovery(requeued, finished, completed)
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
