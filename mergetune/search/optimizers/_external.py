@@ -6,7 +6,8 @@
 - ``point_key``: a canonical fingerprint of a point, to recognise points across a restart, and
   ``Ledger``: the multiset of observed points, which tells what part of the history a checkpoint
   has not seen.
-- ``atomic_write`` and ``read_json`` for checkpoints (JSON: data, never code) and ``CheckpointError``;
+- ``read_json`` for checkpoints (JSON: data, never code; written by ``search.atomic.write_atomic``) and
+  ``CheckpointError``;
   ``import_cma`` (pycma, imported quietly on first use) and the CMA population rules, used by both
   ``cmaes`` and ``ng_cma``.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -125,14 +125,6 @@ class Ledger:
             else:
                 out.append((params, outcome))
         return out
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so that a crash mid-write leaves the previous version intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class CheckpointError(MergetuneError):

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mergetune.search.optimizers._external import CheckpointError, Ledger, atomic_write, point_key, read_json
+from mergetune.search.atomic import write_atomic
+from mergetune.search.optimizers._external import CheckpointError, Ledger, point_key, read_json
 from mergetune.search.optimizers.base import ExternalOptimizer, History, Outcome, Proposal
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class ReplayedOptimizer(ExternalOptimizer):
             "settings": {**self._settings(), **self._log.built},
             "events": self._log.events,
         }
-        atomic_write(folder / self.checkpoint_file, json.dumps(data, allow_nan=False).encode())
+        write_atomic(folder / self.checkpoint_file, json.dumps(data, allow_nan=False).encode())
 
     def restore(self, folder: Path, history: History) -> None:
         path = folder / self.checkpoint_file

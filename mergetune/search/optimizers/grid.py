@@ -32,9 +32,9 @@ import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from mergetune.errors import MergetuneError
+from mergetune.search.atomic import write_atomic
 from mergetune.search.optimizers._external import (
     CheckpointError,
-    atomic_write,
     float_axes,
     from_unit,
     point_key,
@@ -162,7 +162,7 @@ class GridSearch(ExternalOptimizer):
             "points": self.points,
             "finished": len(self._finished),
         }
-        atomic_write(folder / GRID_STATE, json.dumps(state).encode())
+        write_atomic(folder / GRID_STATE, json.dumps(state).encode())
 
     def restore(self, folder: Path, history: History) -> None:
         """Continue after the checkpointed position; skip every grid point already in ``history``."""
