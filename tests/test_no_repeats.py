@@ -8,7 +8,8 @@
   that trial's result and ``reused_from``, never sent to a worker; one equal to a candidate still
   being evaluated waits for that result. These drive the loop in-process with a real worker on the
   tiny zoo, behind an executor that counts what it is sent.
-- A fresh study keeps the config seed (a fresh seeded search is unchanged); each resume gets its own.
+- A larger budget on a finished search evaluates new points only (nsga2 and gp, in-process); a fresh
+  study keeps the config seed (a fresh seeded search is unchanged) and each resume gets a seed of its own.
 
 (``zoo_env``, ``run_cli`` and ``trials_by_state``: conftest.)
 """
@@ -101,7 +102,7 @@ def run_to_end(args: list[str], env: dict[str, str], cwd: Path) -> None:
     assert proc.returncode == 0, out
 
 
-@pytest.mark.parametrize("optimizer", ["tpe", "random", "nsga2", "gp"])
+@pytest.mark.parametrize("optimizer", ["tpe", "random"])  # nsga2 and gp: in-process below (five drivers each is slow)
 def test_kills_resumes_and_a_larger_budget_evaluate_each_candidate_once(
     tmp_path: Path, zoo_env: dict[str, str], optimizer: str
 ) -> None:
@@ -118,6 +119,8 @@ def test_kills_resumes_and_a_larger_budget_evaluate_each_candidate_once(
     trials = finished(journal)
     assert len(trials) == extended  # nothing lost: every candidate of the budget has a result
     assert_each_candidate_evaluated_once(trials)
+    # Not by reuse: each driver's sampler drew new points (a replayed sequence would be reused here instead).
+    assert [t.number for t in trials if REUSED in t.user_attrs] == []
     assert TrialState.RUNNING not in trials_by_state(journal)
 
 
@@ -217,6 +220,19 @@ def test_a_candidate_equal_to_one_being_evaluated_waits_for_its_result(config: S
     assert executor.evaluated == [0, 2]  # trial 1 was never sent: it waited for trial 0's result
     assert trials[1].user_attrs.get(REUSED) == 0 and trials[1].values == trials[0].values
     assert_each_candidate_evaluated_once(trials)
+
+
+@pytest.mark.parametrize("optimizer", ["nsga2", "gp"])
+def test_a_larger_budget_evaluates_new_points(config: SearchConfig, optimizer: str) -> None:
+    """A second driver on a finished search draws new points (NSGA-II's first generation and GP's random
+    start used to replay the first driver's): every one of them is evaluated, none is a reuse."""
+    config = config.updated("optimizer", name=optimizer)
+    open_counting(config, budget=3)[0].run()
+    loop, executor = open_counting(config, budget=6)
+    loop.run()
+
+    assert executor.evaluated == [3, 4, 5]
+    assert_each_candidate_evaluated_once(loop.study.trials)
 
 
 # ---- the seed of a resumed sampler --------------------------------------------------------------------
