@@ -162,10 +162,15 @@ def open_counting(config: SearchConfig, budget: int, slots: int = 1) -> tuple[Se
     return open_search(config, executor=executor), executor
 
 
+def numpy_floats(params: dict[str, Any]) -> dict[str, Any]:
+    """The point with NumPy floats, as an external optimizer gives them: the same candidate as Python floats."""
+    return {k: np.float64(v) if isinstance(v, float) else v for k, v in params.items()}
+
+
 def ta_point(loop: SearchLoop, weight: float) -> dict[str, Any]:
-    """A Task Arithmetic point of the loop's space, with NumPy floats (as an external optimizer gives)."""
+    """A Task Arithmetic point of the loop's space (NumPy floats)."""
     recipe = Recipe(base=loop.space.base, experts=loop.space.experts, method="task_arithmetic", weight=weight)
-    return {k: np.float64(v) if isinstance(v, float) else v for k, v in loop.space.from_recipe(recipe).items()}
+    return numpy_floats(loop.space.from_recipe(recipe))
 
 
 def test_queued_candidates_equal_to_an_evaluated_one_reuse_its_result(config: SearchConfig) -> None:
@@ -176,7 +181,7 @@ def test_queued_candidates_equal_to_an_evaluated_one_reuse_its_result(config: Se
 
     loop, executor = open_counting(config, budget=4)
     loop.study.enqueue_trial(dict(source.params), user_attrs={"warm_start": True})
-    loop.study.enqueue_trial({k: np.float64(v) if isinstance(v, float) else v for k, v in source.params.items()})
+    loop.study.enqueue_trial(numpy_floats(source.params))
     loop.run()
 
     assert executor.evaluated == []  # both queued candidates had a result already

@@ -311,7 +311,7 @@ class SearchLoop:
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run until the budget is spent, then choose and write the results."""
-        prior_trials = len(self.study.get_trials(deepcopy=False))  # before the resume queues anything: 0 on a fresh study
+        prior_trials = len(self.study.get_trials(deepcopy=False))  # before the resume queues any: 0 when fresh
         self._resume()
         self._continue_sampling(prior_trials)
         self._best_mean = self.best_mean()  # read once; then kept up to date as results arrive
