@@ -14,6 +14,10 @@ Flow of ``SearchLoop.run()``:
 4. when the budget is spent: choose (see ``finalize``), re-score the finalists on held-out
    validation examples, score the chosen recipe once on the test split, write the results.
 
+Nothing is evaluated twice: a resumed driver's sampler continues with a seed of its own
+(``_continue_sampling``), and a candidate equal to one evaluated or being evaluated gets that
+trial's result, marked ``reused_from`` (``_place``, ``_reuse``).
+
 Objectives, constraints and the scalarisation of a candidate: see ``outcomes``.
 """
 
