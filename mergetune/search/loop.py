@@ -16,6 +16,10 @@ Flow of ``SearchLoop.run()``:
 4. when the budget is spent: choose (see ``finalize``), re-score the finalists on held-out
    validation examples, score the chosen recipe once on the test split, write the results.
 
+Nothing is evaluated twice: a resumed driver's sampler continues with a seed of its own
+(``_continue_sampling``), and a candidate equal to one evaluated or being evaluated gets that
+trial's result, marked ``reused_from`` (``_place``, ``_reuse``).
+
 Objectives, constraints and the scalarisation of a candidate: see ``outcomes``.
 """
 
@@ -31,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -49,6 +54,7 @@ from mergetune.search.outcomes import mean_density, outcome_of
 from mergetune.search.saved_evaluation import SavedEvaluation, record_evaluation
 from mergetune.search.space import SearchSpace
 from mergetune.search.storage import (
+    RETRY_ATTR,
     finished_trials,
     open_storage,
     recover_interrupted,
@@ -59,6 +65,26 @@ from mergetune.search.worker import WorkerSetup
 
 log = logging.getLogger(__name__)
 OPTIMIZER_DIR = "optimizer"
+
+
+REUSED_ATTR = "reused_from"  # user attr of a trial recorded with an equal earlier trial's result (its number)
+MAX_REUSED_IN_A_ROW = 50  # proposals of evaluated points in a row after which the search stops: nothing new is left
+# A trial's own provenance (warm start, retry of an interrupted one, reuse) and timing: never copied by a reuse.
+_OWN_ATTRS = frozenset({"warm_start", RETRY_ATTR, REUSED_ATTR, R.TIMING})
+
+#: A candidate's identity: its active parameters as stored, sorted by name (see ``SearchLoop._point``).
+Point = tuple[tuple[str, Any], ...]
+
+
+def continued_seed(seed: int, prior_trials: int) -> int:
+    """The sampler seed of a driver that finds ``prior_trials`` trials in its study.
+
+    ``seed`` itself for a fresh study (a fresh seeded search is unchanged); otherwise a 32-bit seed
+    mixed from both by NumPy's ``SeedSequence``, so that each resume draws from a stream of its own.
+    """
+    if prior_trials == 0:
+        return seed
+    return int(np.random.SeedSequence(seed, spawn_key=(prior_trials,)).generate_state(1)[0])
 
 
 class Progress(Protocol):
@@ -84,6 +110,22 @@ class _Pending:
     proposal: Proposal | None
     ask_seconds: float
     submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Flight:
+    """The loop's running count: candidates out for evaluation, those waiting for an equal one, what was evaluated."""
+
+    done: int  # finished candidates of the budget (evaluated or reused)
+    evaluated: dict[Point, int]  # each point evaluated or being evaluated -> its trial
+    pending: dict[int, _Pending] = field(default_factory=dict)  # trial number -> candidate at the executor
+    waiting: dict[int, list[_Pending]] = field(default_factory=dict)  # pending trial -> candidates equal to it
+    reused_in_a_row: int = 0
+
+    @property
+    def outstanding(self) -> int:
+        """Candidates asked and not yet recorded."""
+        return len(self.pending) + sum(len(w) for w in self.waiting.values())
 
 
 def resolve_models(config: SearchConfig, console: Any = None) -> ResolvedModels:
@@ -280,28 +322,67 @@ class SearchLoop:
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run until the budget is spent, then choose and write the results."""
+        prior_trials = len(self.study.get_trials(deepcopy=False))  # before the resume queues any: 0 when fresh
         self._resume()
+        self._continue_sampling(prior_trials)
         self._best_mean = self.best_mean()  # read once; then kept up to date as results arrive
         started = time.perf_counter()
-        pending: dict[int, _Pending] = {}
-        done = len(finished_trials(self.study))
+        flight = _Flight(done=len(finished_trials(self.study)), evaluated=self._evaluated_points())
         if self.progress:
-            self.progress.start(self.config.budget.candidates, done, self.optimizer.describe())
+            self.progress.start(self.config.budget.candidates, flight.done, self.optimizer.describe())
         try:
-            while True:
-                while len(pending) < self._concurrency() and self._budget_left(done + len(pending), started):
-                    item = self._ask()
-                    pending[item.trial.number] = item
-                    self.executor.submit(item.trial.number, item.recipe)
-                if not pending:
-                    break
+            while self._fill(flight, started):
                 for result in self.executor.results():
-                    self._tell(pending.pop(result.job), result)
-                    done += 1
+                    self._finish(flight, result)
         finally:
             if self.progress:
                 self.progress.stop()
         return finalize(self)
+
+    def _fill(self, flight: _Flight, started: float) -> bool:
+        """Ask candidates while a slot is free and budget is left; True while some are out for evaluation.
+
+        Candidates waiting on an equal one count as out: the optimizer has not been told their outcome
+        yet, and an external optimizer accepts at most ``max_pending`` such points.
+        """
+        while (
+            flight.outstanding < self._concurrency()
+            and self._budget_left(flight.done + flight.outstanding, started)
+            and flight.reused_in_a_row < MAX_REUSED_IN_A_ROW
+        ):
+            self._place(flight, self._ask())
+        return bool(flight.pending)
+
+    def _place(self, flight: _Flight, item: _Pending) -> None:
+        """Send a new candidate to the executor; one equal to an evaluated (or evaluating) one is not sent."""
+        point = self._point(item.params)
+        source = flight.evaluated.get(point) if point is not None else None
+        if source is None:
+            if point is not None:
+                flight.evaluated[point] = item.trial.number
+            flight.pending[item.trial.number] = item
+            flight.reused_in_a_row = 0
+            self.executor.submit(item.trial.number, item.recipe)
+        elif source in flight.pending:
+            flight.waiting.setdefault(source, []).append(item)  # reused once its equal's result is in
+        else:
+            self._reuse(item, source)
+            flight.done += 1
+            flight.reused_in_a_row += 1
+            if flight.reused_in_a_row == MAX_REUSED_IN_A_ROW:
+                log.warning(
+                    "the optimizer proposed %d evaluated points in a row: nothing new is left to try, stopping",
+                    MAX_REUSED_IN_A_ROW,
+                )
+
+    def _finish(self, flight: _Flight, result: JobResult) -> None:
+        """Record an evaluated candidate, then the candidates that were waiting for its result."""
+        item = flight.pending.pop(result.job)
+        self._tell(item, result)
+        flight.done += 1
+        for duplicate in flight.waiting.pop(item.trial.number, []):
+            self._reuse(duplicate, item.trial.number)
+            flight.done += 1
 
     def _concurrency(self) -> int:
         """Free slots, capped by what the optimizer accepts pending (Nevergrad's num_workers promise)."""
@@ -327,6 +408,76 @@ class SearchLoop:
         params = self.space.suggest(trial)
         recipe = self.space.to_recipe(params)
         return _Pending(trial, params, recipe, proposal, time.perf_counter() - start)
+
+    # ---- no candidate evaluated twice ----------------------------------------------------------------
+    def _continue_sampling(self, prior_trials: int) -> None:
+        """Give a resumed driver's sampler a seed of its own, so that it draws new points instead of replaying.
+
+        An Optuna sampler restarts its random stream from its seed in every new driver, so a resumed
+        search proposed again, in order, what the earlier drivers had (TPE's and GP's random start,
+        NSGA-II's first generation, all of random search). Seeded from (config seed, trials already in
+        the study), each resume continues with a stream of its own, reproducible for the same history;
+        a fresh study keeps the config seed, so a fresh seeded search is what it always was. External
+        optimizers restore their own state instead (their sampler is never consulted).
+        """
+        if self.optimizer.external or prior_trials == 0:
+            return
+        # SamplerOptimizer.sampler() builds its sampler from ``seed``: rebuild it on the stored study.
+        self.optimizer.seed = continued_seed(self.config.seed, prior_trials)
+        self.study.sampler = self.optimizer.sampler()
+
+    def _evaluated_points(self) -> dict[Point, int]:
+        """Every point the study has a result for, with the trial that was evaluated for it."""
+        evaluated: dict[Point, int] = {}
+        for trial in finished_trials(self.study):
+            point = self._point(trial.params)
+            if point is not None:
+                evaluated.setdefault(point, int(trial.user_attrs.get(REUSED_ATTR, trial.number)))
+        return evaluated
+
+    def _point(self, params: dict[str, Any]) -> Point | None:
+        """A candidate's identity: its active parameters as the storage holds them, compared exactly.
+
+        Each value makes its distribution's storage round trip (a float as the float stored, a choice
+        as the choice), so a value enqueued as an int or a NumPy float equals the same value sampled;
+        floats are compared exactly, as stored (no tolerance: two different floats are two candidates).
+        None for a point this space cannot hold (a trial of an earlier space): it equals no candidate.
+        """
+        dists = self.space.distributions
+        try:
+            active = self.space.active(params)
+            stored = {k: dists[k].to_external_repr(dists[k].to_internal_repr(v)) for k, v in active.items()}
+        except (KeyError, ValueError):
+            return None
+        return tuple(sorted(stored.items()))
+
+    def _reuse(self, item: _Pending, source_number: int) -> None:
+        """Record a candidate equal to an evaluated one with that one's result instead of evaluating it again.
+
+        The new trial gets the source's values, constraints and result attributes (its own provenance,
+        a warm start or a retry, stays as it was), ``reused_from`` naming the source and only its own ask
+        time as timing: nothing was merged or evaluated. The optimizer observes the outcome as usual.
+        """
+        source = self.study.get_trials(deepcopy=False)[source_number]  # trials are listed by number
+        trial = item.trial
+        for key, value in source.user_attrs.items():
+            if key not in _OWN_ATTRS:
+                trial.set_user_attr(key, value)
+        trial.set_user_attr(R.TIMING, {"ask": item.ask_seconds, "wall": time.perf_counter() - item.submitted})
+        trial.set_user_attr(REUSED_ATTR, source_number)
+        for name, value in source.constraints.items():
+            trial.set_constraint(name, value)
+        if source.state is TrialState.COMPLETE:
+            self.study.tell(trial, list(source.values))
+        else:
+            self.study.tell(trial, state=TrialState.FAIL)
+        outcome = self._outcome_of(R.TrialRecord.from_trial(source, self.objectives))
+        self.optimizer.observe(item.proposal, item.params, outcome)
+        self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
+        log.info("trial %d equals trial %d: its result is reused, not evaluated again", trial.number, source_number)
+        if self.progress:
+            frozen = self.study.get_trials(deepcopy=False)[trial.number]
+            self.progress.update(R.TrialRecord.from_trial(frozen, self.objectives), self._best_mean)
 
     def _tell(self, item: _Pending, result: JobResult) -> None:
         """Record a finished candidate: saved whole to its own file first, then in the study, then told

@@ -8,6 +8,11 @@
 
 Per-task floors reach the samplers as constraints: the loop calls ``trial.set_constraint`` (feasible
 iff every value ≤ 0) before telling the result, which Optuna 5's samplers read directly.
+
+Each sampler is seeded with ``self.seed``. A fresh search uses the config's seed; a resumed driver's
+loop sets a seed derived from it and the number of trials already in the study before it rebuilds the
+sampler (``SearchLoop._continue_sampling``), so that a resume continues the search with new points
+instead of replaying the seeded sequence of the first driver.
 """
 
 from __future__ import annotations
