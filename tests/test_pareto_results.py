@@ -45,6 +45,7 @@ def record(
     density: float = 0.2,
     objectives: tuple[str, ...] = ("mean", "worst"),
     error: str | None = None,
+    reused_from: int | None = None,
 ) -> TrialRecord:
     """A record as the loop writes it: values derived from the normalised scores, raw = 0.9 × normalised."""
     if isinstance(normalized, tuple):
@@ -69,7 +70,19 @@ def record(
         error=error,
         params={"method": method},
         density=density,
+        reused_from=reused_from,
     )
+
+
+def test_a_reused_trial_is_neither_on_a_front_nor_a_finalist_twice():
+    """A trial that carries an earlier equal trial's result is the same recipe: choosing among both
+    would list one recipe twice on the front and re-score it twice as a finalist."""
+    source, other = record(0, (0.9, 0.8, 0.7)), record(1, (0.5, 0.95, 0.6))
+    copy = record(2, (0.9, 0.8, 0.7), reused_from=0)
+    records = [source, other, copy]
+    assert [r.number for r in rank_finalists(records, "best_mean_feasible", k=3)] == [0, 1]
+    assert [r.number for r in optimized_front(records, ["mean", "worst"])] == [0]
+    assert sorted(r.number for r in per_task_front(records)) == [0, 1]
 
 
 # ---- pareto_mask ----------------------------------------------------------------------------------

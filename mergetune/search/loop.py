@@ -67,10 +67,9 @@ log = logging.getLogger(__name__)
 OPTIMIZER_DIR = "optimizer"
 
 
-REUSED_ATTR = "reused_from"  # user attr of a trial recorded with an equal earlier trial's result (its number)
 MAX_REUSED_IN_A_ROW = 50  # proposals of evaluated points in a row after which the search stops: nothing new is left
 # A trial's own provenance (warm start, retry of an interrupted one, reuse) and timing: never copied by a reuse.
-_OWN_ATTRS = frozenset({"warm_start", RETRY_ATTR, REUSED_ATTR, R.TIMING})
+_OWN_ATTRS = frozenset({"warm_start", RETRY_ATTR, R.REUSED, R.TIMING})
 
 #: A candidate's identity: its active parameters as stored, sorted by name (see ``SearchLoop._point``).
 Point = tuple[tuple[str, Any], ...]
@@ -432,7 +431,7 @@ class SearchLoop:
         for trial in finished_trials(self.study):
             point = self._point(trial.params)
             if point is not None:
-                evaluated.setdefault(point, int(trial.user_attrs.get(REUSED_ATTR, trial.number)))
+                evaluated.setdefault(point, int(trial.user_attrs.get(R.REUSED, trial.number)))
         return evaluated
 
     def _point(self, params: dict[str, Any]) -> Point | None:
@@ -464,7 +463,7 @@ class SearchLoop:
             if key not in _OWN_ATTRS:
                 trial.set_user_attr(key, value)
         trial.set_user_attr(R.TIMING, {"ask": item.ask_seconds, "wall": time.perf_counter() - item.submitted})
-        trial.set_user_attr(REUSED_ATTR, source_number)
+        trial.set_user_attr(R.REUSED, source_number)
         for name, value in source.constraints.items():
             trial.set_constraint(name, value)
         if source.state is TrialState.COMPLETE:

@@ -85,7 +85,7 @@ def front_by_values(
     records: Sequence[TrialRecord], objectives: Sequence[str], maximize: Sequence[bool]
 ) -> list[TrialRecord]:
     """``optimized_front`` with explicit directions (for studies whose objective names are generic)."""
-    done = [r for r in records if r.ok and all(_finite(r.values.get(o)) for o in objectives)]
+    done = [r for r in records if r.distinct and all(_finite(r.values.get(o)) for o in objectives)]
     if not done:
         return []
     matrix = np.array([[r.values[o] for o in objectives] for r in done], dtype=np.float64)
@@ -101,7 +101,7 @@ def per_task_front(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     worst value. Sorted by mean normalised score (highest first), then trial number. Expect this
     set to be large with many tasks: it is a record of trade-offs, not a choice.
     """
-    done = [r for r in records if r.ok and r.normalized]
+    done = [r for r in records if r.distinct and r.normalized]
     tasks = task_names(done)
     if not done:
         return []
@@ -125,7 +125,7 @@ def rank_finalists(
     _check_rule(rule)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    done = [r for r in records if r.ok]
+    done = [r for r in records if r.distinct]  # a reused trial is the same recipe as its source
     key = _rule_key(rule)
 
     def rank(r: TrialRecord) -> tuple[Any, ...]:

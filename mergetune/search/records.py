@@ -31,6 +31,7 @@ BUDGET = "budget"  # the search config's budget (study user attr, shown by ``mer
 OPTIMIZER = "optimizer"  # the optimizer's name (study user attr)
 DENSITY = "mean_density"
 ATTEMPTS = "attempts"  # set when a candidate was retried after its worker died
+REUSED = "reused_from"  # a trial recorded with an equal earlier trial's result: that trial's number
 
 #: Each objective's direction in the study: normalised scores are maximised, the mean density minimised.
 #: Here, below the loop and the Pareto code, because both need it and the records name the objectives.
@@ -53,6 +54,12 @@ class TrialRecord:
     params: dict[str, Any] = field(default_factory=dict)
     density: float = 1.0  # the recipe's mean density (fraction kept)
     evaluated: bool = True  # False for trials failed because the driver stopped mid-evaluation
+    reused_from: int | None = None  # the earlier, equal trial whose result this one carries
+
+    @property
+    def distinct(self) -> bool:
+        """Completed and not a copy of an earlier trial: what fronts and finalists are chosen among."""
+        return self.ok and self.reused_from is None
 
     @property
     def ok(self) -> bool:
@@ -91,6 +98,7 @@ class TrialRecord:
             params=dict(trial.params),
             density=float(attrs.get(DENSITY, 1.0)),
             evaluated=trial.state is TrialState.COMPLETE or bool(attrs.get(EVALUATED, False)),
+            reused_from=attrs.get(REUSED),
         )
 
 
