@@ -11,8 +11,10 @@ Pitfalls handled here (see shared/docs/search-stack.md):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
@@ -59,15 +61,23 @@ class Recovery:
     finished: int
 
 
-def recover_interrupted(study: optuna.Study) -> Recovery:
-    """Fail the trials a dead driver left RUNNING and queue their parameters again."""
+def recover_interrupted(
+    study: optuna.Study, admit: Callable[[dict[str, Any]], dict[str, Any] | None] = dict
+) -> Recovery:
+    """Fail the trials a dead driver left RUNNING and queue their parameters again.
+
+    ``admit`` maps stored parameters to what the current space accepts (clipped), or None to not queue
+    them again (see SearchSpace.admit): a point the space cannot evaluate must not crash every resume.
+    """
     requeued = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # Attributes must be set before the trial finishes; ask/tell has no public handle here.
         study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: the driver stopped mid-evaluation")
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number}, skip_if_exists=False)
-        requeued.append(trial.number)
+        params = admit(trial.params)
+        if params is not None:
+            study.enqueue_trial(params, user_attrs={RETRY_ATTR: trial.number}, skip_if_exists=False)
+            requeued.append(trial.number)
     finished = len(finished_trials(study))
     if requeued:
         log.info("resume: %d interrupted trial(s) re-queued: %s", len(requeued), requeued)
