@@ -21,7 +21,7 @@ from mergetune.merging.methods import get_method
 from mergetune.objectives.tasks import TaskConfig
 from mergetune.recipe import SEED_LIMIT, Expert
 from mergetune.search.optimizers import optimizer_class
-from mergetune.search.space import DENSITY_DOMAIN, MethodSpace, ParamRange, check_domain
+from mergetune.search.space import DENSITY_DOMAIN, FloatRange, MethodSpace, OptionSpec, ParamRange, check_domain
 from mergetune.strict import StrictModel, format_validation_error
 
 ObjectiveName = Literal["mean", "worst", "sparsity"]
@@ -83,6 +83,8 @@ class SpaceConfig(_Section):
             unknown = sorted(set(spec.options) - set(options))
             if unknown:
                 raise ValueError(f"{name}: unknown option(s) {unknown}; {name} has {sorted(options)}")
+            for option, option_spec in spec.options.items():
+                _check_option_values(name, option, option_spec)
             if spec.density is not None:
                 check_domain(spec.density, DENSITY_DOMAIN, f"{name}.density")
         return value
@@ -92,6 +94,20 @@ class SpaceConfig(_Section):
     def _density_domain(cls, value: ParamRange) -> ParamRange:
         check_domain(value, DENSITY_DOMAIN, "density")
         return value
+
+
+def _check_option_values(method: str, option: str, spec: OptionSpec) -> None:
+    """Every value an option can take (a fixed one, each choice, both bounds) must pass the method's own checks."""
+    if isinstance(spec, FloatRange):
+        values: list[Any] = [spec.low, spec.high]
+    else:
+        values = spec if isinstance(spec, list) else [spec]
+    for value in values:
+        try:
+            get_method(method).Options.model_validate({option: value})
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"]
+            raise ValueError(f"{method}.options.{option}: {value!r} is out of its domain ({reason})") from None
 
 
 class OptimizerConfig(_Section):
