@@ -91,29 +91,33 @@ def _ways_forward() -> str:
 
 
 def differences(old: Any, new: Any) -> list[str]:
-    """``path: old -> new`` for every leaf that differs between two JSON values (dotted paths, list indices)."""
-    flat_old, flat_new = dict(_leaves(old)), dict(_leaves(new))
-    changes = []
-    for path in sorted(flat_old.keys() | flat_new.keys()):
-        before, after = flat_old.get(path, _ABSENT), flat_new.get(path, _ABSENT)
-        if before != after:
-            changes.append(f"{path}: {_show(before)} -> {_show(after)}")
-    return changes
+    """``path: old -> new`` for each difference between two JSON values (dotted paths, list indices).
+
+    A key or list item present on one side only is one difference at its own path, not one per leaf.
+    """
+    return [f"{path}: {_show(before)} -> {_show(after)}" for path, before, after in _diff(old, new, "")]
 
 
 _ABSENT = object()
 
 
-def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """Dotted paths and leaf values of a JSON value; an empty mapping or list is a leaf of its own."""
-    if isinstance(value, dict) and value:
-        for key, item in value.items():
-            yield from _leaves(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list) and value:
-        for index, item in enumerate(value):
-            yield from _leaves(item, f"{path}.{index}" if path else str(index))
+def _diff(old: Any, new: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys: list[Any] = sorted(old.keys() | new.keys())
+        pairs = [(key, old.get(key, _ABSENT), new.get(key, _ABSENT)) for key in keys]
+    elif isinstance(old, list) and isinstance(new, list):
+        padded = max(len(old), len(new))
+        pairs = [(i, old[i] if i < len(old) else _ABSENT, new[i] if i < len(new) else _ABSENT) for i in range(padded)]
     else:
-        yield path, value
+        if old != new:
+            yield path, old, new
+        return
+    for key, before, after in pairs:
+        where = f"{path}.{key}" if path else str(key)
+        if before is _ABSENT or after is _ABSENT:
+            yield where, before, after
+        else:
+            yield from _diff(before, after, where)
 
 
 def _show(value: Any) -> str:
