@@ -61,7 +61,7 @@ def test_adding_a_method_is_refused_in_one_line_and_restart_moves_the_old_run_as
     wider = write_config(
         tmp_path / "wider.yaml", space={**BASE_CONFIG["space"], "methods": ["task_arithmetic", "ties", "pcb"]}
     )  # type: ignore[dict-item]
-    rc, out = search([str(wider)], zoo_env, tmp_path)
+    rc, out = search([str(wider), "--budget", "4"], zoo_env, tmp_path)  # new candidates would draw a new method
     assert rc == 2, out
     line = one_error_line(out)
     assert "space.methods.pcb: (absent) -> {" in line and "name:" in line and "--restart" in line
@@ -85,10 +85,13 @@ def test_another_expert_set_is_refused_instead_of_mixed_into_the_study(tmp_path:
     rc, out = search([str(write_config(tmp_path / "c.yaml", models=models, tasks=tasks))], zoo_env, tmp_path)
     assert rc == 0, out
     fewer = write_config(tmp_path / "fewer.yaml", models={**models, "experts": experts[:2]}, tasks=tasks)
-    rc, out = search([str(fewer)], zoo_env, tmp_path)
+    journal = tmp_path / "run" / "search.journal"
+    before = journal.read_bytes()
+    rc, out = search([str(fewer), "--budget", "4"], zoo_env, tmp_path)  # two more candidates, of two experts
     assert rc == 2, out
     assert f"models.experts.2: {{'name': '{experts[2]['name']}'" in one_error_line(out)
-    trials = trials_by_state(tmp_path / "run" / "search.journal")
+    assert journal.read_bytes() == before
+    trials = trials_by_state(journal)
     assert sum(len(ts) for ts in trials.values()) == 2
 
 
