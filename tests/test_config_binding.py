@@ -14,7 +14,15 @@ from conftest import run_cli, trials_by_state
 
 from mergetune.errors import MergetuneError
 from mergetune.objectives.zoo import build_zoo
-from mergetune.search.binding import DEFINITION, ConfigChangedError, check_binding, definition, differences, restart
+from mergetune.search.binding import (
+    DEFINITION,
+    ConfigChangedError,
+    check_binding,
+    check_study,
+    definition,
+    differences,
+    restart,
+)
 from mergetune.search.config import SearchConfig
 from mergetune.search.storage import open_storage
 
@@ -121,10 +129,10 @@ def test_budget_execution_and_output_may_change_on_resume(tmp_path: Path) -> Non
     storage = stamped_storage(tmp_path, config)
     resumed = config.updated("budget", candidates=50, seconds=60).updated("execution", executor="ray", workers=4)
     resumed = resumed.updated("evaluation", batch_size=8).updated("selection", rescore_top=3)
-    check_binding(storage, resumed, "here")  # accepted
+    check_study(storage, resumed, "here")  # accepted
     reseeded = config.model_copy(update={"seed": 7})
     with pytest.raises(ConfigChangedError, match=r"\(seed: 0 -> 7\)"):
-        check_binding(storage, reseeded, "here")
+        check_study(storage, reseeded, "here")
 
 
 def test_differences_name_each_changed_path() -> None:
@@ -140,3 +148,9 @@ def test_restart_moves_only_a_run_folder_that_holds_its_study(tmp_path: Path) ->
     elsewhere = fresh.model_copy(update={"storage": "sqlite:///" + str(tmp_path / "db.sqlite")})
     with pytest.raises(MergetuneError, match="new 'name:'"):
         restart(elsewhere)
+
+
+def test_the_check_creates_no_journal_for_a_new_run(tmp_path: Path) -> None:
+    config = SearchConfig.model_validate({**BASE_CONFIG, "output": str(tmp_path / "run")})
+    check_binding(str(tmp_path / "run" / "search.journal"), config)
+    assert not (tmp_path / "run").exists()

@@ -26,6 +26,7 @@ from optuna.storages import BaseStorage
 from mergetune.errors import MergetuneError
 from mergetune.search import records as R
 from mergetune.search.config import SearchConfig
+from mergetune.search.storage import open_storage
 
 #: The config fields that define a study; the rest (budget, execution, output, ...) may change on resume.
 BOUND_FIELDS = ("models", "tasks", "space", "objectives", "seed")
@@ -54,8 +55,19 @@ def stored_definition(storage: BaseStorage, name: str) -> tuple[bool, dict[str, 
     return True, attrs.get(DEFINITION), attrs.get(R.OBJECTIVES)
 
 
-def check_binding(storage: BaseStorage, config: SearchConfig, where: str) -> None:
-    """Refuse (one line) a config that defines another search than the one the storage holds; reads only."""
+def check_binding(storage_url: str, config: SearchConfig) -> None:
+    """Refuse (one line) a config that defines another search than the one the storage holds; reads only.
+
+    A journal file that does not exist yet holds no search: it is not created here (a run that fails
+    before its study exists leaves no empty journal behind).
+    """
+    if "://" not in storage_url and not Path(storage_url).expanduser().exists():
+        return
+    check_study(open_storage(storage_url), config, storage_url)
+
+
+def check_study(storage: BaseStorage, config: SearchConfig, where: str) -> None:
+    """``check_binding`` on an open storage."""
     exists, stored, objectives = stored_definition(storage, config.name)
     if not exists:
         return

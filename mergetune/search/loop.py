@@ -153,8 +153,7 @@ def open_search(
     is closed again if a later step fails; a given one is the caller's to close.
     """
     storage_url = storage_location(config.storage, config.output_dir)
-    storage = open_storage(storage_url)
-    check_binding(storage, config, storage_url)
+    check_binding(storage_url, config)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     models = resolve_models(config, console)
     space = build_space(config, models)
@@ -164,7 +163,7 @@ def open_search(
         executor = ray_executor(config, setup) if config.execution.executor == "ray" else LocalExecutor(setup)
     try:
         optimizer = _make_optimizer(config, space, executor)
-        study = _open_study(config, storage, optimizer)
+        study = _open_study(config, open_storage(storage_url), optimizer)
     except BaseException:
         if started:
             executor.close()
