@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import optuna
-from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from mergetune.merging.layer_groups import build_layer_groups
@@ -35,7 +34,7 @@ from mergetune.merging.methods import get_method
 from mergetune.objectives.zoo import build_zoo
 from mergetune.recipe import Expert, Recipe
 from mergetune.search import records as R
-from mergetune.search.binding import check_binding, stamp, stored_definition
+from mergetune.search.binding import check_binding, check_study, stamp
 from mergetune.search.config import SearchConfig
 from mergetune.search.executor import Executor, JobResult, LocalExecutor
 from mergetune.search.finalize import finalize
@@ -163,7 +162,7 @@ def open_search(
         executor = ray_executor(config, setup) if config.execution.executor == "ray" else LocalExecutor(setup)
     try:
         optimizer = _make_optimizer(config, space, executor)
-        study = _open_study(config, open_storage(storage_url), optimizer)
+        study = _open_study(config, storage_url, optimizer)
     except BaseException:
         if started:
             executor.close()
@@ -191,23 +190,22 @@ def _make_optimizer(config: SearchConfig, space: SearchSpace, executor: Executor
     return optimizer
 
 
-def _open_study(config: SearchConfig, storage: BaseStorage, optimizer: Optimizer) -> optuna.Study:
-    """Load the search's study (``check_binding`` passed), or create one that records its definition,
-    objectives, budget and optimizer.
+def _open_study(config: SearchConfig, storage_url: str, optimizer: Optimizer) -> optuna.Study:
+    """Load the search's study, or create one that records its definition, objectives, budget and optimizer.
 
-    An existing study is loaded, not re-created: creating one that exists would append to the journal.
+    The binding is checked again on the open storage, before any write: another driver may have
+    created the study since ``open_search`` checked. An existing study is loaded, not re-created:
+    creating one that exists would append to the journal.
     """
     objectives = list(config.objectives.optimize)
-    exists, _, _ = stored_definition(storage, config.name)
-    if exists:
-        study = optuna.load_study(study_name=config.name, storage=storage, sampler=optimizer.sampler())
-    else:
-        study = optuna.create_study(
-            study_name=config.name,
-            storage=storage,
-            directions=[R.DIRECTION[o] for o in objectives],
-            sampler=optimizer.sampler(),
-        )
+    storage = open_storage(storage_url)
+    check_study(storage, config, storage_url)
+    sampler = optimizer.sampler()
+    try:
+        study = optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
+    except KeyError:  # no study of this name yet
+        directions = [R.DIRECTION[o] for o in objectives]
+        study = optuna.create_study(study_name=config.name, storage=storage, directions=directions, sampler=sampler)
     if R.OBJECTIVES not in study.user_attrs:
         study.set_user_attr(R.OBJECTIVES, objectives)
         study.set_metric_names(objectives)
