@@ -88,8 +88,21 @@ def search(
         str | None, typer.Option(help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: local).")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Ray workers (default: one per GPU, else per CPU).")] = None,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            help="Start afresh: move the run folder aside to FOLDER.replaced-<UTC time> (nothing deleted). "
+            "Needed when the config no longer defines the search the folder holds.",
+        ),
+    ] = False,
 ) -> None:
-    """Search the best merge recipe; re-running the same command resumes an interrupted search."""
+    """Search the best merge recipe; re-running the same command resumes an interrupted search.
+
+    A run folder is bound to the config that created it (models, tasks, space, objectives, seed):
+    budget and execution may change on resume, anything else needs a new name or --restart.
+    """
+    from mergetune.search import binding
     from mergetune.search.config import SearchConfig
     from mergetune.search.progress import run_with_progress
 
@@ -102,6 +115,8 @@ def search(
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if overrides:
             config = config.updated("execution", **overrides)
+        if restart and (moved := binding.restart(config)) is not None:
+            console.print(f"previous run moved to [green]{escape(str(moved))}[/]")
         loop = run_with_progress(config, console)
         chosen, front = escape(str(loop.out / "chosen" / "recipe.yaml")), escape(str(loop.out / "front"))
         console.print(f"chosen recipe: [green]{chosen}[/]; front: {front}")

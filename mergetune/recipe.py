@@ -41,6 +41,7 @@ GroupValue = float | list[float] | dict[str, float]
 ParamSpec = float | dict[str, GroupValue]
 DType = Literal["float32", "bfloat16", "float16"]
 DEFAULT_KEY = "*"
+SEED_LIMIT = 2**32  # numpy's and torch's generators take seeds below 2**32: a larger one crashes mid-run
 
 
 class Expert(StrictModel):
@@ -69,7 +70,7 @@ class Recipe(StrictModel):
     options: dict[str, Any] = Field(default_factory=dict, description="The method's options (check_recipe).")
     grouping: Grouping = Grouping()
     dtype: DType = "float32"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Random seed (DARE's drops, ...), in [0, 2**32).")
     trust_remote_code: bool = False
     allow_tokenizer_mismatch: bool = Field(
         False, description="Merge experts whose tokenizer differs from the base's (warn instead of refusing)."

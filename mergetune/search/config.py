@@ -2,6 +2,11 @@
 
 Strict like the Recipe: an unknown or misspelt key anywhere is an error naming its dotted path.
 See ``configs/`` for complete examples.
+
+Every number is checked when the file is read, so that a bad value is one line naming its field
+instead of a traceback minutes into the run: NaN and infinities are refused everywhere, counts and
+seeds are bounded by what numpy and torch accept, and search ranges lie in their parameter's domain
+(see mergetune.search.space).
 """
 
 from __future__ import annotations
@@ -9,24 +14,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergetune.errors import MergetuneError, read_config_file
 from mergetune.merging.methods import get_method
 from mergetune.objectives.tasks import TaskConfig
-from mergetune.recipe import Expert
+from mergetune.recipe import SEED_LIMIT, Expert
 from mergetune.search.optimizers import optimizer_class
-from mergetune.search.space import MethodSpace, ParamRange
+from mergetune.search.space import DENSITY_DOMAIN, FloatRange, MethodSpace, OptionSpec, ParamRange, check_domain
 from mergetune.strict import StrictModel, format_validation_error
 
 ObjectiveName = Literal["mean", "worst", "sparsity"]
+MAX_THREADS = 1024  # torch.set_num_threads overflows on huge values; no machine has more cores per worker
+MAX_BATCH = 2**31 - 1  # sizes handed to torch must fit its int32 arguments
+
+
+class _Section(StrictModel):
+    """A section of the search config: strict, and NaN or infinite numbers are errors (they pass ``ge``/``le``)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
 
 class SearchConfigError(MergetuneError):
     """A search configuration does not validate."""
 
 
-class ModelsConfig(StrictModel):
+class ModelsConfig(_Section):
     """Either a zoo (experts built offline by ``mergetune zoo build``) or a base and its experts."""
 
     zoo: str | None = None
@@ -43,11 +56,15 @@ class ModelsConfig(StrictModel):
         return self
 
 
-class SpaceConfig(StrictModel):
+class SpaceConfig(_Section):
     """Which methods, and how finely weights and densities vary (see mergetune.search.space)."""
 
     methods: dict[str, MethodSpace] = Field(min_length=1)
-    weight: ParamRange = ParamRange(per="task", low=0.0, high=1.0)
+    weight: ParamRange = Field(
+        ParamRange(),
+        description="How weights vary (per). Its low/high, when given, apply to every method without its own "
+        "'weight' range, replacing the method's built-in range (its paper's grid, used when low/high are not given).",
+    )
     density: ParamRange = ParamRange(per="shared", low=0.05, high=1.0)
     granularity: int = Field(1, ge=1, description="Transformer blocks per layer group.")
 
@@ -66,10 +83,34 @@ class SpaceConfig(StrictModel):
             unknown = sorted(set(spec.options) - set(options))
             if unknown:
                 raise ValueError(f"{name}: unknown option(s) {unknown}; {name} has {sorted(options)}")
+            for option, option_spec in spec.options.items():
+                _check_option_values(name, option, option_spec)
+            if spec.density is not None:
+                check_domain(spec.density, DENSITY_DOMAIN, f"{name}.density")
+        return value
+
+    @field_validator("density")
+    @classmethod
+    def _density_domain(cls, value: ParamRange) -> ParamRange:
+        check_domain(value, DENSITY_DOMAIN, "density")
         return value
 
 
-class OptimizerConfig(StrictModel):
+def _check_option_values(method: str, option: str, spec: OptionSpec) -> None:
+    """Every value an option can take (a fixed one, each choice, both bounds) must pass the method's own checks."""
+    if isinstance(spec, FloatRange):
+        values: list[Any] = [spec.low, spec.high]
+    else:
+        values = spec if isinstance(spec, list) else [spec]
+    for value in values:
+        try:
+            get_method(method).Options.model_validate({option: value})
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"]
+            raise ValueError(f"{method}.options.{option}: {value!r} is out of its domain ({reason})") from None
+
+
+class OptimizerConfig(_Section):
     name: str = Field("tpe", description="A registered optimizer (mergetune.search.optimizers.OPTIMIZERS).")
     batch_size: int | None = Field(
         None,
@@ -85,7 +126,7 @@ class OptimizerConfig(StrictModel):
         return value
 
 
-class BudgetConfig(StrictModel):
+class BudgetConfig(_Section):
     candidates: int | None = Field(100, ge=1)
     seconds: float | None = Field(None, gt=0)
 
@@ -96,7 +137,7 @@ class BudgetConfig(StrictModel):
         return self
 
 
-class ObjectivesConfig(StrictModel):
+class ObjectivesConfig(_Section):
     """What the optimizer maximises. Every per-task score is recorded whatever is optimised.
 
     Multi-objective optimizers (tpe, nsga2, gp, random, grid) get the listed objectives as they
@@ -108,9 +149,9 @@ class ObjectivesConfig(StrictModel):
     floors: float | dict[str, float] | None = Field(
         None, description="Per-task floor on the normalised score (a constraint); '*' is the default."
     )
-    worst_weight: float = 0.5
-    sparsity_weight: float = 0.1
-    penalty: float = 10.0
+    worst_weight: float = Field(0.5, ge=0.0)
+    sparsity_weight: float = Field(0.1, ge=0.0)
+    penalty: float = Field(10.0, ge=0.0)
 
     @field_validator("optimize")
     @classmethod
@@ -120,7 +161,7 @@ class ObjectivesConfig(StrictModel):
         return value
 
 
-class SelectionConfig(StrictModel):
+class SelectionConfig(_Section):
     """How the final recipe is chosen: see mergetune.search.pareto."""
 
     rule: Literal["best_mean_feasible", "best_worst_feasible"] = "best_mean_feasible"
@@ -130,9 +171,9 @@ class SelectionConfig(StrictModel):
     )
 
 
-class EvaluationConfig(StrictModel):
-    batch_size: int = Field(64, ge=1)
-    threads: int = Field(1, ge=1, description="torch threads per worker.")
+class EvaluationConfig(_Section):
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    threads: int = Field(1, ge=1, le=MAX_THREADS, description="torch threads per worker.")
     autocast: Literal["none", "bfloat16"] = Field(
         "none",
         description="Score under bf16 autocast: 4.8x faster than float32 on text8 with bf16-capable CPUs (AMX), "
@@ -141,7 +182,7 @@ class EvaluationConfig(StrictModel):
     device: str = "cpu"
 
 
-class ExecutionConfig(StrictModel):
+class ExecutionConfig(_Section):
     """Where candidates run: in-process (``local``) or on Ray actors (``ray``), see mergetune.search.ray_executor."""
 
     executor: Literal["local", "ray"] = "local"
@@ -161,7 +202,7 @@ class ExecutionConfig(StrictModel):
         return self
 
 
-class SearchConfig(StrictModel):
+class SearchConfig(_Section):
     name: str = Field(min_length=1)
     models: ModelsConfig
     tasks: list[TaskConfig] | None = Field(None, description="Required unless the models come from a zoo.")
@@ -175,7 +216,15 @@ class SearchConfig(StrictModel):
     warm_start: bool = Field(True, description="Evaluate known-good recipes first (TA λ=0.3, TIES defaults).")
     storage: str | None = Field(None, description="Optuna storage URL or journal path; default: OUTPUT/search.journal")
     output: str | None = Field(None, description="Output folder; default: runs/<name>")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seeds the optimizer, holdout split and merges; < 2**32.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_seeds(cls, tasks: list[TaskConfig] | None) -> list[TaskConfig] | None:
+        for task in tasks or ():
+            if task.seed >= SEED_LIMIT:  # numpy's split generator refuses it, after the models are loaded
+                raise ValueError(f"task '{task.name}': seed {task.seed} must be below 2**32")
+        return tasks
 
     @model_validator(mode="after")
     def _tasks_given(self) -> SearchConfig:

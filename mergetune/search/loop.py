@@ -39,13 +39,13 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from mergetune.errors import MergetuneError
 from mergetune.merging.layer_groups import build_layer_groups
 from mergetune.merging.loading import tensor_names
 from mergetune.merging.methods import get_method
 from mergetune.objectives.zoo import build_zoo
 from mergetune.recipe import Expert, Recipe
 from mergetune.search import records as R
+from mergetune.search.binding import check_binding, check_study, stamp
 from mergetune.search.config import SearchConfig
 from mergetune.search.executor import Executor, JobResult, LocalExecutor
 from mergetune.search.finalize import finalize
@@ -192,12 +192,15 @@ def open_search(
 ) -> SearchLoop:
     """Prepare everything a search needs, with its side effects, and return the loop ready to ``run()``.
 
-    Creates the output folder, builds the zoo if the config names one (``console`` shows its
-    progress), starts the executor unless one is given (Ray actors for ``execution.executor: ray``,
-    else one in-process worker), and opens the study in its storage (a new one, or the one to
-    resume, after checking it optimises the same objectives). An executor started here is closed
-    again if a later step fails; a given one is the caller's to close.
+    First checks that the storage holds no search of this name made with another config (see
+    ``binding``): before anything is built, started or written. Then creates the output folder,
+    builds the zoo if the config names one (``console`` shows its progress), starts the executor
+    unless one is given (Ray actors for ``execution.executor: ray``, else one in-process worker),
+    and opens the study in its storage (a new one, or the one to resume). An executor started here
+    is closed again if a later step fails; a given one is the caller's to close.
     """
+    storage_url = storage_location(config.storage, config.output_dir)
+    check_binding(storage_url, config)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     models = resolve_models(config, console)
     space = build_space(config, models)
@@ -207,7 +210,6 @@ def open_search(
         executor = ray_executor(config, setup) if config.execution.executor == "ray" else LocalExecutor(setup)
     try:
         optimizer = _make_optimizer(config, space, executor)
-        storage_url = storage_location(config.storage, config.output_dir)
         study = _open_study(config, storage_url, optimizer)
     except BaseException:
         if started:
@@ -237,26 +239,27 @@ def _make_optimizer(config: SearchConfig, space: SearchSpace, executor: Executor
 
 
 def _open_study(config: SearchConfig, storage_url: str, optimizer: Optimizer) -> optuna.Study:
-    """Create or load the search's study; a new one records its objectives, budget and optimizer."""
+    """Load the search's study, or create one that records its definition, objectives, budget and optimizer.
+
+    The binding is checked again on the open storage, before any write: another driver may have
+    created the study since ``open_search`` checked. An existing study is loaded, not re-created:
+    creating one that exists would append to the journal.
+    """
     objectives = list(config.objectives.optimize)
-    study = optuna.create_study(
-        study_name=config.name,
-        storage=open_storage(storage_url),
-        directions=[R.DIRECTION[o] for o in objectives],
-        sampler=optimizer.sampler(),
-        load_if_exists=True,
-    )
-    stored = study.user_attrs.get(R.OBJECTIVES)
-    if stored is None:
+    storage = open_storage(storage_url)
+    check_study(storage, config, storage_url)
+    sampler = optimizer.sampler()
+    try:
+        study = optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
+    except KeyError:  # no study of this name yet
+        directions = [R.DIRECTION[o] for o in objectives]
+        study = optuna.create_study(study_name=config.name, storage=storage, directions=directions, sampler=sampler)
+    if R.OBJECTIVES not in study.user_attrs:
         study.set_user_attr(R.OBJECTIVES, objectives)
         study.set_metric_names(objectives)
         study.set_user_attr(R.BUDGET, config.budget.model_dump())
         study.set_user_attr(R.OPTIMIZER, config.optimizer.name)
-    elif list(stored) != objectives:
-        raise MergetuneError(
-            f"the storage {storage_url} holds search '{config.name}' with objectives {stored}; "
-            f"this config optimises {objectives}: use another name, storage or output folder"
-        )
+    stamp(study, config)
     return study
 
 
@@ -297,7 +300,7 @@ class SearchLoop:
         self.executor.close()
 
     def _resume(self) -> None:
-        recovery = recover_interrupted(self.study, self.out)
+        recovery = recover_interrupted(self.study, self.out, self.space.admit)
         # Only real outcomes: trials just failed as "interrupted" are re-queued, not failures.
         history = [(r.params, self._outcome_of(r)) for r in self.records() if r.params and r.evaluated]
         self.optimizer.restore(self.out / OPTIMIZER_DIR, history)

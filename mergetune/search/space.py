@@ -19,29 +19,42 @@ How finely weights and densities vary (``per``):
 - ``task_group``: one value per task and layer group (with ``anchors``: per task, that many
   values interpolated over depth, the low-dimensional parametrisation that keeps large searches
   tractable).
+
+Ranges are checked against each parameter's domain when the config is read (finite, low < high,
+densities in [0, 1]). A weight range given for the whole space (``space.weight`` low/high) applies
+to every method that has no range of its own in ``methods``; without it each method searches its
+built-in range (its paper's grid). Points stored by an older run may lie outside the current space:
+``admit`` clips or refuses them before they are queued again, so that one bad point cannot crash
+every resume.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from mergetune.merging.methods import METHODS, get_method
 from mergetune.recipe import Expert, Grouping, Recipe, resolve_parameter
 from mergetune.strict import StrictModel
 
+log = logging.getLogger(__name__)
 Per = Literal["shared", "task", "group", "task_group"]
 METHOD_KEY = "method"
 SEP = "/"
+DENSITY_DOMAIN = (0.0, 1.0)  # a density is the fraction of entries kept
 
 
 class ParamRange(StrictModel):
     """How one per-task/per-group parameter (weight or density) is searched."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     per: Per = "task"
     low: float = 0.0
@@ -53,17 +66,41 @@ class ParamRange(StrictModel):
 
     @model_validator(mode="after")
     def _bounds(self) -> ParamRange:
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError("log scale needs low > 0")
+        _check_bounds(self.low, self.high, self.log)
         return self
+
+    @property
+    def bounds_given(self) -> bool:
+        """Whether low or high was set explicitly (in a config or a constructor), not left to its default."""
+        return bool({"low", "high"} & self.model_fields_set)
 
 
 class FloatRange(StrictModel):
+    """A searched float option: its bounds and scale."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
     low: float
     high: float
     log: bool = False
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FloatRange:
+        _check_bounds(self.low, self.high, self.log)
+        return self
+
+
+def _check_bounds(low: float, high: float, log_scale: bool) -> None:
+    if not low < high:
+        raise ValueError(f"low ({low}) must be below high ({high})")
+    if log_scale and low <= 0:
+        raise ValueError("log scale needs low > 0")
+
+
+def check_domain(rng: ParamRange, domain: tuple[float, float], what: str) -> None:
+    """Refuse a range that leaves its parameter's domain (a density above 1 would crash each such candidate)."""
+    if rng.low < domain[0] or rng.high > domain[1]:
+        raise ValueError(f"{what}: range [{rng.low}, {rng.high}] leaves the domain [{domain[0]}, {domain[1]}]")
 
 
 OptionSpec = float | int | str | bool | list[Any] | FloatRange
@@ -71,6 +108,8 @@ OptionSpec = float | int | str | bool | list[Any] | FloatRange
 
 class MethodSpace(StrictModel):
     """Per-method overrides: ranges of weight and density, and searched or fixed options."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     weight: ParamRange | None = None
     density: ParamRange | None = None
@@ -104,8 +143,11 @@ class SearchSpace:
     ) -> None:
         if not methods:
             raise ValueError("the search space needs at least one method")
-        for name in methods:
+        for name, spec in methods.items():
             get_method(name)  # clear error for unknown methods
+            if spec.density is not None:
+                check_domain(spec.density, DENSITY_DOMAIN, f"{name}.density")
+        check_domain(density, DENSITY_DOMAIN, "density")
         self.base = base
         self.experts = list(experts)
         self.tasks = [e.name for e in experts]
@@ -122,7 +164,9 @@ class SearchSpace:
         spec = self.methods[method].weight
         if spec is not None:
             return spec
-        # the method's own range (its paper's tuned grid), else the config's
+        if self._weight.bounds_given:
+            return self._weight  # the space's own range, given explicitly, applies to every method
+        # the method's own range (its paper's tuned grid), else the default one
         low, high = METHODS[method].search_weight or (self._weight.low, self._weight.high)
         return self._weight.model_copy(update={"low": low, "high": high})
 
@@ -263,7 +307,8 @@ class SearchSpace:
             dist = _option_distribution(spec)
             value = recipe.options.get(option, get_method(method).Options().model_dump()[option])
             if dist is not None:
-                params[f"{method}{SEP}opt{SEP}{option}"] = _clip(dist, value)
+                name = f"{method}{SEP}opt{SEP}{option}"
+                params[name] = _clip(dist, value, name)
         return params
 
     def _encode(self, method: str, field: str, rng: ParamRange, table: Any) -> dict[str, float]:
@@ -277,7 +322,31 @@ class SearchSpace:
             values = list(_depth_values(table.mean(axis=0), rng.anchors))
         else:
             values = [v for row in table for v in _depth_values(row, rng.anchors)]
-        return {n: _clip(dist, float(v)) for n, v in zip(names, values, strict=True)}
+        return {n: _clip(dist, float(v), n) for n, v in zip(names, values, strict=True)}
+
+    def admit(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The stored point as this space can evaluate it, or None when it cannot (logged as a warning).
+
+        A point queued again on resume (an interrupted trial) was drawn from the space of an earlier
+        config: a float outside today's bounds is clipped into them, a method or option value that is
+        no longer a choice refuses the point, and parameters the space no longer has are dropped.
+        Without this, Optuna would force the stale value on the trial and the same crash would repeat
+        on every resume.
+        """
+        method = self.method_of(params)
+        if method not in self.methods:
+            log.warning("stored point dropped: method '%s' is not in the search space %s", method, list(self.methods))
+            return None
+        admitted: dict[str, Any] = {METHOD_KEY: method} if METHOD_KEY in self.distributions else {}
+        for axis in self.axes_for(method):
+            if axis.method is None or axis.name not in params:
+                continue  # the method choice is set above; a missing parameter is sampled afresh
+            value = params[axis.name]
+            if not _admissible(axis.distribution, value):
+                log.warning("stored point dropped: %s = %r is not a choice of %s", axis.name, value, axis.distribution)
+                return None
+            admitted[axis.name] = _clip(axis.distribution, value, axis.name)
+        return admitted
 
 
 def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
@@ -306,9 +375,27 @@ def _option_distribution(spec: OptionSpec) -> BaseDistribution | None:
     return None  # a fixed value
 
 
-def _clip(dist: BaseDistribution, value: Any) -> Any:
+def _admissible(dist: BaseDistribution, value: Any) -> bool:
+    """Whether a stored value can stand for this axis, possibly after clipping (a finite number, a current choice)."""
     if isinstance(dist, FloatDistribution):
-        return min(max(float(value), dist.low), dist.high)
-    if isinstance(dist, CategoricalDistribution) and value not in dist.choices:
-        return dist.choices[0]
-    return value
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    return True
+
+
+def _clip(dist: BaseDistribution, value: Any, name: str) -> Any:
+    """The value inside the distribution: clipped into float bounds, the first choice for an unknown category.
+
+    A change larger than rounding noise is logged: the evaluated point is not the one asked for.
+    """
+    clipped = value
+    if isinstance(dist, FloatDistribution):
+        clipped = min(max(float(value), dist.low), dist.high)
+        if abs(clipped - float(value)) <= 1e-9 * max(1.0, abs(float(value))):
+            return clipped
+    elif isinstance(dist, CategoricalDistribution) and value not in dist.choices:
+        clipped = dist.choices[0]
+    if clipped != value:
+        log.warning("%s = %r lies outside the search space: %r is used instead", name, value, clipped)
+    return clipped

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -165,12 +166,16 @@ class Recovery:
     completed: list[int]
 
 
-def recover_interrupted(study: optuna.Study, run: Path) -> Recovery:
+def recover_interrupted(
+    study: optuna.Study, run: Path, admit: Callable[[dict[str, Any]], dict[str, Any] | None] = dict
+) -> Recovery:
     """Finish the trials a dead driver left RUNNING: from their saved result, or failed and re-queued.
 
     A trial whose evaluation was saved under ``run`` (see ``saved_evaluation``) was evaluated: it is
     recorded from the file, never evaluated again. The others were cut mid-evaluation: they are
-    failed (as interrupted, not evaluated) and their parameters queued again.
+    failed (as interrupted, not evaluated) and their parameters queued again, as ``admit`` maps them
+    into the current space (clipped), or not at all when it returns None (see SearchSpace.admit): a
+    point the space cannot evaluate must not crash every resume.
     """
     requeued, completed = [], []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -182,8 +187,10 @@ def recover_interrupted(study: optuna.Study, run: Path) -> Recovery:
         # Attributes must be set before the trial finishes; ask/tell has no public handle here.
         study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: the driver stopped mid-evaluation")
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number}, skip_if_exists=False)
-        requeued.append(trial.number)
+        params = admit(trial.params)
+        if params is not None:
+            study.enqueue_trial(params, user_attrs={RETRY_ATTR: trial.number}, skip_if_exists=False)
+            requeued.append(trial.number)
     finished = len(finished_trials(study))
     if completed:
         log.info("resume: %d trial(s) recorded from their saved evaluation: %s", len(completed), completed)
