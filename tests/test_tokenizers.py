@@ -9,12 +9,16 @@ import json
 import shutil
 from pathlib import Path
 
+import optuna
 import pytest
 
 from mergetune.errors import IncompatibleModelsError
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.tokenizers import tokenizer_differences
-from mergetune.recipe import Recipe
+from mergetune.recipe import Expert, Recipe
+from mergetune.search.config import SearchConfig
+from mergetune.search.space import MethodSpace, ParamRange, SearchSpace
+from mergetune.search.worker import WorkerSetup
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -108,3 +112,31 @@ def test_a_recipe_may_allow_the_mismatch_with_a_warning(folders):
     allowed = Recipe(base=str(base), experts=experts, method="task_arithmetic", allow_tokenizer_mismatch=True)
     with pytest.warns(UserWarning, match="its tokenizer differs"):
         assert ModelSet.from_recipe(allowed).n_tasks == 1
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_search_carries_its_model_flags_into_every_recipe_and_its_worker(allow):
+    """The chosen recipe must merge and export as the search loaded its models (tokenizer rule, remote code)."""
+    experts = [Expert(name="sst2", model="/m/sst2")]
+    space = SearchSpace(
+        "/m/base",
+        experts,
+        ["g0"],
+        {"task_arithmetic": MethodSpace()},
+        ParamRange(per="shared"),
+        ParamRange(per="shared"),
+        trust_remote_code=allow,
+        allow_tokenizer_mismatch=allow,
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    recipe = space.to_recipe(space.suggest(study.ask()))
+    assert (recipe.allow_tokenizer_mismatch, recipe.trust_remote_code) == (allow, allow)
+    setup = WorkerSetup(base="/m/base", experts={"sst2": "/m/sst2"}, tasks=[], allow_tokenizer_mismatch=allow)
+    assert setup.tokenizer_mismatch == ("warn" if allow else "error")
+
+
+def test_the_search_config_accepts_the_tokenizer_rule_under_models():
+    config = SearchConfig.model_validate(
+        {"name": "t", "models": {"zoo": "tiny", "allow_tokenizer_mismatch": True}, "space": {"methods": ["ties"]}}
+    )
+    assert config.models.allow_tokenizer_mismatch is True

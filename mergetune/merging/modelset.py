@@ -288,7 +288,8 @@ def _check_tokenizers(base: LoadedModel, experts: Sequence[LoadedModel], on_mism
         message = (
             f"{expert.name}: its tokenizer differs from that of the {base.name}: {'; '.join(found)}. Merged embeddings "
             "would mix different tokens. Use experts fine-tuned with the base's tokenizer, or set "
-            "allow_tokenizer_mismatch: true in the recipe if the difference is known to be harmless"
+            "allow_tokenizer_mismatch: true (in the recipe, or under models: in a search config) if the difference "
+            "is known to be harmless"
         )
         if on_mismatch == "error":
             raise IncompatibleModelsError(message)

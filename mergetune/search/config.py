@@ -46,6 +46,9 @@ class ModelsConfig(_Section):
     base: str | None = None
     experts: list[Expert] = Field(default_factory=list)
     trust_remote_code: bool = False
+    allow_tokenizer_mismatch: bool = Field(
+        False, description="Search experts whose tokenizer differs from the base's (warn instead of refusing)."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelsConfig:

@@ -152,6 +152,7 @@ def worker_setup(config: SearchConfig, models: ResolvedModels) -> WorkerSetup:
         device=config.evaluation.device,
         cache_dir=str((config.output_dir / "cache").resolve()),
         trust_remote_code=config.models.trust_remote_code,
+        allow_tokenizer_mismatch=config.models.allow_tokenizer_mismatch,
         autocast=config.evaluation.autocast,
     )
 
@@ -180,6 +181,8 @@ def build_space(config: SearchConfig, models: ResolvedModels) -> SearchSpace:
         density=config.space.density,
         granularity=config.space.granularity,
         seed=config.seed,
+        trust_remote_code=config.models.trust_remote_code,
+        allow_tokenizer_mismatch=config.models.allow_tokenizer_mismatch,
     )
 
 

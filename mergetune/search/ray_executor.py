@@ -195,7 +195,8 @@ class RayExecutor:
         if not self.options.share_modelset:
             return None
         setup = self.setup
-        modelset = ModelSet.load(setup.base, list(setup.experts.items()))  # CPU; actors move it to their device
+        # CPU; actors move it to their device
+        modelset = ModelSet.load(setup.base, list(setup.experts.items()), tokenizer_mismatch=setup.tokenizer_mismatch)
         return self._ray.put(modelset)
 
     def _new_actor(self) -> Any:

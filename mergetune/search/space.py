@@ -140,6 +140,8 @@ class SearchSpace:
         density: ParamRange,
         granularity: int = 1,
         seed: int = 0,
+        trust_remote_code: bool = False,
+        allow_tokenizer_mismatch: bool = False,
     ) -> None:
         if not methods:
             raise ValueError("the search space needs at least one method")
@@ -155,6 +157,11 @@ class SearchSpace:
         self.methods = dict(methods)
         self.granularity = granularity
         self.seed = seed
+        # carried into every recipe, so that the chosen one merges and exports as the search loaded it
+        self.model_flags = {
+            "trust_remote_code": trust_remote_code,
+            "allow_tokenizer_mismatch": allow_tokenizer_mismatch,
+        }
         self._weight = weight
         self._density = density
         self.axes = self._build_axes()
@@ -262,6 +269,7 @@ class SearchSpace:
             options=self._options(params, method),
             grouping=Grouping(granularity=self.granularity),
             seed=self.seed,
+            **self.model_flags,
         )
 
     def _spec(self, params: Mapping[str, Any], method: str, field: str, rng: ParamRange) -> Any:

@@ -55,8 +55,14 @@ class WorkerSetup:
     device: str = "cpu"
     cache_dir: str | None = None
     trust_remote_code: bool = False
+    allow_tokenizer_mismatch: bool = False
     compile: bool | None = None  # None: compile kernels when a compiler is available
     autocast: str = "none"  # "bfloat16": score under bf16 autocast
+
+    @property
+    def tokenizer_mismatch(self) -> Literal["error", "warn"]:
+        """What ModelSet does when an expert's tokenizer differs from the base's."""
+        return "warn" if self.allow_tokenizer_mismatch else "error"
 
 
 class Worker:
@@ -76,7 +82,12 @@ class Worker:
         )
         self._all_tasks = tasks
         if modelset is None:
-            modelset = ModelSet.load(setup.base, list(setup.experts.items()), device=setup.device)
+            modelset = ModelSet.load(
+                setup.base,
+                list(setup.experts.items()),
+                device=setup.device,
+                tokenizer_mismatch=setup.tokenizer_mismatch,
+            )
         elif modelset.task_names != list(setup.experts):
             raise MergetuneError(f"the given ModelSet holds tasks {modelset.task_names}, not {list(setup.experts)}")
         self.modelset = modelset.to(setup.device)
