@@ -49,6 +49,24 @@ State = dict[str, torch.Tensor]
 
 
 @contextmanager
+def mounted_tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at ``mount_point`` with ``options`` (e.g. ``size=256k``, ``ro``) for the block.
+
+    Faults such as a full disk or a read-only folder are real only on a real file system; mounting
+    needs root (CI and the development machines run as root). Where mounting is refused, the test is
+    skipped with the system's own reason.
+    """
+    mount_point.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run a block under ``torch.manual_seed(seed)`` without touching the caller's RNG state."""
     with torch.random.fork_rng(devices=[]):

@@ -7,6 +7,7 @@ import errno
 import os
 
 import pytest
+from conftest import mounted_tmpfs
 from typer.testing import CliRunner
 
 from mergetune.cli import app
@@ -72,6 +73,21 @@ def test_an_unwritable_output_path_is_one_line_naming_it(tiny_llama_dir, tmp_pat
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert result.output.startswith("error: ") and str(blocker) in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_read_only_output_folder_is_one_line_naming_it(tiny_llama_dir, tmp_path):
+    """A real read-only file system (a tmpfs mounted ro), not a permission bit that root ignores."""
+    base_dir, experts = tiny_llama_dir
+    recipe = Recipe(base=str(base_dir), experts=[{"name": "math", "model": str(experts["math"])}], method="ties")
+    path = recipe.save(tmp_path / "r.yaml")
+    with mounted_tmpfs(tmp_path / "ro", "size=64k,ro") as read_only:
+        result = runner.invoke(app, ["merge", str(path), str(read_only / "out"), "--engine", "eager"])
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output.startswith(f"error: cannot write {read_only / 'out'}")
+        and "Read-only file system" in result.output
+    )
     assert len(result.output.strip().splitlines()) == 1
 
 
