@@ -30,6 +30,7 @@ import huggingface_hub.constants as hub_constants
 import optuna
 import pytest
 import torch
+import yaml
 from optuna.trial import TrialState
 
 from mergetune.merging.engine import Merger
@@ -173,6 +174,23 @@ def zoo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     cache = tmp_path_factory.mktemp("cache")
     build_zoo("tiny", cache_dir=cache, progress=False)
     return {"MERGETUNE_CACHE": str(cache), "MERGETUNE_COMPILE": "0"}
+
+
+def write_search_config(path: Path, **overrides: Any) -> Path:
+    """A search config over the tiny zoo (TA and TIES, λ per task, TPE) written to ``path``; the run folder
+    is ``run`` beside it. ``overrides`` replace whole top-level sections."""
+    config = {
+        "name": "tiny-test",
+        "models": {"zoo": "tiny"},
+        "space": {"methods": ["task_arithmetic", "ties"], "weight": {"per": "task"}},
+        "optimizer": {"name": "tpe"},
+        "budget": {"candidates": 10},
+        "selection": {"rescore_top": 2},
+        "output": str(path.parent / "run"),
+        **overrides,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:

@@ -6,12 +6,12 @@ dropped instead of crashing every resume. (``zoo_env``, ``run_cli``, ``trials_by
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import optuna
 import pytest
-import yaml
-from conftest import run_cli, trials_by_state
+from conftest import run_cli, trials_by_state, write_search_config
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
@@ -26,19 +26,7 @@ TASKS = ["a", "b"]
 GROUPS = ["embed", "blocks.0", "head"]
 
 
-def write_config(path: Path, **overrides: object) -> Path:
-    config = {
-        "name": "tiny-test",
-        "models": {"zoo": "tiny"},
-        "space": {"methods": ["task_arithmetic", "ties"], "weight": {"per": "task"}},
-        "optimizer": {"name": "tpe"},
-        "budget": {"candidates": 3},
-        "selection": {"rescore_top": 1},
-        "output": str(path.parent / "run"),
-    }
-    config.update(overrides)
-    path.write_text(yaml.safe_dump(config))
-    return path
+write_config = partial(write_search_config, budget={"candidates": 3}, selection={"rescore_top": 1})
 
 
 def space_of(weight: ParamRange, methods: dict[str, MethodSpace] | None = None) -> SearchSpace:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
-from conftest import mounted_tmpfs, run_cli, trials_by_state
+from conftest import mounted_tmpfs, run_cli, trials_by_state, write_search_config
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
@@ -172,17 +171,7 @@ def test_result_files_are_replaced_whole_on_a_full_disk(small_disk: Path) -> Non
 
 # ---- the search on a full disk, and killed between appends ----------------------------------------------
 def write_config(path: Path, run: Path, candidates: int) -> Path:
-    config = {
-        "name": "tiny-test",
-        "models": {"zoo": "tiny"},
-        "space": {"methods": ["task_arithmetic", "ties"], "weight": {"per": "task"}},
-        "optimizer": {"name": "tpe"},
-        "budget": {"candidates": candidates},
-        "selection": {"rescore_top": 2},
-        "output": str(run),
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_search_config(path, budget={"candidates": candidates}, output=str(run))
 
 
 def wait_for_complete(journal: Path, count: int, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
-from conftest import run_cli, trials_by_state
+from conftest import run_cli, trials_by_state, write_search_config
 from optuna.trial import FrozenTrial, TrialState
 
 from mergetune.recipe import Recipe
@@ -38,19 +38,7 @@ REUSED = "reused_from"  # the attribute the brief names, spelled out: the test d
 NAME = "tiny-test"
 
 
-def write_config(path: Path, **overrides: Any) -> Path:
-    config = {
-        "name": NAME,
-        "models": {"zoo": "tiny"},
-        "space": {"methods": ["task_arithmetic", "ties"], "weight": {"per": "task"}},
-        "optimizer": {"name": "tpe"},
-        "budget": {"candidates": 10},
-        "selection": {"rescore_top": 1},
-        "output": str(path.parent / "run"),
-        **overrides,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+write_config = partial(write_search_config, name=NAME, selection={"rescore_top": 1})
 
 
 def finished(journal: Path) -> list[FrozenTrial]:

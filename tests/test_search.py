@@ -11,8 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
-from conftest import run_cli, trials_by_state
+from conftest import run_cli, trials_by_state, write_search_config
 from optuna.trial import TrialState
 
 from mergetune.recipe import Expert, Recipe
@@ -23,19 +22,7 @@ TASKS = ["a", "b", "c"]
 GROUPS = ["embed", "blocks.0", "blocks.1", "head"]
 
 
-def write_config(path: Path, **overrides: object) -> Path:
-    config = {
-        "name": "tiny-test",
-        "models": {"zoo": "tiny"},
-        "space": {"methods": ["task_arithmetic", "ties"], "weight": {"per": "task"}},
-        "optimizer": {"name": "tpe"},
-        "budget": {"candidates": 10},
-        "selection": {"rescore_top": 2},
-        "output": str(path.parent / "run"),
-    }
-    config.update(overrides)
-    path.write_text(yaml.safe_dump(config))
-    return path
+write_config = write_search_config
 
 
 # ---- config and space -------------------------------------------------------------------------------
