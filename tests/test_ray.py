@@ -34,7 +34,7 @@ from mergetune.recipe import Recipe
 from mergetune.search.config import SearchConfig
 from mergetune.search.executor import JobResult, LocalExecutor
 from mergetune.search.loop import open_search, resolve_models, worker_setup
-from mergetune.search.ray_executor import RayExecutor, RayOptions
+from mergetune.search.ray_executor import TRANSIENT_CONNECT_ERROR, RayExecutor, RayOptions, retry_transient
 from mergetune.search.worker import WorkerSetup
 
 RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "default_worker", "log_monitor", "runtime_env", "dashboard")
@@ -249,3 +249,34 @@ def test_two_node_cluster_joined_through_ray_client_runs_a_worker_on_each_node(
         assert len(nodes) == 2  # candidates ran on both nodes
     finally:
         cluster.shutdown()
+
+
+class FlakyConnect:
+    """A connection that fails with the given messages first, then succeeds."""
+
+    def __init__(self, *failures: str) -> None:
+        self.failures = list(failures)
+        self.calls = self.resets = 0
+
+    def connect(self) -> None:
+        self.calls += 1
+        if self.failures:
+            raise ConnectionError(self.failures.pop(0))
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def test_a_lost_ray_client_server_is_retried_and_other_connection_errors_are_not() -> None:
+    transient = f"Initialization failure from server: RuntimeError: {TRANSIENT_CONNECT_ERROR}. See logs"
+    flaky = FlakyConnect(transient, transient)
+    retry_transient(flaky.connect, flaky.reset, pause=0)
+    assert (flaky.calls, flaky.resets) == (3, 2)
+    always = FlakyConnect(transient, transient, transient)
+    with pytest.raises(ConnectionError, match=TRANSIENT_CONNECT_ERROR):
+        retry_transient(always.connect, always.reset, pause=0)
+    assert always.calls == 3
+    refused = FlakyConnect("Connection refused", transient)
+    with pytest.raises(ConnectionError, match="refused"):
+        retry_transient(refused.connect, refused.reset, pause=0)
+    assert (refused.calls, refused.resets) == (1, 0)

@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +45,29 @@ from mergetune.search.worker import Evaluation, Split, Worker, WorkerSetup
 log = logging.getLogger(__name__)
 # Environment a worker process must see as the driver does (offline hub, caches, compile switch).
 FORWARDED_ENV = ("MERGETUNE_", "HF_", "TRANSFORMERS_", "TORCHINDUCTOR_", "TOKENIZERS_PARALLELISM")
+
+
+# Ray Client's proxy sometimes loses the per-client server it forks (the child exits before it
+# writes a line; seen in about one of four two-node runs on a loaded 2-CPU machine). A new
+# connection gets a new server, so this one failure is retried; every other error is raised as is.
+TRANSIENT_CONNECT_ERROR = "Starting Ray client server failed"
+CONNECT_ATTEMPTS = 3
+
+
+def retry_transient(connect: Callable[[], object], reset: Callable[[], object], pause: float = 2.0) -> None:
+    """Call ``connect``; after a transient Ray Client failure, ``reset`` and try again (3 tries in all)."""
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            connect()
+            return
+        except Exception as error:  # Ray raises several types for this one failure
+            if TRANSIENT_CONNECT_ERROR not in str(error) or attempt == CONNECT_ATTEMPTS:
+                raise
+            log.warning(
+                "Ray Client: %s (try %d of %d); connecting again", TRANSIENT_CONNECT_ERROR, attempt, CONNECT_ATTEMPTS
+            )
+            reset()
+            time.sleep(pause)
 
 
 @dataclass(frozen=True)
@@ -169,7 +193,10 @@ class RayExecutor:
             )
             self._owns_runtime = True
         else:
-            ray.init(address=self.options.address, log_to_driver=False, configure_logging=False)
+            address = self.options.address
+            retry_transient(
+                lambda: ray.init(address=address, log_to_driver=False, configure_logging=False), ray.shutdown
+            )
 
     def _gpus_per_worker(self) -> float:
         if self.options.gpus_per_worker is not None:
