@@ -29,10 +29,13 @@ GROUPS = ["embed", "blocks.0", "head"]
 write_config = partial(write_search_config, budget={"candidates": 3}, selection={"rescore_top": 1})
 
 
-def space_of(weight: ParamRange, methods: dict[str, MethodSpace] | None = None) -> SearchSpace:
+def space_of(
+    weight: ParamRange, methods: dict[str, MethodSpace] | None = None, density: ParamRange | None = None
+) -> SearchSpace:
     methods = methods or {"ties": MethodSpace(), "task_arithmetic": MethodSpace(), "pcb": MethodSpace()}
     experts = [Expert(name=t, model=f"/m/{t}") for t in TASKS]
-    return SearchSpace("/m/base", experts, GROUPS, methods, weight, ParamRange(per="shared", low=0.05, high=1.0))
+    density = density or ParamRange(per="shared", low=0.05, high=1.0)
+    return SearchSpace("/m/base", experts, GROUPS, methods, weight, density)
 
 
 # ---- every number checked when the config is read ----------------------------------------------------
@@ -113,6 +116,21 @@ def test_without_low_and_high_each_method_searches_its_own_range() -> None:
     for method in ("ties", "task_arithmetic", "pcb"):
         rng = default.weight_range(method)
         assert (rng.low, rng.high) == METHODS[method].search_weight and rng.per == "shared"
+
+
+def test_the_space_density_range_applies_to_every_method_without_its_own() -> None:
+    methods = {"ties": MethodSpace(), "della": MethodSpace(), "breadcrumbs": MethodSpace()}
+    given = space_of(ParamRange(per="shared"), methods, ParamRange(per="shared", low=0.3, high=0.4))
+    for method in methods:  # della and breadcrumbs have built-in ranges; the given one wins
+        assert (given.density_range(method).low, given.density_range(method).high) == (0.3, 0.4)
+    own = space_of(ParamRange(per="shared"), {"della": MethodSpace(density=ParamRange(per="shared", low=0.6))})
+    assert own.density_range("della").low == 0.6  # a method's own range still wins
+    default = space_of(ParamRange(per="shared"), methods, ParamRange(per="group"))
+    assert (default.density_range("ties").low, default.density_range("ties").high) == (0.05, 1.0)
+    assert default.density_range("ties").per == "group"
+    assert (default.density_range("breadcrumbs").low, default.density_range("breadcrumbs").high) == METHODS[
+        "breadcrumbs"
+    ].search_density
 
 
 def test_warm_starts_outside_the_given_range_are_clipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

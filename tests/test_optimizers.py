@@ -394,7 +394,7 @@ def test_grid_enumerates_every_point_in_order() -> None:
     ties = [
         {"method": "ties", "ties/weight": w, "ties/density": d, "ties/opt/disjoint": o}
         for w in (0.2, 1.1, 2.0)
-        for d in (0.0, 0.5, 1.0)
+        for d in (0.05, 0.525, 1.0)  # no low/high given: the default density range, 0.05 to 1
         for o in ("mean", "sum")
     ]
     ta = [{"method": "task_arithmetic", "task_arithmetic/weight": w} for w in (0.01, 0.1, 1.0)]

@@ -68,7 +68,11 @@ class SpaceConfig(_Section):
         description="How weights vary (per). Its low/high, when given, apply to every method without its own "
         "'weight' range, replacing the method's built-in range (its paper's grid, used when low/high are not given).",
     )
-    density: ParamRange = ParamRange(per="shared", low=0.05, high=1.0)
+    density: ParamRange = Field(
+        ParamRange(per="shared"),
+        description="How densities vary (per). Its low/high, when given, apply to every method without its own "
+        "'density' range; without them each method searches its built-in range, else 0.05 to 1.",
+    )
     granularity: int = Field(1, ge=1, description="Transformer blocks per layer group.")
 
     @field_validator("methods", mode="before")

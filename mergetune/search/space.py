@@ -49,6 +49,9 @@ Per = Literal["shared", "task", "group", "task_group"]
 METHOD_KEY = "method"
 SEP = "/"
 DENSITY_DOMAIN = (0.0, 1.0)  # a density is the fraction of entries kept
+# searched densities of a method without its own range, unless the space gives low/high: keeping
+# almost nothing (density near 0) is never a useful merge, so the default range starts at 5%
+DEFAULT_DENSITY = (0.05, 1.0)
 
 
 class ParamRange(StrictModel):
@@ -183,7 +186,9 @@ class SearchSpace:
         spec = self.methods[method].density
         if spec is not None:
             return spec
-        low, high = METHODS[method].search_density or (self._density.low, self._density.high)
+        if self._density.bounds_given:
+            return self._density  # the space's own range, given explicitly, applies to every method
+        low, high = METHODS[method].search_density or DEFAULT_DENSITY
         return self._density.model_copy(update={"low": low, "high": high})
 
     def _build_axes(self) -> list[Axis]:
