@@ -37,6 +37,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
 from mergetune.merging.layer_groups import build_layer_groups
@@ -47,6 +49,7 @@ from mergetune.recipe import Expert, Recipe
 from mergetune.search import records as R
 from mergetune.search.binding import check_binding, check_study, stamp
 from mergetune.search.config import SearchConfig
+from mergetune.search.drivers import DRIVER_ATTR, DriverConflictError, Heartbeat, live_drivers
 from mergetune.search.executor import Executor, JobResult, LocalExecutor
 from mergetune.search.finalize import finalize
 from mergetune.search.optimizers import Optimizer, Outcome, Proposal, make_optimizer
@@ -296,14 +299,31 @@ class SearchLoop:
         self.progress = progress
         self.overheads: list[float] = []
         self._best_mean: float | None = None
+        self.heartbeat = Heartbeat(self.study)
 
     # ---- lifecycle and resume --------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the executor's workers (and a Ray runtime it started); the storage stays as it is."""
+        """Stop the heartbeat and the executor's workers (and a Ray runtime it started); the storage stays."""
+        self.heartbeat.stop()
         self.executor.close()
 
+    def _join(self) -> None:
+        """Announce this driver in the study (its heartbeat starts); a journal shared with a live driver is refused.
+
+        Several drivers share an RDB study safely (tested on SQLite and PostgreSQL). A journal file is
+        not proven safe for that, so a second driver on it stops before it writes anything.
+        """
+        others = live_drivers(self.study, self.heartbeat.grace)
+        if others and isinstance(self.study._storage, JournalStorage):
+            info = next(iter(others.values()))
+            raise DriverConflictError(
+                f"another driver ({info.describe()}) is running this search on its journal {self.storage_url}; "
+                "several drivers need an RDB storage (storage: sqlite:///... or postgresql://...)"
+            )
+        self.heartbeat.start()
+
     def _resume(self) -> None:
-        recovery = recover_interrupted(self.study, self.out, self.space.admit)
+        recovery = recover_interrupted(self.study, self.out, self.space.admit, grace=self.heartbeat.grace)
         # Only real outcomes: trials just failed as "interrupted" are re-queued, not failures.
         history = [(r.params, self._outcome_of(r)) for r in self.records() if r.params and r.evaluated]
         self.optimizer.restore(self.out / OPTIMIZER_DIR, history)
@@ -326,8 +346,15 @@ class SearchLoop:
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run until the budget is spent, then choose and write the results."""
+        """Run until the budget is spent, then choose and write the results (this driver's heartbeat meanwhile)."""
         prior_trials = len(self.study.get_trials(deepcopy=False))  # before the resume queues any: 0 when fresh
+        self._join()
+        try:
+            return self._run(prior_trials)
+        finally:
+            self.heartbeat.stop()
+
+    def _run(self, prior_trials: int) -> dict[str, Any]:
         self._resume()
         self._continue_sampling(prior_trials)
         self._best_mean = self.best_mean()  # read once; then kept up to date as results arrive
@@ -352,11 +379,38 @@ class SearchLoop:
         """
         while (
             flight.outstanding < self._concurrency()
-            and self._budget_left(flight.done + flight.outstanding, started)
+            and self._budget_left(max(flight.done + flight.outstanding, self._claimed()), started)
             and flight.reused_in_a_row < MAX_REUSED_IN_A_ROW
         ):
-            self._place(flight, self._ask())
+            item = self._ask()
+            if self._over_budget(item):
+                break
+            self._place(flight, item)
         return bool(flight.pending)
+
+    def _claimed(self) -> int:
+        """Candidates of the budget taken by every driver of the study: finished, or asked and running."""
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return len(finished_trials(self.study)) + len(running)
+
+    def _over_budget(self, item: _Pending) -> bool:
+        """Whether the candidate just asked is beyond the budget because another driver asked at the same time.
+
+        Two drivers may both see one candidate of the budget left and both ask. Ranked by the time
+        they were asked, the later one is over: it is pruned (marked ``over_budget``, never evaluated).
+        """
+        budget = self.config.budget.candidates
+        if budget is None:
+            return False
+        claims = finished_trials(self.study) + self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        order = sorted(claims, key=lambda t: (t.datetime_start or t.datetime_complete, t._trial_id))
+        rank = next(i for i, t in enumerate(order) if t.number == item.trial.number)
+        if rank < budget:
+            return False
+        item.trial.set_user_attr("over_budget", True)
+        self.study.tell(item.trial, state=TrialState.PRUNED)
+        log.info("trial %d pruned: another driver took the last candidate of the budget", item.trial.number)
+        return True
 
     def _place(self, flight: _Flight, item: _Pending) -> None:
         """Send a new candidate to the executor; one equal to an evaluated (or evaluating) one is not sent."""
@@ -410,6 +464,7 @@ class SearchLoop:
             # so that a crash right after does not make the optimizer propose this point again
             self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
         trial = self.study.ask()
+        trial.set_user_attr(DRIVER_ATTR, self.heartbeat.id)  # its RUNNING state is this driver's, while it lives
         params = self.space.suggest(trial)
         recipe = self.space.to_recipe(params)
         return _Pending(trial, params, recipe, proposal, time.perf_counter() - start)
@@ -491,7 +546,16 @@ class SearchLoop:
         trial = item.trial
         outcome, saved = self._saved_evaluation(item, result)
         saved.save(self.out)
-        record_evaluation(self.study, trial._trial_id, saved, after_append=_test_kill_hook())
+        try:
+            record_evaluation(self.study, trial._trial_id, saved, after_append=_test_kill_hook())
+        except UpdateFinishedTrialError as exc:
+            # Another driver took this driver for dead and finished the trial; the result stays saved.
+            log.warning(
+                "trial %d was finished by another driver meanwhile (%s); its evaluation is kept in %s",
+                trial.number,
+                exc,
+                self.out / "evaluations",
+            )
         if result.evaluation is None:
             log.warning("trial %d failed: %s", trial.number, result.error)
         self.optimizer.observe(item.proposal, item.params, outcome)

@@ -6,7 +6,8 @@ Pitfalls handled here (see shared/docs/search-stack.md):
 - ask/tell has no heartbeats: trials left RUNNING by a killed driver are marked FAIL on resume
   and their parameters re-queued, so the interrupted candidates are evaluated again while no
   finished one is; a trial whose result was saved before the kill (``saved_evaluation``) is
-  completed from that file instead;
+  completed from that file instead. Only trials whose driver is gone (see ``drivers``): a live
+  driver sharing the study keeps its RUNNING trials;
 - a journal append cut by a full disk or a kill leaves a torn last line, and the next append would
   be glued to it and make the whole journal unreadable: an append that fails is rolled back, and
   ``open_storage`` cuts a torn last line (under the journal's lock, so a concurrent writer's
@@ -15,6 +16,7 @@ Pitfalls handled here (see shared/docs/search-stack.md):
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from mergetune.search.atomic import located
+from mergetune.search.drivers import DRIVER_ATTR, GRACE_FACTOR, drivers_of, heartbeat_interval, is_alive
 from mergetune.search.saved_evaluation import SavedEvaluation, record_evaluation
 
 log = logging.getLogger(__name__)
@@ -159,17 +162,28 @@ def load_study(storage: BaseStorage, name: str | None = None) -> optuna.Study:
 @dataclass(frozen=True)
 class Recovery:
     """What a resume found: trials interrupted mid-evaluation (now failed and re-queued), trials
-    recorded from their saved evaluation, and the number of finished trials."""
+    recorded from their saved evaluation, the number of finished trials, and the RUNNING trials left
+    alone because their driver is alive."""
 
     requeued: list[int]
     finished: int
     completed: list[int]
+    running_elsewhere: list[int]
 
 
 def recover_interrupted(
-    study: optuna.Study, run: Path, admit: Callable[[dict[str, Any]], dict[str, Any] | None] = dict
+    study: optuna.Study,
+    run: Path,
+    admit: Callable[[dict[str, Any]], dict[str, Any] | None] = dict,
+    *,
+    grace: float | None = None,
 ) -> Recovery:
     """Finish the trials a dead driver left RUNNING: from their saved result, or failed and re-queued.
+
+    A RUNNING trial marked with a driver that is alive (see ``drivers.is_alive``; ``grace``: seconds
+    without a heartbeat after which a driver is gone, by default 3 heartbeat intervals) is left
+    alone: another driver is evaluating it. A trial with no driver mark (from a version without
+    heartbeats) counts as interrupted, as before.
 
     A trial whose evaluation was saved under ``run`` (see ``saved_evaluation``) was evaluated: it is
     recorded from the file, never evaluated again. The others were cut mid-evaluation: they are
@@ -177,8 +191,12 @@ def recover_interrupted(
     into the current space (clipped), or not at all when it returns None (see SearchSpace.admit): a
     point the space cannot evaluate must not crash every resume.
     """
-    requeued, completed = [], []
+    requeued, completed, elsewhere = [], [], []
+    gone = _gone_driver_check(study, GRACE_FACTOR * heartbeat_interval() if grace is None else grace)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not gone(trial):
+            elsewhere.append(trial.number)
+            continue
         saved = SavedEvaluation.load_for(run, study, trial)
         if saved is not None:
             record_evaluation(study, trial._trial_id, saved)
@@ -196,7 +214,28 @@ def recover_interrupted(
         log.info("resume: %d trial(s) recorded from their saved evaluation: %s", len(completed), completed)
     if requeued:
         log.info("resume: %d interrupted trial(s) re-queued: %s", len(requeued), requeued)
-    return Recovery(requeued, finished, completed)
+    if elsewhere:
+        log.info("resume: %d trial(s) left to the live driver(s) running them: %s", len(elsewhere), elsewhere)
+    return Recovery(requeued, finished, completed, elsewhere)
+
+
+def _gone_driver_check(study: optuna.Study, grace: float) -> Callable[[FrozenTrial], bool]:
+    """A test of whether a RUNNING trial's driver is gone, on the drivers' records read once now."""
+    drivers = drivers_of(study)
+    someone_alive = any(is_alive(info, grace) for info in drivers.values())
+    now = datetime.datetime.now()  # Optuna stamps datetime_start in local time
+
+    def gone(trial: FrozenTrial) -> bool:
+        owner = trial.user_attrs.get(DRIVER_ATTR)
+        if owner is None:
+            # Asked by a driver without heartbeats (today's rule: interrupted), unless a live driver
+            # asked it a moment ago and has not marked it yet (the mark is the append after the ask).
+            just_asked = trial.datetime_start is not None and (now - trial.datetime_start).total_seconds() < grace
+            return not (someone_alive and just_asked)
+        info = drivers.get(owner)
+        return info is None or not is_alive(info, grace)
+
+    return gone
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
