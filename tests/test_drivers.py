@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,11 +209,15 @@ def free_port() -> int:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def rdb_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("db")
     if request.param == "sqlite":
-        yield f"sqlite:///{root / 'search.db'}"
-    else:
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'search.db'}"
+        return
+    # Not under pytest's folder: that one is private to root, and the server runs as ``postgres``.
+    root = Path(tempfile.mkdtemp(prefix="mergetune-pg-"))
+    try:
         yield from postgres_url(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_drivers_share_one_rdb_study_losing_and_repeating_nothing(
