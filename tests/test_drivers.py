@@ -275,15 +275,18 @@ def test_a_trial_finished_by_another_driver_does_not_stop_the_search(tmp_path: P
 
 def test_a_second_driver_on_one_journal_is_refused_in_one_line(tmp_path: Path, zoo_env: dict[str, str]) -> None:
     run = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", run, 8, None)
+    cfg = write_config(tmp_path / "c.yaml", run, 200, None)  # the first driver is still searching when refused
     journal = run / "search.journal"
     first = run_cli(["search", str(cfg)], driver_env(zoo_env), tmp_path)
-    wait_for(lambda: has_trials(journal), first, what="the first driver's first trial")
-    second = run_cli(["search", str(cfg)], driver_env(zoo_env), tmp_path)
-    out, _ = second.communicate(timeout=300)
-    first_out, _ = first.communicate(timeout=300)
-    assert first.returncode == 0, first_out
-    assert second.returncode != 0, out
+    try:
+        wait_for(lambda: has_trials(journal), first, what="the first driver's first trial")
+        second = run_cli(["search", str(cfg)], driver_env(zoo_env), tmp_path)
+        out, _ = second.communicate(timeout=300)
+        assert first.poll() is None, "the first driver ended before the second started: nothing was tested"
+    finally:
+        first.kill()
+        first.communicate()
+    assert second.returncode == 2, out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in out, out
     assert f"host {socket.gethostname()}, pid {first.pid}" in errors[0] and "RDB storage" in errors[0], out
