@@ -1,13 +1,18 @@
 """Several drivers on one study: a live driver's RUNNING trials are never taken for interrupted ones.
 
 Unit tests plant drivers' heartbeat records in a real storage and check what ``recover_interrupted``
-recovers; the end-to-end tests run two real ``mergetune search`` subprocesses on one study in
-SQLite and in a real PostgreSQL server started here (skipped, with the reason, if it cannot start),
-and two on one journal file, where the second is refused in one line.
+recovers. In-process tests run a real search loop on the tiny zoo in SQLite while another driver
+(a second storage handle on the same database, running the real recovery) takes this one for gone
+at a chosen moment: right after an ask, or after an evaluation was saved and before it is recorded.
+The end-to-end tests run two real ``mergetune search`` subprocesses on one study in SQLite and in a
+real PostgreSQL server started here (skipped, with the reason, if it cannot start), and two on one
+journal file, where the second is refused in one line.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import socket
@@ -23,9 +28,12 @@ import yaml
 from conftest import run_cli
 from optuna.trial import TrialState
 
+from mergetune.search import loop as loop_module
+from mergetune.search.config import SearchConfig
 from mergetune.search.drivers import DRIVER_ATTR, DRIVERS_PREFIX, HEARTBEAT_ENV
-from mergetune.search.saved_evaluation import SavedEvaluation
-from mergetune.search.storage import RETRY_ATTR, open_storage, recover_interrupted
+from mergetune.search.loop import SearchLoop, open_search
+from mergetune.search.saved_evaluation import SavedEvaluation, evaluation_path, record_evaluation
+from mergetune.search.storage import RETRY_ATTR, Recovery, open_storage, recover_interrupted
 
 GRACE = 30.0
 STUDY = "tiny-test"
@@ -102,6 +110,37 @@ def test_recovery_treats_a_trial_without_driver_mark_as_before(study: optuna.Stu
     trial = running_trial(study, None, 0.75)
     recovery = recover_interrupted(study, tmp_path, grace=GRACE)
     assert recovery.requeued == [trial.number]
+
+
+def test_an_unmarked_trial_just_asked_is_left_to_another_live_driver_not_to_the_resuming_one(
+    study: optuna.Study, tmp_path: Path
+) -> None:
+    """The resuming driver ("me") beats already but has asked nothing: it never owns an unmarked trial.
+
+    Another live driver may have asked one a moment ago and not marked it yet: that one is left alone.
+    """
+    plant_driver(study, "me", host=socket.gethostname(), pid=os.getpid(), beat_age=1)
+    trial = running_trial(study, None, 0.75)
+    assert recover_interrupted(study, tmp_path, grace=GRACE, me="me").requeued == [trial.number]
+
+    plant_driver(study, "other", host="other-host", pid=1, beat_age=1)
+    other = running_trial(study, None, 0.5)
+    recovery = recover_interrupted(study, tmp_path, grace=GRACE, me="me")
+    assert recovery.requeued == [] and recovery.running_elsewhere == [other.number]
+
+
+def test_a_trial_cut_before_its_first_suggest_is_requeued_with_the_point_it_was_queued_with(
+    study: optuna.Study, tmp_path: Path
+) -> None:
+    """Cut between the ask and the suggest: a queued point (warm start, retry, proposal) is queued again as it
+    was; a trial the sampler had not drawn yet is queued with no point (drawn afresh), not with a made-up one."""
+    study.enqueue_trial({"x": 0.25}, user_attrs={"warm_start": True})
+    queued = study.ask()
+    sampled = study.ask()
+    recovery = recover_interrupted(study, tmp_path, grace=GRACE)
+    assert recovery.requeued == [queued.number, sampled.number]
+    retries = {t.user_attrs[RETRY_ATTR]: t.system_attrs["fixed_params"] for t in study.trials[2:]}
+    assert retries == {queued.number: {"x": 0.25}, sampled.number: {}}
 
 
 # ---- real drivers ---------------------------------------------------------------------------------------
@@ -248,31 +287,6 @@ def test_two_drivers_share_one_rdb_study_losing_and_repeating_nothing(
     assert not any(RETRY_ATTR in t.user_attrs for t in study.trials)  # neither failed the other's trials
 
 
-def test_a_trial_finished_by_another_driver_does_not_stop_the_search(tmp_path: Path, zoo_env: dict[str, str]) -> None:
-    """Another driver finishing this driver's trial (as recovery did) leaves the search going; the result is kept."""
-    url = f"sqlite:///{tmp_path / 'search.db'}"
-    run = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", run, 6, url)
-    driver = run_cli(["search", str(cfg)], driver_env(zoo_env), tmp_path)
-    taken: list[int] = []
-
-    def take_a_running_trial() -> bool:
-        study = load(url) if (tmp_path / "search.db").exists() else None
-        for trial in study.get_trials(states=(TrialState.RUNNING,)) if study else []:
-            try:
-                study.tell(trial.number, state=TrialState.FAIL)
-            except (RuntimeError, ValueError):  # finished by the driver meanwhile: try the next one
-                continue
-            taken.append(trial.number)
-            return True
-        return False
-
-    wait_for(take_a_running_trial, driver, what="a RUNNING trial")
-    out, _ = driver.communicate(timeout=300)
-    assert driver.returncode == 0, out
-    assert (run / "evaluations" / f"{taken[0]}.json").is_file()  # its evaluation was kept
-
-
 def test_a_second_driver_on_one_journal_is_refused_in_one_line(tmp_path: Path, zoo_env: dict[str, str]) -> None:
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", run, 200, None)  # the first driver is still searching when refused
@@ -290,3 +304,136 @@ def test_a_second_driver_on_one_journal_is_refused_in_one_line(tmp_path: Path, z
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in out, out
     assert f"host {socket.gethostname()}, pid {first.pid}" in errors[0] and "RDB storage" in errors[0], out
+
+
+# ---- a driver taken for gone, in-process -----------------------------------------------------------------
+BUDGET = 4
+
+
+@pytest.fixture
+def config(tmp_path: Path, zoo_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> SearchConfig:
+    """A tiny search of ``BUDGET`` candidates in SQLite, its zoo in the session's private cache."""
+    for key, value in zoo_env.items():
+        monkeypatch.setenv(key, value)
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    return SearchConfig.load(write_config(tmp_path / "c.yaml", tmp_path / "run", BUDGET, url))
+
+
+def another_drivers_recovery(loop: SearchLoop, run: Path) -> Recovery:
+    """Another driver starting on the study with its own storage handle, to which this driver seems gone
+    (a grace of 0 s: any heartbeat is too old), recovering with the run folder ``run``."""
+    other = optuna.load_study(study_name=STUDY, storage=open_storage(loop.storage_url))
+    return recover_interrupted(other, run, loop.space.admit, grace=0.0)
+
+
+def run_search(loop: SearchLoop, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Run the loop to its end; the warnings it logged."""
+    with caplog.at_level(logging.WARNING, logger=loop_module.__name__):
+        try:
+            loop.run()
+        finally:
+            loop.close()
+    return [r.getMessage() for r in caplog.records if r.name == loop_module.__name__ and r.levelno == logging.WARNING]
+
+
+def stored(loop: SearchLoop) -> dict[TrialState, list[optuna.trial.FrozenTrial]]:
+    study = optuna.load_study(study_name=STUDY, storage=open_storage(loop.storage_url))
+    out: dict[TrialState, list] = {}
+    for t in study.trials:
+        out.setdefault(t.state, []).append(t)
+    return out
+
+
+def test_a_resuming_driver_recovers_an_unmarked_trial_of_the_run_it_resumes(
+    config: SearchConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An earlier driver killed between an ask and its mark left an unmarked RUNNING trial a moment ago:
+    the resuming driver, whose own heartbeat is the only live one, re-queues it and spends the whole budget."""
+    loop = open_search(config)
+    loop.study.enqueue_trial({"method": "task_arithmetic"})
+    planted = loop.study.ask()  # no driver mark: the earlier driver died before writing it
+    run_search(loop, caplog)
+
+    states = stored(loop)
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert [t.number for t in states[TrialState.FAIL]] == [planted.number]
+    assert len(states[TrialState.COMPLETE]) == BUDGET
+    retry = [t for t in states[TrialState.COMPLETE] if t.user_attrs.get(RETRY_ATTR) == planted.number]
+    assert len(retry) == 1 and retry[0].params["method"] == "task_arithmetic"
+
+
+@pytest.mark.parametrize("shares_run_folder", [True, False], ids=["records-the-saved-file", "fails-and-requeues"])
+def test_a_trial_finished_by_another_driver_after_its_evaluation_was_saved(
+    config: SearchConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    shares_run_folder: bool,
+) -> None:
+    """Another driver takes this one for gone after it saved an evaluation and before it recorded it.
+
+    Sharing the run folder, it records the saved file (the study holds this driver's result); on
+    another machine it fails the trial as interrupted and queues its point again (evaluated again).
+    Either way this driver keeps its file, logs a warning, does not crash and spends the whole budget.
+    """
+    loop = open_search(config)
+    other_run = loop.out if shares_run_folder else tmp_path / "elsewhere"
+    taken: list[tuple[SavedEvaluation, Recovery]] = []
+
+    def record_after_a_takeover(study, trial_id, saved, after_append=None) -> None:
+        if not taken:  # the first result: saved already, not yet recorded
+            assert evaluation_path(loop.out, saved.number).is_file()
+            taken.append((saved, another_drivers_recovery(loop, other_run)))
+        record_evaluation(study, trial_id, saved, after_append)
+
+    monkeypatch.setattr(loop_module, "record_evaluation", record_after_a_takeover)
+    warnings = run_search(loop, caplog)
+
+    saved, recovery = taken[0]
+    number = saved.number
+    assert json.loads(evaluation_path(loop.out, number).read_text())["values"] == saved.values  # kept
+    told = [w for w in warnings if w.startswith(f"trial {number} was finished by another driver")]
+    assert len(told) == 1, warnings
+    states = stored(loop)
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert len(states[TrialState.COMPLETE]) == BUDGET  # the whole budget, nothing lost
+    trial = next(t for t in states[TrialState.COMPLETE if shares_run_folder else TrialState.FAIL] if t.number == number)
+    if shares_run_folder:
+        assert recovery.completed == [number] and recovery.requeued == []
+        assert trial.values == saved.values and "recorded from this evaluation" in told[0]
+    else:
+        assert recovery.requeued == [number] and recovery.completed == []
+        assert "failed as interrupted and queued again" in told[0]
+        retry = [t for t in states[TrialState.COMPLETE] if t.user_attrs.get(RETRY_ATTR) == number]
+        assert len(retry) == 1 and retry[0].params == trial.params and "reused_from" not in retry[0].user_attrs
+
+
+def test_a_trial_failed_by_another_driver_as_it_was_asked_is_asked_again(
+    config: SearchConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another driver takes this one for gone between an ask and its mark: the trial is failed and its
+    point queued again; this driver warns, asks again (the queued point) and spends the whole budget."""
+    loop = open_search(config)
+    ask = loop.study.ask
+    taken: list[tuple[int, Recovery]] = []
+
+    def ask_then_a_takeover() -> optuna.Trial:
+        trial = ask()
+        if not taken:
+            taken.append((trial.number, another_drivers_recovery(loop, tmp_path / "elsewhere")))
+        return trial
+
+    monkeypatch.setattr(loop.study, "ask", ask_then_a_takeover)
+    warnings = run_search(loop, caplog)
+
+    number, recovery = taken[0]
+    assert recovery.requeued == [number]
+    assert [w for w in warnings if w.startswith(f"trial {number} was failed by another driver as it was asked")]
+    states = stored(loop)
+    (failed,) = states[TrialState.FAIL]
+    assert failed.number == number and failed.params == {}  # cut before its first suggest
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert len(states[TrialState.COMPLETE]) == BUDGET
+    retry = [t for t in states[TrialState.COMPLETE] if t.user_attrs.get(RETRY_ATTR) == number]
+    # The first ask is a warm start: its queued point is the one evaluated by the retry.
+    assert len(retry) == 1 and retry[0].params == failed.system_attrs["fixed_params"]

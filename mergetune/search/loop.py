@@ -33,6 +33,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,6 +60,7 @@ from mergetune.search.space import SearchSpace
 from mergetune.search.storage import (
     RETRY_ATTR,
     finished_trials,
+    has_outcome,
     open_storage,
     recover_interrupted,
     storage_location,
@@ -323,7 +325,9 @@ class SearchLoop:
         self.heartbeat.start()
 
     def _resume(self) -> None:
-        recovery = recover_interrupted(self.study, self.out, self.space.admit, grace=self.heartbeat.grace)
+        recovery = recover_interrupted(
+            self.study, self.out, self.space.admit, grace=self.heartbeat.grace, me=self.heartbeat.id
+        )
         # Only real outcomes: trials just failed as "interrupted" are re-queued, not failures.
         history = [(r.params, self._outcome_of(r)) for r in self.records() if r.params and r.evaluated]
         self.optimizer.restore(self.out / OPTIMIZER_DIR, history)
@@ -437,9 +441,18 @@ class SearchLoop:
     def _finish(self, flight: _Flight, result: JobResult) -> None:
         """Record an evaluated candidate, then the candidates that were waiting for its result."""
         item = flight.pending.pop(result.job)
-        self._tell(item, result)
+        waiting = flight.waiting.pop(item.trial.number, [])
+        if not self._tell(item, result):
+            # Another driver failed it as interrupted and queued its point again: the study has no
+            # result to reuse for that point, so the candidates waiting on it are placed anew.
+            point = self._point(item.params)
+            if point is not None and flight.evaluated.get(point) == item.trial.number:
+                del flight.evaluated[point]
+            for duplicate in waiting:
+                self._place(flight, duplicate)
+            return
         flight.done += 1
-        for duplicate in flight.waiting.pop(item.trial.number, []):
+        for duplicate in waiting:
             self._reuse(duplicate, item.trial.number)
             flight.done += 1
 
@@ -463,11 +476,25 @@ class SearchLoop:
             self.study.enqueue_trial(proposal.params, skip_if_exists=False)
             # so that a crash right after does not make the optimizer propose this point again
             self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
-        trial = self.study.ask()
-        trial.set_user_attr(DRIVER_ATTR, self.heartbeat.id)  # its RUNNING state is this driver's, while it lives
-        params = self.space.suggest(trial)
+        while (asked := self._ask_marked()) is None:
+            proposal = None  # its trial was failed and its point queued again: the next one asked may differ
+        trial, params = asked
         recipe = self.space.to_recipe(params)
         return _Pending(trial, params, recipe, proposal, time.perf_counter() - start)
+
+    def _ask_marked(self) -> tuple[optuna.Trial, dict[str, Any]] | None:
+        """A new trial marked as this driver's, and its parameters; None if another driver failed it meanwhile.
+
+        Another driver that takes this one for gone (its heartbeat late) fails its RUNNING trials, and
+        may do so between the ask and the mark; it queues the point again, so the caller asks anew.
+        """
+        trial = self.study.ask()
+        try:
+            trial.set_user_attr(DRIVER_ATTR, self.heartbeat.id)  # its RUNNING state is this driver's, while it lives
+            return trial, self.space.suggest(trial)
+        except UpdateFinishedTrialError as exc:
+            log.warning("trial %d was failed by another driver as it was asked (%s): asking again", trial.number, exc)
+            return None
 
     # ---- no candidate evaluated twice ----------------------------------------------------------------
     def _continue_sampling(self, prior_trials: int) -> None:
@@ -539,28 +566,22 @@ class SearchLoop:
             frozen = self.study.get_trials(deepcopy=False)[trial.number]
             self.progress.update(R.TrialRecord.from_trial(frozen, self.objectives), self._best_mean)
 
-    def _tell(self, item: _Pending, result: JobResult) -> None:
+    def _tell(self, item: _Pending, result: JobResult) -> bool:
         """Record a finished candidate: saved whole to its own file first, then in the study, then told
-        to the optimizer. A kill between the study's appends loses nothing: the resume records the file."""
+        to the optimizer. A kill between the study's appends loses nothing: the resume records the file.
+
+        True when the study holds the outcome: recorded here, or by another driver from the saved file.
+        """
         start = time.perf_counter()
         trial = item.trial
         outcome, saved = self._saved_evaluation(item, result)
-        saved.save(self.out)
-        try:
-            record_evaluation(self.study, trial._trial_id, saved, after_append=_test_kill_hook())
-        except UpdateFinishedTrialError as exc:
-            # Another driver took this driver for dead and finished the trial; the result stays saved.
-            log.warning(
-                "trial %d was finished by another driver meanwhile (%s); its evaluation is kept in %s",
-                trial.number,
-                exc,
-                self.out / "evaluations",
-            )
+        path = saved.save(self.out)
+        recorded = self._record_in_study(trial, saved, path)
         if result.evaluation is None:
             log.warning("trial %d failed: %s", trial.number, result.error)
         self.optimizer.observe(item.proposal, item.params, outcome)
         self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
-        if outcome.feasible and outcome.values is not None:
+        if recorded and outcome.feasible and outcome.values is not None:
             mean = dict(zip(self.objectives, outcome.values, strict=True)).get("mean")
             if mean is not None and (self._best_mean is None or mean > self._best_mean):
                 self._best_mean = mean
@@ -569,6 +590,29 @@ class SearchLoop:
         if self.progress:
             frozen = self.study.get_trials(deepcopy=False)[trial.number]  # trials are listed by number
             self.progress.update(R.TrialRecord.from_trial(frozen, self.objectives), self._best_mean)
+        return recorded
+
+    def _record_in_study(self, trial: optuna.Trial, saved: SavedEvaluation, path: Path) -> bool:
+        """Record ``saved`` on its trial; False when another driver failed the trial as interrupted meanwhile.
+
+        A driver taken for gone (its heartbeat late) may see another driver finish its RUNNING trial:
+        from the saved file when that driver shares the run folder (the study then holds this very
+        outcome), else failed as interrupted and its point queued again. Either way the file is kept.
+        """
+        try:
+            record_evaluation(self.study, trial._trial_id, saved, after_append=_test_kill_hook())
+            return True
+        except UpdateFinishedTrialError as exc:
+            stored = self.study.get_trials(deepcopy=False)[trial.number]
+            kept = has_outcome(stored)
+            log.warning(
+                "trial %d was finished by another driver meanwhile (%s): %s; its evaluation is kept in %s",
+                trial.number,
+                exc,
+                "recorded from this evaluation" if kept else "failed as interrupted and queued again",
+                path,
+            )
+            return kept
 
     def _saved_evaluation(self, item: _Pending, result: JobResult) -> tuple[Outcome, SavedEvaluation]:
         """The candidate's outcome and everything the study records of it (see ``saved_evaluation``)."""
