@@ -40,9 +40,11 @@ STUDY = "tiny-test"
 
 
 # ---- recovery with planted drivers -------------------------------------------------------------------------
-def plant_driver(study: optuna.Study, driver: str, *, host: str, pid: int, beat_age: float) -> None:
+def plant_driver(
+    study: optuna.Study, driver: str, *, host: str, pid: int, beat_age: float, stopped: bool = False
+) -> None:
     now = time.time()
-    record = {"host": host, "pid": pid, "started": now - 100, "beat": now - beat_age, "stopped": False}
+    record = {"host": host, "pid": pid, "started": now - 100, "beat": now - beat_age, "stopped": stopped}
     study.set_user_attr(DRIVERS_PREFIX + driver, record)
 
 
@@ -86,16 +88,17 @@ def test_recovery_does_not_record_a_live_drivers_saved_evaluation(study: optuna.
 
 
 @pytest.mark.parametrize(
-    "host_pid_age",
-    [("other-host", 1, 10 * GRACE), ("this-host", "dead", 1)],
-    ids=["stale-heartbeat", "dead-pid-on-this-host"],
+    "host_pid_age_stopped",
+    [("other-host", 1, 10 * GRACE, False), ("this-host", "dead", 1, False), ("other-host", 1, 1, True)],
+    ids=["stale-heartbeat", "dead-pid-on-this-host", "said-it-stopped"],
 )
 def test_recovery_requeues_the_running_trials_of_a_gone_driver(
-    study: optuna.Study, tmp_path: Path, host_pid_age: tuple[str, int | str, float]
+    study: optuna.Study, tmp_path: Path, host_pid_age_stopped: tuple[str, int | str, float, bool]
 ) -> None:
-    host, pid, age = host_pid_age
+    host, pid, age, stopped = host_pid_age_stopped
     host = socket.gethostname() if host == "this-host" else host
-    plant_driver(study, "gone", host=host, pid=dead_pid() if pid == "dead" else int(pid), beat_age=age)
+    pid = dead_pid() if pid == "dead" else int(pid)
+    plant_driver(study, "gone", host=host, pid=pid, beat_age=age, stopped=stopped)
     trial = running_trial(study, "gone", 0.25)
     recovery = recover_interrupted(study, tmp_path, grace=GRACE)
     assert recovery.requeued == [trial.number] and recovery.running_elsewhere == []
@@ -327,8 +330,8 @@ def another_drivers_recovery(loop: SearchLoop, run: Path) -> Recovery:
 
 
 def run_search(loop: SearchLoop, caplog: pytest.LogCaptureFixture) -> list[str]:
-    """Run the loop to its end; the warnings it logged."""
-    with caplog.at_level(logging.WARNING, logger=loop_module.__name__):
+    """Run the loop to its end (its log captured from INFO up); the warnings it logged."""
+    with caplog.at_level(logging.INFO, logger=loop_module.__name__):
         try:
             loop.run()
         finally:
@@ -437,3 +440,32 @@ def test_a_trial_failed_by_another_driver_as_it_was_asked_is_asked_again(
     retry = [t for t in states[TrialState.COMPLETE] if t.user_attrs.get(RETRY_ATTR) == number]
     # The first ask is a warm start: its queued point is the one evaluated by the retry.
     assert len(retry) == 1 and retry[0].params == failed.system_attrs["fixed_params"]
+
+
+def test_the_later_of_two_asks_for_the_budgets_last_candidate_is_pruned_unevaluated(
+    config: SearchConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both drivers saw one candidate of the budget left; the other one asked first: this one's is over."""
+    loop = open_search(config)
+    ask = loop.study.ask
+    others: list[int] = []
+
+    def another_driver_asks_first() -> optuna.Trial:
+        if len(loop.study.get_trials(states=(TrialState.COMPLETE,))) == BUDGET - 1 and not others:
+            other = optuna.load_study(study_name=STUDY, storage=open_storage(loop.storage_url))
+            plant_driver(other, "other", host="other-host", pid=1, beat_age=1)
+            trial = other.ask()
+            trial.set_user_attr(DRIVER_ATTR, "other")
+            others.append(trial.number)
+        return ask()
+
+    monkeypatch.setattr(loop.study, "ask", another_driver_asks_first)
+    run_search(loop, caplog)
+
+    states = stored(loop)
+    (pruned,) = states[TrialState.PRUNED]
+    assert pruned.number == others[0] + 1 and pruned.user_attrs["over_budget"] is True
+    assert pruned.params and not evaluation_path(loop.out, pruned.number).exists()  # never evaluated
+    assert [t.number for t in states[TrialState.RUNNING]] == others  # the other driver's, left to it
+    assert len(states[TrialState.COMPLETE]) == BUDGET - 1
+    assert f"trial {pruned.number} pruned: another driver took the last candidate of the budget" in caplog.text
