@@ -33,10 +33,13 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
 from mergetune.merging.layer_groups import build_layer_groups
@@ -47,6 +50,7 @@ from mergetune.recipe import Expert, Recipe
 from mergetune.search import records as R
 from mergetune.search.binding import check_binding, check_study, stamp
 from mergetune.search.config import SearchConfig
+from mergetune.search.drivers import DRIVER_ATTR, DriverConflictError, Heartbeat, live_drivers
 from mergetune.search.executor import Executor, JobResult, LocalExecutor
 from mergetune.search.finalize import finalize
 from mergetune.search.optimizers import Optimizer, Outcome, Proposal, make_optimizer
@@ -56,6 +60,7 @@ from mergetune.search.space import SearchSpace
 from mergetune.search.storage import (
     RETRY_ATTR,
     finished_trials,
+    has_outcome,
     open_storage,
     recover_interrupted,
     storage_location,
@@ -296,14 +301,33 @@ class SearchLoop:
         self.progress = progress
         self.overheads: list[float] = []
         self._best_mean: float | None = None
+        self.heartbeat = Heartbeat(self.study)
 
     # ---- lifecycle and resume --------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the executor's workers (and a Ray runtime it started); the storage stays as it is."""
+        """Stop the heartbeat and the executor's workers (and a Ray runtime it started); the storage stays."""
+        self.heartbeat.stop()
         self.executor.close()
 
+    def _join(self) -> None:
+        """Announce this driver in the study (its heartbeat starts); a journal shared with a live driver is refused.
+
+        Several drivers share an RDB study safely (tested on SQLite and PostgreSQL). A journal file is
+        not proven safe for that, so a second driver on it stops before it writes anything.
+        """
+        others = live_drivers(self.study, self.heartbeat.grace)
+        if others and isinstance(self.study._storage, JournalStorage):
+            info = next(iter(others.values()))
+            raise DriverConflictError(
+                f"another driver ({info.describe()}) is running this search on its journal {self.storage_url}; "
+                "several drivers need an RDB storage (storage: sqlite:///... or postgresql://...)"
+            )
+        self.heartbeat.start()
+
     def _resume(self) -> None:
-        recovery = recover_interrupted(self.study, self.out, self.space.admit)
+        recovery = recover_interrupted(
+            self.study, self.out, self.space.admit, grace=self.heartbeat.grace, me=self.heartbeat.id
+        )
         # Only real outcomes: trials just failed as "interrupted" are re-queued, not failures.
         history = [(r.params, self._outcome_of(r)) for r in self.records() if r.params and r.evaluated]
         self.optimizer.restore(self.out / OPTIMIZER_DIR, history)
@@ -326,8 +350,15 @@ class SearchLoop:
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run until the budget is spent, then choose and write the results."""
+        """Run until the budget is spent, then choose and write the results (this driver's heartbeat meanwhile)."""
         prior_trials = len(self.study.get_trials(deepcopy=False))  # before the resume queues any: 0 when fresh
+        self._join()
+        try:
+            return self._run(prior_trials)
+        finally:
+            self.heartbeat.stop()
+
+    def _run(self, prior_trials: int) -> dict[str, Any]:
         self._resume()
         self._continue_sampling(prior_trials)
         self._best_mean = self.best_mean()  # read once; then kept up to date as results arrive
@@ -352,11 +383,38 @@ class SearchLoop:
         """
         while (
             flight.outstanding < self._concurrency()
-            and self._budget_left(flight.done + flight.outstanding, started)
+            and self._budget_left(max(flight.done + flight.outstanding, self._claimed()), started)
             and flight.reused_in_a_row < MAX_REUSED_IN_A_ROW
         ):
-            self._place(flight, self._ask())
+            item = self._ask()
+            if self._over_budget(item):
+                break
+            self._place(flight, item)
         return bool(flight.pending)
+
+    def _claimed(self) -> int:
+        """Candidates of the budget taken by every driver of the study: finished, or asked and running."""
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return len(finished_trials(self.study)) + len(running)
+
+    def _over_budget(self, item: _Pending) -> bool:
+        """Whether the candidate just asked is beyond the budget because another driver asked at the same time.
+
+        Two drivers may both see one candidate of the budget left and both ask. Ranked by the time
+        they were asked, the later one is over: it is pruned (marked ``over_budget``, never evaluated).
+        """
+        budget = self.config.budget.candidates
+        if budget is None:
+            return False
+        claims = finished_trials(self.study) + self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        order = sorted(claims, key=lambda t: (t.datetime_start or t.datetime_complete, t._trial_id))
+        rank = next(i for i, t in enumerate(order) if t.number == item.trial.number)
+        if rank < budget:
+            return False
+        item.trial.set_user_attr("over_budget", True)
+        self.study.tell(item.trial, state=TrialState.PRUNED)
+        log.info("trial %d pruned: another driver took the last candidate of the budget", item.trial.number)
+        return True
 
     def _place(self, flight: _Flight, item: _Pending) -> None:
         """Send a new candidate to the executor; one equal to an evaluated (or evaluating) one is not sent."""
@@ -383,9 +441,18 @@ class SearchLoop:
     def _finish(self, flight: _Flight, result: JobResult) -> None:
         """Record an evaluated candidate, then the candidates that were waiting for its result."""
         item = flight.pending.pop(result.job)
-        self._tell(item, result)
+        waiting = flight.waiting.pop(item.trial.number, [])
+        if not self._tell(item, result):
+            # Another driver failed it as interrupted and queued its point again: the study has no
+            # result to reuse for that point, so the candidates waiting on it are placed anew.
+            point = self._point(item.params)
+            if point is not None and flight.evaluated.get(point) == item.trial.number:
+                del flight.evaluated[point]
+            for duplicate in waiting:
+                self._place(flight, duplicate)
+            return
         flight.done += 1
-        for duplicate in flight.waiting.pop(item.trial.number, []):
+        for duplicate in waiting:
             self._reuse(duplicate, item.trial.number)
             flight.done += 1
 
@@ -409,10 +476,25 @@ class SearchLoop:
             self.study.enqueue_trial(proposal.params, skip_if_exists=False)
             # so that a crash right after does not make the optimizer propose this point again
             self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
-        trial = self.study.ask()
-        params = self.space.suggest(trial)
+        while (asked := self._ask_marked()) is None:
+            proposal = None  # its trial was failed and its point queued again: the next one asked may differ
+        trial, params = asked
         recipe = self.space.to_recipe(params)
         return _Pending(trial, params, recipe, proposal, time.perf_counter() - start)
+
+    def _ask_marked(self) -> tuple[optuna.Trial, dict[str, Any]] | None:
+        """A new trial marked as this driver's, and its parameters; None if another driver failed it meanwhile.
+
+        Another driver that takes this one for gone (its heartbeat late) fails its RUNNING trials, and
+        may do so between the ask and the mark; it queues the point again, so the caller asks anew.
+        """
+        trial = self.study.ask()
+        try:
+            trial.set_user_attr(DRIVER_ATTR, self.heartbeat.id)  # its RUNNING state is this driver's, while it lives
+            return trial, self.space.suggest(trial)
+        except UpdateFinishedTrialError as exc:
+            log.warning("trial %d was failed by another driver as it was asked (%s): asking again", trial.number, exc)
+            return None
 
     # ---- no candidate evaluated twice ----------------------------------------------------------------
     def _continue_sampling(self, prior_trials: int) -> None:
@@ -484,19 +566,22 @@ class SearchLoop:
             frozen = self.study.get_trials(deepcopy=False)[trial.number]
             self.progress.update(R.TrialRecord.from_trial(frozen, self.objectives), self._best_mean)
 
-    def _tell(self, item: _Pending, result: JobResult) -> None:
+    def _tell(self, item: _Pending, result: JobResult) -> bool:
         """Record a finished candidate: saved whole to its own file first, then in the study, then told
-        to the optimizer. A kill between the study's appends loses nothing: the resume records the file."""
+        to the optimizer. A kill between the study's appends loses nothing: the resume records the file.
+
+        True when the study holds the outcome: recorded here, or by another driver from the saved file.
+        """
         start = time.perf_counter()
         trial = item.trial
         outcome, saved = self._saved_evaluation(item, result)
-        saved.save(self.out)
-        record_evaluation(self.study, trial._trial_id, saved, after_append=_test_kill_hook())
+        path = saved.save(self.out)
+        recorded = self._record_in_study(trial, saved, path)
         if result.evaluation is None:
             log.warning("trial %d failed: %s", trial.number, result.error)
         self.optimizer.observe(item.proposal, item.params, outcome)
         self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
-        if outcome.feasible and outcome.values is not None:
+        if recorded and outcome.feasible and outcome.values is not None:
             mean = dict(zip(self.objectives, outcome.values, strict=True)).get("mean")
             if mean is not None and (self._best_mean is None or mean > self._best_mean):
                 self._best_mean = mean
@@ -505,6 +590,29 @@ class SearchLoop:
         if self.progress:
             frozen = self.study.get_trials(deepcopy=False)[trial.number]  # trials are listed by number
             self.progress.update(R.TrialRecord.from_trial(frozen, self.objectives), self._best_mean)
+        return recorded
+
+    def _record_in_study(self, trial: optuna.Trial, saved: SavedEvaluation, path: Path) -> bool:
+        """Record ``saved`` on its trial; False when another driver failed the trial as interrupted meanwhile.
+
+        A driver taken for gone (its heartbeat late) may see another driver finish its RUNNING trial:
+        from the saved file when that driver shares the run folder (the study then holds this very
+        outcome), else failed as interrupted and its point queued again. Either way the file is kept.
+        """
+        try:
+            record_evaluation(self.study, trial._trial_id, saved, after_append=_test_kill_hook())
+            return True
+        except UpdateFinishedTrialError as exc:
+            stored = self.study.get_trials(deepcopy=False)[trial.number]
+            kept = has_outcome(stored)
+            log.warning(
+                "trial %d was finished by another driver meanwhile (%s): %s; its evaluation is kept in %s",
+                trial.number,
+                exc,
+                "recorded from this evaluation" if kept else "failed as interrupted and queued again",
+                path,
+            )
+            return kept
 
     def _saved_evaluation(self, item: _Pending, result: JobResult) -> tuple[Outcome, SavedEvaluation]:
         """The candidate's outcome and everything the study records of it (see ``saved_evaluation``)."""

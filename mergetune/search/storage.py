@@ -6,7 +6,8 @@ Pitfalls handled here (see shared/docs/search-stack.md):
 - ask/tell has no heartbeats: trials left RUNNING by a killed driver are marked FAIL on resume
   and their parameters re-queued, so the interrupted candidates are evaluated again while no
   finished one is; a trial whose result was saved before the kill (``saved_evaluation``) is
-  completed from that file instead;
+  completed from that file instead. Only trials whose driver is gone (see ``drivers``): a live
+  driver sharing the study keeps its RUNNING trials;
 - a journal append cut by a full disk or a kill leaves a torn last line, and the next append would
   be glued to it and make the whole journal unreadable: an append that fails is rolled back, and
   ``open_storage`` cuts a torn last line (under the journal's lock, so a concurrent writer's
@@ -15,6 +16,7 @@ Pitfalls handled here (see shared/docs/search-stack.md):
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from mergetune.search.atomic import located
+from mergetune.search.drivers import DRIVER_ATTR, GRACE_FACTOR, heartbeat_interval, live_drivers
 from mergetune.search.saved_evaluation import SavedEvaluation, record_evaluation
 
 log = logging.getLogger(__name__)
@@ -159,26 +162,46 @@ def load_study(storage: BaseStorage, name: str | None = None) -> optuna.Study:
 @dataclass(frozen=True)
 class Recovery:
     """What a resume found: trials interrupted mid-evaluation (now failed and re-queued), trials
-    recorded from their saved evaluation, and the number of finished trials."""
+    recorded from their saved evaluation, the number of finished trials, and the RUNNING trials left
+    alone because their driver is alive."""
 
     requeued: list[int]
     finished: int
     completed: list[int]
+    running_elsewhere: list[int]
 
 
 def recover_interrupted(
-    study: optuna.Study, run: Path, admit: Callable[[dict[str, Any]], dict[str, Any] | None] = dict
+    study: optuna.Study,
+    run: Path,
+    admit: Callable[[dict[str, Any]], dict[str, Any] | None] = dict,
+    *,
+    grace: float | None = None,
+    me: str | None = None,
 ) -> Recovery:
     """Finish the trials a dead driver left RUNNING: from their saved result, or failed and re-queued.
 
+    A RUNNING trial marked with a driver that is alive (see ``drivers.is_alive``; ``grace``: seconds
+    without a heartbeat after which a driver is gone, by default 3 heartbeat intervals) is left
+    alone: another driver is evaluating it. A trial with no driver mark (from a version without
+    heartbeats, or asked by a driver killed before it marked it) counts as interrupted, as before,
+    unless a live driver asked it within ``grace`` and has not marked it yet. ``me`` is the resuming
+    driver's own id: it has asked nothing yet, so it is never a live owner (its heartbeat, already
+    beating, must not keep an earlier run's unmarked trials RUNNING).
+
     A trial whose evaluation was saved under ``run`` (see ``saved_evaluation``) was evaluated: it is
     recorded from the file, never evaluated again. The others were cut mid-evaluation: they are
-    failed (as interrupted, not evaluated) and their parameters queued again, as ``admit`` maps them
+    failed (as interrupted, not evaluated) and their point (its parameters, or the point it was
+    queued with when it was cut before its first suggest) queued again, as ``admit`` maps it
     into the current space (clipped), or not at all when it returns None (see SearchSpace.admit): a
     point the space cannot evaluate must not crash every resume.
     """
-    requeued, completed = [], []
+    requeued, completed, elsewhere = [], [], []
+    gone = _gone_driver_check(study, GRACE_FACTOR * heartbeat_interval() if grace is None else grace, me)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not gone(trial):
+            elsewhere.append(trial.number)
+            continue
         saved = SavedEvaluation.load_for(run, study, trial)
         if saved is not None:
             record_evaluation(study, trial._trial_id, saved)
@@ -187,7 +210,7 @@ def recover_interrupted(
         # Attributes must be set before the trial finishes; ask/tell has no public handle here.
         study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: the driver stopped mid-evaluation")
         study.tell(trial.number, state=TrialState.FAIL)
-        params = admit(trial.params)
+        params = admit(point) if (point := _chosen_point(trial)) else {}  # {}: the sampler draws the retry afresh
         if params is not None:
             study.enqueue_trial(params, user_attrs={RETRY_ATTR: trial.number}, skip_if_exists=False)
             requeued.append(trial.number)
@@ -196,16 +219,49 @@ def recover_interrupted(
         log.info("resume: %d trial(s) recorded from their saved evaluation: %s", len(completed), completed)
     if requeued:
         log.info("resume: %d interrupted trial(s) re-queued: %s", len(requeued), requeued)
-    return Recovery(requeued, finished, completed)
+    if elsewhere:
+        log.info("resume: %d trial(s) left to the live driver(s) running them: %s", len(elsewhere), elsewhere)
+    return Recovery(requeued, finished, completed, elsewhere)
+
+
+def _chosen_point(trial: FrozenTrial) -> dict[str, Any]:
+    """The point a RUNNING trial was evaluating: its parameters, or, when it was cut before its first
+    suggest, the point it was queued with (a warm start, a retry, an external optimizer's proposal).
+    Empty for a trial the sampler had not drawn yet."""
+    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
+
+
+def _gone_driver_check(study: optuna.Study, grace: float, me: str | None) -> Callable[[FrozenTrial], bool]:
+    """A test of whether a RUNNING trial's driver is gone, on the drivers' records read once now.
+
+    ``me`` (the caller's own driver id) never counts as a live owner: see ``recover_interrupted``.
+    """
+    live = live_drivers(study, grace, exclude=me)
+    now = datetime.datetime.now()  # Optuna stamps datetime_start in local time
+
+    def gone(trial: FrozenTrial) -> bool:
+        owner = trial.user_attrs.get(DRIVER_ATTR)
+        if owner is None:
+            # Asked by a driver without heartbeats (today's rule: interrupted), unless another live
+            # driver asked it a moment ago and has not marked it yet (the mark is the append after the ask).
+            just_asked = trial.datetime_start is not None and (now - trial.datetime_start).total_seconds() < grace
+            return not (live and just_asked)
+        return owner not in live
+
+    return gone
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials that were evaluated to an outcome (COMPLETE, or FAIL with a recorded error)."""
-    out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-        if t.state is TrialState.COMPLETE or t.user_attrs.get("evaluated", False):
-            out.append(t)
+    out = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)) if has_outcome(t)]
     return sorted(out, key=lambda t: t.number)
+
+
+def has_outcome(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` was evaluated to an outcome: COMPLETE, or FAIL with a recorded error (not interrupted)."""
+    if trial.state is TrialState.COMPLETE:
+        return True
+    return trial.state is TrialState.FAIL and bool(trial.user_attrs.get("evaluated", False))
 
 
 def waiting_trials(study: optuna.Study) -> list[FrozenTrial]:
