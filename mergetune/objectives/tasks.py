@@ -202,6 +202,21 @@ class TaskConfig(StrictModel):
         if reason:
             raise ValueError(reason)
 
+    def with_paths_from(self, folder: str | Path) -> TaskConfig:
+        """A copy whose relative local paths (source file or folder, split files) are absolute against ``folder``.
+
+        Built-in corpus names and hub ids are left as they are; a source is a local path when it has a
+        data-file suffix, is written as a path (``./x``) or exists under ``folder``.
+        """
+        update: dict[str, Any] = {}
+        if self.splits is not None:
+            update["splits"] = {k: str(local_path(v, folder).resolve()) for k, v in self.splits.items()}
+        elif self.source is not None and _static_source_kind(self.source) not in ("builtin", "hub"):
+            path = local_path(self.source, folder)
+            if _data_suffix(self.source) or self.source.startswith(("./", "../", "~")) or path.exists():
+                update["source"] = str(path.resolve())
+        return self.model_copy(update=update) if update else self
+
     @property
     def origin(self) -> str:
         """The source as the user named it, for messages: the source, or the given split files."""
