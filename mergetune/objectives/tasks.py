@@ -327,6 +327,7 @@ class TaskData:
     label_origin: str = ""  # declared / expert id2label / corpus / sorted / "" without labels
     split_origin: str = ""  # "given (...)" or "made by mergetune (...)"
     overlaps: tuple[Overlap, ...] = ()  # allowed overlaps (allow_overlap: true); others are errors
+    overlap_checked: tuple[str, ...] = ()  # the training sources validation and test were compared with
 
     @property
     def name(self) -> str:
@@ -404,6 +405,21 @@ def resolve_source(config: TaskConfig, base_dir: str | Path | None = None) -> tu
             f"task '{config.name}': source file {path} has an unsupported type; use one of {', '.join(FILE_SUFFIXES)}"
         )
     return "hub", source
+
+
+def planned_split_origin(config: TaskConfig, base_dir: str | Path | None = None) -> str:
+    """Whether the splits will be given or made, told before any data is read (for the search's first lines)."""
+    kind, location = resolve_source(config, base_dir)
+    if kind == "splits":
+        return "given (split files, read as is)"
+    if kind == "folder":
+        folder = Path(location)
+        if _split_files(config, folder):
+            return f"given (split files in {folder.name}, read as is)"
+        saved = folder / "dataset_dict.json"
+        if saved.is_file() and _given_dataset_splits(config, json.loads(saved.read_text()).get("splits", [])):
+            return f"given (DatasetDict splits of {folder.name}, read as is)"
+    return f"made by mergetune (stratified, seed {config.seed})"
 
 
 def local_path(value: str, base_dir: str | Path | None) -> Path:
@@ -658,7 +674,8 @@ def _build(config: TaskConfig, read: _Read, expert: ExpertHints) -> TaskData:
     else:
         parts, dedup = _made_splits(config, tables[_ALL], ids[_ALL])
     train_sources = [("the given train split", tables["train"].keys())] if "train" in tables else []
-    overlaps = _check_overlaps(config, parts, [*train_sources, *expert.training])
+    sources = [*train_sources, *expert.training]
+    overlaps = _check_overlaps(config, parts, sources)
     return TaskData(
         config=config,
         label_names=label_names,
@@ -670,6 +687,7 @@ def _build(config: TaskConfig, read: _Read, expert: ExpertHints) -> TaskData:
         label_origin=label_origin,
         split_origin=read.origin,
         overlaps=overlaps,
+        overlap_checked=tuple(description for description, _ in sources),
     )
 
 
