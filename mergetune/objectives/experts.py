@@ -44,10 +44,15 @@ def _config_file(model: str) -> Path | None:
     if folder.is_dir():
         path = folder / "config.json"
         return path if path.is_file() else None
+    if folder.is_absolute() or model.startswith((".", "~")):
+        return None  # a local folder that does not exist (yet): nothing to read
     # huggingface_hub: imported only for a hub id (a cache lookup, no network)
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model, "config.json")
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except ValueError:  # not a valid hub id (HFValidationError is a ValueError)
+        return None
     return Path(cached) if isinstance(cached, str) else None
 
 

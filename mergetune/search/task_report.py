@@ -36,7 +36,7 @@ class TaskReport:
     def lines(self) -> list[str]:
         c = self.config
         head = f"task '{c.name}': {c.kind}, metric {c.metric}, source {c.origin}"
-        lines = [head, f"  expert: {self.expert or 'none'}"]
+        lines = [head, f"  expert: {_expert_line(self.expert)}"]
         if self.data is None:
             return [*lines, f"  ERROR: {self.error}"]
         d = self.data
@@ -49,6 +49,14 @@ class TaskReport:
         for split in ("train", "validation", "test"):
             lines += [f"  {split} example: {x}" for x in _examples(d, d.split(split))]
         return lines
+
+
+def _expert_line(expert: str | None) -> str:
+    if expert is None:
+        return "none"
+    if Path(expert).is_absolute() and not Path(expert).is_dir():
+        return f"{expert} (not found: its label order and training data are not checked)"
+    return expert
 
 
 def _overlap_lines(data: TaskData) -> list[str]:
