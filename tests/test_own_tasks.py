@@ -89,7 +89,7 @@ def test_expert_id2label_orders_the_labels_the_search_scores_with(tiny_zoo, tmp_
     truth = [rows_only.label_names[i] for i in rows_only.test.labels]
     predicted = _predicted_names(swapped, rows_only.test.texts, 32)
     expected = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
-    assert 0.7 < expected < 1.0  # ham is most rows: a label mix-up would score below 0.3
+    assert expected > 0.7  # a label mix-up scores 1 - expected, below 0.3
     assert Worker(setup).reference("test")["sms"] == pytest.approx(expected, abs=1e-12)
     assert load_for_expert(task, str(swapped)).label_names == ("spam", "ham")
 
@@ -247,7 +247,7 @@ def test_tasks_command_reports_a_bad_task_with_the_accepted_keys(tmp_path: Path)
         yaml.safe_dump(
             [
                 {"name": "ok", "source": "trec6", "validation_size": 20, "test_size": 20},
-                {"name": "all_eval", "source": "sms_spam", "validation_size": 5000, "test_size": 500},
+                {"name": "all_eval", "source": "sms_spam", "validation_size": 4337, "test_size": 500},
             ]
         )
     )
