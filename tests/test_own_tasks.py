@@ -339,6 +339,19 @@ def test_search_config_paths_resolve_against_the_config_file(tmp_path: Path) -> 
     assert config.tasks[0].source == str(tmp_path / "data" / "t.csv")
 
 
+def test_a_search_configs_task_error_lists_the_accepted_keys(tmp_path: Path) -> None:
+    from mergetune.search.config import SearchConfigError
+
+    data = {
+        "name": "k",
+        "models": {"base": "b", "experts": [{"name": "t", "model": "e"}]},
+        "tasks": [{"name": "t", "source": "trec6", "label_colum": "y"}],
+        "space": {"methods": ["task_arithmetic"]},
+    }
+    with pytest.raises(SearchConfigError, match=r"(?s)tasks\.0\.label_colum: unknown key.*accepts the keys: name,"):
+        SearchConfig.load(_write(tmp_path / "c.yaml", data))
+
+
 def test_candidate_recipes_take_the_experts_dtype(tiny_bert_dir, tmp_path: Path) -> None:
     """bf16 experts merged in float32 doubled the output's size; the recipe now says bfloat16."""
     from transformers import AutoModel, AutoModelForSequenceClassification

@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from mergetune.errors import MergetuneError, read_config_file
 from mergetune.merging.methods import get_method
-from mergetune.objectives.tasks import TaskConfig
+from mergetune.objectives.tasks import TaskConfig, accepted_keys_line
 from mergetune.recipe import SEED_LIMIT, Expert, resolve_model_path
 from mergetune.search.optimizers import optimizer_class
 from mergetune.search.space import DENSITY_DOMAIN, FloatRange, MethodSpace, OptionSpec, ParamRange, check_domain
@@ -259,7 +259,9 @@ class SearchConfig(_Section):
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:
-            raise SearchConfigError(f"{path}: invalid search config:\n{format_validation_error(exc)}") from exc
+            about_tasks = any(error["loc"][:1] == ("tasks",) for error in exc.errors())
+            hint = f"\n{accepted_keys_line()}" if about_tasks else ""
+            raise SearchConfigError(f"{path}: invalid search config:\n{format_validation_error(exc)}{hint}") from exc
         return config.with_paths_from(Path(path).parent)
 
     def with_paths_from(self, folder: Path) -> SearchConfig:
