@@ -243,14 +243,12 @@ def test_tasks_command_on_the_custom_tasks_config(tmp_path: Path) -> None:
 
 
 def test_tasks_command_reports_a_bad_task_with_the_accepted_keys(tmp_path: Path) -> None:
-    (tmp_path / "tasks.yaml").write_text(
-        yaml.safe_dump(
-            [
-                {"name": "ok", "source": "trec6", "validation_size": 20, "test_size": 20},
-                {"name": "all_eval", "source": "sms_spam", "validation_size": 4337, "test_size": 500},
-            ]
-        )
-    )
+    _table("all", 30).to_csv(tmp_path / "small.csv", index=False)
+    tasks = [
+        {"name": "ok", "source": "trec6", "validation_size": 20, "test_size": 20},
+        {"name": "all_eval", "source": "small.csv", "validation_size": 15, "test_size": 15},
+    ]
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(tasks))
     proc = run_cli(["tasks", "tasks.yaml"], {}, cwd=tmp_path)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 2
