@@ -337,6 +337,15 @@ def test_search_config_paths_resolve_against_the_config_file(tmp_path: Path) -> 
     assert config.tasks[0].source == str(tmp_path / "data" / "t.csv")
 
 
+def test_twin_tasks_file_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    from mergetune.twin.workflow import read_task_configs
+
+    (tmp_path / "cfg").mkdir()
+    tasks = _write(tmp_path / "cfg" / "tasks.yaml", {"tasks": [{"name": "a", "source": "data/a.csv"}]})
+    recipe = Recipe.parse({"base": "b", "experts": [{"name": "a", "model": "x"}], "method": "twin"})
+    assert read_task_configs(recipe, tasks)[0].source == str((tmp_path / "cfg" / "data" / "a.csv").resolve())
+
+
 def test_a_search_configs_task_error_lists_the_accepted_keys(tmp_path: Path) -> None:
     from mergetune.search.config import SearchConfigError
 
