@@ -122,6 +122,23 @@ def search(
         console.print(f"chosen recipe: [green]{chosen}[/]; front: {front}")
 
 
+@app.command("tasks")
+def tasks_command(
+    config_path: Annotated[Path, typer.Argument(help="Search config, or a YAML/JSON list of tasks.", metavar="CONFIG")],
+) -> None:
+    """Show each task: source, kind, split sizes and origin, label map and its origin, overlaps, examples.
+
+    Tasks load exactly as the search loads them; exits with code 2 when any task has an error.
+    """
+    from mergetune.search.task_report import render, task_reports
+
+    with _errors():
+        reports = task_reports(config_path)
+        sys.stdout.write(render(reports))
+        if any(r.error for r in reports):
+            raise typer.Exit(code=2)
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods and their options."""

@@ -16,6 +16,11 @@ Parameter values (``weight``, ``density``) accept, from coarse to fine:
 Densities are the fraction of entries **kept**, in [0, 1]. ``drop`` is accepted as an alias on
 input (density = 1 - drop) and is stored as density.
 
+Paths: a relative ``base`` or expert ``model`` in a recipe file resolves against the file's own
+folder (not the working directory), so ``mergetune merge`` works from anywhere; a value that is
+neither an existing path there nor written as a path (``./x``, ``../x``, ``~/x``) is a hub id and
+stays as it is. Recipes the search writes hold absolute paths.
+
 This layer sits below the merge methods and does not know them: ``method`` and ``options`` are
 checked against the method registry by ``mergetune.merging.methods.check_recipe``, which every
 entry point calls right after reading a recipe.
@@ -152,8 +157,17 @@ class Recipe(StrictModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        """Read a recipe from a YAML or JSON file; errors name the file and the field."""
-        return cls.parse(read_config_file(path, "recipe file", RecipeError), source=str(path))
+        """Read a recipe from a YAML or JSON file; errors name the file and the field.
+
+        Relative model paths resolve against the file's folder (see the module docstring).
+        """
+        recipe = cls.parse(read_config_file(path, "recipe file", RecipeError), source=str(path))
+        return recipe.with_paths_from(Path(path).parent)
+
+    def with_paths_from(self, folder: str | Path) -> Recipe:
+        """A copy whose relative local model paths are made absolute against ``folder``; hub ids unchanged."""
+        experts = [e.model_copy(update={"model": resolve_model_path(e.model, folder)}) for e in self.experts]
+        return self.model_copy(update={"base": resolve_model_path(self.base, folder), "experts": experts})
 
     @classmethod
     def parse(cls, data: Any, source: str = "recipe") -> Recipe:
@@ -163,6 +177,66 @@ class Recipe(StrictModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise RecipeError(f"{source}: invalid recipe:\n{format_validation_error(exc)}") from exc
+
+
+_SAFETENSORS_DTYPES: dict[str, DType] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtype(model: str | Path) -> DType | None:
+    """The one floating dtype a local safetensors model is stored in; None when unknown or mixed.
+
+    Reads only the safetensors headers (single file or the shards of an index); hub ids, ``.bin``
+    folders and float64 weights give None.
+    """
+    folder = Path(model).expanduser()
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [folder / "model.safetensors"]
+    found: set[str] = set()
+    for file in files:
+        if not file.is_file():
+            return None
+        found |= {v["dtype"] for k, v in _safetensors_header(file).items() if k != "__metadata__"}
+    floating = {d for d in found if d.startswith(("F", "BF"))}
+    return _SAFETENSORS_DTYPES.get(floating.pop()) if len(floating) == 1 else None
+
+
+def common_dtype(models: Sequence[str | Path]) -> DType:
+    """The dtype a merge of ``models`` should be written in: the one they are all stored in, else float32.
+
+    bf16 experts give a bf16 recipe (a float32 merge would be twice their size for no gain); mixed or
+    unknown dtypes keep float32, which loses nothing.
+    """
+    dtypes = {stored_dtype(m) for m in models}
+    only = dtypes.pop() if len(dtypes) == 1 else None
+    return only or "float32"
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then the JSON)."""
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(length))
+
+
+_PATH_PREFIXES = ("./", "../", "~", ".\\", "..\\")
+
+
+def resolve_model_path(value: str, folder: str | Path) -> str:
+    """``value`` as an absolute path when it is a local path relative to ``folder``; otherwise unchanged.
+
+    A local path is one written as a path (``./x``, ``../x``, ``~/x``) or one that exists under
+    ``folder``; anything else (``org/model``) is a hub id. Absolute paths are returned as they are.
+    """
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    candidate = Path(folder).expanduser() / path
+    if value.startswith(_PATH_PREFIXES) or candidate.exists():
+        return str(candidate.resolve())
+    return value
 
 
 def _map_values(spec: Any, fn: Any) -> Any:

@@ -85,6 +85,8 @@ class ModelSet:
         self.base_info = base
         self.task_names = list(task_names)
         self.expert_names = [e.name for e in experts]
+        # each expert's head label map (config id2label), written beside its head by merging.save
+        self.head_label_maps = [dict(e.config.get("id2label") or {}) for e in experts]
         self.device = torch.device(device)
         self.storage_dtype = storage_dtype
         patterns = [re.compile(p) for p in task_specific]

@@ -144,11 +144,19 @@ def _copy_tokenizer(base_folder: Path | None, out: Path) -> None:
 
 
 def _write_heads(modelset: ModelSet, out: Path) -> None:
-    for task, tensors in zip(modelset.task_names, modelset.task_tensors, strict=True):
+    """One safetensors file per task's head; its metadata holds the task and the expert's label map.
+
+    ``id2label`` (JSON) is the expert config's, so a head is never attached with its labels in another order.
+    """
+    maps = modelset.head_label_maps
+    for task, tensors, id2label in zip(modelset.task_names, modelset.task_tensors, maps, strict=True):
         if tensors:
             (out / "heads").mkdir(exist_ok=True)
             state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-            save_file(state, str(out / "heads" / f"{task}.safetensors"))
+            metadata = {"format": "pt", "task": task}
+            if id2label:
+                metadata["id2label"] = json.dumps({str(k): str(v) for k, v in id2label.items()})
+            save_file(state, str(out / "heads" / f"{task}.safetensors"), metadata=metadata)
 
 
 ScoreTable = Mapping[str, Mapping[str, float | None]]  # task -> column (e.g. "test") -> score
@@ -165,7 +173,10 @@ def model_card(recipe: Recipe, modelset: ModelSet, scores: ScoreTable | None, ab
     )
     heads = ""
     if any(modelset.task_tensors):
-        heads = "\nTask-specific tensors (classification heads) are in `heads/<task>.safetensors`.\n"
+        heads = (
+            "\nTask-specific tensors (classification heads) are in `heads/<task>.safetensors`; the metadata of "
+            "each file holds its task and label map (`id2label`, JSON).\n"
+        )
     about = f"{about}\n\n" if about else ""
     return f"""---
 {_card_metadata(recipe)}---

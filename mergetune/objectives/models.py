@@ -3,7 +3,9 @@
 A classification or unsupervised task is scored with a sequence-classification model (the
 expert's own head), a multiple-choice or language-modelling task with a causal LM. The loader
 refuses a folder that lacks the head (transformers would silently add a random one, and the task
-would score at chance) and a head whose size differs from the task's label set.
+would score at chance), a head whose size differs from the task's label set, and a head whose
+``id2label`` names the labels in another order than the task (every score would be against the
+wrong labels).
 
 ``shared_from`` builds the literature's *base* score: the pretrained base encoder with the
 expert's head. Every tensor the base checkpoint shares with the task model (names matched modulo
@@ -103,6 +105,37 @@ def check_head(task: TaskData | TaskConfig, model: nn.Module) -> None:
         name = task.name
         raise TaskError(f"task '{name}': {type(model).__name__} has no classification head (no config.num_labels)")
     task.check_head(num_labels)
+    if isinstance(task, TaskData):
+        check_label_order(task, model)
+
+
+def check_label_order(task: TaskData, model: nn.Module) -> None:
+    """Raise unless the head's ``id2label`` names (when it has real names) are the task's labels, in order."""
+    head = label_names_of(getattr(getattr(model, "config", None), "id2label", None))
+    if head is None or not task.label_names or tuple(task.label_names) == head:
+        return
+    raise TaskError(
+        f"task '{task.name}': the model's head lists its labels in the order {list(head)} (config id2label) "
+        f"but the task's order is {list(task.label_names)} ({task.label_origin or 'no origin'}); every score "
+        "would be against the wrong labels: declare labels in the head's order, or remove 'labels'"
+    )
+
+
+def label_names_of(id2label: Mapping[Any, str] | None) -> tuple[str, ...] | None:
+    """A config's ``id2label`` as names in output order; None when absent or only transformers' ``LABEL_i``.
+
+    ``LABEL_0, LABEL_1, ...`` is what transformers writes when nobody named the labels: it carries no
+    order information, so it must not override declared labels or a corpus's order.
+    """
+    if not id2label:
+        return None
+    by_index = {int(k): str(v) for k, v in id2label.items()}
+    if sorted(by_index) != list(range(len(by_index))):
+        return None
+    names = tuple(by_index[i] for i in range(len(by_index)))
+    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return None
+    return names
 
 
 def head_size(model: nn.Module) -> int | None:

@@ -6,6 +6,27 @@ source, checks every column and label against the config, de-duplicates and spli
 :mod:`mergetune.objectives.splits`) and returns a :class:`TaskData` of plain texts and integer
 labels. Nothing here knows about models or merging; evaluators consume ``TaskData``.
 
+Where the splits come from (``TaskData.split_origin``):
+
+- *given*: ``splits: {train: PATH, validation: PATH, test: PATH}`` (train optional), a folder holding
+  ``train``/``validation``/``test`` data files (``valid``, ``val`` and ``dev`` also name the
+  validation file), or a folder written by ``DatasetDict.save_to_disk`` with validation and test
+  splits. They are read as is: no re-splitting, so ``validation_size``/``test_size``/``train_size``
+  do not apply (setting them to anything but their defaults, or ``train_size`` to anything but 0, is
+  an error rather than a silent no-op). Exact repeats inside a split still collapse to one row.
+- *made by mergetune*: any other source is de-duplicated and split, stratified and seeded (see
+  :mod:`mergetune.objectives.splits`).
+
+Validation and test rows are then checked against every training source known: a given train file,
+and the data the scoring expert was trained on (``ExpertHints.training``, e.g. a zoo expert's
+record). An exact duplicate (after whitespace normalisation) is an error naming the count, unless the
+task sets ``allow_overlap: true``; allowed overlaps are kept in ``TaskData.overlaps``.
+
+Label order (``TaskData.label_origin``): declared ``labels``, else the expert head's ``id2label``
+(``ExpertHints.head_labels``; transformers' generic ``LABEL_0, LABEL_1, ...`` mean "no names"),
+else a built-in corpus's order, else the sorted distinct values. Declared labels that disagree with
+the expert's ``id2label`` are an error showing both orders.
+
 Sources, resolved in this order (``builtin:``/``hub:`` prefixes force a kind):
 
 - a built-in offline corpus name (``trec6``, ``sms_spam``, ...; see :mod:`.corpora`), whose table
@@ -37,7 +58,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mergetune.errors import TaskError
 from mergetune.objectives.corpora import CORPORA, available_corpora, get_corpus, load_corpus
-from mergetune.objectives.splits import DedupReport, Splits, stratified_split
+from mergetune.objectives.splits import DedupReport, Splits, deduplicate, example_key, stratified_split
 from mergetune.strict import StrictModel, format_validation_error
 
 Kind = Literal["classification", "multiple_choice", "lm", "unsupervised"]
@@ -54,6 +75,14 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 BUILTIN_PREFIX = "builtin:"
+#: File stems (lower case) that name a given split inside a task folder.
+SPLIT_FILE_STEMS: dict[str, tuple[str, ...]] = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test",),
+}
+DEFAULT_VALIDATION_SIZE = 300
+DEFAULT_TEST_SIZE = 500
 HUB_PREFIX = "hub:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _SHOWN = 5  # offending values or rows quoted in an error message
@@ -63,7 +92,12 @@ class TaskConfig(StrictModel):
     """One task: data source, columns, label order (the head's), metric, kind and split sizes."""
 
     name: str = Field(min_length=1, description="Task name; matches the expert's name in a recipe.")
-    source: str = Field(min_length=1, description="Built-in corpus, local file or folder, or datasets hub id.")
+    source: str | None = Field(
+        None, min_length=1, description="Built-in corpus, local file or folder, or datasets hub id (or give splits)."
+    )
+    splits: dict[SplitName, str] | None = Field(
+        None, description="Given splits read as is: {train: PATH, validation: PATH, test: PATH}; train optional."
+    )
     subset: str | None = Field(None, description="Hub configuration name (datasets' `name`), e.g. 'sst2'.")
     split: str | None = Field(None, description="Hub/folder split(s) to pool, e.g. 'train+validation'.")
     kind: Kind = "classification"
@@ -74,10 +108,13 @@ class TaskConfig(StrictModel):
     labels: list[str] | None = Field(None, description="Label names in the order of the head's outputs.")
     metric: Metric | None = Field(None, description="Defaults to the kind's first metric.")
     max_length: int = Field(128, ge=8, description="Tokens kept per example by the evaluator.")
-    validation_size: int = Field(300, ge=1)
-    test_size: int = Field(500, ge=1)
+    validation_size: int = Field(DEFAULT_VALIDATION_SIZE, ge=1, description="Made splits only.")
+    test_size: int = Field(DEFAULT_TEST_SIZE, ge=1, description="Made splits only.")
     train_size: int | None = Field(None, ge=0, description="Cap on training examples; 0: no training split.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seeds made splits.")
+    allow_overlap: bool = Field(
+        False, description="Score even when validation/test rows are exact duplicates of training rows."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -136,7 +173,13 @@ class TaskConfig(StrictModel):
         return self
 
     def _check_source(self) -> None:
-        """Static checks of the source: a known built-in name, and no hub options on a file or corpus."""
+        """Static checks of the source: one of source / splits, a known built-in name, no hub options on files."""
+        if (self.source is None) == (self.splits is None):
+            raise ValueError("give either 'source' (made or folder splits) or 'splits' (given split files)")
+        if self.splits is not None:
+            self._check_given_splits()
+            return
+        assert self.source is not None
         kind = _static_source_kind(self.source)
         if kind == "builtin" and _builtin_name(self.source) not in CORPORA:
             raise ValueError(
@@ -144,6 +187,42 @@ class TaskConfig(StrictModel):
             )
         if kind in ("builtin", "file") and (self.subset or self.split):
             raise ValueError(f"subset/split apply to hub ids and dataset folders, not to the {kind} source")
+
+    def _check_given_splits(self) -> None:
+        assert self.splits is not None
+        missing = [s for s in ("validation", "test") if s not in self.splits]
+        if missing:
+            raise ValueError(f"splits needs validation and test files (train is optional); missing: {missing}")
+        if self.subset or self.split:
+            raise ValueError("subset/split apply to hub ids and dataset folders, not to given split files")
+        unsupported = {k: v for k, v in self.splits.items() if not _data_suffix(v)}
+        if unsupported:
+            raise ValueError(f"splits: {unsupported} are not data files; use {', '.join(FILE_SUFFIXES)}")
+        reason = given_split_conflict(self)
+        if reason:
+            raise ValueError(reason)
+
+    def with_paths_from(self, folder: str | Path) -> TaskConfig:
+        """A copy whose relative local paths (source file or folder, split files) are absolute against ``folder``.
+
+        Built-in corpus names and hub ids are left as they are; a source is a local path when it has a
+        data-file suffix, is written as a path (``./x``) or exists under ``folder``.
+        """
+        update: dict[str, Any] = {}
+        if self.splits is not None:
+            update["splits"] = {k: str(local_path(v, folder).resolve()) for k, v in self.splits.items()}
+        elif self.source is not None and _static_source_kind(self.source) not in ("builtin", "hub"):
+            path = local_path(self.source, folder)
+            if _data_suffix(self.source) or self.source.startswith(("./", "../", "~")) or path.exists():
+                update["source"] = str(path.resolve())
+        return self.model_copy(update=update) if update else self
+
+    @property
+    def origin(self) -> str:
+        """The source as the user named it, for messages: the source, or the given split files."""
+        if self.source is not None:
+            return self.source
+        return ", ".join(f"{k}: {v}" for k, v in (self.splits or {}).items())
 
     def check_head(self, num_labels: int) -> None:
         """Raise unless the declared label set has as many labels as the head has outputs."""
@@ -159,11 +238,66 @@ class TaskConfig(StrictModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             name = data.get("name", "?")
-            raise TaskError(f"{source}: task '{name}': invalid task config:\n{format_validation_error(exc)}") from exc
+            raise TaskError(
+                f"{source}: task '{name}': invalid task config:\n{format_validation_error(exc)}\n{accepted_keys_line()}"
+            ) from exc
 
-    def load(self, base_dir: str | Path | None = None) -> TaskData:
+    def load(self, base_dir: str | Path | None = None, expert: ExpertHints | None = None) -> TaskData:
         """Shortcut for :func:`load_task`."""
-        return load_task(self, base_dir)
+        return load_task(self, base_dir, expert)
+
+
+def accepted_keys_line() -> str:
+    """One line listing the keys a task accepts (for errors about a task)."""
+    return f"a task accepts the keys: {', '.join(TaskConfig.model_fields)}"
+
+
+def given_split_conflict(config: TaskConfig) -> str | None:
+    """Why the split-size fields cannot apply to given splits (they are read as is), or None."""
+    changed = [
+        f"{name}: {value}"
+        for name, value, default in (
+            ("validation_size", config.validation_size, DEFAULT_VALIDATION_SIZE),
+            ("test_size", config.test_size, DEFAULT_TEST_SIZE),
+        )
+        if value != default
+    ]
+    if config.train_size not in (None, 0):
+        changed.append(f"train_size: {config.train_size}")
+    if not changed:
+        return None
+    return (
+        f"{', '.join(changed)} cannot apply: the splits are given and read as is (only train_size: 0, "
+        "to train on nothing, is accepted); remove them, or give one file to have mergetune make the splits"
+    )
+
+
+@dataclass(frozen=True)
+class ExpertHints:
+    """What the expert scoring a task tells about it (built by ``objectives.experts`` from its folder).
+
+    ``head_labels``: the head's label names in output order (its config's ``id2label``), None when the
+    expert has no head or only transformers' generic ``LABEL_i`` names. ``training``: (description,
+    example keys) of data the expert is known to have been trained on, checked against validation/test.
+    """
+
+    head_labels: tuple[str, ...] | None = None
+    head_source: str = ""
+    training: tuple[tuple[str, frozenset[str]], ...] = ()
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Validation/test rows that are exact duplicates of rows in one training source."""
+
+    split: str
+    source: str
+    count: int
+    size: int
+    example: str
+
+    def describe(self) -> str:
+        return f"{self.count} of {self.size} {self.split} rows are in {self.source} (e.g. {self.example[:60]!r})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,6 +324,10 @@ class TaskData:
     test: SplitData
     dedup: DedupReport
     source_kind: str = field(default="")
+    label_origin: str = ""  # declared / expert id2label / corpus / sorted / "" without labels
+    split_origin: str = ""  # "given (...)" or "made by mergetune (...)"
+    overlaps: tuple[Overlap, ...] = ()  # allowed overlaps (allow_overlap: true); others are errors
+    overlap_checked: tuple[str, ...] = ()  # the training sources validation and test were compared with
 
     @property
     def name(self) -> str:
@@ -211,30 +349,51 @@ class TaskData:
 
     def summary(self) -> str:
         sizes = f"train {len(self.train)}, validation {len(self.validation)}, test {len(self.test)}"
-        return f"task '{self.name}' ({self.source_kind} {self.config.source}): {sizes}; {self.dedup.summary()}"
+        return (
+            f"task '{self.name}' ({self.source_kind} {self.config.origin}): {sizes}, splits {self.split_origin}; "
+            f"{self.dedup.summary()}"
+        )
 
 
 # ---- loading ---------------------------------------------------------------------------------
 
+Columns = dict[str, list[Any]]
+_ALL = "all"  # the key of the one table of a source whose splits mergetune makes
 
-def load_task(config: TaskConfig, base_dir: str | Path | None = None) -> TaskData:
-    """Read, check, de-duplicate and split a task's data. Relative paths resolve against ``base_dir``."""
-    kind, location = resolve_source(config, base_dir)
-    columns = _read_source(config, kind, location)
-    return _build(config, kind, columns)
+
+@dataclass(frozen=True)
+class _Read:
+    """What a source gave: one table to split (``{"all": ...}``), or one table per given split."""
+
+    kind: str  # builtin / file / folder / hub / splits
+    location: str
+    tables: dict[str, Columns]
+    given: bool
+    origin: str  # where the splits come from, for TaskData.split_origin
+
+
+def load_task(config: TaskConfig, base_dir: str | Path | None = None, expert: ExpertHints | None = None) -> TaskData:
+    """Read, check and split (or take the given splits of) a task's data.
+
+    Relative paths resolve against ``base_dir``. ``expert`` (see :class:`ExpertHints`) gives the
+    head's label order and the data the expert is known to have trained on.
+    """
+    read = _read(config, base_dir)
+    return _build(config, read, expert or ExpertHints())
 
 
 def resolve_source(config: TaskConfig, base_dir: str | Path | None = None) -> tuple[str, str]:
-    """(kind, location): kind is 'builtin', 'file', 'folder' or 'hub'."""
+    """(kind, location): kind is 'builtin', 'file', 'folder', 'hub' or 'splits' (given split files)."""
+    if config.splits is not None:
+        return "splits", ", ".join(str(p) for p in _given_paths(config, base_dir).values())
+    assert config.source is not None  # TaskConfig requires source or splits
     source = config.source
     static = _static_source_kind(source)
     if static == "builtin":
         return "builtin", _builtin_name(source)
     if static == "hub":
         return "hub", source.removeprefix(HUB_PREFIX)
-    path = Path(source).expanduser()
-    if base_dir is not None and not path.is_absolute():
-        path = Path(base_dir) / path
+    path = local_path(source, base_dir)
     if static == "file":
         if not path.is_file():
             raise TaskError(f"task '{config.name}': source file not found: {path}")
@@ -246,6 +405,66 @@ def resolve_source(config: TaskConfig, base_dir: str | Path | None = None) -> tu
             f"task '{config.name}': source file {path} has an unsupported type; use one of {', '.join(FILE_SUFFIXES)}"
         )
     return "hub", source
+
+
+def planned_split_origin(config: TaskConfig, base_dir: str | Path | None = None) -> str:
+    """Whether the splits will be given or made, told before any data is read (for the search's first lines)."""
+    kind, location = resolve_source(config, base_dir)
+    if kind == "splits":
+        return "given (split files, read as is)"
+    if kind == "folder":
+        folder = Path(location)
+        if _split_files(config, folder):
+            return f"given (split files in {folder.name}, read as is)"
+        saved = folder / "dataset_dict.json"
+        if saved.is_file() and _given_dataset_splits(config, json.loads(saved.read_text()).get("splits", [])):
+            return f"given (DatasetDict splits of {folder.name}, read as is)"
+    return f"made by mergetune (stratified, seed {config.seed})"
+
+
+def local_path(value: str, base_dir: str | Path | None) -> Path:
+    """A path as written in a config: relative ones resolve against ``base_dir`` (the config's folder)."""
+    path = Path(value).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
+    return path
+
+
+def _given_paths(config: TaskConfig, base_dir: str | Path | None) -> dict[str, Path]:
+    assert config.splits is not None
+    paths = {}
+    for split, value in config.splits.items():
+        path = local_path(value, base_dir)
+        if not path.is_file():
+            raise TaskError(f"task '{config.name}': {split} file not found: {path}")
+        paths[split] = path
+    return paths
+
+
+def _read(config: TaskConfig, base_dir: str | Path | None) -> _Read:
+    kind, location = resolve_source(config, base_dir)
+    if kind == "splits":
+        files = _given_paths(config, base_dir)
+        return _given(kind, location, {s: _read_file(config, p) for s, p in files.items()}, "split files")
+    if kind == "builtin":
+        pairs = load_corpus(location)
+        columns = {"text": [t for t, _ in pairs], "label": [label for _, label in pairs]}
+        return _made(config, kind, location, columns, f"built-in corpus {location}")
+    if kind == "file":
+        return _made(config, kind, location, _read_file(config, Path(location)), f"file {Path(location).name}")
+    if kind == "folder":
+        return _read_folder(config, Path(location))
+    split = config.split or "train"
+    return _made(config, kind, location, _read_hub(config, location), f"hub split '{split}'")
+
+
+def _made(config: TaskConfig, kind: str, location: str, columns: Columns, what: str) -> _Read:
+    origin = f"made by mergetune from {what} (stratified, seed {config.seed})"
+    return _Read(kind, location, {_ALL: columns}, given=False, origin=origin)
+
+
+def _given(kind: str, location: str, tables: dict[str, Columns], what: str) -> _Read:
+    return _Read(kind, location, tables, given=True, origin=f"given ({what}, read as is)")
 
 
 def _static_source_kind(source: str) -> str | None:
@@ -269,20 +488,6 @@ def _data_suffix(source: str) -> str | None:
     if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
         suffixes = suffixes[:-1]
     return suffixes[-1] if suffixes and suffixes[-1] in FILE_SUFFIXES else None
-
-
-Columns = dict[str, list[Any]]
-
-
-def _read_source(config: TaskConfig, kind: str, location: str) -> Columns:
-    if kind == "builtin":
-        pairs = load_corpus(location)
-        return {"text": [t for t, _ in pairs], "label": [label for _, label in pairs]}
-    if kind == "file":
-        return _read_file(config, Path(location))
-    if kind == "folder":
-        return _read_folder(config, Path(location))
-    return _read_hub(config, location)
 
 
 def _read_file(config: TaskConfig, path: Path) -> Columns:
@@ -310,21 +515,82 @@ def _read_json(path: Path) -> Any:
         return pd.read_json(path, lines=True, dtype=False)
 
 
-def _read_folder(config: TaskConfig, folder: Path) -> Columns:
-    """A folder written by save_to_disk, or a folder of data files datasets.load_dataset reads."""
+def _read_folder(config: TaskConfig, folder: Path) -> _Read:
+    """A folder of split files (given), a folder written by save_to_disk, or a folder datasets.load_dataset reads."""
     # datasets: imported only for folder and hub sources (importing it takes seconds)
     import datasets
 
+    files = _split_files(config, folder)
+    if files:
+        _refuse_sizes_for_given(config, f"{folder} holds split files ({', '.join(p.name for p in files.values())})")
+        tables = {s: _read_file(config, p) for s, p in files.items()}
+        return _given("folder", str(folder), tables, f"files {', '.join(p.name for p in files.values())}")
     saved = any((folder / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
     if not saved:
-        return _read_hub(config, str(folder))
+        what = f"split '{config.split or 'train'}' of folder {folder.name}"
+        return _made(config, "folder", str(folder), _read_hub(config, str(folder)), what)
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as exc:  # any failure of the library is reported with the task and folder
         raise TaskError(f"task '{config.name}': cannot read dataset folder {folder}: {exc}") from exc
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = _pick_splits(config, loaded, str(folder))
-    return _dataset_columns(loaded)
+    if not isinstance(loaded, datasets.DatasetDict):
+        return _made(config, "folder", str(folder), _dataset_columns(loaded), f"dataset {folder.name}")
+    given = _given_dataset_splits(config, loaded)
+    if given is not None:
+        _refuse_sizes_for_given(config, f"{folder} holds the splits {sorted(loaded)}")
+        tables = {s: _dataset_columns(loaded[n]) for s, n in given.items()}
+        return _given("folder", str(folder), tables, f"DatasetDict splits {', '.join(given.values())}")
+    what = f"DatasetDict split '{config.split or 'train'}' of {folder.name}"
+    return _made(config, "folder", str(folder), _dataset_columns(_pick_splits(config, loaded, str(folder))), what)
+
+
+def _split_name(stem: str) -> str | None:
+    """'train', 'validation' or 'test' when a file stem (or DatasetDict split) names one, else None."""
+    return next((split for split, stems in SPLIT_FILE_STEMS.items() if stem.lower() in stems), None)
+
+
+def _split_files(config: TaskConfig, folder: Path) -> dict[str, Path]:
+    """Given split files in a folder (train optional); {} when the folder holds none.
+
+    A validation file without a test file (or the reverse) is an error: reading only part of the
+    given splits and making the rest from the training rows is exactly how test rows leak.
+    """
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        split = _split_name(path.name.split(".", 1)[0]) if path.is_file() and _data_suffix(path.name) else None
+        if split is not None:
+            found.setdefault(split, []).append(path)
+    repeated = {s: [p.name for p in ps] for s, ps in found.items() if len(ps) > 1}
+    if repeated:
+        raise TaskError(f"task '{config.name}': {folder} holds several files for one split: {repeated}; keep one")
+    if not ({"validation", "test"} & set(found)):
+        return {}
+    missing = [s for s in ("validation", "test") if s not in found]
+    if missing:
+        raise TaskError(
+            f"task '{config.name}': {folder} holds {sorted(p[0].name for p in found.values())} but no {missing[0]} "
+            f"file; give validation and test files (read as is), or point 'source' at one file to have "
+            "mergetune make all the splits"
+        )
+    return {s: found[s][0] for s in ("train", "validation", "test") if s in found}
+
+
+def _given_dataset_splits(config: TaskConfig, dataset_dict: Any) -> dict[str, str] | None:
+    """Split -> DatasetDict split name when the dict holds validation and test (and 'split' is not set)."""
+    if config.split is not None:
+        return None
+    names = {_split_name(n): n for n in sorted(dataset_dict)}  # 'validation' wins over 'val'
+    if "validation" not in names or "test" not in names:
+        return None
+    return {s: names[s] for s in ("train", "validation", "test") if s in names}
+
+
+def _refuse_sizes_for_given(config: TaskConfig, where: str) -> None:
+    reason = given_split_conflict(config)
+    if reason:
+        raise TaskError(f"task '{config.name}': {where}: {reason}")
+    if config.split is not None:
+        raise TaskError(f"task '{config.name}': {where}, read as is: remove 'split'")
 
 
 def _pick_splits(config: TaskConfig, dataset_dict: Any, where: str) -> Any:
@@ -382,57 +648,141 @@ def _dataset_columns(dataset: Any) -> Columns:
 # ---- checking and splitting ------------------------------------------------------------------
 
 
-def _build(config: TaskConfig, source_kind: str, columns: Columns) -> TaskData:
-    """Check columns and labels, then de-duplicate and split."""
+@dataclass(frozen=True)
+class _Table:
+    """One table's checked columns: texts, pairs, choices and the raw label strings."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    choices: list[tuple[str, ...]] | None
+    labels: list[str] | None
+
+    def keys(self) -> frozenset[str]:
+        """The example keys of every row (normalised text and pair), for the overlap check."""
+        pairs = self.pairs or [None] * len(self.texts)
+        return frozenset(example_key(t, p) for t, p in zip(self.texts, pairs, strict=True))
+
+
+def _build(config: TaskConfig, read: _Read, expert: ExpertHints) -> TaskData:
+    """Check columns and labels, split (or take the given splits), then check overlaps with training data."""
+    tables = {name: _parse_table(config, columns) for name, columns in read.tables.items()}
+    all_labels = [v for t in tables.values() for v in t.labels or ()]
+    label_names, label_origin = _label_names(config, read.kind, all_labels, expert)
+    ids = {name: _label_ids(config, label_names, t) for name, t in tables.items()}
+    if read.given:
+        parts, dedup = _given_splits(config, tables, ids)
+    else:
+        parts, dedup = _made_splits(config, tables[_ALL], ids[_ALL])
+    train_sources = [("the given train split", tables["train"].keys())] if "train" in tables else []
+    sources = [*train_sources, *expert.training]
+    overlaps = _check_overlaps(config, parts, sources)
+    return TaskData(
+        config=config,
+        label_names=label_names,
+        train=parts["train"],
+        validation=parts["validation"],
+        test=parts["test"],
+        dedup=dedup,
+        source_kind=read.kind,
+        label_origin=label_origin,
+        split_origin=read.origin,
+        overlaps=overlaps,
+        overlap_checked=tuple(description for description, _ in sources),
+    )
+
+
+def _parse_table(config: TaskConfig, columns: Columns) -> _Table:
     _require_columns(config, columns)
     texts = _text_values(config, columns, config.text_column)
     pairs = _text_values(config, columns, config.text_pair_column) if config.text_pair_column else None
     choices = _choice_values(config, columns) if config.kind == "multiple_choice" else None
-    label_names, label_ids = _label_ids(config, source_kind, columns, choices)
-    strata: Sequence[int] = label_ids if label_ids is not None else [0] * len(texts)
+    return _Table(texts, pairs, choices, _raw_labels(config, columns))
+
+
+def _take(table: _Table, label_ids: list[int] | None, rows: Sequence[int]) -> SplitData:
+    return SplitData(
+        texts=tuple(table.texts[i] for i in rows),
+        labels=None if label_ids is None else np.array([label_ids[i] for i in rows], dtype=np.int64),
+        text_pairs=None if table.pairs is None else tuple(table.pairs[i] for i in rows),
+        choices=None if table.choices is None else tuple(table.choices[i] for i in rows),
+    )
+
+
+def _made_splits(
+    config: TaskConfig, table: _Table, label_ids: list[int] | None
+) -> tuple[dict[str, SplitData], DedupReport]:
+    """De-duplicate and split one table (stratified by label, seeded)."""
+    strata: Sequence[int] = label_ids if label_ids is not None else [0] * len(table.texts)
     try:
         splits = stratified_split(
-            texts,
+            table.texts,
             strata,
             validation_size=config.validation_size,
             test_size=config.test_size,
             train_size=config.train_size,
             seed=config.seed,
-            text_pairs=pairs,
+            text_pairs=table.pairs,
         )
     except ValueError as exc:
         raise TaskError(
             f"task '{config.name}': column '{config.text_column}': {exc}; lower validation_size/test_size"
         ) from exc
     _require_nonempty(config, splits)
+    parts = {name: _take(table, label_ids, getattr(splits, name)) for name in ("train", "validation", "test")}
+    return parts, splits.dedup
 
-    def take(rows: tuple[int, ...]) -> SplitData:
-        return SplitData(
-            texts=tuple(texts[i] for i in rows),
-            labels=None if label_ids is None else np.array([label_ids[i] for i in rows], dtype=np.int64),
-            text_pairs=None if pairs is None else tuple(pairs[i] for i in rows),
-            choices=None if choices is None else tuple(choices[i] for i in rows),
+
+def _given_splits(
+    config: TaskConfig, tables: dict[str, _Table], ids: dict[str, list[int] | None]
+) -> tuple[dict[str, SplitData], DedupReport]:
+    """Each given split as is, in its own row order; exact repeats inside one split collapse to one row."""
+    parts: dict[str, SplitData] = {}
+    reports = []
+    for name in ("train", "validation", "test"):
+        if name not in tables or (name == "train" and config.train_size == 0):
+            parts[name] = SplitData(texts=(), labels=None if config.label_column is None else np.zeros(0, np.int64))
+            continue
+        table, label_ids = tables[name], ids[name]
+        strata: Sequence[int] = label_ids if label_ids is not None else [0] * len(table.texts)
+        rows, report = deduplicate(table.texts, strata, table.pairs)
+        if not rows:
+            raise TaskError(f"task '{config.name}': the given {name} split is empty ({report.summary()})")
+        parts[name] = _take(table, label_ids, sorted(rows))
+        reports.append(report)
+    dedup = DedupReport(*(sum(getattr(r, f) for r in reports) for f in DedupReport.__dataclass_fields__))
+    return parts, dedup
+
+
+def _check_overlaps(
+    config: TaskConfig, parts: dict[str, SplitData], sources: Sequence[tuple[str, frozenset[str]]]
+) -> tuple[Overlap, ...]:
+    """Validation/test rows that are exact duplicates of a training source's rows: an error unless allowed."""
+    found = []
+    for description, keys in sources:
+        for split in ("validation", "test"):
+            data = parts[split]
+            pairs = data.text_pairs or [None] * len(data)
+            hits = [t for t, p in zip(data.texts, pairs, strict=True) if example_key(t, p) in keys]
+            if hits:
+                found.append(Overlap(split, description, len(hits), len(data), hits[0]))
+    if found and not config.allow_overlap:
+        raise TaskError(
+            f"task '{config.name}': validation/test rows are exact duplicates of training rows (after whitespace "
+            f"normalisation): {'; '.join(o.describe() for o in found)}. Their scores would be inflated: remove "
+            "those rows, or set allow_overlap: true to score them anyway"
         )
-
-    return TaskData(
-        config=config,
-        label_names=label_names,
-        train=take(splits.train),
-        validation=take(splits.validation),
-        test=take(splits.test),
-        dedup=splits.dedup,
-        source_kind=source_kind,
-    )
+    return tuple(found)
 
 
 def _require_nonempty(config: TaskConfig, splits: Splits) -> None:
     """No split may be empty, except train when ``train_size`` is 0 (an evaluation-only task)."""
     for split_name, rows in (("train", splits.train), ("validation", splits.validation), ("test", splits.test)):
         if not rows and not (split_name == "train" and config.train_size == 0):
+            hint = "; or set train_size: 0 for an evaluation-only task" if split_name == "train" else ""
             raise TaskError(
                 f"task '{config.name}': column '{config.text_column}': the {split_name} split is empty "
                 f"({splits.dedup.summary()}; validation_size {config.validation_size}, test_size {config.test_size}); "
-                "lower them or add data"
+                f"lower them or add data{hint}"
             )
 
 
@@ -448,7 +798,7 @@ def _require_columns(config: TaskConfig, columns: Columns) -> None:
     for role, column in wanted:
         if column is not None and column not in columns:
             raise TaskError(
-                f"task '{config.name}': column '{column}' ({role}) not found in {config.source}; "
+                f"task '{config.name}': column '{column}' ({role}) not found in {config.origin}; "
                 f"the columns are {list(columns)}"
             )
     if not columns[config.text_column]:
@@ -490,15 +840,10 @@ def _label_string(value: Any) -> str | None:
     return str(value).strip()
 
 
-def _label_ids(
-    config: TaskConfig, source_kind: str, columns: Columns, choices: list[tuple[str, ...]] | None
-) -> tuple[tuple[str, ...], list[int] | None]:
-    """(label names, integer label per row); no per-row labels for lm and label-free unsupervised tasks.
-
-    A label-free unsupervised task still reports its declared ``labels``: they size the head it is scored with.
-    """
+def _raw_labels(config: TaskConfig, columns: Columns) -> list[str] | None:
+    """The label column as strings (None without one); missing labels are an error naming the rows."""
     if config.label_column is None:
-        return tuple(config.labels or ()), None
+        return None
     raw = [_label_string(v) for v in columns[config.label_column]]
     missing = [i for i, v in enumerate(raw) if v is None]
     if missing:
@@ -506,12 +851,19 @@ def _label_ids(
             f"task '{config.name}': column '{config.label_column}' has {len(missing)} missing labels "
             f"(rows {missing[:_SHOWN]}{', ...' if len(missing) > _SHOWN else ''})"
         )
-    labels: list[str] = [v for v in raw if v is not None]
-    if choices is not None:
-        return (), _choice_ids(config, labels, choices)
-    names = _label_names(config, source_kind, labels)
+    return [v for v in raw if v is not None]
+
+
+def _label_ids(config: TaskConfig, names: tuple[str, ...], table: _Table) -> list[int] | None:
+    """Integer label per row: index into ``names``, or of the right choice; None without labels."""
+    if table.labels is None:
+        return None
+    if table.choices is not None:
+        return _choice_ids(config, table.labels, table.choices)
+    if names and _are_head_indices(table.labels, names):
+        return [int(v) for v in table.labels]
     known = set(names)
-    unknown = Counter(v for v in labels if v not in known)
+    unknown = Counter(v for v in table.labels if v not in known)
     if unknown:
         shown = ", ".join(f"'{v}' ({n} rows)" for v, n in unknown.most_common(_SHOWN))
         raise TaskError(
@@ -519,22 +871,42 @@ def _label_ids(
             f"{list(names)}: {shown}{', ...' if len(unknown) > _SHOWN else ''}"
         )
     index = {name: i for i, name in enumerate(names)}
-    return names, [index[v] for v in labels]
+    return [index[v] for v in table.labels]
 
 
-def _label_names(config: TaskConfig, source_kind: str, labels: list[str]) -> tuple[str, ...]:
-    """Declared labels, else a built-in corpus's label order, else the sorted distinct values."""
+def _are_head_indices(labels: Sequence[str], names: tuple[str, ...]) -> bool:
+    """Integer labels 0..n-1 where no label is a name of the head: the head's output indices (HF's convention)."""
+    values = set(labels)
+    return not (values & set(names)) and all(v.isdigit() and int(v) < len(names) for v in values)
+
+
+def _label_names(
+    config: TaskConfig, source_kind: str, labels: list[str], expert: ExpertHints
+) -> tuple[tuple[str, ...], str]:
+    """(label names in the head's order, where that order came from); see the module docstring."""
+    head = expert.head_labels
     if config.labels is not None:
-        return tuple(config.labels)
+        if head is not None and tuple(config.labels) != head:
+            raise TaskError(
+                f"task '{config.name}': the declared labels {list(config.labels)} disagree with the expert head's "
+                f"order {list(head)} ({expert.head_source}); declare them in the head's order, or remove 'labels'"
+            )
+        return tuple(config.labels), "declared" + (" (matches the expert's id2label)" if head else "")
+    if config.label_column is None or config.kind == "multiple_choice":
+        return (), ""
+    if head is not None:
+        how = " (the data's labels are its output indices)" if _are_head_indices(labels, head) else ""
+        return head, f"expert id2label ({expert.head_source}){how}"
     if source_kind == "builtin":
-        return get_corpus(_builtin_name(config.source)).labels
+        assert config.source is not None
+        return get_corpus(_builtin_name(config.source)).labels, "corpus"
     found = sorted(set(labels), key=_natural_key)
     if len(found) < 2:
         raise TaskError(
             f"task '{config.name}': column '{config.label_column}' holds a single label {found}; "
             "a classifier needs at least 2 (declare 'labels' to fix the head's label set)"
         )
-    return tuple(found)
+    return tuple(found), "sorted (no label names from the expert: declare labels to fix the order)"
 
 
 def _natural_key(label: str) -> tuple[int, float, str]:

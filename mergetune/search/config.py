@@ -18,8 +18,8 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from mergetune.errors import MergetuneError, read_config_file
 from mergetune.merging.methods import get_method
-from mergetune.objectives.tasks import TaskConfig
-from mergetune.recipe import SEED_LIMIT, Expert
+from mergetune.objectives.tasks import TaskConfig, accepted_keys_line
+from mergetune.recipe import SEED_LIMIT, Expert, resolve_model_path
 from mergetune.search.optimizers import optimizer_class
 from mergetune.search.space import DENSITY_DOMAIN, FloatRange, MethodSpace, OptionSpec, ParamRange, check_domain
 from mergetune.strict import StrictModel, format_validation_error
@@ -258,8 +258,26 @@ class SearchConfig(_Section):
 
     @classmethod
     def load(cls, path: str | Path) -> SearchConfig:
+        """Read and validate a config file; relative model and data paths resolve against its folder."""
         data = read_config_file(path, "search config", SearchConfigError)
         try:
-            return cls.model_validate(data)
+            config = cls.model_validate(data)
         except ValidationError as exc:
-            raise SearchConfigError(f"{path}: invalid search config:\n{format_validation_error(exc)}") from exc
+            about_tasks = any(error["loc"][:1] == ("tasks",) for error in exc.errors())
+            hint = f"\n{accepted_keys_line()}" if about_tasks else ""
+            raise SearchConfigError(f"{path}: invalid search config:\n{format_validation_error(exc)}{hint}") from exc
+        return config.with_paths_from(Path(path).parent)
+
+    def with_paths_from(self, folder: Path) -> SearchConfig:
+        """A copy whose relative input paths (base, experts, task data) are absolute against ``folder``.
+
+        Output and storage stay relative to the working directory: they say where results go.
+        """
+        experts = [e.model_copy(update={"model": resolve_model_path(e.model, folder)}) for e in self.models.experts]
+        models_update: dict[str, Any] = {"experts": experts}
+        if self.models.base is not None:
+            models_update["base"] = resolve_model_path(self.models.base, folder)
+        update: dict[str, Any] = {"models": self.models.model_copy(update=models_update)}
+        if self.tasks is not None:
+            update["tasks"] = [t.with_paths_from(folder) for t in self.tasks]
+        return self.model_copy(update=update)

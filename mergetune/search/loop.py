@@ -46,7 +46,7 @@ from mergetune.merging.layer_groups import build_layer_groups
 from mergetune.merging.loading import tensor_names
 from mergetune.merging.methods import get_method
 from mergetune.objectives.zoo import build_zoo
-from mergetune.recipe import Expert, Recipe
+from mergetune.recipe import Expert, Recipe, common_dtype
 from mergetune.search import records as R
 from mergetune.search.binding import check_binding, check_study, stamp
 from mergetune.search.config import SearchConfig
@@ -137,7 +137,9 @@ def resolve_models(config: SearchConfig, console: Any = None) -> ResolvedModels:
     if config.models.zoo is not None:
         zoo = build_zoo(config.models.zoo, console=console)
         tasks = [t.model_dump(mode="json") for t in zoo.tasks.values()]
-        return ResolvedModels(str(zoo.base), {t: str(p) for t, p in zoo.experts.items()}, tasks)
+        # absolute: the recipes the search writes must work from any folder
+        experts = {t: str(p.resolve()) for t, p in zoo.experts.items()}
+        return ResolvedModels(str(zoo.base.resolve()), experts, tasks)
     assert config.models.base is not None and config.tasks is not None
     by_name = {t.name: t for t in config.tasks}
     experts = {e.name: e.model for e in config.models.experts}
@@ -188,6 +190,7 @@ def build_space(config: SearchConfig, models: ResolvedModels) -> SearchSpace:
         seed=config.seed,
         trust_remote_code=config.models.trust_remote_code,
         allow_tokenizer_mismatch=config.models.allow_tokenizer_mismatch,
+        dtype=common_dtype([models.base, *models.experts.values()]),
     )
 
 

@@ -41,7 +41,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from pydantic import ConfigDict, Field, model_validator
 
 from mergetune.merging.methods import METHODS, get_method
-from mergetune.recipe import Expert, Grouping, Recipe, resolve_parameter
+from mergetune.recipe import DType, Expert, Grouping, Recipe, resolve_parameter
 from mergetune.strict import StrictModel
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ class SearchSpace:
         seed: int = 0,
         trust_remote_code: bool = False,
         allow_tokenizer_mismatch: bool = False,
+        dtype: DType = "float32",
     ) -> None:
         if not methods:
             raise ValueError("the search space needs at least one method")
@@ -164,6 +165,7 @@ class SearchSpace:
         self.model_flags = {
             "trust_remote_code": trust_remote_code,
             "allow_tokenizer_mismatch": allow_tokenizer_mismatch,
+            "dtype": dtype,  # the experts' (recipe.common_dtype): bf16 experts give a bf16 merge
         }
         self._weight = weight
         self._density = density

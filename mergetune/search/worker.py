@@ -31,6 +31,7 @@ from mergetune.errors import MergetuneError
 from mergetune.merging.engine import DTYPES, Merger
 from mergetune.merging.methods import get_method
 from mergetune.merging.modelset import ModelSet
+from mergetune.objectives.experts import load_for_expert
 from mergetune.objectives.models import load_task_model
 from mergetune.objectives.suite import ValidationSuite
 from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData
@@ -76,7 +77,7 @@ class Worker:
         self.setup = setup
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         configs = [TaskConfig.model_validate(t) for t in setup.tasks]
-        tasks = [c.load() for c in configs]
+        tasks = [load_for_expert(c, setup.experts.get(c.name)) for c in configs]  # labels in the head's order
         self._search_tasks, self._holdout_tasks = zip(
             *(split_holdout(t, setup.holdout_fraction, setup.seed) for t in tasks), strict=True
         )

@@ -73,7 +73,8 @@ def _configs_from_file(path: Path) -> dict[str, TaskConfig]:
     items = data.get("tasks") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise MergetuneError(f"{path}: expected a list of task configs (or a mapping with a 'tasks' list)")
-    configs = [TaskConfig.parse(item, source=str(path)) for item in items]
+    # relative data paths resolve against the tasks file, not the working directory
+    configs = [TaskConfig.parse(item, source=str(path)).with_paths_from(path.parent) for item in items]
     return {c.name: c for c in configs}
 
 

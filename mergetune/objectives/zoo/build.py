@@ -175,11 +175,16 @@ class _BuildProgress:
 
     def __init__(self, console: Console | None, enabled: bool, n_experts: int) -> None:
         self._progress = None
-        if console is not None and enabled:
+        # without a terminal (a log file, nohup) a live bar prints nothing until the end: plain lines instead
+        self._plain = console if console is not None and enabled and not console.is_terminal else None
+        self._done = 0
+        self._started = 0.0
+        if console is not None and enabled and self._plain is None:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             self._progress = Progress(*columns, console=console)
         self._n = n_experts
         self._experts: Any = None
+        self._task = ""
         self._steps: Any = None
 
     def __enter__(self) -> _BuildProgress:
@@ -193,6 +198,9 @@ class _BuildProgress:
             self._progress.__exit__(*exc)
 
     def start_expert(self, task: str) -> None:
+        self._task, self._started = task, time.perf_counter()
+        if self._plain is not None:
+            self._plain.print(f"zoo expert {self._done + 1}/{self._n} '{task}': started", markup=False, highlight=False)
         if self._progress is not None:
             self._progress.update(self._experts, description=f"experts ({task})")
             self._steps = self._progress.add_task(f"  {task} steps", total=None)
@@ -202,6 +210,11 @@ class _BuildProgress:
             self._progress.update(self._steps, total=total, advance=1)
 
     def finish_expert(self) -> None:
+        self._done += 1
+        if self._plain is not None:
+            seconds = time.perf_counter() - self._started
+            line = f"zoo expert {self._done}/{self._n} '{self._task}': ready ({seconds:.1f}s)"
+            self._plain.print(line, markup=False, highlight=False)
         if self._progress is not None:
             self._progress.remove_task(self._steps)
             self._progress.advance(self._experts)
