@@ -161,3 +161,108 @@ def test_default_rules_export_in_distribution_with_counts_and_really_differ(
     assert "tie_rule: mergekit" in exported.yaml
     differing = sum(int((o != t).sum()) for _, o, t in ours_and_theirs(merger, bf16_llama, name, mergekit_out[name]))
     assert differing > 0  # the counted ties change the weights: the label is not over-cautious
+
+
+# ---- the rules on hand-made tensors --------------------------------------------------------------------
+# Three tasks, one tensor of 7 entries (base 0, so τ is exact). Entries 0 and 6 cancel exactly:
+# (1, 1, −2) has a positive majority of signs, (1, −1, 0) none. The other elected signs are
+# +, +, −, −, −: the model-wide majority is −1.
+CANCEL_TAU = torch.tensor([[1.0, 1, 1, -1, -3, -1, 1], [1, 1, 1, -1, 1, -1, -1], [-2, 1, -1, -1, 1, 1, 0]])
+# official dis-mean of the entries agreeing with γ, per rule
+CANCEL_EXPECTED = {
+    "entry_majority": [1.0, 1, 1, -1, -3, -1, 0],  # entry 6: no majority, dropped
+    "plus_one": [1.0, 1, 1, -1, -3, -1, 1],
+    "model_majority": [-2.0, 1, 1, -1, -3, -1, -1],
+}
+
+
+def hand_modelset(tau: torch.Tensor) -> ModelSet:
+    base = {"w": torch.zeros(1, tau.shape[1])}
+    experts = [(t, {"w": tau[i].reshape(1, -1).clone()}) for i, t in enumerate(TASKS[: tau.shape[0]])]
+    return ModelSet.load(base, experts)
+
+
+def hand_recipe(method: str, **fields: Any) -> Recipe:
+    experts = [{"name": t, "model": "x"} for t in TASKS]
+    return Recipe.model_validate({"base": "b", "experts": experts, "method": method, **fields})
+
+
+@pytest.mark.parametrize("rule", list(CANCEL_EXPECTED))
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties"])
+def test_sign_cancel_rules(rule: str, method: str) -> None:
+    """At density 1 (no trim, no drop, no band) every consensus method is TIES' election: the rules decide."""
+    options = {"sign_cancel": rule, "disjoint": "mean", "weights": "after_election"}
+    if method == "breadcrumbs_ties":
+        options["gamma"] = 0.0
+    recipe = hand_recipe(method, weight=1.0, density=1.0, options=options)
+    merged = Merger(hand_modelset(CANCEL_TAU), compile=False).merge(recipe)["w"]
+    assert merged.reshape(-1).tolist() == CANCEL_EXPECTED[rule]
+
+
+def test_model_majority_is_the_sign_of_the_whole_model() -> None:
+    """Flip the non-cancelling entries: the model-wide majority turns +1 and decides entries 0 and 6."""
+    tau = CANCEL_TAU.clone()
+    tau[:, 1:6] = -tau[:, 1:6]
+    recipe = hand_recipe("ties", weight=1.0, density=1.0, options={"sign_cancel": "model_majority"})
+    merged = Merger(hand_modelset(tau), compile=False).merge(recipe)["w"].reshape(-1)
+    assert merged[[0, 6]].tolist() == [1.0, 1.0]
+
+
+# One task's τ with heavy ties: 12 entries, magnitudes 3 (×2), 2 (×4), 1 (×6).
+TIED = torch.tensor([[2.0, -1, 1, 3, -2, 1, -1, 2, 1, -3, -2, 1]])
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.75])
+def test_tie_rules_of_the_ties_trim(density: float) -> None:
+    """keep_ties keeps every tie of the k-th largest, official int(d·n) + 1 and its ties, mergekit exactly k."""
+    ms = ModelSet.load({"w": torch.zeros(1, 12)}, [("math", {"w": TIED.clone()})])
+    kept = {}
+    for rule in ("keep_ties", "official", "mergekit"):
+        recipe = Recipe.model_validate(
+            {
+                "base": "b",
+                "experts": [{"name": "math", "model": "x"}],
+                "method": "ties",
+                "weight": 1.0,
+                "density": density,
+                "options": {"scope": "tensor", "tie_rule": rule},
+            }
+        )
+        kept[rule] = Merger(ms, compile=False).merge(recipe)["w"].reshape(-1)
+    k = int(density * 12)  # 3, 6, 9: the k-th largest magnitude is 2, 2 and 1
+    magnitude = TIED.abs().reshape(-1)
+    kth = magnitude.sort(descending=True).values[k - 1]
+    assert torch.equal(kept["keep_ties"], torch.where(magnitude >= kth, TIED.reshape(-1), 0.0))
+    kth_official = magnitude.sort(descending=True).values[k]
+    assert torch.equal(kept["official"], torch.where(magnitude >= kth_official, TIED.reshape(-1), 0.0))
+    assert int((kept["mergekit"] != 0).sum()) == k
+
+
+@needs_mergekit
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.9])
+def test_mergekit_tie_rule_selects_what_mergekit_sparsify_selects(bf16_llama: ModelDirs, density: float) -> None:
+    """Against mergekit 0.1.5's own ``magnitude`` and ``magnitude_outliers`` on every bf16 tensor, per expert.
+
+    One expert at a time, weight 1: TIES' Δ is then the trimmed τ and Breadcrumbs' the band of τ.
+    """
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    base, experts = bf16_llama
+    for task, folder in experts.items():
+        ms = ModelSet.load(str(base), [(task, str(folder))])
+        solo = {"base": str(base), "experts": [{"name": task, "model": str(folder)}], "weight": 1.0}
+        ties = Recipe.model_validate(
+            {**solo, "method": "ties", "density": density, "options": {"scope": "tensor", "tie_rule": "mergekit"}}
+        )
+        band = Recipe.model_validate(
+            {**solo, "method": "breadcrumbs", "density": density, "options": {**BAND, "tie_rule": "mergekit"}}
+        )
+        merger = Merger(ms, compile=False)
+        ours_ties = {k: v.clone() for k, v in merger.merge(ties).items()}
+        ours_band = {k: v.clone() for k, v in merger.merge(band).items()}
+        for seg in ms.segments:
+            tau, theta0 = ms.task_vector(0, seg.name), ms.base_tensor(seg.name)
+            if int(density * tau.numel()) == 0:
+                continue  # mergekit keeps max(1, ·): a count difference, reported apart
+            assert torch.equal(ours_ties[seg.name], theta0 + magnitude(tau, density)), seg.name
+            assert torch.equal(ours_band[seg.name], theta0 + magnitude_outliers(tau, density, gamma=0.05)), seg.name
