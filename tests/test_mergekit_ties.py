@@ -266,3 +266,28 @@ def test_mergekit_tie_rule_selects_what_mergekit_sparsify_selects(bf16_llama: Mo
                 continue  # mergekit keeps max(1, ·): a count difference, reported apart
             assert torch.equal(ours_ties[seg.name], theta0 + magnitude(tau, density)), seg.name
             assert torch.equal(ours_band[seg.name], theta0 + magnitude_outliers(tau, density, gamma=0.05)), seg.name
+
+
+RULE_VARIANTS = {
+    "ties_mergekit_global": ("ties", {"scope": "global", "tie_rule": "mergekit", "sign_cancel": "model_majority"}),
+    "ties_mergekit_row": ("ties", {"scope": "row", "tie_rule": "mergekit", "sign_cancel": "plus_one"}),
+    "ties_official": ("ties", {"scope": "tensor", "tie_rule": "official", "sign_cancel": "model_majority"}),
+    "breadcrumbs_mergekit": ("breadcrumbs", {"scope": "row", "tie_rule": "mergekit"}),
+    "breadcrumbs_ties_mergekit": ("breadcrumbs_ties", {"scope": "global", "tie_rule": "mergekit"}),
+    "dare_ties_majority": ("dare_ties", {"sign_cancel": "model_majority", "trim_density": 0.5}),
+    "della_majority": ("della", {"sign_cancel": "model_majority"}),
+}
+
+
+@pytest.mark.parametrize("name", list(RULE_VARIANTS))
+def test_new_rules_do_not_depend_on_chunking(name: str, merger: Merger) -> None:
+    """The rank scores and the model-wide pre-pass follow whole tensors, whatever the chunk size."""
+    method, options = RULE_VARIANTS[name]
+    recipe = recipe_of(
+        (Path(str(merger.modelset.base_folder)), {t: Path("x") for t in TASKS}),
+        {"method": method, "weight": 0.7, "density": 0.4, "options": options},
+    )
+    whole = {k: v.clone() for k, v in merger.merge(recipe).items()}
+    chunked = Merger(merger.modelset, compile=False, chunk_size=7).merge(recipe)
+    for tensor, value in whole.items():
+        assert torch.equal(chunked[tensor], value), tensor

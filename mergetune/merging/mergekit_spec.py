@@ -381,6 +381,16 @@ def scope_differences(scope: Any, what: str) -> list[str]:
     ]
 
 
+def cancel_note(sign_cancel: str) -> list[str]:
+    """For a random method (no audit: its draws differ anyway), the sign rule where a weighted sum cancels."""
+    if sign_cancel == "plus_one":
+        return []
+    return [
+        f"sign_cancel: {sign_cancel}: where the weighted sign sum of an entry cancels exactly (rare after random "
+        "rescaling), mergekit elects +1; set options.sign_cancel: plus_one for mergekit's rule"
+    ]
+
+
 def random_note(t: ExportTables) -> str:
     return (
         "random masks: mergekit draws them from torch's RNG (mergekit-yaml --random-seed N), mergetune from a "

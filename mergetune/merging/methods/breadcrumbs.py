@@ -63,6 +63,7 @@ from mergetune.merging.mergekit_spec import (
 )
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.methods.ties import (
+    MERGEKIT_RULES,
     ConsensusOptions,
     Disjoint,
     WeightsAt,
@@ -203,9 +204,10 @@ def breadcrumbs_from_mergekit(r: ImportTables) -> ImportedValues:
     gamma = uniform_scalar(r.per_model["gamma"], "gamma", diffs)
     diffs += count_report(r.names, r.tasks, band_mismatch(r.numel, density, gamma), "outlier band")
     if r.method == "breadcrumbs":
-        weight, options = linear_weights(r, r.per_model["weight"]), {}
+        weight, options = linear_weights(r, r.per_model["weight"]), {"tie_rule": "mergekit"}
     else:
         weight, options = inverse_consensus(r, np.ones_like(density), diffs)
+        options.update(MERGEKIT_RULES)
     return ImportedValues(r.method, weight, density, {"scope": "tensor", "gamma": gamma, **options}, diffs)
 
 

@@ -52,6 +52,7 @@ from mergetune.merging.mergekit_spec import (
     MergekitInverse,
     MergekitSpec,
     Translation,
+    cancel_note,
     consensus,
     gta_parameters,
     inverse_consensus,
@@ -175,6 +176,7 @@ def dare_to_mergekit(t: ExportTables) -> Translation:
         tr = Translation("dare_linear", {"weight": t.weight * c, "density": density}, {"normalize": False})
     tr.shared["rescale"] = False
     tr.notes.append(random_note(t))
+    tr.notes += cancel_note(getattr(opts, "sign_cancel", "plus_one"))
     return tr
 
 
@@ -191,7 +193,7 @@ def dare_from_mergekit(r: ImportTables) -> ImportedValues:
         weight = linear_weights(r, r.per_model["weight"] / c)
         return ImportedValues("dare_linear", weight, density, options, diffs, use)
     weight, consensus_options = inverse_consensus(r, c, diffs)
-    options = {"scope": "tensor", **options, **consensus_options}
+    options = {"scope": "tensor", **options, **consensus_options, "sign_cancel": "plus_one"}
     return ImportedValues("dare_ties", weight, density, options, diffs, use)
 
 

@@ -42,6 +42,7 @@ from mergetune.merging.mergekit_spec import (
     MergekitSpec,
     MergekitUnsupported,
     Translation,
+    cancel_note,
     consensus,
     flag,
     groups_text,
@@ -162,6 +163,7 @@ def della_to_mergekit(t: ExportTables) -> Translation:
             "not entry by entry (exact in distribution only with epsilon: 0)",
         )
     tr.notes.append(random_note(t))
+    tr.notes += cancel_note(getattr(opts, "sign_cancel", "plus_one"))
     return tr
 
 
@@ -195,6 +197,7 @@ def della_from_mergekit(r: ImportTables) -> ImportedValues:
         diffs.append("della with normalize: false sums the agreeing entries; mergetune's della takes the weighted mean")
     weight, options = inverse_consensus(r, c, diffs, normalize=True)
     options.pop("disjoint")
+    options["sign_cancel"] = "plus_one"  # mergekit's election where the weighted sum cancels
     return ImportedValues("della", weight, density, {"epsilon": epsilon, **options}, diffs)
 
 

@@ -63,6 +63,7 @@ Disjoint = Literal["mean", "sum", "weighted_mean"]
 WeightsAt = Literal["after_election", "before_election"]
 TieRule = Literal["keep_ties", "mergekit", "official"]
 SignCancel = Literal["entry_majority", "model_majority", "plus_one"]
+MERGEKIT_RULES = {"tie_rule": "mergekit", "sign_cancel": "plus_one"}  # what an imported mergekit merge does
 ValuesFn = Callable[..., list[torch.Tensor]]  # (tau [T, R, L], **args) -> per-task sparsified values
 
 
@@ -224,7 +225,7 @@ def ties_from_mergekit(r: ImportTables) -> ImportedValues:
     density = r.per_model["density"]
     diffs += count_report(r.names, r.tasks, topk_mismatch(r.numel, density), "mergekit max(1, ⌊d·n⌋)")
     weight, options = inverse_consensus(r, np.ones_like(density), diffs)
-    return ImportedValues("ties", weight, density, {"scope": "tensor", **options}, diffs)
+    return ImportedValues("ties", weight, density, {"scope": "tensor", **MERGEKIT_RULES, **options}, diffs)
 
 
 class Ties(ChunkMethod):
