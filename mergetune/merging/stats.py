@@ -116,7 +116,9 @@ def sort_order_scores(magnitude: torch.Tensor, descending: bool) -> torch.Tensor
     ``torch.argsort(w, descending=True)`` for ``magnitude``, ``torch.sort(w).indices`` for
     ``magnitude_outliers``): torch's CPU sort is not stable, but it is deterministic for the same
     values in the same order (any thread count), so tied magnitudes land in mergekit's order, bit for
-    bit. ``descending``: score = n − 1 − position in the descending order; else the ascending position.
+    bit. This is mergekit run on the CPU (``mergekit-yaml``'s default); with ``--cuda`` its sort is
+    CUDA's, whose order of ties differs. The scores are computed on the CPU whatever the store's device.
+    ``descending``: score = n − 1 − position in the descending order; else the ascending position.
     """
     w = magnitude.detach().to("cpu", torch.float32)
     order = torch.sort(w, dim=-1, descending=descending).indices

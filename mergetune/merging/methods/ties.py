@@ -92,7 +92,9 @@ class TiesOptions(ConsensusOptions):
     )
 
 
-def ties_values(tau: torch.Tensor, threshold: torch.Tensor, score: torch.Tensor | None = None, **_: Any) -> list:
+def ties_values(
+    tau: torch.Tensor, threshold: torch.Tensor, score: torch.Tensor | None = None, **_: Any
+) -> list[torch.Tensor]:
     """Per task, τ_t where its ranking score (|τ_t|, or ``score``, a sort-order rank) reaches the threshold."""
     scores = [None] * tau.shape[0] if score is None else score.unbind(0)
     return [trim(t, thr, s) for t, thr, s in zip(tau.unbind(0), threshold.unbind(0), scores, strict=True)]
