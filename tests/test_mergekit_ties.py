@@ -24,7 +24,7 @@ import yaml
 from conftest import ModelDirs, perturb_, seeded, tiny_llama_config
 from safetensors.torch import load_file
 
-from mergetune.export.mergekit import export_mergekit
+from mergetune.export.mergekit import ExportError, export_mergekit
 from mergetune.merging.engine import Merger
 from mergetune.merging.modelset import ModelSet
 from mergetune.recipe import Recipe
@@ -291,3 +291,35 @@ def test_new_rules_do_not_depend_on_chunking(name: str, merger: Merger) -> None:
     chunked = Merger(merger.modelset, compile=False, chunk_size=7).merge(recipe)
     for tensor, value in whole.items():
         assert torch.equal(chunked[tensor], value), tensor
+
+
+def test_official_tie_rule_is_a_listed_difference(bf16_llama: ModelDirs) -> None:
+    """The official code's int(d·n) + 1 is another count than mergekit's: refused, or written as approximate."""
+    spec = {**TIES, "options": {**TIES["options"], "tie_rule": "official", "sign_cancel": "plus_one"}}
+    recipe = recipe_of(bf16_llama, spec)
+    with pytest.raises(ExportError, match="tie_rule: official"):
+        export_mergekit(recipe)
+    assert export_mergekit(recipe, approximate=True).faithful == "approximate"
+
+
+# Entries 0 (1, 1, −2) and 6 (1, −1, 0) cancel: entry 0's own majority is +1, mergekit's choice; entry 6
+# has none (dropped); the model-wide majority is −1 and flips both.
+@pytest.mark.parametrize(("rule", "differing"), [("entry_majority", 1), ("model_majority", 2), ("plus_one", 0)])
+def test_cancel_counts_follow_the_recipe_rule(tmp_path: Path, rule: str, differing: int) -> None:
+    """On the hand-made cancels (model-wide majority −1): only plus_one makes the same choice as mergekit."""
+    from safetensors.torch import save_file
+
+    for i, name in enumerate(("base", *TASKS)):
+        (tmp_path / name).mkdir()
+        values = torch.zeros(1, 7) if name == "base" else CANCEL_TAU[i - 1].reshape(1, -1).clone()
+        save_file({"w": values}, str(tmp_path / name / "model.safetensors"))
+    options = {"scope": "tensor", "tie_rule": "mergekit", "sign_cancel": rule, "weights": "before_election"}
+    recipe = recipe_of(
+        (tmp_path / "base", {t: tmp_path / t for t in TASKS}),
+        {"method": "ties", "weight": 1.0, "density": 1.0, "options": {**options, "disjoint": "weighted_mean"}},
+    )
+    exported = export_mergekit(recipe)
+    assert exported.faithful == ("in distribution" if differing else "exact")
+    if differing:
+        counted = f"{differing} entries whose weighted sign sum cancels exactly"
+        assert any(n.startswith(counted) for n in exported.notes), exported.notes

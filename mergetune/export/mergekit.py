@@ -315,6 +315,7 @@ class _Dumper(yaml.SafeDumper):
 def _faithful_words(faithful: str) -> str:
     return {
         EXACT: "exact: the same weights up to float rounding",
-        IN_DISTRIBUTION: "exact in distribution: the same random merge rule, other random draws",
+        IN_DISTRIBUTION: "exact in distribution: the same merge rule, other choices among equals "
+        "(random draws, or entries tied at a cut; see the notes)",
         APPROXIMATE: "APPROXIMATE: see the differences below",
     }[faithful]

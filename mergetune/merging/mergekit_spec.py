@@ -178,7 +178,7 @@ class AuditCounts:
             )
         if out:
             shown = ", ".join(f"'{n}'" for n in self.tensors[:3]) + (" ..." if len(self.tensors) > 3 else "")
-            out.append(f"in {len(self.tensors)} tensor(s), e.g. {shown}: the same rule, other choices among equals")
+            out.append(f"ties at a cut or exact cancels in {len(self.tensors)} tensor(s), e.g. {shown}")
         return out
 
 
