@@ -10,7 +10,10 @@ writes the configuration:
   every slice), and ``filter`` conditions for the embeddings and final tensors (mergekit reads those
   with the first and last slice) and for tensors a group treats apart (DARE's ``skip_1d``).
 
-Exactness, method by method: see the README table ("Export to mergekit"). Anything mergekit cannot do
+Exactness, method by method: see the README table ("Export to mergekit"). A recipe declared exact whose
+tie or sign-cancel rule is not mergekit's is checked on the actual tensors (``tensor_audit``): where a
+magnitude ties at a cut or a sign sum cancels exactly, the export says "in distribution" with the counts
+in its notes. Anything mergekit cannot do
 exactly (a global or per-row top-k, official TIES with per-task λ, DELLA's per-entry rescale,
 PCB, TSV-M) is refused with the reason, or, with ``approximate``, written as the closest
 configuration with every difference listed in its header and on stderr.
@@ -28,6 +31,7 @@ import yaml
 
 from mergetune.export.layout import ModelLayout, architectures_of, read_layout, tensor_shapes
 from mergetune.export.settings import Setting, Value, encode
+from mergetune.export.tensor_audit import audit_notes
 from mergetune.merging.mergekit_spec import (
     APPROXIMATE,
     EXACT,
@@ -104,6 +108,14 @@ def export_mergekit(recipe: Recipe, *, approximate: bool = False, source: str = 
         raise ExportError(str(exc)) from exc
     tr.notes = notes + tr.notes
     tr.faithful = APPROXIMATE if tr.differences else spec.faithful
+    audit = spec.audit(ctx.tables.options) if spec.audit and tr.faithful == EXACT else None
+    if audit is not None:  # options other than mergekit's tie and cancel rules: exact only if nothing ties or cancels
+        try:
+            counted = audit_notes(recipe, ctx.tables, audit)
+        except MergekitUnsupported as exc:
+            raise ExportError(f"{source}: {exc}") from exc
+        if counted:
+            tr.faithful, tr.notes = IN_DISTRIBUTION, tr.notes + counted
     if tr.differences and not approximate:
         listed = "\n".join(f"  - {d}" for d in tr.differences)
         raise ExportError(
@@ -303,6 +315,7 @@ class _Dumper(yaml.SafeDumper):
 def _faithful_words(faithful: str) -> str:
     return {
         EXACT: "exact: the same weights up to float rounding",
-        IN_DISTRIBUTION: "exact in distribution: the same random merge rule, other random draws",
+        IN_DISTRIBUTION: "exact in distribution: the same merge rule, other choices among equals "
+        "(random draws, or entries tied at a cut; see the notes)",
         APPROXIMATE: "APPROXIMATE: see the differences below",
     }[faithful]

@@ -6,7 +6,9 @@ receive without importing the engine, which imports the methods.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,6 +58,23 @@ def plan_items(segments: list[Segment], chunk_size: int) -> list[WorkItem]:
     return items
 
 
+def item_args(
+    items: list[WorkItem],
+    row_args: Mapping[str, torch.Tensor],
+    element_args: Mapping[str, torch.Tensor],
+    static: Mapping[str, Any],
+) -> Iterator[tuple[WorkItem, dict[str, Any]]]:
+    """Each work item with its slice of the per-row (``[T or 1, R, 1]``) and per-entry (``[T or 1, R, L]``) args."""
+    for it in items:
+        R, L = it.rows, it.row_length
+        args: dict[str, Any] = dict(static)
+        for name, v in row_args.items():
+            args[name] = v[:, it.row_lo : it.row_hi].unsqueeze(-1)
+        for name, v in element_args.items():
+            args[name] = v[:, it.start : it.stop].view(v.shape[0], R, L)
+        yield it, args
+
+
 class MergeContext:
     """One candidate's view of the resident state: what a method's ``prepare`` may use."""
 
@@ -95,6 +114,14 @@ class MergeContext:
     def random_keys(self) -> dict[str, torch.Tensor]:
         """Per-row hash keys and each row's first index in its tensor, for ``ops.row_uniform``."""
         return self.layout.random_keys(self.seed)
+
+    def chunks(
+        self, row_args: Mapping[str, torch.Tensor], element_args: Mapping[str, torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """The task vectors chunk by chunk (``[T, R, L]``) with their args: for a pre-pass over the whole model."""
+        tau, T = self.modelset.tau, self.n_tasks
+        for it, args in item_args(self.layout.items, row_args, element_args, {}):
+            yield tau[:, it.start : it.stop].view(T, it.rows, it.row_length), args
 
 
 class Layout:

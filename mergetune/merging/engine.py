@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,9 +27,8 @@ import torch._dynamo.config as dynamo_config
 
 from mergetune.errors import RecipeError
 from mergetune.forward import best_prefix
-from mergetune.merging.context import Layout, MergeContext, WorkItem
+from mergetune.merging.context import Layout, MergeContext, item_args
 from mergetune.merging.methods import ChunkMethod, TensorMethod, check_recipe, get_method, method_options
-from mergetune.merging.methods.base import Prepared
 from mergetune.merging.modelset import ModelSet
 from mergetune.recipe import Recipe, resolve_parameter
 
@@ -162,7 +161,7 @@ class Merger:
         kernel = self._kernel(method)
         tau, base, T = self.modelset.tau, self.modelset.base_flat, self.modelset.n_tasks
         with torch.inference_mode():
-            for it, args in _item_args(ctx.layout.items, prepared):
+            for it, args in item_args(ctx.layout.items, prepared.row_args, prepared.element_args, prepared.static):
                 R, L = it.rows, it.row_length
                 merged = kernel(tau[:, it.start : it.stop].view(T, R, L), base[it.start : it.stop].view(R, L), **args)
                 out[it.start : it.stop].copy_(merged.reshape(-1))
@@ -188,14 +187,3 @@ def _with_base(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
     name = f"merged_{getattr(kernel, '__name__', 'kernel')}"
     code = merged_chunk.__code__.replace(co_name=name, co_qualname=name)
     return types.FunctionType(code, merged_chunk.__globals__, name, None, merged_chunk.__closure__)
-
-
-def _item_args(items: list[WorkItem], prepared: Prepared) -> Iterator[tuple[WorkItem, dict[str, Any]]]:
-    for it in items:
-        R, L = it.rows, it.row_length
-        args: dict[str, Any] = dict(prepared.static)
-        for name, v in prepared.row_args.items():
-            args[name] = v[:, it.row_lo : it.row_hi].unsqueeze(-1)
-        for name, v in prepared.element_args.items():
-            args[name] = v[:, it.start : it.stop].view(v.shape[0], R, L)
-        yield it, args

@@ -30,6 +30,11 @@ parameters that make this equal to mergetune's merge:
   λ_t c_t are equal.
 - densities are fractions kept on both sides; top-k counts are checked tensor by tensor (mergekit
   keeps max(1, ⌊d·n⌋), mergetune ⌊d·n⌋, and Breadcrumbs' outlier band is counted per tensor).
+- which entries: mergekit cuts tied magnitudes at exactly k in torch's sort order and elects +1 where
+  the weighted sign sum cancels exactly. A recipe with other ``tie_rule`` / ``sign_cancel`` options
+  merges the same weights only where no tie at a cut and no exact cancel occurs, which depends on the
+  weights: a method's ``audit`` (``TensorAudit``) counts them on the actual tensors, and the export
+  says "in distribution", with the counts, where any occurs.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from mergetune.errors import MergetuneError
 
@@ -132,6 +138,66 @@ class MergekitInverse:
     per_model: Mapping[str, Any]
 
 
+@dataclass
+class AuditCounts:
+    """What differs from mergekit on actual tensors, summed over tensors (see ``TensorAudit``)."""
+
+    tied: int = 0  # entries kept or dropped beyond mergekit's exact count, because tied at a cut
+    cancels: int = 0  # entries whose Σ_t v_t cancels exactly with some v_t ≠ 0
+    cancels_unlike_mergekit: int = 0  # of these, where the entry's majority is not +1 (entry_majority)
+    sign_balance: int = 0  # Σ over entries of sign(Σ_t v_t): the model-wide majority (model_majority)
+    tensors: list[str] = field(default_factory=list)  # tensors where something differs, in order
+
+    def add(self, other: AuditCounts, name: str) -> None:
+        self.tied += other.tied
+        self.cancels += other.cancels
+        self.cancels_unlike_mergekit += other.cancels_unlike_mergekit
+        self.sign_balance += other.sign_balance
+        if other.tied or other.cancels:
+            self.tensors.append(name)
+
+    def notes(self, sign_cancel: str | None) -> list[str]:
+        """The counts that make the export differ from mergekit (empty: the export is exact)."""
+        out = []
+        if self.tied:
+            out.append(
+                f"{self.tied} entries tied in magnitude at a top-k cut are kept or dropped together (tie_rule: "
+                "keep_ties), mergekit takes exactly k in its sort order; set options.tie_rule: mergekit for an "
+                "exact export"
+            )
+        differing = {
+            None: 0,
+            "plus_one": 0,
+            "entry_majority": self.cancels_unlike_mergekit,
+            "model_majority": 0 if self.sign_balance > 0 else self.cancels,
+        }[sign_cancel]
+        if differing:
+            out.append(
+                f"{differing} entries whose weighted sign sum cancels exactly get another sign than mergekit's +1 "
+                f"(sign_cancel: {sign_cancel}); set options.sign_cancel: plus_one for an exact export"
+            )
+        if out:
+            shown = ", ".join(f"'{n}'" for n in self.tensors[:3]) + (" ..." if len(self.tensors) > 3 else "")
+            out.append(f"ties at a cut or exact cancels in {len(self.tensors)} tensor(s), e.g. {shown}")
+        return out
+
+
+TensorCheck = Callable[[torch.Tensor, np.ndarray, np.ndarray], AuditCounts]  # (τ [T, n], weight [T], density [T])
+
+
+@dataclass(frozen=True)
+class TensorAudit:
+    """How a recipe whose options are not mergekit's tie and cancel rules is checked on actual tensors.
+
+    ``check`` counts, for one tensor's task vectors ``[T, n]`` (float32, as mergekit's ``dtype:
+    float32`` computes them) with that tensor's weights and densities, the entries that differ from
+    mergekit's choice; ``sign_cancel`` is the recipe's rule (None: no sign election).
+    """
+
+    check: TensorCheck
+    sign_cancel: str | None
+
+
 @dataclass(frozen=True)
 class MergekitSpec:
     """mergekit runs the method as ``method``; ``translate`` gives the values (and any differences).
@@ -140,7 +206,9 @@ class MergekitSpec:
     float rounding), ``in distribution`` (a random method: the same rule, other draws) or
     ``approximate`` (mergekit has no equivalent; only written with ``--approximate``).
     ``heads_refusal``: why models with task-specific tensors cannot be exported (``{heads}`` is
-    filled in), for a mergekit method that would merge the heads.
+    filled in), for a mergekit method that would merge the heads. ``audit``: for an exact method,
+    the options' check on the actual tensors (None where the options make the export exact whatever
+    the weights).
     """
 
     method: str
@@ -148,6 +216,7 @@ class MergekitSpec:
     translate: Callable[[ExportTables], Translation]
     inverse: MergekitInverse | None = None
     heads_refusal: str | None = None
+    audit: Callable[[Any], TensorAudit | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +325,50 @@ def count_report(names: Sequence[str], tasks: list[str], bad: np.ndarray, why: s
     ]
 
 
+# ---- export: ties at a cut and exact cancels, on the actual tensors -------------------------------------------
+def keep_count(density: float, n: int) -> int:
+    """mergetune's k = ⌊d·n⌋ for one block (``stats.keep_counts``, same guard)."""
+    return max(0, int(np.floor(density * n + KEEP_GUARD)))
+
+
+def kth_largest_value(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-D block; +inf at k = 0 (keeps nothing), as ``stats.kth_largest``."""
+    if k <= 0:
+        return torch.tensor(float("inf"), dtype=magnitude.dtype)
+    return torch.kthvalue(magnitude, magnitude.numel() - min(k, magnitude.numel()) + 1).values
+
+
+def tied_beyond(magnitude: torch.Tensor, k: int) -> int:
+    """Entries of a 1-D block tied with its k-th largest beyond the k that mergekit keeps (0 if none).
+
+    Ties at 0 do not count: a zero entry kept or not changes no merge.
+    """
+    if k <= 0 or k >= magnitude.numel():
+        return 0
+    kth = kth_largest_value(magnitude, k)
+    return 0 if kth == 0 else int((magnitude >= kth).sum()) - k
+
+
+def cancel_counts(values: Sequence[torch.Tensor], election_weight: np.ndarray) -> AuditCounts:
+    """Exact cancels of Σ_t e_t v_t on one tensor's selected values, in float32 as the kernels vote."""
+    weights = torch.tensor(election_weight, dtype=torch.float32)
+    voted = [v * e for v, e in zip(values, weights.unbind(0), strict=True)]
+    total = voted[0].clone()
+    for v in voted[1:]:
+        total = total + v
+    live = torch.zeros_like(total, dtype=torch.bool)
+    votes = torch.zeros_like(total)
+    for v in voted:
+        live |= v != 0
+        votes += torch.sign(v)
+    cancel = (total == 0) & live
+    return AuditCounts(
+        cancels=int(cancel.sum()),
+        cancels_unlike_mergekit=int((cancel & (votes <= 0)).sum()),
+        sign_balance=int((total > 0).sum()) - int((total < 0).sum()),
+    )
+
+
 def scope_differences(scope: Any, what: str) -> list[str]:
     """mergekit ranks magnitudes within each tensor: any other ranking scope differs."""
     scope = str(getattr(scope, "value", scope))
@@ -265,6 +378,16 @@ def scope_differences(scope: Any, what: str) -> list[str]:
     return [
         f"scope: {scope}: {what} ranks magnitudes over {ranked}, mergekit within each tensor; "
         "set options.scope: tensor for an exact export"
+    ]
+
+
+def cancel_note(sign_cancel: str) -> list[str]:
+    """For a random method (no audit: its draws differ anyway), the sign rule where a weighted sum cancels."""
+    if sign_cancel == "plus_one":
+        return []
+    return [
+        f"sign_cancel: {sign_cancel}: where the weighted sign sum of an entry cancels exactly (rare after random "
+        "rescaling), mergekit elects +1; set options.sign_cancel: plus_one for mergekit's rule"
     ]
 
 

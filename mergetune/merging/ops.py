@@ -82,20 +82,44 @@ def task_sum(xs: Tensors) -> torch.Tensor:
 
 
 def trim(tau: torch.Tensor, threshold: torch.Tensor, magnitude: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the entries whose magnitude (default |tau|) reaches the threshold (ties kept); zero the rest."""
+    """Keep the entries whose magnitude (default |tau|) reaches the threshold (ties kept); zero the rest.
+
+    ``magnitude`` may be any per-entry ranking score, e.g. an entry's position in a sort order
+    (``stats.OrderStatistics.order_scores``), whose threshold then selects exactly k entries.
+    """
     magnitude = tau.abs() if magnitude is None else magnitude
     return torch.where(magnitude >= threshold, tau, torch.zeros_like(tau))
 
 
-def elect_sign(voted: Tensors) -> torch.Tensor:
-    """TIES sign election: the sign of Σ_t v_t; where it is exactly 0, the majority sign of the v_t.
+SIGN_CANCEL_RULES = ("entry_majority", "model_majority", "plus_one")
+
+
+def elect_sign(voted: Tensors, cancel: str = "entry_majority", majority: int = 0) -> torch.Tensor:
+    """TIES sign election: γ = sign(Σ_t v_t), with a rule for the entries where the sum is exactly 0.
 
     ``voted`` holds the trimmed task vectors, multiplied by their weights when weights are applied
-    before the election. Returns γ in {-1, 0, +1}; 0 only where no task votes or the votes tie.
+    before the election. Where Σ_t v_t cancels exactly (frequent with bf16-rounded weights), ``cancel``:
+
+    - ``entry_majority``: the majority of the entry's signs Σ_t sign(v_t), 0 (dropped) where they tie too;
+    - ``model_majority``: ``majority``, the model-wide majority of the elected signs (official TIES code,
+      ``resolve_zero_signs``), computed by the caller over the whole model;
+    - ``plus_one``: +1, as mergekit's ``get_mask`` (``sign_weight >= 0``).
+
+    Returns γ in {-1, 0, +1}.
     """
     total = task_sum(voted)
-    votes = task_sum([torch.sign(v) for v in voted])
-    return torch.where(total != 0, torch.sign(total), torch.sign(votes))
+    if cancel == "plus_one":
+        return torch.where(total < 0, -torch.ones_like(total), torch.ones_like(total))
+    if cancel == "model_majority":
+        fallback = torch.full_like(total, float(majority))
+    else:
+        fallback = torch.sign(task_sum([torch.sign(v) for v in voted]))
+    return torch.where(total != 0, torch.sign(total), fallback)
+
+
+def elected_signs(voted: Tensors) -> torch.Tensor:
+    """sign(Σ_t v_t), 0 where the sum cancels: what the official code sums to get the model-wide majority."""
+    return torch.sign(task_sum(voted))
 
 
 def agreeing(voted: Tensors, gamma: torch.Tensor) -> list[torch.Tensor]:

@@ -11,7 +11,10 @@ merge kernel sees the same shapes: a global or per-tensor threshold is simply re
 
 Counting convention (documented in README "Methods"): density d keeps the ⌊d·n⌋ largest scores of
 a block of n, plus every entry tied with the smallest of them; d = 0 keeps nothing (threshold
-+inf). The official TIES code keeps ⌊d·n⌋ + 1 entries; mergekit keeps exactly ⌊d·n⌋.
++inf). The official TIES code keeps int(d·n) + 1 entries and their ties (``official_keep_counts``);
+mergekit keeps exactly max(1, int(d·n)), tied magnitudes cut in its sort order (``order_scores``:
+thresholds on an entry's rank in that order select exactly k entries). Methods expose the three as
+the ``tie_rule`` option (``keep_ties``, ``official``, ``mergekit``).
 """
 
 from __future__ import annotations
@@ -72,10 +75,58 @@ def build_row_layout(modelset: ModelSet, group_of_segment: list[int]) -> RowLayo
     return RowLayout(*(torch.cat(x).to(dev) for x in (starts, lengths, segs, groups)))
 
 
-def keep_counts(density: torch.Tensor, block_length: torch.Tensor, row_group: torch.Tensor) -> torch.Tensor:
-    """k[t, r] = ⌊density[t, group(r)] · n(r)⌋, computed in float64 so that d·n is exact enough."""
+KEEP_GUARD = 1e-9  # d·n = 28.999999999999996 for d = 0.29, n = 100 counts as 29
+
+
+def keep_counts(
+    density: torch.Tensor, block_length: torch.Tensor, row_group: torch.Tensor, guard: float = KEEP_GUARD
+) -> torch.Tensor:
+    """k[t, r] = ⌊density[t, group(r)] · n(r) + guard⌋, computed in float64 so that d·n is exact enough.
+
+    ``guard = 0`` is Python's ``int(d * n)``, the count of the official TIES code and of mergekit.
+    """
     d = density.to(torch.float64)[:, row_group]  # [T, n_rows]
-    return torch.floor(d * block_length.to(torch.float64) + 1e-9).to(torch.int64).clamp(min=0)
+    return torch.floor(d * block_length.to(torch.float64) + guard).to(torch.int64).clamp(min=0)
+
+
+def official_keep_counts(density: torch.Tensor, block_length: torch.Tensor, row_group: torch.Tensor) -> torch.Tensor:
+    """The official TIES code's count: int(d·n) + 1 (its threshold is the (n − int(d·n))-th smallest), at most n.
+
+    At density 0 the official code still keeps the largest entry; here a task at density 0 keeps
+    nothing, so that density 0 switches a task off under every tie rule.
+    """
+    k = keep_counts(density, block_length, row_group, guard=0.0) + 1
+    k = torch.minimum(k, block_length.unsqueeze(0).expand_as(k))
+    return torch.where(density.to(torch.float64)[:, row_group] > 0, k, torch.zeros_like(k))
+
+
+def order_thresholds(k: torch.Tensor, block_length: torch.Tensor) -> torch.Tensor:
+    """Threshold on ``order_scores`` that keeps exactly the k highest-ranked entries of each block: n − k.
+
+    Order scores are a permutation of 0..n−1 within a block, so ``score ≥ n − k`` selects exactly k
+    entries (none at k = 0), with no ties possible.
+    """
+    return block_length.unsqueeze(0) - k
+
+
+def sort_order_scores(magnitude: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Each entry's rank in ``torch.sort`` order along the last dim, as a score (larger = ranked higher).
+
+    The sort runs on the CPU in float32, as mergekit 0.1.5's ``sparsify`` does (``w.float()`` then
+    ``torch.argsort(w, descending=True)`` for ``magnitude``, ``torch.sort(w).indices`` for
+    ``magnitude_outliers``): torch's CPU sort is not stable, but it is deterministic for the same
+    values in the same order (any thread count), so tied magnitudes land in mergekit's order, bit for
+    bit. This is mergekit run on the CPU (``mergekit-yaml``'s default); with ``--cuda`` its sort is
+    CUDA's, whose order of ties differs. The scores are computed on the CPU whatever the store's device.
+    ``descending``: score = n − 1 − position in the descending order; else the ascending position.
+    """
+    w = magnitude.detach().to("cpu", torch.float32)
+    order = torch.sort(w, dim=-1, descending=descending).indices
+    n = w.shape[-1]
+    positions = torch.arange(n, dtype=torch.int64).expand_as(order)
+    if descending:
+        positions = (n - 1) - positions
+    return torch.empty_like(order).scatter_(-1, order, positions)
 
 
 ScoreFn = Callable[[ModelSet], torch.Tensor]  # -> [T, D] scores, same layout as the store
@@ -115,6 +166,16 @@ class OrderStatistics:
             self._sorted[key] = sort_blocks(task_scores, scope, self.modelset)
         return self._sorted[key]
 
+    def order_scores(self, scope: Scope, descending: bool) -> torch.Tensor:
+        """``[T, D]`` integer scores: each entry's rank in torch's CPU sort of |τ| within its block.
+
+        Used by the ``mergekit`` tie rule: thresholds on these scores (``order_thresholds``) keep
+        exactly k entries per block, tied magnitudes in mergekit's order. Computed once; 4 bytes
+        per entry (8 for blocks of 2³¹ entries or more).
+        """
+        kind = f"order:{scope.value}:{'desc' if descending else 'asc'}"
+        return self.scores(kind, lambda ms: order_scores(ms, scope, descending))
+
     def kth_largest(self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn = abs_scores) -> torch.Tensor:
         """The k-th largest score of each row's block (``[T, n_rows]``); +inf where k = 0."""
         srt = self.sorted_scores(kind, scope, compute)
@@ -145,6 +206,21 @@ def _tensors_in(values: Any) -> list[torch.Tensor]:
     if isinstance(values, list | tuple) or hasattr(values, "__iter__"):
         return [t for v in values for t in _tensors_in(v)]
     return []
+
+
+def order_scores(modelset: ModelSet, scope: Scope, descending: bool) -> torch.Tensor:
+    """``sort_order_scores`` of |τ| for every block of a scope, task by task (see ``OrderStatistics.order_scores``)."""
+    dtype = torch.int32 if modelset.numel < 2**31 else torch.int64  # scores < block length ≤ numel
+    out = torch.empty(modelset.n_tasks, modelset.numel, dtype=dtype, device=modelset.device)
+    if scope is Scope.GLOBAL:
+        blocks = [(0, modelset.numel, modelset.numel)]
+    else:
+        blocks = [(s.offset, s.end, s.row_length if scope is Scope.ROW else s.numel) for s in modelset.segments]
+    for t in range(modelset.n_tasks):
+        for a, b, length in blocks:
+            scores = sort_order_scores(modelset.tau[t, a:b].abs().view(-1, length), descending)
+            out[t, a:b] = scores.reshape(-1).to(out.device, dtype)
+    return out
 
 
 def sort_blocks(task_scores: Callable[[int], torch.Tensor], scope: Scope, modelset: ModelSet) -> torch.Tensor:

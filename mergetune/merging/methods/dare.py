@@ -52,6 +52,7 @@ from mergetune.merging.mergekit_spec import (
     MergekitInverse,
     MergekitSpec,
     Translation,
+    cancel_note,
     consensus,
     gta_parameters,
     inverse_consensus,
@@ -61,7 +62,7 @@ from mergetune.merging.mergekit_spec import (
     random_rescale,
 )
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
-from mergetune.merging.methods.ties import ConsensusOptions, consensus_args, sign_consensus
+from mergetune.merging.methods.ties import ConsensusOptions, consensus_args, consensus_static, sign_consensus
 from mergetune.merging.ops import per_task, row_uniform, trim, weighted_task_sum
 from mergetune.merging.stats import Scope
 
@@ -103,6 +104,23 @@ def dare_linear_kernel(
     return weighted_task_sum(dropped, weight)
 
 
+def drop_then_trim(
+    tau: torch.Tensor,
+    keep_prob: torch.Tensor,
+    key_lo: torch.Tensor,
+    key_hi: torch.Tensor,
+    row_offset: torch.Tensor,
+    threshold: torch.Tensor,
+    **_: Any,
+) -> list[torch.Tensor]:
+    """Per task, the dropped and rescaled τ̃_t, trimmed on the original magnitudes |τ_t|."""
+
+    def one_task(t, p, lo, hi, off, thr):
+        return trim(drop_and_rescale(t, p, lo, hi, off), thr, t.abs())
+
+    return per_task(one_task, tau.shape[0], tau, keep_prob, key_lo, key_hi, row_offset, threshold)
+
+
 def dare_ties_kernel(
     tau: torch.Tensor,
     weight: torch.Tensor,
@@ -114,12 +132,11 @@ def dare_ties_kernel(
     key_hi: torch.Tensor,
     row_offset: torch.Tensor,
     disjoint: str,
+    cancel: str = "entry_majority",
+    majority: int = 0,
 ) -> torch.Tensor:
-    def drop_then_trim(t, p, lo, hi, off, thr):
-        return trim(drop_and_rescale(t, p, lo, hi, off), thr, t.abs())  # ranked on the original magnitudes
-
-    trimmed = per_task(drop_then_trim, tau.shape[0], tau, keep_prob, key_lo, key_hi, row_offset, threshold)
-    return sign_consensus(trimmed, weight, election_weight, disjoint) * scale
+    trimmed = drop_then_trim(tau, keep_prob, key_lo, key_hi, row_offset, threshold)
+    return sign_consensus(trimmed, weight, election_weight, disjoint, cancel, majority) * scale
 
 
 def one_d_rows(ctx: MergeContext) -> torch.Tensor:
@@ -159,6 +176,7 @@ def dare_to_mergekit(t: ExportTables) -> Translation:
         tr = Translation("dare_linear", {"weight": t.weight * c, "density": density}, {"normalize": False})
     tr.shared["rescale"] = False
     tr.notes.append(random_note(t))
+    tr.notes += cancel_note(getattr(opts, "sign_cancel", "plus_one"))
     return tr
 
 
@@ -175,7 +193,7 @@ def dare_from_mergekit(r: ImportTables) -> ImportedValues:
         weight = linear_weights(r, r.per_model["weight"] / c)
         return ImportedValues("dare_linear", weight, density, options, diffs, use)
     weight, consensus_options = inverse_consensus(r, c, diffs)
-    options = {"scope": "tensor", **options, **consensus_options}
+    options = {"scope": "tensor", **options, **consensus_options, "sign_cancel": "plus_one"}
     return ImportedValues("dare_ties", weight, density, options, diffs, use)
 
 
@@ -216,7 +234,8 @@ class DareTies(ChunkMethod):
         opts: DareTiesOptions = ctx.options
         args = {**consensus_args(ctx, opts), **dare_args(ctx, opts.skip_1d)}
         args["threshold"] = self._trim_threshold(ctx, opts)
-        return Prepared(row_args=args, static={"disjoint": opts.disjoint})
+        static = {"disjoint": opts.disjoint, **consensus_static(ctx, opts.sign_cancel, drop_then_trim, args, {})}
+        return Prepared(row_args=args, static=static)
 
     @staticmethod
     def _trim_threshold(ctx: MergeContext, opts: DareTiesOptions) -> torch.Tensor:

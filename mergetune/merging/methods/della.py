@@ -25,6 +25,8 @@ Randomness: ``u < p`` with u from ``ops.row_uniform`` (recipe seed, tensor name,
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -40,6 +42,7 @@ from mergetune.merging.mergekit_spec import (
     MergekitSpec,
     MergekitUnsupported,
     Translation,
+    cancel_note,
     consensus,
     flag,
     groups_text,
@@ -52,7 +55,7 @@ from mergetune.merging.mergekit_spec import (
     values_text,
 )
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
-from mergetune.merging.methods.ties import WeightsAt, consensus_args, sign_consensus
+from mergetune.merging.methods.ties import SignCancel, WeightsAt, consensus_args, consensus_static, sign_consensus
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import per_task, row_uniform
 
@@ -65,6 +68,7 @@ class DellaOptions(MethodOptions):
     epsilon: float = Field(0.1, ge=0.0, le=0.5, description="Half-width of the keep probabilities around d.")
     scale: float = Field(1.0, description="Multiplies the merged task vector (mergekit's lambda).")
     weights: WeightsAt = "before_election"
+    sign_cancel: SignCancel = Field("entry_majority", description="Elected sign where Σ_t v_t is exactly 0 (ties.py).")
 
 
 def normalised_rank(magnitude: torch.Tensor) -> torch.Tensor:
@@ -106,9 +110,25 @@ def della_kernel(
     key_lo: torch.Tensor,
     key_hi: torch.Tensor,
     row_offset: torch.Tensor,
+    cancel: str = "entry_majority",
+    majority: int = 0,
 ) -> torch.Tensor:
-    pruned = per_task(magprune, tau.shape[0], tau, p_low, p_width, rank, key_lo, key_hi, row_offset)
-    return sign_consensus(pruned, weight, election_weight, "weighted_mean") * scale
+    pruned = della_values(tau, p_low, p_width, rank, key_lo, key_hi, row_offset)
+    return sign_consensus(pruned, weight, election_weight, "weighted_mean", cancel, majority) * scale
+
+
+def della_values(
+    tau: torch.Tensor,
+    p_low: torch.Tensor,
+    p_width: torch.Tensor,
+    rank: torch.Tensor,
+    key_lo: torch.Tensor,
+    key_hi: torch.Tensor,
+    row_offset: torch.Tensor,
+    **_: Any,
+) -> list[torch.Tensor]:
+    """Per task, MagPrune's survivors, each divided by its keep probability."""
+    return per_task(magprune, tau.shape[0], tau, p_low, p_width, rank, key_lo, key_hi, row_offset)
 
 
 def magprune(
@@ -143,6 +163,7 @@ def della_to_mergekit(t: ExportTables) -> Translation:
             "not entry by entry (exact in distribution only with epsilon: 0)",
         )
     tr.notes.append(random_note(t))
+    tr.notes += cancel_note(getattr(opts, "sign_cancel", "plus_one"))
     return tr
 
 
@@ -176,6 +197,7 @@ def della_from_mergekit(r: ImportTables) -> ImportedValues:
         diffs.append("della with normalize: false sums the agreeing entries; mergetune's della takes the weighted mean")
     weight, options = inverse_consensus(r, c, diffs, normalize=True)
     options.pop("disjoint")
+    options["sign_cancel"] = "plus_one"  # mergekit's election where the weighted sum cancels
     return ImportedValues("della", weight, density, {"epsilon": epsilon, **options}, diffs)
 
 
@@ -215,8 +237,9 @@ class Della(ChunkMethod):
         args["p_low"] = density - opts.epsilon
         args["p_width"] = torch.full_like(args["scale"], 2 * opts.epsilon)
         args.update(ctx.random_keys())
-        rank = ctx.stats.scores(RANK_KIND, della_ranks)
-        return Prepared(row_args=args, element_args={"rank": rank})
+        elements = {"rank": ctx.stats.scores(RANK_KIND, della_ranks)}
+        static = consensus_static(ctx, opts.sign_cancel, della_values, args, elements)
+        return Prepared(row_args=args, element_args=elements, static=static)
 
 
 METHODS = [Della]
