@@ -37,10 +37,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mergetune.errors import TaskError
 from mergetune.objectives.corpora import CORPORA, available_corpora, get_corpus, load_corpus
+from mergetune.objectives.evaluators.lm_eval import LMEvalOptions, lm_eval_task_defaults, read_lm_eval_splits
 from mergetune.objectives.splits import DedupReport, Splits, stratified_split
 from mergetune.strict import StrictModel, format_validation_error
 
-Kind = Literal["classification", "multiple_choice", "lm", "unsupervised"]
+Kind = Literal["classification", "multiple_choice", "lm", "unsupervised", "lm_eval"]
 Metric = Literal["accuracy", "macro_f1", "mcc", "neg_loss", "neg_entropy"]
 SplitName = Literal["train", "validation", "test"]
 
@@ -78,6 +79,7 @@ class TaskConfig(StrictModel):
     test_size: int = Field(500, ge=1)
     train_size: int | None = Field(None, ge=0, description="Cap on training examples; 0: no training split.")
     seed: int = Field(0, ge=0)
+    lm_eval: LMEvalOptions | None = Field(None, description="An lm-eval-harness task (name or YAML path) and options.")
 
     @model_validator(mode="before")
     @classmethod
@@ -85,6 +87,8 @@ class TaskConfig(StrictModel):
         """Fill the label column and metric that the kind implies, so a dump shows what is used."""
         if not isinstance(data, Mapping):
             return data
+        if "lm_eval" in data:
+            return lm_eval_task_defaults(data)
         data = dict(data)
         kind = data.get("kind", "classification")
         if kind in ("classification", "multiple_choice") and data.get("label_column") is None:
@@ -122,6 +126,10 @@ class TaskConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:
+        if (self.kind == "lm_eval") != (self.lm_eval is not None):
+            raise ValueError("kind 'lm_eval' needs lm_eval: (an lm-eval task name or task YAML path), and only it")
+        if self.lm_eval is not None:
+            return self
         if self.metric not in KIND_METRICS[self.kind]:
             raise ValueError(f"metric '{self.metric}' does not fit kind '{self.kind}'; use {KIND_METRICS[self.kind]}")
         if self.kind == "lm" and (self.label_column or self.labels):
@@ -219,9 +227,27 @@ class TaskData:
 
 def load_task(config: TaskConfig, base_dir: str | Path | None = None) -> TaskData:
     """Read, check, de-duplicate and split a task's data. Relative paths resolve against ``base_dir``."""
+    if config.lm_eval is not None:
+        return _load_lm_eval(config, base_dir)
     kind, location = resolve_source(config, base_dir)
     columns = _read_source(config, kind, location)
     return _build(config, kind, columns)
+
+
+def _load_lm_eval(config: TaskConfig, base_dir: str | Path | None) -> TaskData:
+    """An lm-eval task's documents as given by its splits: search split as validation, test split as test."""
+    assert config.lm_eval is not None  # the caller checked
+    found = read_lm_eval_splits(config.name, config.lm_eval, base_dir)
+    n = len(found.search) + len(found.test) + len(found.train)
+    return TaskData(
+        config=config.model_copy(update={"lm_eval": found.options}),
+        label_names=(),
+        train=SplitData(found.train, None),
+        validation=SplitData(found.search, None),
+        test=SplitData(found.test, None),
+        dedup=DedupReport(n, n, 0, 0, 0),
+        source_kind="lm_eval",
+    )
 
 
 def resolve_source(config: TaskConfig, base_dir: str | Path | None = None) -> tuple[str, str]:
