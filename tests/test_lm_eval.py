@@ -64,6 +64,15 @@ ROLLING_TASK = {
 # ---- fixtures ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    """One torch thread, as a search worker runs (on a shared machine more threads contend: 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three disjoint splits of distinct TREC questions (seeded sample) as JSON lines, label = type index."""
@@ -172,9 +181,7 @@ def test_multiple_choice_equals_simple_evaluate_on_search_and_test_splits(task_d
     on_validation = harness(model, tokenizer, validation_twin(task_dirs, MC_TASK, "trec6_mc"))
     for metric in ("acc", "acc_norm"):
         assert test.metrics[metric] == pytest.approx(harness_metric(on_test, "trec6_mc", metric), abs=1e-12)
-        assert search.metrics[metric] == pytest.approx(
-            harness_metric(on_validation, "trec6_mc_val", metric), abs=1e-12
-        )
+        assert search.metrics[metric] == pytest.approx(harness_metric(on_validation, "trec6_mc_val", metric), abs=1e-12)
     assert (test.metric, test.score) == ("acc", test.metrics["acc"])
     assert test.n_examples == search.n_examples == N_PER_SPLIT
     # the two splits are really different documents, so equal scores above are not a coincidence of data
