@@ -298,24 +298,37 @@ class InProcessLM:
 
     # -- batches --
     def batches(self, pairs: Sequence[tuple[list[int], list[int]]]) -> BatchCache:
-        """Length-sorted, left-padded batches of ``context + continuation[:-1]`` with continuation targets."""
-        inputs, targets = [], []
+        """Length-sorted, left-padded batches of the distinct inputs ``(context + continuation)[:-1]``.
+
+        Pairs whose inputs are identical share one row (each option of a question whose options are
+        one token long, as lm-eval's logits cache does): ``extra["row"]`` maps each pair of the
+        batch (``Batch.rows``: pair indices) to its row, ``targets``/``mask`` its continuation.
+        """
+        row_of: dict[tuple[int, ...], int] = {}
+        pair_row, targets = [], []
         for ctx, cont in pairs:
             if not 0 < len(cont) <= self.context_length:
                 raise TaskError(
                     f"task '{self.name}': a continuation of {len(cont)} tokens does not fit the context window of "
                     f"{self.context_length} tokens"
                 )
-            inputs.append((ctx + cont)[-(self.context_length + 1) : -1])
+            pair_row.append(row_of.setdefault(tuple((ctx + cont)[-(self.context_length + 1) : -1]), len(row_of)))
             targets.append(cont)
+        inputs = list(row_of)
+        pairs_of_row: list[list[int]] = [[] for _ in inputs]
+        for k, row in enumerate(pair_row):
+            pairs_of_row[row].append(k)
         batches = []
         for rows in length_batches([len(x) for x in inputs], *self.sizes):
-            batch_targets = [targets[i] for i in rows]
+            members = [(i, k) for i, row in enumerate(rows) for k in pairs_of_row[row]]
+            batch_targets = [targets[k] for _, k in members]
             extra = {
+                "row": torch.as_tensor([i for i, _ in members]),
                 "targets": pad(batch_targets, 0, "left"),
                 "mask": pad([[1] * len(t) for t in batch_targets], 0, "left"),
             }
-            batches.append(Batch(torch.as_tensor(rows), left_padded([inputs[i] for i in rows], self._pad), extra))
+            pair_ids = torch.as_tensor([k for _, k in members])
+            batches.append(Batch(pair_ids, left_padded([list(inputs[r]) for r in rows], self._pad), extra))
         return BatchCache(batches)
 
     @staticmethod
@@ -325,8 +338,8 @@ class InProcessLM:
         greedy = torch.empty(n, dtype=torch.bool)
         for batch in batches:
             targets, mask = batch.extra["targets"], batch.extra["mask"].bool()
-            logits = causal_forward(model, batch.inputs, logits_to_keep=targets.shape[1]).float()
-            logp = torch.log_softmax(logits, dim=-1)
+            logits = causal_forward(model, batch.inputs, logits_to_keep=targets.shape[1])
+            logp = torch.log_softmax(logits.float(), dim=-1)[batch.extra["row"]]
             picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             logliks[batch.rows] = picked.masked_fill(~mask, 0.0).sum(-1).double().cpu()
             greedy[batch.rows] = ((logp.argmax(-1) == targets) | ~mask).all(-1).cpu()
