@@ -45,6 +45,17 @@ MC_TASK = {
         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
     ],
 }
+GENERATION_TASK = {
+    "task": "trec6_gen",
+    "dataset_path": "json",
+    "output_type": "generate_until",
+    "validation_split": "validation",
+    "test_split": "test",
+    "doc_to_text": "Question: {{text}}\nType:",
+    "doc_to_target": "{{label}}",
+    "generation_kwargs": {"until": ["\n", "."], "max_gen_toks": 6, "do_sample": False},
+    "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+}
 ROLLING_TASK = {
     "task": "trec6_ppl",
     "dataset_path": "json",
@@ -220,6 +231,21 @@ def test_rolling_perplexity_equals_simple_evaluate_and_is_negated(task_dirs, tok
     assert normalized_score(-20.0, -10.0, result.metric) == pytest.approx(0.5)
 
 
+def test_greedy_generation_equals_the_harness_answer_for_answer(task_dirs, tokenizer, model):
+    yaml_path = write_task(task_dirs / "gen", GENERATION_TASK, "trec6_gen.yaml")
+    task = load_task(mergetune_task(yaml_path))
+    evaluator = ValidationSuite.for_test([task], tokenizer).evaluators["trec"]
+    assert isinstance(evaluator, LMEvalEvaluator)
+    doc_ids = [inst.doc_id for inst in evaluator.instances]
+    ours = dict(zip(doc_ids, evaluator.generations(model), strict=True))
+    reference = harness(model, tokenizer, yaml_path)
+    theirs = {s["doc_id"]: s["filtered_resps"][0] for s in reference["samples"]["trec6_gen"]}
+    assert ours == theirs
+    assert len({text for text in ours.values()}) > 3  # the answers differ from question to question
+    result = ValidationSuite.for_test([task], tokenizer).score(model).tasks["trec"]
+    assert result.score == pytest.approx(harness_metric(reference, "trec6_gen", "exact_match"))
+
+
 def test_max_examples_scores_the_first_documents_like_limit(task_dirs, tokenizer, model):
     yaml_path = write_task(task_dirs / "mc_lim", MC_TASK, "trec6_mc_lim.yaml", task="trec6_mc_lim")
     task = load_task(mergetune_task(yaml_path))
@@ -283,10 +309,9 @@ def test_unknown_metric_filter_and_unsupported_requests_are_named(task_dirs, tok
     task = load_task(mergetune_task(yaml_path, filter="strict-match"))
     with pytest.raises(TaskError, match=r"no filter 'strict-match'; it has \['none'\]"):
         ValidationSuite([task], tokenizer)
-    generation = {**MC_TASK, "output_type": "generate_until", "doc_to_target": "{{label}}", "doc_to_choice": None}
-    generation["metric_list"] = [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]
-    gen_path = write_task(task_dirs / "gen", generation, "trec6_gen.yaml", task="trec6_gen")
-    with pytest.raises(TaskError, match="request type 'generate_until' is not supported"):
+    sampled = {**GENERATION_TASK, "generation_kwargs": {"until": ["\n"], "do_sample": True, "temperature": 1.0}}
+    gen_path = write_task(task_dirs / "gen_sampled", sampled, "trec6_gen_sampled.yaml", task="trec6_gen_sampled")
+    with pytest.raises(TaskError, match="sampled generation is not deterministic"):
         ValidationSuite([load_task(mergetune_task(gen_path))], tokenizer)
     with pytest.raises(TaskError, match="lm-eval task file not found"):
         load_task(mergetune_task(task_dirs / "missing.yaml"))

@@ -16,9 +16,13 @@ puts exactly those documents back into the harness task as its evaluation split.
 The harness builds its requests (prompts, few-shot contexts, seeded) once per evaluator, and
 :class:`InProcessLM` tokenises them once, exactly as lm-eval's ``TemplateLM``/``HFLM`` do (BOS
 handling, trailing spaces moved to the continuation, an empty context conditioned on the prefix
-token, left truncation to the context window, rolling windows for perplexities). Per candidate
-only the forwards run, then the harness's filters, ``process_results`` and aggregation. Scores
-equal ``lm_eval.simple_evaluate`` with its HF backend on the same model (tests).
+token, left truncation to the context window, rolling windows for perplexities, greedy generation
+cut at the stop sequences). Per candidate only the forwards (and greedy generation) run, then the
+harness's filters, ``process_results`` and aggregation. Scores, per-request log-likelihoods and
+generated answers equal ``lm_eval.simple_evaluate`` with its HF backend on the same model (tests).
+Requests whose options share their input (one-token options of one question) share one forward,
+as HFLM's logits cache does. Sampled generation and repeats are refused (candidates must be
+scored alike).
 
 The metric is chosen by name (``acc``, ``acc_norm``, ``exact_match``, ``word_perplexity``, ...;
 default: the task's first). A metric the harness marks lower-is-better is reported negated, as
@@ -65,7 +69,9 @@ DEFAULT_FEWSHOT_SEED = 1234
 #: Context window when neither the options nor the model's config give one (lm-eval's default).
 DEFAULT_CONTEXT = 2048
 #: Request types the in-process backend answers.
-SUPPORTED_REQUESTS = ("loglikelihood", "loglikelihood_rolling")
+SUPPORTED_REQUESTS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+#: Tokens generated when a generate_until task does not say (lm-eval's HFLM default).
+DEFAULT_MAX_GEN_TOKS = 256
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -253,6 +259,8 @@ class InProcessLM:
     else EOS), inputs cut from the left to ``context_length + 1`` tokens, rolling windows of
     ``context_length`` tokens for ``loglikelihood_rolling``. Forwards are batched by length,
     left-padded, with only the continuation's logits computed; log-softmax in float32.
+    ``generate_until`` is greedy ``model.generate`` on left-padded batches with lm-eval's stop
+    criteria, the text cut at the first stop sequence, as HFLM; sampling is refused.
     """
 
     def __init__(self, tokenizer: Any, context_length: int, batch_size: int, max_tokens: int | None, name: str) -> None:
@@ -331,6 +339,59 @@ class InProcessLM:
             batches.append(Batch(pair_ids, left_padded([list(inputs[r]) for r in rows], self._pad), extra))
         return BatchCache(batches)
 
+    def generation_batches(self, requests: Sequence[tuple[str, Mapping[str, Any]]]) -> list[_Generation]:
+        """Contexts tokenised (left-truncated to leave room for the answer) and batched per generation setting."""
+        # lm_eval: optional heavy dependency (the `llm` extra)
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+        eos = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for k, (_, gen_kwargs) in enumerate(requests):
+            groups[json.dumps(gen_kwargs, sort_keys=True, default=str)].append(k)
+        out = []
+        for members in groups.values():
+            kwargs = normalize_gen_kwargs(dict(requests[members[0]][1]), DEFAULT_MAX_GEN_TOKS)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_new = int(kwargs.pop("max_gen_toks"))
+            if max_new >= self.context_length:
+                raise TaskError(f"task '{self.name}': max_gen_toks {max_new} leaves no room for the context")
+            contexts = [self._context_ids(requests[k][0])[-(self.context_length - max_new) :] for k in members]
+            for rows in length_batches([len(c) for c in contexts], *self.sizes):
+                ids = [members[i] for i in rows]
+                batch = Batch(torch.as_tensor(ids), left_padded([contexts[i] for i in rows], self._pad))
+                out.append(_Generation(batch, tuple(until), max_new))
+        return out
+
+    def _context_ids(self, context: str) -> list[int]:
+        """A generation context's ids as HFLM's batch encoding gives them (no second BOS)."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        starts_with_bos = bool(bos) and context.startswith(bos)
+        return self.tok_encode(context, add_special_tokens=False if starts_with_bos else None)
+
+    def generate(self, model: nn.Module, generations: list[_Generation], n: int, device: torch.device) -> list[str]:
+        """Greedy continuations, each cut at its first stop sequence, in request order."""
+        # lm_eval: optional heavy dependency (the `llm` extra)
+        from lm_eval.models.utils import postprocess_generated_text
+        from lm_eval.models.utils_hf import stop_sequences_criteria
+
+        texts = [""] * n
+        for gen in generations:
+            ids = gen.batch.inputs["input_ids"].to(device)
+            width = ids.shape[1]
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=gen.batch.inputs["attention_mask"].to(device),
+                max_length=width + gen.max_new_tokens,
+                stopping_criteria=stop_sequences_criteria(self.tokenizer, list(gen.until), width, ids.shape[0]),
+                pad_token_id=self._pad,
+                do_sample=False,
+                use_cache=True,
+            )
+            for k, row in zip(gen.batch.rows.tolist(), out[:, width:].tolist(), strict=True):
+                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                texts[k] = postprocess_generated_text(text, list(gen.until), None)
+        return texts
+
     @staticmethod
     def loglikelihoods(model: nn.Module, batches: list[Batch], n: int) -> tuple[np.ndarray, np.ndarray]:
         """(sum of the continuation's log-probabilities, whether greedy decoding gives it) per pair."""
@@ -380,6 +441,7 @@ class LMEvalEvaluator(Evaluator):
         _check_requests(name, self.instances)
         self._lm_args = (tokenizer, context_length or options.context_length, batch_size, max_tokens)
         self._prepared: dict[int, _Prepared] = {}
+        self._generated = [k for k, inst in enumerate(self.instances) if inst.request_type == "generate_until"]
         self._n_docs = len(docs)
 
     @property
@@ -395,6 +457,8 @@ class LMEvalEvaluator(Evaluator):
             pairs: list[tuple[list[int], list[int]]] = []
             owner: list[int] = []  # the request (instance index) each pair belongs to
             for k, inst in enumerate(self.instances):
+                if inst.request_type == "generate_until":
+                    continue
                 new = (
                     [lm.encode_pair(*inst.args)]
                     if inst.request_type == "loglikelihood"
@@ -402,7 +466,8 @@ class LMEvalEvaluator(Evaluator):
                 )
                 pairs += new
                 owner += [k] * len(new)
-            self._prepared[window] = _Prepared(lm.batches(pairs), np.asarray(owner, dtype=np.int64))
+            generations = lm.generation_batches([self.instances[k].args for k in self._generated])
+            self._prepared[window] = _Prepared(lm, lm.batches(pairs), np.asarray(owner, dtype=np.int64), generations)
         return self._prepared[window]
 
     def loglikelihoods(self, model: nn.Module) -> list[tuple[float, bool]]:
@@ -417,10 +482,18 @@ class LMEvalEvaluator(Evaluator):
         np.logical_and.at(all_greedy, prepared.owner, greedy)
         return [(float(t), bool(g)) for t, g in zip(total, all_greedy, strict=True)]
 
+    def generations(self, model: nn.Module) -> list[str]:
+        """The greedy answer of each generate_until request, in the harness's order (empty list if none)."""
+        prepared = self._prepare(model)
+        with scoring(model, self.autocast):
+            return prepared.lm.generate(model, prepared.generations, len(self._generated), model_device(model))
+
     def _evaluate(self, model: nn.Module) -> EvalResult:
-        answers = self.loglikelihoods(model)
-        for inst, (loglik, greedy) in zip(self.instances, answers, strict=True):
-            inst.resps = [loglik if inst.request_type == "loglikelihood_rolling" else (loglik, greedy)]
+        answers: list[Any] = self.loglikelihoods(model)
+        for k, text in zip(self._generated, self.generations(model) if self._generated else [], strict=True):
+            answers[k] = text
+        for inst, answer in zip(self.instances, answers, strict=True):
+            inst.resps = [answer[0] if inst.request_type == "loglikelihood_rolling" else answer]
             inst.filtered_resps = {}
         metrics = _harness_metrics(self.task, self.instances, self.filter_key)
         value = metrics[self.metric_name]
@@ -430,11 +503,22 @@ class LMEvalEvaluator(Evaluator):
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    """Tokenised requests for one context window: batches of pairs, and the request each pair belongs to."""
+class _Generation:
+    """A batch of generation contexts sharing one setting: stop sequences and the most tokens to add."""
 
+    batch: Batch  # rows: request indices among the generation requests
+    until: tuple[str, ...]
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Tokenised requests for one context window: loglikelihood pairs and the request each belongs to; generations."""
+
+    lm: InProcessLM
     batches: BatchCache
     owner: np.ndarray
+    generations: list[_Generation]
 
 
 def context_window(model: nn.Module) -> int:
@@ -453,10 +537,23 @@ def _check_requests(name: str, instances: Sequence[Any]) -> None:
         if inst.request_type not in SUPPORTED_REQUESTS:
             raise TaskError(
                 f"task '{name}': lm-eval request type '{inst.request_type}' is not supported in process "
-                f"(supported: {', '.join(SUPPORTED_REQUESTS)}; for generation use kind exact_match)"
+                f"(supported: {', '.join(SUPPORTED_REQUESTS)})"
+            )
+        if inst.request_type == "generate_until" and _samples(inst.args[1]):
+            raise TaskError(
+                f"task '{name}': sampled generation is not deterministic, so candidates would not be comparable; "
+                "set do_sample: false in the task's generation_kwargs"
             )
         if inst.repeats not in (None, 1):
             raise TaskError(f"task '{name}': repeats {inst.repeats} need sampling; set repeats: 1 in the task YAML")
+
+
+def _samples(gen_kwargs: Mapping[str, Any]) -> bool:
+    """Whether lm-eval would sample for these generation settings (do_sample, or a temperature above 0)."""
+    # lm_eval: optional heavy dependency (the `llm` extra)
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    return bool(normalize_gen_kwargs(dict(gen_kwargs), DEFAULT_MAX_GEN_TOKS).get("do_sample"))
 
 
 def _harness_task_on(name: str, options: LMEvalOptions, docs: Sequence[str]) -> Any:
