@@ -282,6 +282,9 @@ def test_config_short_form_relative_path_and_refused_fields(task_dirs):
     assert config.kind == "lm_eval" and config.lm_eval == LMEvalOptions(task="cfg/trec6_mc_cfg.yaml")
     task = load_task(config, base_dir=task_dirs)
     assert task.config.lm_eval is not None and task.config.lm_eval.task == str(yaml_path)
+    # a dumped config (as the search hands it to its workers) validates again unchanged, before and after loading
+    for dumped in (config, task.config):
+        assert TaskConfig.parse(dumped.model_dump(mode="json")) == dumped
     with pytest.raises(TaskError, match=r"remove \['source', 'max_length'\]"):
         TaskConfig.parse({"name": "t", "lm_eval": "x.yaml", "source": "trec6", "max_length": 64})
     with pytest.raises(TaskError, match="kind 'lm_eval' needs lm_eval"):

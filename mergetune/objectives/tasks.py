@@ -87,8 +87,8 @@ class TaskConfig(StrictModel):
         """Fill the label column and metric that the kind implies, so a dump shows what is used."""
         if not isinstance(data, Mapping):
             return data
-        if "lm_eval" in data:
-            return lm_eval_task_defaults(data)
+        if data.get("lm_eval") is not None:
+            return lm_eval_task_defaults(data, {k: f.default for k, f in cls.model_fields.items()})
         data = dict(data)
         kind = data.get("kind", "classification")
         if kind in ("classification", "multiple_choice") and data.get("label_column") is None:
@@ -240,7 +240,7 @@ def _load_lm_eval(config: TaskConfig, base_dir: str | Path | None) -> TaskData:
     found = read_lm_eval_splits(config.name, config.lm_eval, base_dir)
     n = len(found.search) + len(found.test) + len(found.train)
     return TaskData(
-        config=config.model_copy(update={"lm_eval": found.options}),
+        config=config.model_copy(update={"lm_eval": found.options, "source": f"lm_eval:{found.options.task}"}),
         label_names=(),
         train=SplitData(found.train, None),
         validation=SplitData(found.search, None),

@@ -132,13 +132,21 @@ FOREIGN_FIELDS = (
 )
 
 
-def lm_eval_task_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+def lm_eval_task_defaults(data: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """A task mapping with ``lm_eval:`` completed for validation: kind ``lm_eval`` and a descriptive source.
 
-    Fields that belong to file-based tasks are refused by name (they would be silently ignored).
+    Fields that belong to file-based tasks are refused by name when set to anything but their
+    default (``defaults``: TaskConfig's), as they would be silently ignored; a dumped config
+    (every field at its default, the source as filled in here) validates again unchanged.
     """
     data = dict(data)
-    foreign = [key for key in FOREIGN_FIELDS if key in data]
+    spec = data["lm_eval"]
+    source = f"lm_eval:{spec.get('task') if isinstance(spec, Mapping) else spec}"
+    foreign = [
+        key
+        for key in FOREIGN_FIELDS
+        if key in data and data[key] != defaults.get(key) and not (key == "source" and data[key] == source)
+    ]
     if foreign:
         raise ValueError(
             f"an lm_eval task takes its data, prompts and splits from the harness task; remove {foreign} "
@@ -146,9 +154,7 @@ def lm_eval_task_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
         )
     if data.setdefault("kind", "lm_eval") != "lm_eval":
         raise ValueError(f"a task with lm_eval: is of kind 'lm_eval', not '{data['kind']}'")
-    spec = data["lm_eval"]
-    task = spec.get("task") if isinstance(spec, Mapping) else spec
-    data["source"] = f"lm_eval:{task}"
+    data["source"] = source
     return data
 
 
