@@ -102,8 +102,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_task(folder: Path, spec: dict[str, Any], file_name: str, **changes: Any) -> Path:
     """A task YAML in ``folder`` reading its JSON-lines splits by absolute path."""
     spec = {**spec, **changes}
-    splits = [spec.get(k) for k in ("training_split", "validation_split", "test_split")]
-    spec["dataset_kwargs"] = {"data_files": {s: str(folder.parent / "data" / f"{s}.jsonl") for s in splits if s}}
+    splits = ("train", "validation", "test")  # every data split; the YAML says which split plays which role
+    spec["dataset_kwargs"] = {"data_files": {s: str(folder.parent / "data" / f"{s}.jsonl") for s in splits}}
     spec = {k: v for k, v in spec.items() if v is not None}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / file_name
@@ -300,6 +300,12 @@ def test_a_task_without_a_test_split_is_refused_with_what_to_set(task_dirs):
     # naming the splits explicitly is the way out: search on train, hold out validation
     task = load_task(mergetune_task(yaml_path, search_split="train", test_split="validation"))
     assert len(task.validation) == len(task.test) == N_PER_SPLIT
+    # few-shot examples may not come from the held-out split (here lm-eval would draw them from 'test')
+    only_test = {**MC_TASK, "training_split": None, "validation_split": None}  # lm-eval falls back to test
+    fewshot_path = write_task(task_dirs / "fs_test", only_test, "trec6_fs_test.yaml", task="trec6_fs_test")
+    with pytest.raises(TaskError, match="few-shot examples would come from the test split 'test'"):
+        load_task(mergetune_task(fewshot_path, search_split="train", test_split="test", num_fewshot=1))
+    assert len(load_task(mergetune_task(fewshot_path, search_split="train", test_split="test")).validation) > 0
     with pytest.raises(TaskError, match="'nope' is not a split"):
         load_task(mergetune_task(yaml_path, search_split="nope", test_split="validation"))
 

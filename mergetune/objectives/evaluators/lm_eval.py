@@ -87,7 +87,9 @@ class LMEvalOptions(StrictModel):
     fewshot_seed: int = Field(DEFAULT_FEWSHOT_SEED, description="Seed of the few-shot sampler (lm-eval's default).")
     include: str | None = Field(None, description="Extra folder of task YAMLs (e.g. for a group's members).")
     context_length: int | None = Field(None, ge=8, description="Context window; default: the model config's.")
-    limit: int | None = Field(None, ge=1, description="Documents scored per split (the first ones); default: all.")
+    limit: int | None = Field(
+        None, ge=1, description="Documents per split: the first ones, before the task's process_docs; default: all."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -194,7 +196,7 @@ def read_lm_eval_splits(name: str, options: LMEvalOptions, base_dir: str | Path 
     for role, split in (("search_split", search), ("test_split", test)):
         if split not in harness_task.dataset:
             raise TaskError(f"task '{name}': lm_eval.{role} '{split}' is not a split of the task's data {available}")
-    _refuse_test_fewshot(name, harness_task, test)
+    _refuse_test_fewshot(name, harness_task, test, options.num_fewshot)
     train = config.training_split if config.training_split in harness_task.dataset else None
 
     def docs(split: str | None) -> tuple[str, ...]:
@@ -207,13 +209,21 @@ def read_lm_eval_splits(name: str, options: LMEvalOptions, base_dir: str | Path 
     return LMEvalSplits(options, search, test, train, docs(search), docs(test), docs(train))
 
 
-def _refuse_test_fewshot(name: str, harness_task: Any, test: str) -> None:
-    """Few-shot examples drawn from the test split would show test documents to the search."""
-    fewshot = getattr(harness_task.config, "fewshot_split", None)
-    if fewshot == test:
+def _refuse_test_fewshot(name: str, harness_task: Any, test: str, num_fewshot: int | None) -> None:
+    """Few-shot examples drawn from the test split would show test documents to the search.
+
+    The split is lm-eval's choice: ``fewshot_split``, else the training split, else the validation
+    split, else the test split.
+    """
+    config = harness_task.config
+    shots = num_fewshot if num_fewshot is not None else config.num_fewshot or 0
+    source = config.fewshot_split or config.training_split or config.validation_split or config.test_split
+    fixed_samples = getattr(config.fewshot_config, "samples", None)  # literal examples in the YAML: no split
+    if shots > 0 and source == test and not fixed_samples:
         raise TaskError(
-            f"task '{name}': the task's fewshot_split is its test split '{test}', so the search's prompts would "
-            "hold test documents; set fewshot_split to another split in the task YAML"
+            f"task '{name}': the few-shot examples would come from the test split '{test}', so the search's "
+            "prompts would hold test documents; set fewshot_split (or training_split) to another split in the task "
+            "YAML, or num_fewshot: 0"
         )
 
 
