@@ -40,6 +40,7 @@ KIND_MODEL_CLASS = {
     "unsupervised": "AutoModelForSequenceClassification",
     "multiple_choice": "AutoModelForCausalLM",
     "lm": "AutoModelForCausalLM",
+    "lm_eval": "AutoModelForCausalLM",
 }
 
 

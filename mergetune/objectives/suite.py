@@ -45,15 +45,18 @@ from mergetune.objectives.evaluators import (
     LMLossEvaluator,
     MultipleChoiceEvaluator,
 )
+from mergetune.objectives.evaluators.lm_eval import LMEvalEvaluator
 from mergetune.objectives.models import load_task_model
 from mergetune.objectives.tasks import SplitData, TaskData
 
 #: Metrics that are a negated loss: normalised as expert loss / merged loss (1 = as good as the expert).
 NEGATED_LOSSES = frozenset({"neg_loss", "neg_entropy"})
+#: Any metric named ``neg_<name>`` is a negated lower-is-better metric too (lm-eval's ``neg_word_perplexity``, ...).
+NEGATED_PREFIX = "neg_"
 #: Splits a search may score; the test split is only reachable through ValidationSuite.for_test.
 SEARCH_SPLITS = ("validation", "train")
 #: Default batch size per task kind (a causal LM's logits over a large vocabulary are big).
-KIND_BATCH_SIZE = {"classification": 64, "unsupervised": 64, "multiple_choice": 32, "lm": 16}
+KIND_BATCH_SIZE = {"classification": 64, "unsupervised": 64, "multiple_choice": 32, "lm": 16, "lm_eval": 16}
 CACHE_VERSION = 1
 _LOSS_FLOOR = 1e-12
 _TEST_ACCESS = object()
@@ -146,14 +149,14 @@ def normalized_score(score: float, reference: float, metric: str) -> float:
 
     Both read 1.0 at the expert's level, below 1 when worse and above 1 when better.
     """
-    if metric in NEGATED_LOSSES:
+    if metric in NEGATED_LOSSES or metric.startswith(NEGATED_PREFIX):
         return reference / min(score, -_LOSS_FLOOR)
     return score / reference
 
 
 def check_reference(task: str, metric: str, reference: float) -> None:
     """A reference must make the ratio meaningful: positive, or a positive loss for negated losses."""
-    bad = reference >= 0 if metric in NEGATED_LOSSES else reference <= 0
+    bad = reference >= 0 if metric in NEGATED_LOSSES or metric.startswith(NEGATED_PREFIX) else reference <= 0
     if bad or not math.isfinite(reference):
         raise TaskError(
             f"task '{task}': the reference {metric} is {reference}, so a normalised score is undefined "
@@ -199,6 +202,9 @@ def build_evaluator(task: TaskData, data: SplitData, tokenizer: Any, **options: 
         return ClassificationEvaluator(
             data.texts, labels, tokenizer, **{**sequence, "metric": config.metric, **options}
         )
+    if config.lm_eval is not None:  # the harness's own prompts and context window: no max_length
+        harness_options = {k: v for k, v in options.items() if k != "max_length"}
+        return LMEvalEvaluator(config.lm_eval, data.texts, tokenizer, **harness_options)
     if config.kind == "multiple_choice":
         if data.choices is None:
             raise TaskError(f"task '{task.name}': a multiple-choice task's split has no choices")

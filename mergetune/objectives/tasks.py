@@ -58,10 +58,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mergetune.errors import TaskError
 from mergetune.objectives.corpora import CORPORA, available_corpora, get_corpus, load_corpus
+from mergetune.objectives.evaluators.lm_eval import LMEvalOptions, lm_eval_task_defaults, read_lm_eval_splits
 from mergetune.objectives.splits import DedupReport, Splits, deduplicate, example_key, stratified_split
 from mergetune.strict import StrictModel, format_validation_error
 
-Kind = Literal["classification", "multiple_choice", "lm", "unsupervised"]
+Kind = Literal["classification", "multiple_choice", "lm", "unsupervised", "lm_eval"]
 Metric = Literal["accuracy", "macro_f1", "mcc", "neg_loss", "neg_entropy"]
 SplitName = Literal["train", "validation", "test"]
 
@@ -115,6 +116,7 @@ class TaskConfig(StrictModel):
     allow_overlap: bool = Field(
         False, description="Score even when validation/test rows are exact duplicates of training rows."
     )
+    lm_eval: LMEvalOptions | None = Field(None, description="An lm-eval-harness task (name or YAML path) and options.")
 
     @model_validator(mode="before")
     @classmethod
@@ -122,6 +124,8 @@ class TaskConfig(StrictModel):
         """Fill the label column and metric that the kind implies, so a dump shows what is used."""
         if not isinstance(data, Mapping):
             return data
+        if data.get("lm_eval") is not None:
+            return lm_eval_task_defaults(data, {k: f.default for k, f in cls.model_fields.items()})
         data = dict(data)
         kind = data.get("kind", "classification")
         if kind in ("classification", "multiple_choice") and data.get("label_column") is None:
@@ -159,6 +163,10 @@ class TaskConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:
+        if (self.kind == "lm_eval") != (self.lm_eval is not None):
+            raise ValueError("kind 'lm_eval' needs lm_eval: (an lm-eval task name or task YAML path), and only it")
+        if self.lm_eval is not None:
+            return self
         if self.metric not in KIND_METRICS[self.kind]:
             raise ValueError(f"metric '{self.metric}' does not fit kind '{self.kind}'; use {KIND_METRICS[self.kind]}")
         if self.kind == "lm" and (self.label_column or self.labels):
@@ -378,8 +386,27 @@ def load_task(config: TaskConfig, base_dir: str | Path | None = None, expert: Ex
     Relative paths resolve against ``base_dir``. ``expert`` (see :class:`ExpertHints`) gives the
     head's label order and the data the expert is known to have trained on.
     """
+    if config.lm_eval is not None:
+        return _load_lm_eval(config, base_dir)
     read = _read(config, base_dir)
     return _build(config, read, expert or ExpertHints())
+
+
+def _load_lm_eval(config: TaskConfig, base_dir: str | Path | None) -> TaskData:
+    """An lm-eval task's documents as given by its splits: search split as validation, test split as test."""
+    assert config.lm_eval is not None  # the caller checked
+    found = read_lm_eval_splits(config.name, config.lm_eval, base_dir)
+    n = len(found.search) + len(found.test) + len(found.train)
+    return TaskData(
+        config=config.model_copy(update={"lm_eval": found.options, "source": f"lm_eval:{found.options.task}"}),
+        label_names=(),
+        train=SplitData(found.train, None),
+        validation=SplitData(found.search, None),
+        test=SplitData(found.test, None),
+        dedup=DedupReport(n, n, 0, 0, 0),
+        source_kind="lm_eval",
+        split_origin=f"given (lm-eval task {found.options.task}: its search and test splits)",
+    )
 
 
 def resolve_source(config: TaskConfig, base_dir: str | Path | None = None) -> tuple[str, str]:
