@@ -15,26 +15,34 @@ from mergetune.objectives.zoo.specs import ZOOS, available_zoos, resolve_cache_d
 def results_table(zoo: Zoo) -> Table:
     """Per expert: validation score, the base's (with the same head), the gain, test score, time.
 
-    Scores are each task's primary metric (named in the ``metric`` column): accuracy, or ``neg_loss``
-    (minus the loss per token) for a causal LM's text. The "mean" row averages the scores only when
-    every task has the same metric: a mean of losses and accuracies means nothing.
+    An encoder zoo's scores are accuracies; a causal-LM zoo's are each task's primary metric, named
+    in a ``metric`` column: accuracy, or ``neg_loss`` (minus the loss per token). The "mean" row
+    averages the scores only when every task has the same metric: a mean of losses and accuracies
+    means nothing.
     """
     causal = zoo.spec.causal
-    what = "the base" if causal else "the base with its head"
-    table = Table(title=f"zoo {zoo.name}: validation score of each expert and of {what}")
-    base_column = "base" if causal else "base+head"
-    for column in ("task", "metric", "train", "val", "expert", base_column, "gain", "test", "secs", ""):
-        table.add_column(column, justify="left" if column in ("task", "metric", "") else "right")
+    title = (
+        "validation score (its task's metric) of each expert and of the base"
+        if causal
+        else "validation accuracy of each expert and of the base with its head"
+    )
+    table = Table(title=f"zoo {zoo.name}: {title}")
+    metric = ["metric"] if causal else []
+    for column in ("task", *metric, "train", "val", "expert", "base" if causal else "base+head", "gain", "test"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    table.add_column("secs", justify="right")
+    table.add_column("")
     for task, r in zoo.results.items():
         state = "built" if task in zoo.trained else "cached"
-        table.add_row(task, r.metric, *_result_cells(r), state)
+        table.add_row(task, *([r.metric] if causal else []), *_result_cells(r), state)
     results = list(zoo.results.values())
     table.add_section()
     seconds = f"{sum(r.build_seconds for r in results):.0f}"
+    shown = [results[0].metric] if causal else []
     if len({r.metric for r in results}) == 1:
         table.add_row(
             "mean",
-            results[0].metric,
+            *shown,
             "",
             "",
             _mean_cell([r.validation_accuracy for r in results]),
@@ -45,7 +53,7 @@ def results_table(zoo: Zoo) -> Table:
             "",
         )
     else:
-        table.add_row("total", "", *[""] * 6, seconds, "")
+        table.add_row("total", *[""] * (len(table.columns) - 3), seconds, "")
     return table
 
 
