@@ -210,3 +210,26 @@ def test_search_on_llm_tiny_runs_end_to_end_and_its_chosen_recipe_re_merges_bit_
     assert all(
         not torch.equal(folders[0][layer], load_file(p / "model.safetensors")[layer]) for p in llm_tiny.experts.values()
     )
+
+
+@pytest.mark.slow
+def test_smollm2_is_dequantised_into_a_plain_float32_folder_equal_to_the_gguf_weights(tmp_path: Path) -> None:
+    """The converted folder loads without GGUF, holds exactly transformers' dequantised weights, and answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergetune.objectives.zoo.gguf import gguf_file, materialise_gguf
+
+    folder = materialise_gguf("smollm2-135m-instruct", tmp_path / "zoo")
+    assert materialise_gguf("smollm2-135m-instruct", tmp_path / "zoo") == folder  # converted once
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
+    model = load_task_model(TaskConfig(name="x", source="sms_spam", kind="lm"), folder)  # refuses missing tensors
+    gguf = gguf_file("smollm2-135m-instruct")
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    answer = model.generate(**prompt, max_new_tokens=2, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+    assert tokenizer.decode(answer).strip().startswith("Paris")
