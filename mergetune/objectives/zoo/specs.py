@@ -98,8 +98,8 @@ class RandomLlama(StrictModel):
 class ChoiceView(StrictModel):
     """A built-in labelled corpus asked as a multiple-choice question: what a causal-LM expert is scored on.
 
-    Each example becomes ``{"text": template.format(text=...), "choices": [answer words], "label": its word}``
-    in a JSON-lines file of the zoo (``<zoo>/data/<file>``); the task that names the file as its ``source``
+    Each example becomes ``{"text": the template with '{text}' replaced, "choices": [answer words], "label":
+    its word}`` in a JSON-lines file of the zoo (``<zoo>/data/<file>``); the task that names the file as its ``source``
     reads it like any other file (its own de-duplication and seeded splits). The expert is trained on the
     prompt followed by the right answer word (the loss on the answer only), the way it is then scored.
     """
