@@ -66,13 +66,13 @@ def dead_pid() -> int:
 
 
 def test_unknown_zoo_error_lists_the_available_zoos() -> None:
-    with pytest.raises(ZooError, match=r"unknown zoo 'nope'; available: text4, text8, tiny"):
+    with pytest.raises(ZooError, match=r"unknown zoo 'nope'; available: llm-tiny, llm4, text4, text8, tiny"):
         get_zoo("nope")
-    with pytest.raises(ZooError, match="available: text4, text8, tiny"):
+    with pytest.raises(ZooError, match="available: llm-tiny, llm4, text4, text8, tiny"):
         build_zoo("nope", progress=False)
     result = runner.invoke(app, ["zoo", "build", "nope"])
     assert result.exit_code == 2
-    assert "available: text4, text8, tiny" in result.output
+    assert "available: llm-tiny, llm4, text4, text8, tiny" in result.output
 
 
 def test_registered_zoos_match_their_definitions() -> None:

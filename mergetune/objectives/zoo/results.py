@@ -12,7 +12,13 @@ from mergetune.objectives.zoo.specs import ZooSpec
 
 @dataclass(frozen=True)
 class ExpertResult:
-    """What one expert's build measured (stored in its ``zoo_expert.json``)."""
+    """What one expert's build measured (stored in its ``zoo_expert.json``).
+
+    The three scores are the task's primary ``metric``: accuracy for a classification zoo (the field
+    names come from those zoos), ``neg_loss`` (minus the loss per token) for a causal-LM zoo's ``lm``
+    tasks, accuracy for its multiple-choice tasks. For a causal LM the "base" score is the base model
+    itself (it needs no head).
+    """
 
     task: str
     labels: tuple[str, ...]
@@ -20,16 +26,17 @@ class ExpertResult:
     validation_size: int
     test_size: int
     steps: int
-    validation_accuracy: float  # the expert on its own validation split
-    base_head_validation_accuracy: float  # the base encoder wearing this expert's head
+    validation_accuracy: float  # the expert on its own validation split (its task's metric)
+    base_head_validation_accuracy: float  # the base encoder wearing this expert's head; a base causal LM as is
     test_accuracy: float  # the expert on its own test split (a reference for benchmarks)
     train_seconds: float
     build_seconds: float  # training, saving and the three evaluations
     threads: int
+    metric: str = "accuracy"  # what the three scores measure (records written before it existed: accuracy)
 
     @property
     def gain(self) -> float:
-        """How much fine-tuning the encoder adds over the base encoder with the same head."""
+        """How much fine-tuning adds over the base (with the same head), in the task's metric."""
         return self.validation_accuracy - self.base_head_validation_accuracy
 
     def to_json(self) -> dict[str, Any]:
@@ -54,6 +61,7 @@ class Zoo:
     trained: tuple[str, ...]  # tasks fine-tuned by this call; empty when everything came from the cache
     seconds: float  # wall time of this call
     manifest: Path = field(default=Path())
+    task_configs: dict[str, TaskConfig] | None = None  # as read by a search (views resolved); None: the spec's
 
     @property
     def name(self) -> str:
@@ -61,7 +69,9 @@ class Zoo:
 
     @property
     def tasks(self) -> dict[str, TaskConfig]:
-        """Task name -> its config (load its data with ``load_task``)."""
+        """Task name -> its config (load its data with ``load_task``); a view's source is its file in the zoo."""
+        if self.task_configs is not None:
+            return dict(self.task_configs)
         return {t.name: t for t in self.spec.tasks}
 
     @property

@@ -13,26 +13,47 @@ from mergetune.objectives.zoo.specs import ZOOS, available_zoos, resolve_cache_d
 
 
 def results_table(zoo: Zoo) -> Table:
-    """Per expert: validation accuracy, the base encoder's with the same head, the gain, test accuracy, time."""
-    table = Table(title=f"zoo {zoo.name}: validation accuracy of each expert and of the base with its head")
-    for column in ("task", "train", "val", "expert", "base+head", "gain", "test", "secs", ""):
-        table.add_column(column, justify="left" if column in ("task", "") else "right")
+    """Per expert: validation score, the base's (with the same head), the gain, test score, time.
+
+    An encoder zoo's scores are accuracies; a causal-LM zoo's are each task's primary metric, named
+    in a ``metric`` column: accuracy, or ``neg_loss`` (minus the loss per token). The "mean" row
+    averages the scores only when every task has the same metric: a mean of losses and accuracies
+    means nothing.
+    """
+    causal = zoo.spec.causal
+    title = (
+        "validation score (its task's metric) of each expert and of the base"
+        if causal
+        else "validation accuracy of each expert and of the base with its head"
+    )
+    table = Table(title=f"zoo {zoo.name}: {title}")
+    metric = ["metric"] if causal else []
+    for column in ("task", *metric, "train", "val", "expert", "base" if causal else "base+head", "gain", "test"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    table.add_column("secs", justify="right")
+    table.add_column("")
     for task, r in zoo.results.items():
         state = "built" if task in zoo.trained else "cached"
-        table.add_row(task, *_result_cells(r), state)
+        table.add_row(task, *([r.metric] if causal else []), *_result_cells(r), state)
     results = list(zoo.results.values())
     table.add_section()
-    table.add_row(
-        "mean",
-        "",
-        "",
-        _mean_cell([r.validation_accuracy for r in results]),
-        _mean_cell([r.base_head_validation_accuracy for r in results]),
-        f"{np.mean([r.gain for r in results]):+.3f}",
-        _mean_cell([r.test_accuracy for r in results]),
-        f"{sum(r.build_seconds for r in results):.0f}",
-        "",
-    )
+    seconds = f"{sum(r.build_seconds for r in results):.0f}"
+    shown = [results[0].metric] if causal else []
+    if len({r.metric for r in results}) == 1:
+        table.add_row(
+            "mean",
+            *shown,
+            "",
+            "",
+            _mean_cell([r.validation_accuracy for r in results]),
+            _mean_cell([r.base_head_validation_accuracy for r in results]),
+            f"{np.mean([r.gain for r in results]):+.3f}",
+            _mean_cell([r.test_accuracy for r in results]),
+            seconds,
+            "",
+        )
+    else:
+        table.add_row("total", *[""] * (len(table.columns) - 3), seconds, "")
     return table
 
 
@@ -59,7 +80,7 @@ def zoos_table(cache_dir: str | Path | None = None) -> Table:
         spec = ZOOS[name]
         folder = spec.folder(cache_dir)
         done = sum(is_built(folder / t.name, spec.cache_key()) for t in spec.tasks)
-        base = spec.base if isinstance(spec.base, str) else "random BERT"
+        base = spec.base if isinstance(spec.base, str) else f"random {'Llama' if spec.causal else 'BERT'}"
         sizes = "/".join(sorted({str(t.train_size) for t in spec.tasks}))
         table.add_row(name, base, ", ".join(t.name for t in spec.tasks), sizes, f"{done}/{len(spec.tasks)}")
     return table

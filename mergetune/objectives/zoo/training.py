@@ -43,7 +43,7 @@ def train_expert(
     started = time.perf_counter()
     data = load_task(task)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    seed = _task_seed(settings.seed, task.name)
+    seed = task_seed(settings.seed, task.name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _new_classifier(base_dir, data)
@@ -70,7 +70,7 @@ def train_expert(
     )
 
 
-def _task_seed(seed: int, task: str) -> int:
+def task_seed(seed: int, task: str) -> int:
     """A per-task seed that does not depend on the other tasks of the zoo (adding one changes no other)."""
     return int(stable_hash(f"{seed}:{task}")[:8], 16)
 
@@ -90,16 +90,27 @@ def _new_classifier(base_dir: Path, data: TaskData) -> Any:
 
 
 def freeze(model: Any, settings: TrainSettings) -> None:
-    """Freeze the word embeddings and/or the embeddings and lowest encoder layers, as the settings say."""
-    encoder = model.base_model
+    """Freeze the word embeddings and/or the embeddings and lowest blocks, as the settings say.
+
+    Works on a BERT encoder (``encoder.layer``, ``embeddings``) and on a decoder such as Llama
+    (``layers``, ``embed_tokens``). A causal LM whose output layer is tied to the word embeddings
+    keeps it frozen with them.
+    """
     if settings.freeze_word_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     if settings.frozen_layers:
-        layers = encoder.encoder.layer
+        embeddings, layers = _embeddings_and_blocks(model.base_model)
         if settings.frozen_layers > len(layers):
             raise ZooError(f"frozen_layers {settings.frozen_layers} exceeds the base's {len(layers)} layers")
-        for module in (encoder.embeddings, *layers[: settings.frozen_layers]):
+        for module in (embeddings, *layers[: settings.frozen_layers]):
             module.requires_grad_(False)
+
+
+def _embeddings_and_blocks(backbone: Any) -> tuple[Any, Any]:
+    """(embedding module, list of blocks) of a BERT-like encoder or a Llama-like decoder."""
+    if hasattr(backbone, "layers") and hasattr(backbone, "embed_tokens"):
+        return backbone.embed_tokens, backbone.layers
+    return backbone.embeddings, backbone.encoder.layer
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -114,24 +125,42 @@ def fine_tune(
     seed: int,
     on_step: Callable[[int], None] | None = None,
 ) -> int:
-    """AdamW with linear warm-up and decay over length-bucketed, dynamically padded batches; returns the steps."""
+    """Fine-tune a classifier on a split's labels (see :func:`optimise`); returns the steps."""
     assert split.labels is not None  # classification tasks always have labels
     ids = encode(tokenizer, split.texts, max_length)
-    lengths = np.array([len(x) for x in ids])
+    labels = torch.as_tensor(split.labels, dtype=torch.long)
+
+    def batch_loss(rows: np.ndarray) -> torch.Tensor:
+        return model(**pad_batch([ids[i] for i in rows], tokenizer.pad_token_id), labels=labels[rows]).loss
+
+    return optimise(model, [len(x) for x in ids], settings, seed, batch_loss, on_step)
+
+
+def optimise(
+    model: Any,
+    lengths: Sequence[int],
+    settings: TrainSettings,
+    seed: int,
+    batch_loss: Callable[[np.ndarray], torch.Tensor],
+    on_step: Callable[[int], None] | None = None,
+) -> int:
+    """AdamW with linear warm-up and decay over length-bucketed batches of examples; returns the steps.
+
+    ``batch_loss(rows)`` is the loss of the examples ``rows`` (indices into ``lengths``), dynamically
+    padded by the caller; ``on_step(total_steps)`` is called after every optimiser step.
+    """
     rng = np.random.default_rng(seed)
     epochs = [
-        length_bucketed_batches(lengths, settings.batch_size, settings.bucket_batches, rng)
+        length_bucketed_batches(np.asarray(lengths), settings.batch_size, settings.bucket_batches, rng)
         for _ in range(settings.epochs)
     ]
     total = sum(len(e) for e in epochs)
-    optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.learning_rate)
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(total, settings.warmup_ratio))
-    labels = torch.as_tensor(split.labels, dtype=torch.long)
     model.train()
     for batches in epochs:
         for batch in batches:
-            loss = model(**pad_batch([ids[i] for i in batch], tokenizer.pad_token_id), labels=labels[batch]).loss
-            loss.backward()
+            batch_loss(batch).backward()
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(_trainable(model), settings.max_grad_norm)
             optimizer.step()
@@ -147,12 +176,12 @@ def _trainable(model: Any) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay the weight matrices, not biases or LayerNorm parameters (the usual BERT recipe)."""
+def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay the weight matrices, not biases or norm parameters (BERT's LayerNorm, Llama's RMSNorm)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+            (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
