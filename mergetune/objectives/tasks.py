@@ -141,11 +141,11 @@ class TaskConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:
+        self._check_kind_fields()
         if self.metric not in KIND_METRICS[self.kind]:
             raise ValueError(f"metric '{self.metric}' does not fit kind '{self.kind}'; use {KIND_METRICS[self.kind]}")
         if self.kind in ("lm", "exact_match") and (self.label_column or self.labels):
             raise ValueError(f"an '{self.kind}' task has no labels: remove label_column / labels")
-        self._check_kind_fields()
         if self.kind == "multiple_choice" and not self.choices_column:
             raise ValueError("a 'multiple_choice' task needs choices_column (a list column, or a list of columns)")
         if self.kind != "multiple_choice" and self.choices_column:

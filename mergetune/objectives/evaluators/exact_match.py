@@ -112,6 +112,7 @@ class ExactMatchEvaluator(Evaluator):
         self.autocast = autocast
         self.scorer = scorer
         self.tokenizer = tokenizer
+        self.prompts = list(prompts)
         self.max_new_tokens = max_new_tokens
         self.stop = tuple(stop)
         self.first_line = first_line

@@ -98,6 +98,7 @@ class MultipleChoiceEvaluator(Evaluator):
         self.scorer = scorer
         self.metric = primary_metric(name, metric or ("acc_norm" if normalize else None), scorer, METRICS)
         self.scoring = scoring
+        self.contexts = list(contexts)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.choices = [tuple(c) for c in choices]
         self.option_chars = [np.array([max(len(o), 1) for o in c], dtype=np.float64) for c in self.choices]
