@@ -409,3 +409,18 @@ def test_build_evaluator_refuses_fewshot_from_the_scored_split(smol_tok, llm_tas
     mc = load_task(llm_tasks[0])
     with pytest.raises(TaskError, match="few-shot examples come from the train split"):
         build_evaluator(mc, mc.train, smol_tok)
+
+
+def test_the_documented_config_example_parses():
+    """The YAML example in the kind registry's docstring is a valid list of task configs."""
+    import textwrap
+
+    import yaml
+
+    from mergetune.objectives.evaluators import kinds
+
+    doc = kinds.__doc__ or ""
+    example = yaml.safe_load(textwrap.dedent(doc[doc.index("    - name: trec_mc") : doc.index("Every metric")]))
+    configs = [TaskConfig.parse(task) for task in example]
+    assert [c.kind for c in configs] == ["multiple_choice", "exact_match", "lm"]
+    assert configs[1].kind_options.stop == ["\n", "."] and configs[2].metric == "custom"

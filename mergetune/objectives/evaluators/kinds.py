@@ -1,15 +1,36 @@
-"""The one table of task kinds: what a task config's ``kind`` accepts and what each kind implies.
+r"""The one table of task kinds: what a task config's ``kind`` accepts and what each kind implies.
 
 Everything that depends on a task's kind reads :data:`KINDS`: the config's accepted kinds, metrics
 and option group (:mod:`mergetune.objectives.tasks`), the default batch size and the evaluator
 (:mod:`mergetune.objectives.suite`), and the transformers class that scores it
 (:mod:`mergetune.objectives.models`). A new kind is one :class:`KindSpec` here plus its evaluator.
 
-The kind-specific options live in one group per kind in a task config, named after the kind::
+The kind-specific options live in one group per kind in a task config, named after the kind
+(every field is optional; the defaults are shown in the classes below)::
 
-    - name: trec_mc
+    - name: trec_mc                   # multiple choice: acc or acc_norm of the options' log-likelihoods
       kind: multiple_choice
-      multiple_choice: {fewshot: 3, delimiter: " ", dtype: bfloat16}
+      source: data/trec_mc.jsonl      # rows {"question": ..., "options": [...], "answer": 2 or its text}
+      text_column: question
+      choices_column: options
+      label_column: answer
+      metric: acc_norm
+      multiple_choice: {delimiter: " ", fewshot: 3, fewshot_seed: 0, prefix: "Question types.\n\n",
+                        chat_template: false, scoring: shared_context, dtype: bfloat16}
+    - name: sentiment_em              # exact match by greedy generation
+      kind: exact_match
+      source: data/sentiment.jsonl    # rows {"prompt": ..., "answer": "positive" or ["positive", "pos"]}
+      text_column: prompt
+      answer_column: answer
+      exact_match: {max_new_tokens: 8, stop: ["\n", "."], first_line: true, answer_regex: null,
+                    normalize: [lower, punctuation, articles, whitespace], fewshot: 2, chat_template: true}
+    - name: trec_answer_loss          # LM loss on the answer only (drop answer_column: the whole text)
+      kind: lm
+      source: data/trec_qa.csv
+      text_column: prompt
+      answer_column: answer
+      lm: {delimiter: " "}
+      scorer: my_scoring:answer_logprob   # optional: a custom score (see mergetune.objectives.evaluators.base)
 
 Every metric is "higher is better"; a negated loss is named ``neg_...``. ``custom`` is the score of a
 task's own ``scorer`` (see :mod:`.base`, :func:`load_scorer`).
