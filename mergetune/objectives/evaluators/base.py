@@ -17,6 +17,8 @@ and ``references[i]`` are, by kind:
 
 It is imported only when a task names it (no code is ever taken from data), and its value becomes the
 task's primary score under the metric name ``custom``; the kind's own metrics are still reported.
+The experts' reference scores cached on disk are keyed by the scorer's name, not by its code: after
+editing a scorer, clear the reference cache (or rename the function).
 """
 
 from __future__ import annotations
