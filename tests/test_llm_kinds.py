@@ -424,3 +424,13 @@ def test_the_documented_config_example_parses():
     configs = [TaskConfig.parse(task) for task in example]
     assert [c.kind for c in configs] == ["multiple_choice", "exact_match", "lm"]
     assert configs[1].kind_options.stop == ["\n", "."] and configs[2].metric == "custom"
+
+
+def test_bos_is_never_doubled():
+    """A chat template may write the BOS token itself: the evaluators then do not add a second one."""
+    from mergetune.objectives.evaluators.causal import prepend_bos
+
+    assert prepend_bos([7, 5], 7) == [7, 5]
+    assert prepend_bos([5], 7) == [7, 5]
+    assert prepend_bos([5], None) == [5]
+    assert prepend_bos([], 7) == [7]

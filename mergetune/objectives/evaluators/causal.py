@@ -30,6 +30,16 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def default_bos(tokenizer: Any) -> int | None:
+    """The BOS id when the tokeniser puts it first by default, else None."""
+    return tokenizer.bos_token_id if adds_bos(tokenizer) else None
+
+
+def prepend_bos(ids: Sequence[int], bos: int | None) -> list[int]:
+    """``ids`` with ``bos`` first, unless it is None or already there (a chat template may write it)."""
+    return list(ids) if bos is None or (ids and ids[0] == bos) else [bos, *ids]
+
+
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
@@ -53,14 +63,13 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, task: str = "ta
     cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else encode_text(tokenizer, continuation)
     if not cont:
         cont = encode_text(tokenizer, continuation)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    prefix = [bos] if adds_bos(tokenizer) and not (ctx and ctx[0] == bos) else []
-    if not prefix and not ctx:
+    ctx = prepend_bos(ctx, default_bos(tokenizer))
+    if not ctx:
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None:
             raise TaskError(f"task '{task}': an empty context needs a BOS or EOS token to condition on")
-        prefix = [eos]
-    return prefix + ctx, cont
+        ctx = [eos]
+    return ctx, cont
 
 
 def causal_forward(model: nn.Module, inputs: Inputs, logits_to_keep: int = 0) -> torch.Tensor:

@@ -32,7 +32,7 @@ from mergetune.objectives.evaluators.base import (
     pad_id,
     primary_metric,
 )
-from mergetune.objectives.evaluators.causal import adds_bos, encode_text, left_padded
+from mergetune.objectives.evaluators.causal import default_bos, encode_text, left_padded, prepend_bos
 from mergetune.objectives.evaluators.kinds import NORMALIZE_STEPS
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.IGNORECASE)
@@ -124,8 +124,8 @@ class ExactMatchEvaluator(Evaluator):
             raise TaskError(f"task '{name}': {exc}") from exc
         self.references = [[a] if isinstance(a, str) else list(a) for a in answers]
         self.answers = [{normalize_answer(x, self.normalize) for x in refs} for refs in self.references]
-        bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-        ids = [(bos + encode_text(tokenizer, p))[-max_length:] for p in prompts]
+        bos = default_bos(tokenizer)
+        ids = [prepend_bos(encode_text(tokenizer, p), bos)[-max_length:] for p in prompts]
         self.eos = getattr(tokenizer, "eos_token_id", None)
         self.batches = BatchCache(
             [
