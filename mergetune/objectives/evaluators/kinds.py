@@ -62,8 +62,9 @@ class CausalOptions(StrictModel):
 
     dtype: Literal["float32", "bfloat16"] | None = Field(
         None,
-        description="bfloat16: forwards run under torch.autocast(bfloat16) (2-2.6x faster for SmolLM2 on a CPU); "
-        "float32: never; unset: the suite's setting. References and candidates are scored alike.",
+        description="bfloat16: forwards run under torch.autocast(bfloat16): 2-2.6x faster for SmolLM2 on a CPU "
+        "with AMX or AVX512-BF16, but about 5x SLOWER on an AVX2-only CPU (emulated; see benchmarks/eval_speed.py "
+        "--section llm); float32: never; unset: the suite's setting. References and candidates are scored alike.",
     )
 
     @property
