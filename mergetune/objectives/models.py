@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mergetune.errors import TaskError
+from mergetune.objectives.evaluators.kinds import kind_spec
 from mergetune.objectives.tasks import TaskConfig, TaskData
 
 log = logging.getLogger(__name__)
@@ -34,24 +35,13 @@ log = logging.getLogger(__name__)
 StateDict = Mapping[str, torch.Tensor]
 SharedSource = str | os.PathLike[str] | StateDict | nn.Module
 
-#: Which transformers auto class scores each kind of task.
-KIND_MODEL_CLASS = {
-    "classification": "AutoModelForSequenceClassification",
-    "unsupervised": "AutoModelForSequenceClassification",
-    "multiple_choice": "AutoModelForCausalLM",
-    "lm": "AutoModelForCausalLM",
-    "lm_eval": "AutoModelForCausalLM",
-}
-
 
 def task_model_class(kind: str) -> Any:
-    """The transformers auto class for a task kind (sequence classification or causal LM)."""
+    """The transformers auto class for a task kind (sequence classification or causal LM; see the kind registry)."""
     # transformers: imported only when a model is loaded (importing it takes seconds)
     import transformers
 
-    if kind not in KIND_MODEL_CLASS:
-        raise TaskError(f"unknown task kind '{kind}'; use one of {sorted(KIND_MODEL_CLASS)}")
-    return getattr(transformers, KIND_MODEL_CLASS[kind])
+    return getattr(transformers, kind_spec(kind).model_class)
 
 
 def load_task_model(

@@ -38,12 +38,18 @@ from torch import nn
 from mergetune.errors import TaskError
 from mergetune.objectives.evaluators import (
     DEFAULT_MAX_TOKENS,
+    KINDS,
     ClassificationEvaluator,
     EntropyEvaluator,
     EvalResult,
     Evaluator,
+    ExactMatchEvaluator,
     LMLossEvaluator,
     MultipleChoiceEvaluator,
+    Shot,
+    build_contexts,
+    draw_shots,
+    load_scorer,
 )
 from mergetune.objectives.evaluators.lm_eval import LMEvalEvaluator
 from mergetune.objectives.models import load_task_model
@@ -55,8 +61,8 @@ NEGATED_LOSSES = frozenset({"neg_loss", "neg_entropy"})
 NEGATED_PREFIX = "neg_"
 #: Splits a search may score; the test split is only reachable through ValidationSuite.for_test.
 SEARCH_SPLITS = ("validation", "train")
-#: Default batch size per task kind (a causal LM's logits over a large vocabulary are big).
-KIND_BATCH_SIZE = {"classification": 64, "unsupervised": 64, "multiple_choice": 32, "lm": 16, "lm_eval": 16}
+#: Default batch size per task kind (a causal LM's logits over a large vocabulary are big); from the kind registry.
+KIND_BATCH_SIZE = {name: spec.batch_size for name, spec in KINDS.items()}
 CACHE_VERSION = 1
 _LOSS_FLOOR = 1e-12
 _TEST_ACCESS = object()
@@ -178,6 +184,7 @@ def examples(task: TaskData, split: str, max_examples: int | None = None) -> Spl
         labels=None if data.labels is None else data.labels[:n],
         text_pairs=None if data.text_pairs is None else data.text_pairs[:n],
         choices=None if data.choices is None else data.choices[:n],
+        answers=None if data.answers is None else data.answers[:n],
     )
 
 
@@ -185,7 +192,9 @@ def build_evaluator(task: TaskData, data: SplitData, tokenizer: Any, **options: 
     """The evaluator of the task's kind over ``data``; ``options`` go to its constructor.
 
     ``max_length`` defaults to the task config's, ``name`` to the task's name, ``batch_size``
-    to the kind's default and a classification ``metric`` to the config's; ``options`` win.
+    to the kind's default and ``metric`` to the config's; ``options`` win. A causal-LM kind also
+    gets its option group (delimiter, few-shot, chat template, ...), its ``scorer`` and, when the
+    group sets ``dtype``, that autocast (a task's own dtype wins over the suite-wide one).
     """
     config = task.config
     options = {
@@ -194,22 +203,133 @@ def build_evaluator(task: TaskData, data: SplitData, tokenizer: Any, **options: 
         "name": task.name,
         **options,
     }
-    if config.kind in ("classification", "unsupervised"):
-        sequence = {"text_pairs": data.text_pairs, "num_labels": task.num_labels or None}
-        if config.kind == "unsupervised":
-            return EntropyEvaluator(data.texts, tokenizer, **{**sequence, **options})
-        labels = _require_labels(task, data)
-        return ClassificationEvaluator(
-            data.texts, labels, tokenizer, **{**sequence, "metric": config.metric, **options}
+    return _BUILDERS[config.kind](task, data, tokenizer, options)
+
+
+def _build_classification(task: TaskData, data: SplitData, tokenizer: Any, options: dict[str, Any]) -> Evaluator:
+    sequence = {"text_pairs": data.text_pairs, "num_labels": task.num_labels or None}
+    labels = _require_labels(task, data)
+    return ClassificationEvaluator(
+        data.texts, labels, tokenizer, **{**sequence, "metric": task.config.metric, **options}
+    )
+
+
+def _build_unsupervised(task: TaskData, data: SplitData, tokenizer: Any, options: dict[str, Any]) -> Evaluator:
+    sequence = {"text_pairs": data.text_pairs, "num_labels": task.num_labels or None}
+    return EntropyEvaluator(data.texts, tokenizer, **{**sequence, **options})
+
+
+def _causal_options(task: TaskData, options: dict[str, Any]) -> dict[str, Any]:
+    """The metric, scorer and dtype a causal-LM task's config asks for, under the caller's ``options``."""
+    config = task.config
+    group = config.kind_options
+    extra: dict[str, Any] = {"metric": config.metric}
+    if config.scorer is not None:
+        extra["scorer"] = load_scorer(config.scorer, task.name)
+    merged = {**extra, **options}
+    if group.dtype is not None:
+        merged["autocast"] = group.autocast
+    return merged
+
+
+def _shots(task: TaskData, data: SplitData, answers: list[str]) -> list[Shot]:
+    """The task's fixed few-shot examples from its train split (never from the split being scored)."""
+    group = task.config.kind_options
+    shots = draw_shots(task.train.texts, answers, group.fewshot, group.fewshot_seed, task.name)
+    scored = set(data.texts)
+    if any(s.question in scored for s in shots):
+        raise TaskError(
+            f"task '{task.name}': few-shot examples come from the train split, which is the split being scored; "
+            "score the validation split, or set fewshot: 0"
         )
-    if config.lm_eval is not None:  # the harness's own prompts and context window: no max_length
-        harness_options = {k: v for k, v in options.items() if k != "max_length"}
-        return LMEvalEvaluator(config.lm_eval, data.texts, tokenizer, **harness_options)
-    if config.kind == "multiple_choice":
-        if data.choices is None:
-            raise TaskError(f"task '{task.name}': a multiple-choice task's split has no choices")
-        return MultipleChoiceEvaluator(data.texts, data.choices, _require_labels(task, data), tokenizer, **options)
-    return LMLossEvaluator(data.texts, tokenizer, **options)
+    return shots
+
+
+def _contexts(task: TaskData, data: SplitData, tokenizer: Any, train_answers: list[str]) -> tuple[list[str], str]:
+    group = task.config.kind_options
+    return build_contexts(
+        data.texts,
+        tokenizer,
+        prefix=group.prefix,
+        shots=_shots(task, data, train_answers),
+        delimiter=group.delimiter,
+        fewshot_delimiter=group.fewshot_delimiter,
+        chat_template=group.chat_template,
+        task=task.name,
+    )
+
+
+def _build_multiple_choice(task: TaskData, data: SplitData, tokenizer: Any, options: dict[str, Any]) -> Evaluator:
+    if data.choices is None:
+        raise TaskError(f"task '{task.name}': a multiple-choice task's split has no choices")
+    train = task.train
+    gold = [] if train.choices is None or train.labels is None else list(train.labels)
+    train_answers = [train.choices[i][g] for i, g in enumerate(gold)] if train.choices else []
+    contexts, delimiter = _contexts(task, data, tokenizer, train_answers)
+    group = task.config.kind_options
+    return MultipleChoiceEvaluator(
+        contexts,
+        data.choices,
+        _require_labels(task, data),
+        tokenizer,
+        delimiter=delimiter,
+        scoring=group.scoring,
+        **_causal_options(task, options),
+    )
+
+
+def _build_exact_match(task: TaskData, data: SplitData, tokenizer: Any, options: dict[str, Any]) -> Evaluator:
+    answers = _require_answers(task, data)
+    train_answers = [a[0] for a in task.train.answers or ()]
+    prompts, _ = _contexts(task, data, tokenizer, train_answers)
+    group = task.config.kind_options
+    return ExactMatchEvaluator(
+        prompts,
+        answers,
+        tokenizer,
+        max_new_tokens=group.max_new_tokens,
+        stop=tuple(group.stop),
+        first_line=group.first_line,
+        answer_regex=group.answer_regex,
+        normalize=tuple(group.normalize),
+        **_causal_options(task, options),
+    )
+
+
+def _build_lm(task: TaskData, data: SplitData, tokenizer: Any, options: dict[str, Any]) -> Evaluator:
+    answers = None if task.config.answer_column is None else [a[0] for a in _require_answers(task, data)]
+    group = task.config.kind_options
+    return LMLossEvaluator(
+        data.texts, tokenizer, answers=answers, delimiter=group.delimiter, **_causal_options(task, options)
+    )
+
+
+def _build_lm_eval(task: TaskData, data: SplitData, tokenizer: Any, options: dict[str, Any]) -> Evaluator:
+    """An lm-eval-harness task: the harness's own prompts and context window (no max_length)."""
+    assert task.config.lm_eval is not None  # the kind's validation requires it
+    harness_options = {k: v for k, v in options.items() if k != "max_length"}
+    return LMEvalEvaluator(task.config.lm_eval, data.texts, tokenizer, **harness_options)
+
+
+def _require_answers(task: TaskData, data: SplitData) -> tuple[tuple[str, ...], ...]:
+    if data.answers is None:
+        raise TaskError(
+            f"task '{task.name}': a {task.config.kind} task needs answers (answer_column); its split has none"
+        )
+    return data.answers
+
+
+#: How each registered kind builds its evaluator from a task's split (every kind of the registry has one).
+_BUILDERS: dict[str, Callable[[TaskData, SplitData, Any, dict[str, Any]], Evaluator]] = {
+    "classification": _build_classification,
+    "unsupervised": _build_unsupervised,
+    "multiple_choice": _build_multiple_choice,
+    "exact_match": _build_exact_match,
+    "lm": _build_lm,
+    "lm_eval": _build_lm_eval,
+}
+if set(_BUILDERS) != set(KINDS):  # a kind registered without a builder is a programming error, caught at import
+    raise RuntimeError(f"kinds without an evaluator builder: {sorted(set(KINDS) ^ set(_BUILDERS))}")
 
 
 def _require_labels(task: TaskData, data: SplitData) -> Any:
@@ -485,7 +605,8 @@ def _tokenizer_for(tokenizer: Any, name: str) -> Any:
 
 def _data_digest(data: SplitData) -> str:
     """SHA-256 of the examples a task is scored on (texts, pairs, choices, labels)."""
-    payload = [data.texts, data.text_pairs, data.choices, None if data.labels is None else data.labels.tolist()]
+    labels = None if data.labels is None else data.labels.tolist()
+    payload = [data.texts, data.text_pairs, data.choices, labels, data.answers]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 

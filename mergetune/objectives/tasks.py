@@ -58,21 +58,28 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mergetune.errors import TaskError
 from mergetune.objectives.corpora import CORPORA, available_corpora, get_corpus, load_corpus
+from mergetune.objectives.evaluators.kinds import (
+    ALL_METRICS,
+    CUSTOM_METRIC,
+    KINDS,
+    ExactMatchOptions,
+    LMOptions,
+    MultipleChoiceOptions,
+)
 from mergetune.objectives.evaluators.lm_eval import LMEvalOptions, lm_eval_task_defaults, read_lm_eval_splits
 from mergetune.objectives.splits import DedupReport, Splits, deduplicate, example_key, stratified_split
 from mergetune.strict import StrictModel, format_validation_error
 
-Kind = Literal["classification", "multiple_choice", "lm", "unsupervised", "lm_eval"]
-Metric = Literal["accuracy", "macro_f1", "mcc", "neg_loss", "neg_entropy"]
+# The accepted kinds and metrics come from the one kind registry (objectives/evaluators/kinds.py).
+Kind = Literal[tuple(KINDS)]  # type: ignore[valid-type]
+Metric = Literal[ALL_METRICS]  # type: ignore[valid-type]
 SplitName = Literal["train", "validation", "test"]
 
 #: Metrics each kind of task can be scored with (all are "higher is better"); the first is the default.
-KIND_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1", "mcc"),
-    "multiple_choice": ("accuracy",),
-    "lm": ("neg_loss",),
-    "unsupervised": ("neg_entropy",),
-}
+KIND_METRICS: dict[str, tuple[str, ...]] = {name: spec.metrics for name, spec in KINDS.items()}
+#: The option group of each kind that has one: a task config field named after the kind.
+KIND_OPTION_GROUPS = tuple(name for name, spec in KINDS.items() if spec.options is not None)
+_SCORER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 BUILTIN_PREFIX = "builtin:"
@@ -106,8 +113,17 @@ class TaskConfig(StrictModel):
     text_pair_column: str | None = None
     label_column: str | None = Field(None, description="Defaults to 'label' for classification and multiple choice.")
     choices_column: str | list[str] | None = Field(None, description="Multiple choice: a list column or columns.")
+    answer_column: str | None = Field(
+        None, description="exact_match: the answer, or a list of acceptable answers; lm: score only this answer."
+    )
     labels: list[str] | None = Field(None, description="Label names in the order of the head's outputs.")
-    metric: Metric | None = Field(None, description="Defaults to the kind's first metric.")
+    metric: Metric | None = Field(None, description="Defaults to the kind's first metric ('custom' with a scorer).")
+    scorer: str | None = Field(
+        None, description="'module:function' scoring (predictions, references) -> float; see evaluators.base."
+    )
+    multiple_choice: MultipleChoiceOptions | None = Field(None, description="Options of a multiple_choice task.")
+    exact_match: ExactMatchOptions | None = Field(None, description="Options of an exact_match task.")
+    lm: LMOptions | None = Field(None, description="Options of an lm task.")
     max_length: int = Field(128, ge=8, description="Tokens kept per example by the evaluator.")
     validation_size: int = Field(DEFAULT_VALIDATION_SIZE, ge=1, description="Made splits only.")
     test_size: int = Field(DEFAULT_TEST_SIZE, ge=1, description="Made splits only.")
@@ -128,10 +144,13 @@ class TaskConfig(StrictModel):
             return lm_eval_task_defaults(data, {k: f.default for k, f in cls.model_fields.items()})
         data = dict(data)
         kind = data.get("kind", "classification")
-        if kind in ("classification", "multiple_choice") and data.get("label_column") is None:
-            data["label_column"] = "label"
-        if data.get("metric") is None and kind in KIND_METRICS:
-            data["metric"] = KIND_METRICS[kind][0]
+        spec = KINDS.get(kind) if isinstance(kind, str) else None
+        if spec is None:
+            return data  # the kind's own validation reports it
+        if spec.label_column and data.get("label_column") is None:
+            data["label_column"] = spec.label_column
+        if data.get("metric") is None:
+            data["metric"] = CUSTOM_METRIC if data.get("scorer") else spec.metrics[0]
         return data
 
     @field_validator("name")
@@ -166,11 +185,12 @@ class TaskConfig(StrictModel):
         if (self.kind == "lm_eval") != (self.lm_eval is not None):
             raise ValueError("kind 'lm_eval' needs lm_eval: (an lm-eval task name or task YAML path), and only it")
         if self.lm_eval is not None:
-            return self
+            return self  # the harness task brings its own data, prompts and metric (see evaluators.lm_eval)
+        self._check_kind_fields()
         if self.metric not in KIND_METRICS[self.kind]:
             raise ValueError(f"metric '{self.metric}' does not fit kind '{self.kind}'; use {KIND_METRICS[self.kind]}")
-        if self.kind == "lm" and (self.label_column or self.labels):
-            raise ValueError("an 'lm' task has no labels: remove label_column / labels")
+        if self.kind in ("lm", "exact_match") and (self.label_column or self.labels):
+            raise ValueError(f"an '{self.kind}' task has no labels: remove label_column / labels")
         if self.kind == "multiple_choice" and not self.choices_column:
             raise ValueError("a 'multiple_choice' task needs choices_column (a list column, or a list of columns)")
         if self.kind != "multiple_choice" and self.choices_column:
@@ -179,6 +199,35 @@ class TaskConfig(StrictModel):
             raise ValueError("a 'multiple_choice' task's label is the index of the right choice: remove labels")
         self._check_source()
         return self
+
+    def _check_kind_fields(self) -> None:
+        """Answer column, scorer and option groups only where the kind takes them (see the kind registry)."""
+        spec = KINDS[self.kind]
+        if spec.needs_answers and not self.answer_column:
+            raise ValueError(f"a '{self.kind}' task needs answer_column (the answer, or a list of acceptable answers)")
+        if self.answer_column and not spec.takes_answers:
+            takers = [k for k, s in KINDS.items() if s.takes_answers]
+            raise ValueError(f"answer_column is only for kinds {takers}")
+        if self.scorer is not None:
+            if not spec.custom_scorer:
+                takers = [k for k, s in KINDS.items() if s.custom_scorer]
+                raise ValueError(f"a scorer is only for kinds {takers}")
+            if not _SCORER.match(self.scorer):
+                raise ValueError(f"scorer '{self.scorer}' must be 'module:function', e.g. 'my_scoring:f1'")
+        if (self.metric == CUSTOM_METRIC) != (self.scorer is not None):
+            raise ValueError("metric 'custom' goes with a scorer (scorer: 'module:function'), and a scorer with it")
+        for group in KIND_OPTION_GROUPS:
+            if group != self.kind and getattr(self, group) is not None:
+                raise ValueError(f"option group '{group}' is for kind '{group}'; this task's kind is '{self.kind}'")
+
+    @property
+    def kind_options(self) -> Any:
+        """The kind's option group as given, else its defaults; None for kinds without options."""
+        options = KINDS[self.kind].options
+        if options is None:
+            return None
+        given = getattr(self, self.kind, None)
+        return given if given is not None else options()
 
     def _check_source(self) -> None:
         """Static checks of the source: one of source / splits, a known built-in name, no hub options on files."""
@@ -316,6 +365,7 @@ class SplitData:
     labels: np.ndarray | None  # int64: index into label_names, or of the right choice; None without labels
     text_pairs: tuple[str, ...] | None = None
     choices: tuple[tuple[str, ...], ...] | None = None
+    answers: tuple[tuple[str, ...], ...] | None = None  # acceptable answers per row (answer_column)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -683,6 +733,7 @@ class _Table:
     pairs: list[str] | None
     choices: list[tuple[str, ...]] | None
     labels: list[str] | None
+    answers: list[tuple[str, ...]] | None = None  # exact_match / answer-only lm: acceptable answers per row
 
     def keys(self) -> frozenset[str]:
         """The example keys of every row (normalised text and pair), for the overlap check."""
@@ -723,7 +774,8 @@ def _parse_table(config: TaskConfig, columns: Columns) -> _Table:
     texts = _text_values(config, columns, config.text_column)
     pairs = _text_values(config, columns, config.text_pair_column) if config.text_pair_column else None
     choices = _choice_values(config, columns) if config.kind == "multiple_choice" else None
-    return _Table(texts, pairs, choices, _raw_labels(config, columns))
+    answers = _answer_values(config, columns) if config.answer_column else None
+    return _Table(texts, pairs, choices, _raw_labels(config, columns), answers)
 
 
 def _take(table: _Table, label_ids: list[int] | None, rows: Sequence[int]) -> SplitData:
@@ -732,6 +784,7 @@ def _take(table: _Table, label_ids: list[int] | None, rows: Sequence[int]) -> Sp
         labels=None if label_ids is None else np.array([label_ids[i] for i in rows], dtype=np.int64),
         text_pairs=None if table.pairs is None else tuple(table.pairs[i] for i in rows),
         choices=None if table.choices is None else tuple(table.choices[i] for i in rows),
+        answers=None if table.answers is None else tuple(table.answers[i] for i in rows),
     )
 
 
@@ -819,6 +872,7 @@ def _require_columns(config: TaskConfig, columns: Columns) -> None:
         ("text_column", config.text_column),
         ("text_pair_column", config.text_pair_column),
         ("label_column", config.label_column),
+        ("answer_column", config.answer_column),
     ]
     choices = config.choices_column
     wanted += [("choices_column", c) for c in ([choices] if isinstance(choices, str) else choices or [])]
@@ -985,6 +1039,30 @@ def _choice_ids(config: TaskConfig, labels: list[str], choices: list[tuple[str, 
             "(give the index of the right choice, or its text)"
         )
     return ids
+
+
+def _answer_values(config: TaskConfig, columns: Columns) -> list[tuple[str, ...]]:
+    """Acceptable answers per row: a string cell is one answer, a list cell (JSONL, Parquet) several.
+
+    An lm task's answer-only loss scores one answer per row; missing or blank answers are an error.
+    """
+    column = config.answer_column
+    assert column is not None  # only called with an answer column
+    rows: list[tuple[str, ...]] = []
+    bad = []
+    for i, value in enumerate(columns[column]):
+        listed = not isinstance(value, str | bytes) and hasattr(value, "__iter__")
+        answers = tuple(str(v) for v in value) if listed else (() if _is_missing(value) else (str(value),))
+        if not answers or any(not a.strip() for a in answers) or (config.kind == "lm" and len(answers) != 1):
+            bad.append(i)
+        rows.append(answers)
+    if bad:
+        one = " (an lm task's answer-only loss takes one answer per row)" if config.kind == "lm" else ""
+        raise TaskError(
+            f"task '{config.name}': column '{column}' (answer_column): rows {bad[:_SHOWN]}"
+            f"{', ...' if len(bad) > _SHOWN else ''} have a missing or empty answer{one}"
+        )
+    return rows
 
 
 def _check_head_size(task: str, column: str | None, labels: list[str], num_labels: int) -> None:

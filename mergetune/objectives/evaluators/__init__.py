@@ -18,23 +18,29 @@ For the fewest threads' contention, a worker should call ``torch.set_num_threads
 
 One module per evaluator kind: :mod:`.classification` (classification and AdaMerging's entropy),
 :mod:`.multiple_choice`, :mod:`.lm_loss` and :mod:`.exact_match`; :mod:`.base` holds the result,
-the ABC and the batching they share, :mod:`.causal` the causal-LM helpers. This package re-exports
-what other modules import.
+the ABC, the batching and the custom-scorer contract they share, :mod:`.causal` the causal-LM
+helpers, :mod:`.prompts` the few-shot and chat-template contexts. :mod:`.kinds` is the one table of
+task kinds (metrics, batch size, model class, option group) every other module reads. This package
+re-exports what other modules import.
 """
 
 from mergetune.objectives.evaluators.base import (
+    CUSTOM_METRIC,
     DEFAULT_MAX_TOKENS,
     TEXT_INPUTS,
     Batch,
     BatchCache,
     EvalResult,
     Evaluator,
+    Scorer,
+    custom_score,
     length_batches,
     length_order,
+    load_scorer,
     pad,
     pad_id,
 )
-from mergetune.objectives.evaluators.causal import adds_bos
+from mergetune.objectives.evaluators.causal import adds_bos, encode_pair
 from mergetune.objectives.evaluators.classification import (
     ClassificationEvaluator,
     EntropyEvaluator,
@@ -43,12 +49,23 @@ from mergetune.objectives.evaluators.classification import (
     pooled_head_logits,
     sequence_logits,
 )
-from mergetune.objectives.evaluators.exact_match import ExactMatchEvaluator, normalize_answer
+from mergetune.objectives.evaluators.exact_match import ExactMatchEvaluator, extract_answer, normalize_answer
+from mergetune.objectives.evaluators.kinds import (
+    KINDS,
+    ExactMatchOptions,
+    KindSpec,
+    LMOptions,
+    MultipleChoiceOptions,
+    kind_spec,
+)
 from mergetune.objectives.evaluators.lm_loss import LMLossEvaluator
 from mergetune.objectives.evaluators.multiple_choice import MultipleChoiceEvaluator
+from mergetune.objectives.evaluators.prompts import Shot, build_contexts, draw_shots
 
 __all__ = [
+    "CUSTOM_METRIC",
     "DEFAULT_MAX_TOKENS",
+    "KINDS",
     "TEXT_INPUTS",
     "Batch",
     "BatchCache",
@@ -57,13 +74,26 @@ __all__ = [
     "EvalResult",
     "Evaluator",
     "ExactMatchEvaluator",
+    "ExactMatchOptions",
+    "KindSpec",
     "LMLossEvaluator",
+    "LMOptions",
     "LogitsFn",
     "MultipleChoiceEvaluator",
+    "MultipleChoiceOptions",
+    "Scorer",
+    "Shot",
     "adds_bos",
+    "build_contexts",
     "classification_metrics",
+    "custom_score",
+    "draw_shots",
+    "encode_pair",
+    "extract_answer",
+    "kind_spec",
     "length_batches",
     "length_order",
+    "load_scorer",
     "normalize_answer",
     "pad",
     "pad_id",

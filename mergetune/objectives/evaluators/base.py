@@ -3,18 +3,37 @@
 Examples are tokenised once, sorted by length and cut into batches padded only to their own
 longest example, within an item count and a padded-token budget (:func:`length_batches`);
 a :class:`BatchCache` copies them once to the device of the model scored.
+
+A custom scorer (a task's ``scorer: module:function``, :func:`load_scorer`) follows one contract:
+``scorer(predictions, references) -> float``, higher is better, where per example ``predictions[i]``
+and ``references[i]`` are, by kind:
+
+- ``multiple_choice``: the options' summed log-likelihoods (a list of floats) and the index of the
+  right option (int);
+- ``exact_match``: the extracted generated answer (str, not normalised) and the acceptable answers
+  (a list of str, as given);
+- ``lm``: the log-probabilities of the scored tokens (a list of floats) and the scored text (the
+  answer with an ``answer_column``, else the whole text).
+
+It is imported only when a task names it (no code is ever taken from data), and its value becomes the
+task's primary score under the metric name ``custom``; the kind's own metrics are still reported.
+The experts' reference scores cached on disk are keyed by the scorer's name, not by its code: after
+editing a scorer, clear the reference cache (or rename the function).
 """
 
 from __future__ import annotations
 
+import importlib
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from mergetune.errors import TaskError
 from mergetune.forward import Inputs, model_device, scoring
 
 #: Padded tokens per batch by default (see :func:`length_batches`); ``None`` lifts the budget.
@@ -129,6 +148,61 @@ def pad_id(tokenizer: Any) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+# ---- custom scorers --------------------------------------------------------------------------
+
+#: The metric name of a task scored by its own scorer.
+CUSTOM_METRIC = "custom"
+#: ``scorer(predictions, references) -> float`` (higher is better); see the module docstring for what each kind passes.
+Scorer = Callable[[Sequence[Any], Sequence[Any]], float]
+
+
+def load_scorer(spec: str, task: str = "task") -> Scorer:
+    """The callable named ``module:function`` (dotted attribute paths allowed after the colon)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise TaskError(f"task '{task}': scorer '{spec}' must be 'module:function', e.g. 'my_scoring:f1'")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TaskError(f"task '{task}': scorer '{spec}': cannot import module '{module_name}': {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise TaskError(f"task '{task}': scorer '{spec}': module '{module_name}' has no '{attr}'")
+        target = getattr(target, part)
+    if not callable(target):
+        raise TaskError(f"task '{task}': scorer '{spec}' is not callable")
+    return target
+
+
+def primary_metric(task: str, metric: str | None, scorer: Scorer | None, own: Sequence[str]) -> str:
+    """The evaluator's primary metric: ``metric``, else ``custom`` with a scorer, else the kind's first one.
+
+    ``custom`` needs a scorer and a scorer needs ``custom``: a scorer that is set but not the primary
+    score (or the reverse) would be a config whose meaning is unclear.
+    """
+    chosen = metric or (CUSTOM_METRIC if scorer is not None else own[0])
+    if chosen not in own and chosen != CUSTOM_METRIC:
+        raise TaskError(f"task '{task}': metric '{chosen}' unknown here; use one of {[*own, CUSTOM_METRIC]}")
+    if (chosen == CUSTOM_METRIC) != (scorer is not None):
+        raise TaskError(
+            f"task '{task}': the metric is '{chosen}' but a scorer is {'set' if scorer else 'not set'}; "
+            "metric 'custom' goes with a scorer and only with one"
+        )
+    return chosen
+
+
+def custom_score(scorer: Scorer, predictions: Sequence[Any], references: Sequence[Any], task: str) -> float:
+    """The scorer's value, checked to be a finite number (a silent NaN would rank candidates at random)."""
+    value = scorer(predictions, references)
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"task '{task}': the custom scorer returned {value!r}, not a number") from exc
+    if not math.isfinite(number):
+        raise TaskError(f"task '{task}': the custom scorer returned {number}; it must be a finite number")
+    return number
 
 
 class Evaluator(ABC):

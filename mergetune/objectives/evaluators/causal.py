@@ -1,4 +1,12 @@
-"""Causal-LM helpers the multiple-choice, LM-loss and exact-match evaluators share."""
+"""Causal-LM helpers the multiple-choice, LM-loss and exact-match evaluators share.
+
+Splitting a (context, continuation) pair into tokens follows lm-evaluation-harness (see
+:func:`encode_pair`), so log-likelihoods match the harness's for the same text. :func:`logits_at`
+computes the vocabulary logits only at the positions a score needs (a causal LM's logits over a
+50k vocabulary are most of a forward's memory); :func:`attention_bias` turns a per-row
+``[L, L]`` "may attend" matrix into the 4-D mask the model's attention implementation takes, for
+sequences that pack several continuations behind one shared context.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergetune.errors import TaskError
 from mergetune.forward import Inputs, forward_params
 from mergetune.objectives.evaluators.base import pad
 
@@ -21,8 +30,46 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def default_bos(tokenizer: Any) -> int | None:
+    """The BOS id when the tokeniser puts it first by default, else None."""
+    return tokenizer.bos_token_id if adds_bos(tokenizer) else None
+
+
+def prepend_bos(ids: Sequence[int], bos: int | None) -> list[int]:
+    """``ids`` with ``bos`` first, unless it is None or already there (a chat template may write it)."""
+    return list(ids) if bos is None or (ids and ids[0] == bos) else [bos, *ids]
+
+
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str, task: str = "task") -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) split as lm-evaluation-harness splits them.
+
+    Trailing whitespace of the context moves to the continuation; ``context + continuation`` is
+    tokenised whole and the continuation's tokens are those past the context's own tokenisation
+    (when the whole does not start with the context's tokens, the continuation is tokenised alone).
+    The context gets the BOS token first when the tokeniser adds one by default and the context does
+    not already start with it (a chat template may write it); an empty context conditions on EOS
+    when there is no BOS.
+    """
+    stripped = context.rstrip()
+    if len(stripped) < len(context):
+        continuation = context[len(stripped) :] + continuation
+        context = stripped
+    whole = encode_text(tokenizer, context + continuation)
+    ctx = encode_text(tokenizer, context)
+    cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else encode_text(tokenizer, continuation)
+    if not cont:
+        cont = encode_text(tokenizer, continuation)
+    ctx = prepend_bos(ctx, default_bos(tokenizer))
+    if not ctx:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise TaskError(f"task '{task}': an empty context needs a BOS or EOS token to condition on")
+        ctx = [eos]
+    return ctx, cont
 
 
 def causal_forward(model: nn.Module, inputs: Inputs, logits_to_keep: int = 0) -> torch.Tensor:
@@ -35,6 +82,45 @@ def causal_forward(model: nn.Module, inputs: Inputs, logits_to_keep: int = 0) ->
         kwargs["logits_to_keep"] = logits_to_keep
     logits = model(**kwargs).logits
     return logits[:, -logits_to_keep:] if logits_to_keep else logits
+
+
+def logits_at(model: nn.Module, inputs: Inputs, positions: torch.Tensor) -> torch.Tensor:
+    """``[B, P, V]`` logits at ``positions`` (``[B, P]`` indices into each row), with no KV cache built.
+
+    Transformers 5 models take the positions as ``logits_to_keep`` and project only those hidden
+    states onto the vocabulary; a model that does not (its logits come back in another shape) is
+    run for all positions and gathered.
+    """
+    accepted = forward_params(model)
+    kwargs: dict[str, Any] = {k: v for k, v in inputs.items() if k in accepted}
+    if "use_cache" in accepted:
+        kwargs["use_cache"] = False
+    if "logits_to_keep" in accepted:
+        logits = model(**kwargs, logits_to_keep=positions).logits
+        if logits.shape[:2] == positions.shape:
+            return logits
+    logits = model(**kwargs).logits
+    return torch.take_along_dim(logits, positions.unsqueeze(-1), dim=1)
+
+
+def attention_bias(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """The 4-D mask ``[B, 1, L, L]`` for a boolean "query may attend key" ``[B, L, L]``, in the model's format.
+
+    SDPA takes it as booleans; eager attention adds it to the scores (0 or the float32 minimum).
+    Other implementations (flash attention) cannot take an arbitrary mask: an error says what to use.
+    """
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    mask = allowed.unsqueeze(1)
+    if implementation == "sdpa":
+        return mask
+    if implementation == "eager":
+        zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+        return torch.where(mask, zero, torch.finfo(torch.float32).min)
+    raise TaskError(
+        f"attention implementation '{implementation}' cannot take the packed multiple-choice mask; load the model "
+        "with attn_implementation='sdpa' or 'eager', or set multiple_choice: {scoring: per_option}"
+    )
 
 
 def left_padded(seqs: Sequence[Sequence[int]], pad_value: int) -> Inputs:

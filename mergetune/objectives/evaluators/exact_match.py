@@ -1,10 +1,16 @@
-"""Short answers of a causal LM: greedy decoding, then a SQuAD-normalised exact string match."""
+"""Short answers of a causal LM: greedy decoding, answer extraction, then a normalised exact string match.
+
+``exact_match = mean_i [ norm(extract(g_i)) in {norm(r) : r in refs_i} ]`` where ``g_i`` is the greedy
+continuation of prompt ``i`` (cut at the first stop string), ``extract`` keeps its first non-empty
+line and/or the match of ``answer_regex``, and ``norm`` is SQuAD's answer normalisation by default
+(lower case, no punctuation, no articles, single spaces; :func:`normalize_answer`).
+"""
 
 from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,35 +20,71 @@ from torch import nn
 from mergetune.errors import TaskError
 from mergetune.forward import Inputs, forward_params, scoring
 from mergetune.objectives.evaluators.base import (
+    CUSTOM_METRIC,
     DEFAULT_MAX_TOKENS,
     Batch,
     BatchCache,
     EvalResult,
     Evaluator,
+    Scorer,
+    custom_score,
     length_batches,
     pad_id,
+    primary_metric,
 )
-from mergetune.objectives.evaluators.causal import adds_bos, encode_text, left_padded
+from mergetune.objectives.evaluators.causal import default_bos, encode_text, left_padded, prepend_bos
+from mergetune.objectives.evaluators.kinds import NORMALIZE_STEPS
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.IGNORECASE)
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+def normalize_answer(text: str, steps: Iterable[str] = NORMALIZE_STEPS) -> str:
+    """The text stripped, then the chosen ``steps`` in this order: ``lower`` case, remove ``punctuation``,
+    remove ``articles`` (a, an, the), collapse ``whitespace`` to single spaces. All four: SQuAD's normalisation.
+    """
+    chosen = set(steps)
+    unknown = chosen - set(NORMALIZE_STEPS)
+    if unknown:
+        raise ValueError(f"unknown normalisation step(s) {sorted(unknown)}; use {list(NORMALIZE_STEPS)}")
+    if "lower" in chosen:
+        text = text.lower()
+    if "punctuation" in chosen:
+        text = text.translate(_PUNCTUATION)
+    if "articles" in chosen:
+        text = _ARTICLES.sub(" ", text)
+    if "whitespace" in chosen:
+        text = " ".join(text.split())
+    return text.strip()
+
+
+def extract_answer(text: str, *, first_line: bool = True, pattern: re.Pattern[str] | None = None) -> str:
+    """The answer in a generation: its first non-empty line (when ``first_line``), then the regex's match.
+
+    With a pattern, the answer is its first group (the whole match when it has no group), '' when it
+    does not match: an unparsable answer counts as wrong, never as another answer.
+    """
+    if first_line:
+        text = next((line for line in text.splitlines() if line.strip()), "")
+    if pattern is not None:
+        found = pattern.search(text)
+        if found is None:
+            return ""
+        text = found.group(1) if pattern.groups else found.group(0)
+    return text
 
 
 class ExactMatchEvaluator(Evaluator):
     """Short-answer accuracy of a causal LM: greedy decoding, then a normalised exact string match.
 
     Each prompt is decoded greedily (argmax, no sampling, no penalties; the model's generation config
-    is ignored) for at most ``max_new_tokens`` tokens, stopping at EOS; the answer is the decoded
-    text up to the first ``stop`` string, compared to each acceptable answer after
-    :func:`normalize_answer`. Prompts are batched, left-padded, with a KV cache.
+    is ignored) for at most ``max_new_tokens`` tokens, stopping at EOS; the generation is the decoded
+    text up to the first ``stop`` string (:meth:`generations`), its answer what :func:`extract_answer`
+    keeps, compared to each acceptable answer after :func:`normalize_answer` with ``normalize`` steps.
+    Prompts are batched by length, left-padded (position ids count from each prompt's first token),
+    with a KV cache. ``metric`` is ``exact_match``, or ``custom`` with a ``scorer`` (it receives the
+    extracted answers and the lists of acceptable answers).
     """
-
-    metric = "exact_match"
 
     def __init__(
         self,
@@ -52,6 +94,11 @@ class ExactMatchEvaluator(Evaluator):
         *,
         max_new_tokens: int = 16,
         stop: Sequence[str] = ("\n",),
+        first_line: bool = True,
+        answer_regex: str | None = None,
+        normalize: Sequence[str] = NORMALIZE_STEPS,
+        metric: str | None = None,
+        scorer: Scorer | None = None,
         max_length: int = 256,
         batch_size: int = 32,
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
@@ -61,15 +108,24 @@ class ExactMatchEvaluator(Evaluator):
         if not prompts or len(answers) != len(prompts):
             raise TaskError(f"task '{name}': need one answer (or list of answers) per prompt")
         self.name = name
+        self.metric = primary_metric(name, metric, scorer, ("exact_match",))
         self.autocast = autocast
+        self.scorer = scorer
         self.tokenizer = tokenizer
+        self.prompts = list(prompts)
         self.max_new_tokens = max_new_tokens
         self.stop = tuple(stop)
-        self.answers = [
-            {normalize_answer(a)} if isinstance(a, str) else {normalize_answer(x) for x in a} for a in answers
-        ]
-        bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-        ids = [(bos + encode_text(tokenizer, p))[-max_length:] for p in prompts]
+        self.first_line = first_line
+        try:
+            self.pattern = None if answer_regex is None else re.compile(answer_regex)
+            self.normalize = tuple(normalize)
+            normalize_answer("", self.normalize)
+        except (re.error, ValueError) as exc:
+            raise TaskError(f"task '{name}': {exc}") from exc
+        self.references = [[a] if isinstance(a, str) else list(a) for a in answers]
+        self.answers = [{normalize_answer(x, self.normalize) for x in refs} for refs in self.references]
+        bos = default_bos(tokenizer)
+        ids = [prepend_bos(encode_text(tokenizer, p), bos)[-max_length:] for p in prompts]
         self.eos = getattr(tokenizer, "eos_token_id", None)
         self.batches = BatchCache(
             [
@@ -134,8 +190,14 @@ class ExactMatchEvaluator(Evaluator):
         decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return all(any(s and s in text for s in self.stop) for text in decoded)
 
+    def extracted(self, generations: Sequence[str]) -> list[str]:
+        """Each generation's answer (:func:`extract_answer`), not yet normalised."""
+        return [extract_answer(g, first_line=self.first_line, pattern=self.pattern) for g in generations]
+
     def _evaluate(self, model: nn.Module) -> EvalResult:
-        generated = self.generations(model)
-        hits = [normalize_answer(g) in ok for g, ok in zip(generated, self.answers, strict=True)]
-        score = float(np.mean(hits))
-        return EvalResult(self.metric, score, {"exact_match": score}, self.n_examples)
+        answers = self.extracted(self.generations(model))
+        hits = [normalize_answer(a, self.normalize) in ok for a, ok in zip(answers, self.answers, strict=True)]
+        metrics = {"exact_match": float(np.mean(hits))}
+        if self.scorer is not None:
+            metrics[CUSTOM_METRIC] = custom_score(self.scorer, answers, self.references, self.name)
+        return EvalResult(self.metric, metrics[self.metric], metrics, self.n_examples)

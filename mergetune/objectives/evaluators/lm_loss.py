@@ -1,4 +1,10 @@
-"""Language-modelling loss on held-out texts, as a score (minus the mean loss per token)."""
+"""Language-modelling loss on held-out texts, as a score (minus the mean loss per token).
+
+On the whole text, or on the answer only: with ``answers``, text ``i`` is a prompt, the sequence is
+``prompt + delimiter + answer`` split as lm-evaluation-harness splits a (context, continuation) pair
+(:func:`~.causal.encode_pair`), and only the answer's tokens are predicted targets:
+``loss = sum_i sum_{t in answer_i} -log p(x_t | x_<t) / sum_i |answer_i|``.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,23 @@ from torch import nn
 
 from mergetune.errors import TaskError
 from mergetune.objectives.evaluators.base import (
+    CUSTOM_METRIC,
     DEFAULT_MAX_TOKENS,
     Batch,
     BatchCache,
     EvalResult,
     Evaluator,
+    Scorer,
+    custom_score,
     length_batches,
     pad,
     pad_id,
+    primary_metric,
 )
-from mergetune.objectives.evaluators.causal import causal_forward
+from mergetune.objectives.evaluators.causal import causal_forward, encode_pair
+
+#: A sequence's token ids and how many leading tokens are context only (its targets start at that token).
+Scored = tuple[list[int], int]
 
 
 class LMLossEvaluator(Evaluator):
@@ -31,15 +44,22 @@ class LMLossEvaluator(Evaluator):
     tokeniser's special tokens included), i.e. the token-weighted average of the per-text losses
     ``model(input_ids, labels=input_ids).loss``; ``perplexity = exp(loss)``. ``text_loss`` (the
     unweighted mean of per-text losses) is reported too. Texts of fewer than 2 tokens are skipped.
-    """
 
-    metric = "neg_loss"
+    With ``answers`` (one per text), the texts are prompts and only the answers' tokens count (module
+    docstring); a prompt too long for ``max_length`` loses its oldest tokens, an answer that does not
+    fit is an error. ``metric`` is ``neg_loss``, or ``custom`` with a ``scorer`` (it receives each
+    example's scored-token log-probabilities and its scored text).
+    """
 
     def __init__(
         self,
         texts: Sequence[str],
         tokenizer: Any,
         *,
+        answers: Sequence[str] | None = None,
+        delimiter: str = " ",
+        metric: str | None = None,
+        scorer: Scorer | None = None,
         max_length: int = 256,
         batch_size: int = 16,
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
@@ -48,17 +68,54 @@ class LMLossEvaluator(Evaluator):
     ) -> None:
         self.name = name
         self.autocast = autocast
-        ids = [x for x in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if len(x) >= 2]
-        if not ids:
+        self.scorer = scorer
+        self.metric = primary_metric(name, metric, scorer, ("neg_loss",))
+        if answers is None:
+            sequences, scored_texts = self._whole_texts(texts, tokenizer, max_length)
+        else:
+            sequences, scored_texts = self._answers(texts, answers, tokenizer, delimiter, max_length)
+        if not sequences:
             raise TaskError(f"task '{name}': no text has the 2 tokens a language-modelling loss needs")
-        self._n = len(ids)
-        self.n_skipped = len(texts) - len(ids)
+        self._n = len(sequences)
+        self.n_skipped = len(texts) - len(sequences)
+        self.scored_texts = scored_texts
+        self.batches = self._batch(sequences, pad_id(tokenizer), batch_size, max_tokens)
+
+    @staticmethod
+    def _whole_texts(texts: Sequence[str], tokenizer: Any, max_length: int) -> tuple[list[Scored], list[str]]:
+        """(ids, number of unscored leading tokens = 1) per text of at least 2 tokens, and those texts."""
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        kept = [(list(ids), text) for ids, text in zip(encoded, texts, strict=True) if len(ids) >= 2]
+        return [(ids, 1) for ids, _ in kept], [text for _, text in kept]
+
+    def _answers(
+        self, prompts: Sequence[str], answers: Sequence[str], tokenizer: Any, delimiter: str, max_length: int
+    ) -> tuple[list[Scored], list[str]]:
+        """(prompt + answer ids, number of prompt tokens) per example: only the answer's tokens are targets."""
+        if len(answers) != len(prompts):
+            raise TaskError(f"task '{self.name}': {len(answers)} answers for {len(prompts)} prompts")
+        sequences = []
+        for prompt, answer in zip(prompts, answers, strict=True):
+            context, cont = encode_pair(tokenizer, prompt, delimiter + answer, self.name)
+            if len(cont) >= max_length:
+                raise TaskError(
+                    f"task '{self.name}': an answer of {len(cont)} tokens does not fit max_length {max_length} "
+                    "with its prompt; raise max_length"
+                )
+            context = context[-(max_length - len(cont)) :]
+            sequences.append((context + cont, len(context)))
+        return sequences, list(answers)
+
+    @staticmethod
+    def _batch(sequences: list[Scored], pad_value: int, batch_size: int, max_tokens: int | None) -> BatchCache:
+        """Right-padded batches; ``loss_mask[b, t]`` is 1 where token ``t + 1`` of row ``b`` is a scored target."""
         batches = []
-        for rows in length_batches([len(x) for x in ids], batch_size, max_tokens):
-            seqs = [ids[i] for i in rows]
-            inputs = {"input_ids": pad(seqs, pad_id(tokenizer)), "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
-            batches.append(Batch(torch.as_tensor(rows), inputs))
-        self.batches = BatchCache(batches)
+        for rows in length_batches([len(ids) for ids, _ in sequences], batch_size, max_tokens):
+            seqs = [sequences[i][0] for i in rows]
+            scored = [[0] * (sequences[i][1] - 1) + [1] * (len(sequences[i][0]) - sequences[i][1]) for i in rows]
+            inputs = {"input_ids": pad(seqs, pad_value), "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
+            batches.append(Batch(torch.as_tensor(rows), inputs, {"loss_mask": pad(scored, 0)}))
+        return BatchCache(batches)
 
     @property
     def n_examples(self) -> int:
@@ -67,13 +124,17 @@ class LMLossEvaluator(Evaluator):
     def _evaluate(self, model: nn.Module) -> EvalResult:
         nll = torch.zeros(self.n_examples, dtype=torch.float64)
         count = torch.zeros(self.n_examples, dtype=torch.float64)
+        token_logp: list[list[float]] = [[] for _ in range(self.n_examples)]
         for batch in self._batches_for(model):
             logits = causal_forward(model, batch.inputs)[:, :-1].float()
             targets = batch.inputs["input_ids"][:, 1:]
-            mask = batch.inputs["attention_mask"][:, 1:].to(logits.dtype)
+            mask = batch.extra["loss_mask"].to(logits.dtype)
             token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
             nll[batch.rows] = (token_nll * mask).sum(-1).double().cpu()
             count[batch.rows] = mask.sum(-1).double().cpu()
+            if self.scorer is not None:
+                for row, values, keep in zip(batch.rows.tolist(), token_nll.cpu(), mask.bool().cpu(), strict=True):
+                    token_logp[row] = (-values[keep]).double().tolist()
         loss = float(nll.sum() / count.sum())
         metrics = {
             "neg_loss": -loss,
@@ -82,4 +143,6 @@ class LMLossEvaluator(Evaluator):
             "text_loss": float((nll / count).mean()),
             "n_tokens": float(count.sum()),
         }
-        return EvalResult(self.metric, -loss, metrics, self.n_examples)
+        if self.scorer is not None:
+            metrics[CUSTOM_METRIC] = custom_score(self.scorer, token_logp, self.scored_texts, self.name)
+        return EvalResult(self.metric, metrics[self.metric], metrics, self.n_examples)

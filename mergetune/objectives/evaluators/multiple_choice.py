@@ -1,8 +1,31 @@
-"""Multiple choice for causal LMs by the options' log-likelihood (the lm-evaluation-harness convention)."""
+"""Multiple choice for causal LMs by the options' log-likelihood (the lm-evaluation-harness convention).
+
+Each option ``o`` of a question with context ``c`` gets ``ll(o) = sum_t log p(o_t | c, o_<t)`` over its
+tokens (:func:`~.causal.encode_pair` splits the tokens as the harness does). Then, as in the harness:
+
+- ``accuracy`` ("acc"): the share of questions whose ``argmax_o ll(o)`` is the right option;
+- ``acc_norm``: the same with ``argmax_o ll(o) / len(o)``, ``len(o)`` the option's length in characters
+  (without the delimiter; 1 for an empty option).
+
+Two ways to compute the same numbers (``scoring``):
+
+- ``shared_context`` (default): one packed sequence per question, ``c + o_1[:-1] + ... + o_n[:-1]``,
+  with a 4-D attention mask under which each option's tokens see the context and their own option's
+  earlier tokens only, and position ids that restart after the context for every option. The
+  question is encoded once instead of once per option, and the last token of an option (never an
+  input) is not fed at all.
+- ``per_option``: one left-padded sequence ``(c + o)[:-1]`` per option, the harness's own layout.
+
+Both give the same log-likelihoods up to float rounding (a test checks identical predictions), and
+both cut a context too long for ``max_length`` the same way: it keeps its last
+``max_length + 1 - (longest option)`` tokens, so every option of a question is scored on the same
+context (the harness cuts per option; the two agree whenever nothing is cut).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,30 +35,40 @@ from torch import nn
 from mergetune.errors import TaskError
 from mergetune.forward import scoring
 from mergetune.objectives.evaluators.base import (
+    CUSTOM_METRIC,
     DEFAULT_MAX_TOKENS,
     Batch,
     BatchCache,
     EvalResult,
     Evaluator,
+    Scorer,
+    custom_score,
     length_batches,
     pad,
     pad_id,
+    primary_metric,
 )
-from mergetune.objectives.evaluators.causal import adds_bos, causal_forward, encode_text, left_padded
+from mergetune.objectives.evaluators.causal import attention_bias, encode_pair, left_padded, logits_at
+
+SCORINGS = ("shared_context", "per_option")
+METRICS = ("accuracy", "acc_norm")
+
+
+@dataclass(frozen=True)
+class _Question:
+    """One question's tokens: the (possibly cut) context and each option's tokens, and its first pair id."""
+
+    context: list[int]
+    options: list[list[int]]
+    first_pair: int
 
 
 class MultipleChoiceEvaluator(Evaluator):
-    """Multiple choice for causal LMs by log-likelihood, the lm-evaluation-harness convention.
+    """Multiple choice for causal LMs by log-likelihood, the lm-evaluation-harness convention (module docstring).
 
-    Each option is scored by the sum of the log-probabilities of its tokens given the context:
-    ``context + delimiter + option`` is tokenised whole and the option's tokens are those past the
-    context's own tokenisation (trailing spaces of a context move to the option, as in the
-    harness). ``accuracy`` picks the option of highest sum; ``acc_norm`` divides each sum by the
-    option's length in characters first (the harness's ``acc_norm``). A BOS token is prepended when
-    the tokeniser adds one by default; an empty context falls back to EOS as its only token.
-    All (context, option) pairs are batched together, left-padded (position ids follow each
-    sequence's first real token) so every option ends the row and only the last logits are computed;
-    contexts too long for ``max_length`` lose their oldest tokens.
+    ``metric`` is ``accuracy`` (default), ``acc_norm`` (``normalize=True`` is the same) or ``custom``
+    with a ``scorer`` (it receives each question's option log-likelihoods and the right index).
+    Pairs or packed questions are batched by length (:func:`~.base.length_batches`).
     """
 
     def __init__(
@@ -50,91 +83,165 @@ class MultipleChoiceEvaluator(Evaluator):
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
         delimiter: str = " ",
         normalize: bool = False,
+        metric: str | None = None,
+        scoring: str = "shared_context",
+        scorer: Scorer | None = None,
         autocast: torch.dtype | None = None,
         name: str = "task",
     ) -> None:
         if not contexts or len(choices) != len(contexts) or len(labels) != len(contexts):
             raise TaskError(f"task '{name}': need as many choices and labels as contexts (and at least one)")
+        if scoring not in SCORINGS:
+            raise TaskError(f"task '{name}': multiple-choice scoring '{scoring}' unknown; use one of {SCORINGS}")
         self.name = name
         self.autocast = autocast
-        self.metric = "acc_norm" if normalize else "accuracy"
+        self.scorer = scorer
+        self.metric = primary_metric(name, metric or ("acc_norm" if normalize else None), scorer, METRICS)
+        self.scoring = scoring
+        self.contexts = list(contexts)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.choices = [tuple(c) for c in choices]
         self.option_chars = [np.array([max(len(o), 1) for o in c], dtype=np.float64) for c in self.choices]
-        pairs = [(i, j) for i, c in enumerate(self.choices) for j in range(len(c))]
-        self.pair_example = np.array([i for i, _ in pairs])
-        sequences = [self._pair_tokens(tokenizer, contexts[i], delimiter + self.choices[i][j]) for i, j in pairs]
-        self.batches = self._batch(sequences, pad_id(tokenizer), max_length, (batch_size, max_tokens))
+        self.n_pairs = sum(len(c) for c in self.choices)
+        questions = self._encode(tokenizer, contexts, delimiter, max_length)
+        sizes = (batch_size, max_tokens)
+        pad_value = pad_id(tokenizer)
+        if scoring == "shared_context":
+            self.batches = _packed_batches(questions, pad_value, sizes)
+        else:
+            self.batches = _per_option_batches(questions, pad_value, sizes)
 
     @property
     def n_examples(self) -> int:
         return len(self.labels)
 
-    def _pair_tokens(self, tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids) split as the harness does."""
-        stripped = context.rstrip()
-        if len(stripped) < len(context):
-            continuation = context[len(stripped) :] + continuation
-            context = stripped
-        whole = encode_text(tokenizer, context + continuation)
-        ctx = encode_text(tokenizer, context)
-        cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else encode_text(tokenizer, continuation)
-        if not cont:
-            cont = encode_text(tokenizer, continuation)
-        prefix = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-        if not prefix and not ctx:
-            eos = getattr(tokenizer, "eos_token_id", None)
-            if eos is None:
-                raise TaskError(f"task '{self.name}': an empty context needs a BOS or EOS token to condition on")
-            prefix = [eos]
-        return prefix + ctx, cont
-
-    def _batch(
-        self,
-        sequences: list[tuple[list[int], list[int]]],
-        pad_value: int,
-        max_length: int,
-        sizes: tuple[int, int | None],
-    ) -> BatchCache:
-        inputs: list[list[int]] = []
-        targets: list[list[int]] = []
-        for ctx, cont in sequences:
-            full = (ctx + cont)[-(max_length + 1) :]
-            if len(cont) >= len(full):
+    def _encode(self, tokenizer: Any, contexts: Sequence[str], delimiter: str, max_length: int) -> list[_Question]:
+        """Each question's context and options as tokens, the context cut to fit its longest option."""
+        questions, first_pair = [], 0
+        for context, options in zip(contexts, self.choices, strict=True):
+            pairs = [encode_pair(tokenizer, context, delimiter + option, self.name) for option in options]
+            ctx, conts = pairs[0][0], [cont for _, cont in pairs]
+            keep = max_length + 1 - max(len(c) for c in conts)
+            if keep < 1:
                 raise TaskError(
-                    f"task '{self.name}': an option of {len(cont)} tokens leaves no context within max_length "
-                    f"{max_length}; raise max_length"
+                    f"task '{self.name}': an option of {max(len(c) for c in conts)} tokens leaves no context within "
+                    f"max_length {max_length}; raise max_length"
                 )
-            inputs.append(full[:-1])
-            targets.append(cont)
-        batches = []
-        for rows in length_batches([len(x) for x in inputs], *sizes):
-            batch_targets = [targets[i] for i in rows]
-            extra = {
-                "targets": pad(batch_targets, 0, "left"),
-                "mask": pad([[1] * len(t) for t in batch_targets], 0, "left"),
-            }
-            batches.append(Batch(torch.as_tensor(rows), left_padded([inputs[i] for i in rows], pad_value), extra))
-        return BatchCache(batches)
+            questions.append(_Question(ctx[-keep:], conts, first_pair))
+            first_pair += len(options)
+        return questions
 
     def loglikelihoods(self, model: nn.Module) -> np.ndarray:
-        """Sum of the option tokens' log-probabilities, one per (example, option) pair in order."""
-        out = torch.empty(len(self.pair_example), dtype=torch.float64)
+        """``ll(o)``: the sum of each option's token log-probabilities, one per (question, option) pair in order."""
+        out = torch.zeros(self.n_pairs, dtype=torch.float64)
         with scoring(model, self.autocast):
             for batch in self._batches_for(model):
-                targets, mask = batch.extra["targets"], batch.extra["mask"]
-                logits = causal_forward(model, batch.inputs, logits_to_keep=targets.shape[1])
-                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                out[batch.rows] = (logp * mask).sum(-1).double().cpu()
+                inputs = dict(batch.inputs)
+                if "allowed" in batch.extra:
+                    inputs["attention_mask"] = attention_bias(model, batch.extra["allowed"])
+                logits = logits_at(model, inputs, batch.extra["positions"])
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                token_logp = logp.gather(-1, batch.extra["targets"].unsqueeze(-1)).squeeze(-1) * batch.extra["mask"]
+                out.index_add_(0, batch.extra["pairs"].flatten().cpu(), token_logp.flatten().double().cpu())
         return out.numpy()
 
-    def _evaluate(self, model: nn.Module) -> EvalResult:
-        loglik = self.loglikelihoods(model)
+    def per_question(self, loglik: np.ndarray) -> list[np.ndarray]:
+        """The pair log-likelihoods cut into one array per question."""
         bounds = np.cumsum([0] + [len(c) for c in self.choices])
-        per_example = [loglik[bounds[i] : bounds[i + 1]] for i in range(self.n_examples)]
-        acc = np.mean([int(np.argmax(ll)) == y for ll, y in zip(per_example, self.labels, strict=True)])
+        return [loglik[bounds[i] : bounds[i + 1]] for i in range(self.n_examples)]
+
+    def _evaluate(self, model: nn.Module) -> EvalResult:
+        per_question = self.per_question(self.loglikelihoods(model))
+        labels = self.labels.tolist()
+        acc = np.mean([int(np.argmax(ll)) == y for ll, y in zip(per_question, labels, strict=True)])
         acc_norm = np.mean(
-            [int(np.argmax(ll / n)) == y for ll, n, y in zip(per_example, self.option_chars, self.labels, strict=True)]
+            [int(np.argmax(ll / n)) == y for ll, n, y in zip(per_question, self.option_chars, labels, strict=True)]
         )
         metrics = {"accuracy": float(acc), "acc_norm": float(acc_norm)}
+        if self.scorer is not None:
+            predictions = [ll.tolist() for ll in per_question]
+            metrics[CUSTOM_METRIC] = custom_score(self.scorer, predictions, labels, self.name)
         return EvalResult(self.metric, metrics[self.metric], metrics, self.n_examples)
+
+
+# ---- the two batch layouts -------------------------------------------------------------------
+
+
+def _targets_extra(rows: list[tuple[list[int], list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """Per row (positions, target tokens, pair ids) padded to one width: positions, targets, pairs and a mask."""
+    return {
+        "positions": pad([p for p, _, _ in rows], 0),
+        "targets": pad([t for _, t, _ in rows], 0),
+        "pairs": pad([q for _, _, q in rows], 0),
+        "mask": pad([[1] * len(t) for _, t, _ in rows], 0).float(),
+    }
+
+
+def _per_option_batches(questions: list[_Question], pad_value: int, sizes: tuple[int, int | None]) -> BatchCache:
+    """One left-padded row ``(context + option)[:-1]`` per pair; the option's tokens are the row's last ones."""
+    inputs, targets = [], []
+    for q in questions:
+        for cont in q.options:
+            inputs.append((q.context + cont)[:-1])
+            targets.append(cont)
+    batches = []
+    for rows in length_batches([len(x) for x in inputs], *sizes):
+        width = max(len(inputs[i]) for i in rows)
+        per_row = []
+        for i in rows:
+            n = len(targets[i])
+            per_row.append((list(range(width - n, width)), targets[i], [i] * n))
+        padded = left_padded([inputs[i] for i in rows], pad_value)
+        batches.append(Batch(torch.as_tensor(rows), padded, _targets_extra(per_row)))
+    return BatchCache(batches)
+
+
+def _packed_row(q: _Question) -> tuple[list[int], list[int], list[tuple[int, int]], tuple[list[int], ...]]:
+    """One question packed: (tokens, position ids, attention spans, (prediction positions, targets, pair ids)).
+
+    An option's token ``t`` sits at ``start + t`` with position id ``len(context) + t`` and attends the
+    context and its option's tokens ``0..t`` (span ``(start, start + t)``); its log-probability comes
+    from the previous position: the context's last token for ``t = 0``.
+    """
+    n_ctx = len(q.context)
+    tokens, position_ids = list(q.context), list(range(n_ctx))
+    spans = [(-1, -1)] * n_ctx  # context tokens: plain causal attention
+    predict, targets, pairs = [], [], []
+    for j, cont in enumerate(q.options):
+        start = len(tokens)
+        fed = cont[:-1]
+        tokens += fed
+        position_ids += [n_ctx + t for t in range(len(fed))]
+        spans += [(start, start + t) for t in range(len(fed))]
+        predict += [n_ctx - 1] + [start + t for t in range(len(fed))]
+        targets += cont
+        pairs += [q.first_pair + j] * len(cont)
+    return tokens, position_ids, spans, (predict, targets, pairs)
+
+
+def _allowed(n_ctx: int, spans: list[tuple[int, int]], width: int) -> torch.Tensor:
+    """``[width, width]`` booleans: may query ``i`` attend key ``k`` (padding rows attend only themselves)."""
+    allowed = torch.zeros(width, width, dtype=torch.bool)
+    allowed[:n_ctx, :n_ctx] = torch.ones(n_ctx, n_ctx, dtype=torch.bool).tril()
+    for i, (start, end) in enumerate(spans[n_ctx:], start=n_ctx):
+        allowed[i, :n_ctx] = True
+        allowed[i, start : end + 1] = True
+    padded = torch.arange(len(spans), width)
+    allowed[padded, padded] = True
+    return allowed
+
+
+def _packed_batches(questions: list[_Question], pad_value: int, sizes: tuple[int, int | None]) -> BatchCache:
+    """One right-padded packed row per question (see :func:`_packed_row`), bucketed by packed length."""
+    packed = [_packed_row(q) for q in questions]
+    batches = []
+    for rows in length_batches([len(p[0]) for p in packed], *sizes):
+        width = max(len(packed[i][0]) for i in rows)
+        allowed = torch.stack([_allowed(len(questions[i].context), packed[i][2], width) for i in rows])
+        inputs = {
+            "input_ids": pad([packed[i][0] for i in rows], pad_value),
+            "position_ids": pad([packed[i][1] for i in rows], 0),
+        }
+        extra = {"allowed": allowed, **_targets_extra([packed[i][3] for i in rows])}
+        batches.append(Batch(torch.as_tensor(rows), inputs, extra))
+    return BatchCache(batches)
