@@ -149,7 +149,7 @@ class TaskConfig(StrictModel):
             return data  # the kind's own validation reports it
         if spec.label_column and data.get("label_column") is None:
             data["label_column"] = spec.label_column
-        if data.get("metric") is None:
+        if data.get("metric") is None and spec.metrics:  # lm_eval tasks name their metric under lm_eval:
             data["metric"] = CUSTOM_METRIC if data.get("scorer") else spec.metrics[0]
         return data
 
