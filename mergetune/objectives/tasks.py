@@ -37,6 +37,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mergetune.errors import TaskError
 from mergetune.objectives.corpora import CORPORA, available_corpora, get_corpus, load_corpus
+from mergetune.objectives.normalization import Against
 from mergetune.objectives.splits import DedupReport, Splits, stratified_split
 from mergetune.strict import StrictModel, format_validation_error
 
@@ -78,6 +79,12 @@ class TaskConfig(StrictModel):
     test_size: int = Field(500, ge=1)
     train_size: int | None = Field(None, ge=0, description="Cap on training examples; 0: no training split.")
     seed: int = Field(0, ge=0)
+    expert: str | None = Field(
+        None, description="The expert this task measures; default: the expert of the task's name, else none (a guard)."
+    )
+    normalize: Against | None = Field(
+        None, description="What the score is normalised against: expert, base, chance or none (see normalization)."
+    )
 
     @model_validator(mode="before")
     @classmethod
