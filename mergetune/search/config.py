@@ -256,6 +256,27 @@ class SearchConfig(_Section):
         ordered = sorted(tasks, key=lambda t: rank.get(experts[t.name] or "", len(rank)))  # stable: config order kept
         return [{**t.model_dump(mode="json"), "expert": experts[t.name]} for t in ordered]
 
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.name}")
+
+    def updated(self, section: str, **values: Any) -> SearchConfig:
+        """A copy with some fields of one section replaced (command-line overrides), validated again."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        data[section] = {**data.get(section, {}), **values}
+        try:
+            return type(self).model_validate(data)
+        except ValidationError as exc:
+            raise SearchConfigError(f"invalid override of '{section}':\n{format_validation_error(exc)}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchConfig:
+        data = read_config_file(path, "search config", SearchConfigError)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SearchConfigError(f"{path}: invalid search config:\n{format_validation_error(exc)}") from exc
+
 
 def assign_experts(tasks: list[TaskConfig], expert_names: list[str]) -> dict[str, str | None]:
     """Each task's expert: its ``expert:``, else the expert of its name, else None (a guard task).
@@ -281,24 +302,3 @@ def assign_experts(tasks: list[TaskConfig], expert_names: list[str]) -> dict[str
             f"(the tasks are {[t.name for t in tasks]})"
         )
     return experts
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.output or f"runs/{self.name}")
-
-    def updated(self, section: str, **values: Any) -> SearchConfig:
-        """A copy with some fields of one section replaced (command-line overrides), validated again."""
-        data = self.model_dump(mode="json", exclude_unset=True)
-        data[section] = {**data.get(section, {}), **values}
-        try:
-            return type(self).model_validate(data)
-        except ValidationError as exc:
-            raise SearchConfigError(f"invalid override of '{section}':\n{format_validation_error(exc)}") from exc
-
-    @classmethod
-    def load(cls, path: str | Path) -> SearchConfig:
-        data = read_config_file(path, "search config", SearchConfigError)
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise SearchConfigError(f"{path}: invalid search config:\n{format_validation_error(exc)}") from exc
