@@ -389,7 +389,7 @@ def _chosen_markdown(summary: Mapping[str, Any]) -> list[str]:
         if same and refs and set(summary["tasks"]) <= set(refs)
         else None
     )
-    test_means = [blocks["test"].get("mean_score"), ref_mean, blocks["test"].get("mean_normalized")]
+    test_means = [blocks["test"].get("mean_score") if same else None, ref_mean, blocks["test"].get("mean_normalized")]
     rows.append(["**mean**", *(fmt(v) for v in (*means, *test_means))])
     header = ["task", "search (norm.)", "held-out (norm.)", "test score", "expert test score", "test (norm.)"]
     return lines + _md_table(header, rows)
