@@ -295,6 +295,8 @@ def assign_experts(tasks: list[TaskConfig], expert_names: list[str]) -> dict[str
             raise TaskError(f"task '{task.name}': expert '{task.expert}' is not one of the experts {expert_names}")
         experts[task.name] = task.expert or (task.name if task.name in names else None)
         normalization_of(task.name, str(task.metric), task.normalize, has_expert=experts[task.name] is not None)
+    if tasks and all(t.normalize == "none" for t in tasks):
+        raise TaskError("every task is normalised as 'none': nothing is left to optimise; normalise at least one")
     unused = [e for e in expert_names if e not in experts.values()]
     if unused:
         raise TaskError(
