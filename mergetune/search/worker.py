@@ -3,10 +3,10 @@
 A worker loads, once, the base and the experts' task vectors (ModelSet), one task model per task
 (its expert's model, or the base's for a guard task without an expert) whose shared weights are
 bound to the merge buffer (so a merge is visible to every task model without a copy), the tokenised
-validation examples (ValidationSuite) and the reference scores each task's normalisation needs
-(its expert's; the base's for losses and guard tasks). Per candidate it merges in place and scores:
-no model weights move and nothing touches the disk. It is a plain class: the local executor calls it in-process, the Ray executor wraps it in an
-actor.
+validation examples (ValidationSuite) and the reference scores each task's normalisation needs (its
+expert's; the base's for losses and guard tasks). Per candidate it merges in place and scores: no
+model weights move and nothing touches the disk. It is a plain class: the local executor calls it
+in-process, the Ray executor wraps it in an actor.
 
 Validation examples are split once, deterministically, into the part the search scores and a
 held-out part used only to re-score the finalists (small validation sets invite overfitting to
