@@ -35,7 +35,6 @@ change with each split's label balance).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -191,10 +190,6 @@ def normalization_of(name: str, metric: str, normalize: str | None, *, has_exper
             "'expert:', or use 'normalize: base' (a guard task: no worse than the base)"
         )
     return Normalization(name, metric, against)  # type: ignore[arg-type]
-
-
-def describe_all(normalizations: Mapping[str, Normalization]) -> dict[str, dict[str, Any]]:
-    return {name: n.describe() for name, n in normalizations.items()}
 
 
 def legacy_rule(metric: str) -> str:
