@@ -322,6 +322,8 @@ def test_a_config_without_the_new_fields_keeps_its_stored_definition(llm_zoo: di
     tasks = definition(config)["tasks"]
     assert "normalize" not in tasks[0] and "expert" not in tasks[0]  # as older versions stored it
     assert tasks[-1]["expert"] == "news"  # a field that is set is part of the definition
+    # the same dump keys zoo caches and reference caches: unset, the new fields leave them as they were
+    assert {"expert", "normalize"}.isdisjoint(TaskConfig(name="t", source="trec6").model_dump(mode="json"))
 
 
 def test_a_search_records_and_reports_each_tasks_normalisation(llm_zoo: dict[str, Any], tmp_path: Path) -> None:

@@ -33,7 +33,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mergetune.errors import TaskError
 from mergetune.objectives.corpora import CORPORA, available_corpora, get_corpus, load_corpus
@@ -98,6 +105,16 @@ class TaskConfig(StrictModel):
             data["label_column"] = "label"
         if data.get("metric") is None and kind in KIND_METRICS:
             data["metric"] = KIND_METRICS[kind][0]
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_unset_pairing(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``expert`` and ``normalize`` are dumped only when set: a dump of any other task stays as it was
+        before they existed, so zoo cache keys, stored search definitions and reference caches still match."""
+        data = handler(self)
+        for name in ("expert", "normalize"):
+            if data.get(name, "") is None:
+                del data[name]
         return data
 
     @field_validator("name")

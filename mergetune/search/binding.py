@@ -40,19 +40,9 @@ class ConfigChangedError(MergetuneError):
     """The run's study was created by a config that defines another search."""
 
 
-#: Task fields added after studies stored definitions: left out while unset, so older studies still match
-#: (what they change, the normalisation, is checked on its own: ``normalizations.check_resume``).
-_LATER_TASK_FIELDS = ("expert", "normalize")
-
-
 def definition(config: SearchConfig) -> dict[str, Any]:
     """What defines the config's search, as JSON values (defaults included, so spelling them out changes nothing)."""
-    data = config.model_dump(mode="json", include=set(BOUND_FIELDS))
-    for task in data.get("tasks") or []:
-        for name in _LATER_TASK_FIELDS:
-            if task.get(name) is None:
-                task.pop(name, None)
-    return data
+    return config.model_dump(mode="json", include=set(BOUND_FIELDS))
 
 
 def stored_definition(storage: BaseStorage, name: str) -> tuple[bool, dict[str, Any] | None, list[str] | None]:
