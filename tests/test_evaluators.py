@@ -29,8 +29,9 @@ from mergetune.objectives.evaluators import (
     pooled_head_logits,
 )
 from mergetune.objectives.models import load_task_model, read_state_dict
+from mergetune.objectives.normalization import normalization_of
 from mergetune.objectives.splits import DedupReport
-from mergetune.objectives.suite import SuiteScores, ValidationSuite, normalized_score
+from mergetune.objectives.suite import SuiteScores, ValidationSuite
 from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData
 
 WORDS = [f"w{i}" for i in range(95)]  # 4 specials + 95 words = the tiny models' 99 ids
@@ -465,9 +466,13 @@ def test_suite_max_examples_and_set_reference(tiny_bert_dir, bert_tok, bert_task
 
 
 def test_normalised_negated_losses():
-    assert normalized_score(-2.0, -1.0, "neg_loss") == pytest.approx(0.5)  # twice the expert's loss
-    assert normalized_score(-0.5, -1.0, "neg_entropy") == pytest.approx(2.0)
-    assert normalized_score(0.6, 0.8, "accuracy") == pytest.approx(0.75)
+    """Losses: the share of the expert's gain over the base kept (no longer expert loss / merged loss)."""
+    loss = normalization_of("lm", "neg_loss", None, has_expert=True)
+    assert loss.apply(-2.5, expert=-1.0, base=-3.0) == pytest.approx(0.25)  # kept 0.5 of the 2.0 gained
+    entropy = normalization_of("u", "neg_entropy", None, has_expert=True)
+    assert entropy.apply(-0.5, expert=-1.0, base=-2.0) == pytest.approx(1.5)  # better than the expert
+    accuracy = normalization_of("a", "accuracy", None, has_expert=True)
+    assert accuracy.apply(0.6, expert=0.8) == pytest.approx(0.75)
 
 
 def count_forwards(models: dict[str, torch.nn.Module]) -> list[str]:

@@ -25,7 +25,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from mergetune.errors import TaskError
 from mergetune.objectives.corpora import get_corpus, load_corpus
 from mergetune.objectives.evaluators.lm_eval import LMEvalEvaluator, LMEvalOptions
-from mergetune.objectives.suite import ValidationSuite, normalized_score
+from mergetune.objectives.normalization import Normalization
+from mergetune.objectives.suite import ValidationSuite
 from mergetune.objectives.tasks import TaskConfig, load_task
 
 TYPES = ["abbreviation", "description", "entity", "human", "location", "number"]
@@ -228,7 +229,9 @@ def test_rolling_perplexity_equals_simple_evaluate_and_is_negated(task_dirs, tok
     # lower is better for a perplexity: the score is its negation, normalised as expert / merged perplexity
     assert result.metric == "neg_word_perplexity"
     assert result.score == -result.metrics["word_perplexity"]
-    assert normalized_score(-20.0, -10.0, result.metric) == pytest.approx(0.5)
+    # normalised like a loss: the share of the expert's gain over the base kept (perplexity 12: 8 of 10 points)
+    assert Normalization("trec", result.metric, "expert").apply(-12.0, expert=-10.0, base=-20.0) == pytest.approx(0.8)
+    assert Normalization("trec", result.metric, "base").apply(-25.0, expert=None, base=-20.0) == pytest.approx(0.8)
 
 
 def test_greedy_generation_equals_the_harness_answer_for_answer(task_dirs, tokenizer, model):

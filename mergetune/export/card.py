@@ -48,19 +48,20 @@ def run_point(run: Path, point: str = "chosen") -> RunPoint:
     """The recipe and scores of ``point`` in the run folder ``run`` (see the module docstring)."""
     summary = read_json(run / "summary.json")
     candidates = {c["number"]: c for c in read_json(run / "candidates.json")}
-    refs = _references(summary)
+    refs, bases = _references(summary), _references(summary, "base_references")
     if point == "chosen":
         chosen = summary.get("chosen") or {}
         if not chosen.get("recipe"):
             raise RunFolderError(f"{run}: the search chose no recipe (no candidate completed)")
         trial, label = int(chosen["trial"]), "chosen recipe"
-        scores = _table(summary["tasks"], refs, chosen.get("search"), chosen.get("heldout"), chosen.get("test"))
+        blocks = (chosen.get("search"), chosen.get("heldout"), chosen.get("test"))
+        scores = _table(summary["tasks"], refs, bases, *blocks)
     else:
         trial, label = _trial_of(run, point, summary)
         entry = candidates.get(trial)
         if entry is None or entry.get("recipe") is None:
             raise RunFolderError(f"{run}: trial {trial} has no recipe (failed or unknown); see candidates.csv")
-        scores = _table(summary["tasks"], refs, entry, None, None)
+        scores = _table(summary["tasks"], refs, bases, entry, None, None)
     entry = candidates.get(trial) or {}
     recipe = Recipe.parse(entry.get("recipe"), source=f"{run}/candidates.json trial {trial}")
     return RunPoint(recipe, trial, label, scores, run)
@@ -78,14 +79,21 @@ def _trial_of(run: Path, point: str, summary: dict[str, Any]) -> tuple[int, str]
     raise RunFolderError(f"--point {point!r}: give 'chosen', a front position (1, 2, ...) or 'trial:N'")
 
 
-def _references(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """The experts' own scores per split: {task: {"search": s, "holdout": s, "test": s}}."""
-    refs = (summary.get("meta") or {}).get("references") or {}
+def _references(summary: dict[str, Any], key: str = "references") -> dict[str, dict[str, float]]:
+    """The experts' own scores per split: {task: {"search": s, "holdout": s, "test": s}};
+    ``key="base_references"``: the base's, for the tasks whose normalisation uses it."""
+    refs = (summary.get("meta") or {}).get(key) or {}
     return {t: (v if isinstance(v, dict) else {"test": v}) for t, v in refs.items()}
 
 
-def _table(tasks: list[str], refs: dict[str, dict[str, float]], *blocks: dict[str, Any] | None) -> ScoreTable:
-    """task -> column -> value, for the blocks given (search, held-out, test), raw and normalised."""
+def _table(
+    tasks: list[str],
+    refs: dict[str, dict[str, float]],
+    bases: dict[str, dict[str, float]],
+    *blocks: dict[str, Any] | None,
+) -> ScoreTable:
+    """task -> column -> value, for the blocks given (search, held-out, test): raw, normalised, the expert's and,
+    where a task's normalisation uses it, the base's."""
     names = ("validation", "held-out validation", "test")
     out: dict[str, dict[str, float | None]] = {}
     for task in tasks:
@@ -96,8 +104,23 @@ def _table(tasks: list[str], refs: dict[str, dict[str, float]], *blocks: dict[st
             row[name] = (block.get("scores") or {}).get(task)
             row[f"{name} (norm.)"] = (block.get("normalized") or {}).get(task)
             row[f"expert {name}"] = refs.get(task, {}).get(split)
+            if bases:
+                row[f"base {name}"] = bases.get(task, {}).get(split)
         out[task] = row
     return out
+
+
+def normalization_note(summary: dict[str, Any]) -> str:
+    """What 'normalised' means for each task of a run (from ``meta.normalization``; older runs: the old rule)."""
+    stored = (summary.get("meta") or {}).get("normalization") or {}
+    if not stored:
+        return "normalised = merged / expert (for a loss: expert loss / merged loss)."
+    rules: dict[str, list[str]] = {}
+    for task, entry in stored.items():
+        rules.setdefault(str(entry.get("formula") or entry.get("rule")), []).append(task)
+    if len(rules) == 1:
+        return f"normalised = {next(iter(rules))}."
+    return "normalised: " + "; ".join(f"{', '.join(tasks)}: {formula}" for formula, tasks in rules.items()) + "."
 
 
 def merge_point(
@@ -105,11 +128,12 @@ def merge_point(
 ) -> tuple[RunPoint, MergedFolder]:
     """Merge a point of a search into ``out_dir``, with its scores in the model card and ``scores.json``."""
     found = run_point(run, point)
-    name = (read_json(run / "summary.json").get("meta") or {}).get("name", run.name)
+    summary = read_json(run / "summary.json")
+    name = (summary.get("meta") or {}).get("name", run.name)
     about = (
         f"This is the {found.label} (trial {found.trial}) of the mergetune search `{name}`. Scores are each task's "
         "metric on the validation examples the search scored, on the held-out ones it never saw, and on test (the "
-        "chosen recipe only); normalised = merged / expert."
+        f"chosen recipe only); {normalization_note(summary)}"
     )
     folder = merge_to_folder(found.recipe, out_dir, device=device, compile=compile, scores=found.scores, about=about)
     payload = {"search": name, "trial": found.trial, "point": found.label, "scores": found.scores}

@@ -84,6 +84,7 @@ def render_html(data: RunData, images: Mapping[str, tuple[str, str]]) -> str:
             *sections,
             "<h2>Scores (raw)</h2>",
             _scores_table(data),
+            *_normalization_table(data),
             "<h2>Search settings</h2>",
             _settings_table(meta),
             "<h2>Chosen recipe</h2>",
@@ -129,7 +130,8 @@ def _scores_table(data: RunData) -> str:
     for model, split, values in rows:
         cells = [values.get(t) for t in data.tasks]
         known = [v for v in cells if v is not None]
-        mean = float(np.mean(known)) if len(known) == len(cells) and known else None
+        one_unit = len(data.metric_groups()) == 1 and bool(data.metrics)  # no mean of losses and accuracies
+        mean = float(np.mean(known)) if one_unit and len(known) == len(cells) and known else None
         tds = "".join(f"<td class='num'>{_num(v)}</td>" for v in [*cells, mean])
         lines.append(f"<tr><td>{html.escape(model)}</td><td>{html.escape(split)}</td>{tds}</tr>")
     if not data.references:
@@ -140,8 +142,23 @@ def _scores_table(data: RunData) -> str:
     return "\n".join([*lines, "</table>"])
 
 
+def _normalization_table(data: RunData) -> list[str]:
+    """What each task's normalised score means (older runs recorded nothing: then nothing is shown)."""
+    if not data.normalization:
+        return []
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(task)}</td><td>{esc(str(n.get('metric')))}</td><td>{esc(str(n.get('against')))}</td>"
+        f"<td>{esc(str(n.get('formula')))}</td></tr>"
+        for task, n in data.normalization.items()
+    )
+    head = "<tr><th>task</th><th>metric</th><th>normalised against</th><th>normalised score</th></tr>"
+    return ["<h2>Normalisation</h2>", f"<table>{head}{rows}</table>"]
+
+
 def _settings_table(meta: Mapping[str, Any]) -> str:
-    rows = [(k, v) for k, v in _flatten(meta) if not k.startswith("references")]
+    shown_apart = ("references", "base_references", "normalization")
+    rows = [(k, v) for k, v in _flatten(meta) if not k.startswith(shown_apart)]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_text(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 

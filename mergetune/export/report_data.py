@@ -22,6 +22,7 @@ from mergetune.export.card import RunFolderError, read_json
 from mergetune.export.layout import read_layout
 from mergetune.merging.methods import get_method
 from mergetune.recipe import Recipe, resolve_parameter
+from mergetune.search.results import task_metrics
 from mergetune.search.storage import load_study, open_storage
 
 REFERENCES_FILE = "references.json"  # base and baselines scored by --score-references
@@ -70,6 +71,23 @@ class RunData:
     @property
     def name(self) -> str:
         return str((self.summary.get("meta") or {}).get("name") or self.run.name)
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """task -> its metric (empty for runs that did not record their normalisation)."""
+        return task_metrics(self.summary.get("meta") or {})
+
+    @property
+    def normalization(self) -> dict[str, dict[str, Any]]:
+        """task -> its normalisation (rule, formula, against; see ``search.normalizations``); empty for older runs."""
+        return dict((self.summary.get("meta") or {}).get("normalization") or {})
+
+    def metric_groups(self) -> dict[str, list[str]]:
+        """Tasks grouped by metric, in task order (one group 'score' when the run did not record metrics)."""
+        groups: dict[str, list[str]] = {}
+        for task in self.tasks:
+            groups.setdefault(self.metrics.get(task, "score"), []).append(task)
+        return groups
 
     def by_number(self, numbers: Sequence[int]) -> list[Candidate]:
         index = {c.number: c for c in self.candidates}

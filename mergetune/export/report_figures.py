@@ -2,7 +2,9 @@
 
 Colours are fixed per role on every figure: grey = every completed candidate, blue = the per-task
 Pareto set, orange = the optimised front, red star = the chosen recipe, green triangle = a
-baseline (the papers' default the search started from); experts sit at normalised score 1.
+baseline (the papers' default the search started from); each task's reference sits at normalised
+score 1 (the expert, or the base for a guard task: see the report's normalisation table), and axes
+fit the data (a loss task's share of the gain can be negative).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def objectives_front(data: RunData) -> Figure | None:
     _scatter_roles(ax, data, lambda c: c.mean, lambda c: c.worst)
     line = frontier([(c.mean, c.worst) for c in data.candidates if c.feasible])
     ax.plot(*zip(*line, strict=True), drawstyle="steps-post", c=ORANGE, lw=1, alpha=0.7)
-    ax.set_xlabel("mean normalised score (merged / expert)")
+    ax.set_xlabel("mean normalised score (1 = each task's reference)")
     ax.set_ylabel("worst task's normalised score")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
@@ -144,7 +146,7 @@ def parallel(data: RunData) -> Figure | None:
         ax.plot(xs, ys(chosen), c=RED, lw=2.6, marker="*", ms=10)
     ax.axhline(1.0, c="k", lw=0.6, ls=":")
     ax.set_xticks(xs, axes_names, rotation=20)
-    ax.set_ylabel("normalised score (merged / expert)")
+    ax.set_ylabel("normalised score (1 = each task's reference)")
     ax.grid(axis="x", alpha=0.5)
     handles = [
         plt.Line2D([], [], c=col, lw=w, ls=ls)
@@ -210,27 +212,48 @@ def heatmaps(data: RunData, tables: Mapping[str, np.ndarray]) -> Figure | None:
 
 
 def scores(data: RunData, rows: Sequence[tuple[str, str, Mapping[str, float | None]]]) -> Figure | None:
-    """Grouped bars per task: the chosen recipe, the experts, the baselines and the base, per split."""
+    """Grouped bars per task: the chosen recipe, the experts, the baselines and the base, per split.
+
+    One panel per metric, each with its own y axis fitted to its values: a loss (``neg_loss``,
+    negative) and an accuracy on one 0..1 axis would hide the loss bars entirely.
+    """
     if not rows:
         return None
     plt = _pyplot()
-    tasks = data.tasks
-    width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(tasks) + 3), 4.4))
+    groups = data.metric_groups()
+    widths = [max(1.6 * len(tasks) + 1.5, 4.0) for tasks in groups.values()]
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(sum(widths) + 3, 4.4), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
     cmap = plt.get_cmap("tab20")
-    for k, (model, split, values) in enumerate(rows):
-        heights = [np.nan if values.get(t) is None else values[t] for t in tasks]
-        ax.bar(
-            np.arange(len(tasks)) + (k - (len(rows) - 1) / 2) * width,
-            heights,
-            width,
-            label=f"{model}, {split}",
-            color=cmap(k % 20),
-        )
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("score (task metric)")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
+    width = 0.8 / len(rows)
+    for ax, (metric, tasks) in zip(axes[0], groups.items(), strict=True):
+        heights = []
+        for k, (model, split, values) in enumerate(rows):
+            bars = [np.nan if values.get(t) is None else values[t] for t in tasks]
+            heights += bars
+            ax.bar(
+                np.arange(len(tasks)) + (k - (len(rows) - 1) / 2) * width,
+                bars,
+                width,
+                label=f"{model}, {split}",
+                color=cmap(k % 20),
+            )
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylabel(metric if metric != "score" else "score (task metric)")
+        ax.set_ylim(*fitted_limits(heights))
+        ax.axhline(0.0, c="k", lw=0.6)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     return fig
+
+
+def fitted_limits(values: Sequence[float]) -> tuple[float, float]:
+    """y limits holding every finite value and 0 (bars start there): 0..1.05 for scores within [0, 1]."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    low, high = min([0.0, *finite]), max([0.0, *finite])
+    if low >= 0.0 and high <= 1.0:
+        return 0.0, 1.05
+    pad = 0.05 * (high - low or 1.0)
+    return low - (pad if low < 0 else 0.0), high + (pad if high > 0 else 0.0)

@@ -4,9 +4,11 @@ A search worker builds one suite ONCE (tokenisation happens then), computes the 
 reference scores once (:meth:`ValidationSuite.reference_scores`, cached in memory and optionally
 on disk), and then calls :meth:`ValidationSuite.score` per candidate with its resident task models.
 The result holds, per task, the primary score (higher is better), every other metric, the seconds
-scoring took, and the normalised score (merged / expert; for the negated losses ``neg_loss`` and
-``neg_entropy``, expert loss / merged loss), plus the mean and the worst normalised score: the two
-objectives a search optimises.
+scoring took, and the normalised score (the task's rule, see :mod:`mergetune.objectives.normalization`:
+merged / expert for accuracies, the share of the expert's gain kept for losses, merged / base for a
+guard task without an expert...), plus the mean and the worst normalised score: the two objectives a
+search optimises. The base's score on a task is measured (and cached like the experts') only when
+the task's rule needs it.
 
 Test split, by design: a suite built with ``ValidationSuite(...)`` holds only the validation (or
 train) examples of its tasks and cannot reach their test examples, so a search cannot score the
@@ -21,10 +23,10 @@ and they are loaded only on a cache miss).
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,19 +54,15 @@ from mergetune.objectives.evaluators import (
     load_scorer,
 )
 from mergetune.objectives.evaluators.lm_eval import LMEvalEvaluator
-from mergetune.objectives.models import load_task_model
+from mergetune.objectives.models import load_task_model, overwrite_shared
+from mergetune.objectives.normalization import Normalization, normalization_of
 from mergetune.objectives.tasks import SplitData, TaskData
 
-#: Metrics that are a negated loss: normalised as expert loss / merged loss (1 = as good as the expert).
-NEGATED_LOSSES = frozenset({"neg_loss", "neg_entropy"})
-#: Any metric named ``neg_<name>`` is a negated lower-is-better metric too (lm-eval's ``neg_word_perplexity``, ...).
-NEGATED_PREFIX = "neg_"
 #: Splits a search may score; the test split is only reachable through ValidationSuite.for_test.
 SEARCH_SPLITS = ("validation", "train")
 #: Default batch size per task kind (a causal LM's logits over a large vocabulary are big); from the kind registry.
 KIND_BATCH_SIZE = {name: spec.batch_size for name, spec in KINDS.items()}
 CACHE_VERSION = 1
-_LOSS_FLOOR = 1e-12
 _TEST_ACCESS = object()
 
 ModelSource = nn.Module | str | os.PathLike[str]
@@ -80,8 +78,10 @@ class TaskScore:
     metrics: dict[str, float] = field(default_factory=dict)
     n_examples: int = 0
     seconds: float = 0.0
-    reference: float | None = None
+    reference: float | None = None  # the expert's score (None for a task without an expert)
     normalized: float | None = None
+    base_reference: float | None = None  # the base's score, when the task's rule needs it
+    normalization: str | None = None  # the rule's key in normalization.FORMULAS (None until references are set)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +93,8 @@ class TaskScore:
             "seconds": self.seconds,
             "reference": self.reference,
             "normalized": self.normalized,
+            "base_reference": self.base_reference,
+            "normalization": self.normalization,
         }
 
     @classmethod
@@ -114,24 +116,26 @@ class SuiteScores:
 
     @property
     def normalized(self) -> dict[str, float]:
-        """Normalised score per task that has a reference."""
+        """Normalised score per task that has one (not the tasks normalised as ``none``)."""
         return {name: t.normalized for name, t in self.tasks.items() if t.normalized is not None}
 
     @property
     def mean_normalized(self) -> float | None:
-        """Mean normalised score over the tasks; None unless every task has a reference."""
+        """Mean normalised score over the normalised tasks; None unless each has its references."""
         values = self._normalized_values()
         return None if values is None else sum(values) / len(values)
 
     @property
     def worst_normalized(self) -> float | None:
-        """The lowest normalised score over the tasks; None unless every task has a reference."""
+        """The lowest normalised score over the normalised tasks; None unless each has its references."""
         values = self._normalized_values()
         return None if values is None else min(values)
 
     @property
-    def mean_score(self) -> float:
-        """Unnormalised mean of the primary scores (only meaningful when the metrics agree)."""
+    def mean_score(self) -> float | None:
+        """Mean of the primary scores when every task has the same metric; None otherwise (no mean mixes units)."""
+        if len({t.metric for t in self.tasks.values()}) != 1:
+            return None
         return sum(self.scores.values()) / len(self.tasks)
 
     @property
@@ -139,7 +143,8 @@ class SuiteScores:
         return sum(t.seconds for t in self.tasks.values())
 
     def _normalized_values(self) -> list[float] | None:
-        values = [t.normalized for t in self.tasks.values()]
+        counted = [t for t in self.tasks.values() if t.normalization != "none"]
+        values = [t.normalized for t in counted]
         return None if not values or any(v is None for v in values) else [float(v) for v in values]  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,26 +153,6 @@ class SuiteScores:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SuiteScores:
         return cls(str(data["split"]), {name: TaskScore.from_dict(t) for name, t in data["tasks"].items()})
-
-
-def normalized_score(score: float, reference: float, metric: str) -> float:
-    """``score / reference``, or for a negated loss ``reference / score`` (= expert loss / merged loss).
-
-    Both read 1.0 at the expert's level, below 1 when worse and above 1 when better.
-    """
-    if metric in NEGATED_LOSSES or metric.startswith(NEGATED_PREFIX):
-        return reference / min(score, -_LOSS_FLOOR)
-    return score / reference
-
-
-def check_reference(task: str, metric: str, reference: float) -> None:
-    """A reference must make the ratio meaningful: positive, or a positive loss for negated losses."""
-    bad = reference >= 0 if metric in NEGATED_LOSSES or metric.startswith(NEGATED_PREFIX) else reference <= 0
-    if bad or not math.isfinite(reference):
-        raise TaskError(
-            f"task '{task}': the reference {metric} is {reference}, so a normalised score is undefined "
-            "(the expert must score above 0, or have a positive loss); pick another metric"
-        )
 
 
 # ---- building evaluators ---------------------------------------------------------------------
@@ -393,6 +378,7 @@ class ValidationSuite:
         self._tokenizers = {name: _tokenizer_for(tokenizer, name) for name in names}
         self.evaluators: dict[str, Evaluator] = {}
         self._digests: dict[str, str] = {}
+        self._chance: dict[str, float | None] = {}
         for task in tasks:
             data = examples(task, split, max_examples)
             options = {
@@ -403,7 +389,10 @@ class ValidationSuite:
             options.update(self._task_options[task.name])
             self.evaluators[task.name] = build_evaluator(task, data, self._tokenizers[task.name], **options)
             self._digests[task.name] = _data_digest(data)
+            self._chance[task.name] = chance_level(task, data)
         self._reference: dict[str, float] = {}
+        self._base: dict[str, float] = {}
+        self._norms: dict[str, Normalization] = {}
         self._reference_memory: dict[str, SuiteScores] = {}
 
     @classmethod
@@ -438,28 +427,72 @@ class ValidationSuite:
         return list(tasks)
 
     def _task_score(self, name: str, result: EvalResult, seconds: float) -> TaskScore:
-        reference = self._reference.get(name)
-        normalized = None if reference is None else normalized_score(result.score, reference, result.metric)
+        norm = self._norms.get(name)
+        expert, base = self._reference.get(name), self._base.get(name)
+        normalized = None
+        if norm is not None:
+            normalized = norm.apply(result.score, expert=expert, base=base, chance=self._chance[name])
         return TaskScore(
-            name, result.metric, result.score, dict(result.metrics), result.n_examples, seconds, reference, normalized
+            name,
+            result.metric,
+            result.score,
+            dict(result.metrics),
+            result.n_examples,
+            seconds,
+            expert,
+            normalized,
+            base,
+            None if norm is None else norm.rule,
         )
 
     # ---- reference scores --------------------------------------------------------------------
     @property
     def reference(self) -> dict[str, float]:
-        """The experts' primary score per task (empty until set or computed)."""
+        """The experts' primary score per task that has an expert (empty until set or computed)."""
         return dict(self._reference)
 
-    def set_reference(self, scores: SuiteScores | Mapping[str, float | TaskScore | EvalResult]) -> None:
-        """Use these scores (one per task of the suite) as the experts' reference."""
-        items = scores.tasks if isinstance(scores, SuiteScores) else scores
-        missing = sorted(set(self.tasks) - set(items))
-        if missing:
-            raise TaskError(f"reference scores miss task(s) {missing}")
-        values = {name: float(getattr(items[name], "score", items[name])) for name in self.tasks}
-        for name, value in values.items():
-            check_reference(name, self._metric(name), value)
-        self._reference = values
+    @property
+    def base_reference(self) -> dict[str, float]:
+        """The base's primary score per task whose normalisation needs it (empty until set or computed)."""
+        return dict(self._base)
+
+    @property
+    def normalizations(self) -> dict[str, Normalization]:
+        """Each task's normalisation (empty until the references are set or computed)."""
+        return dict(self._norms)
+
+    def references(self) -> dict[str, dict[str, float]]:
+        """Per task, every reference its normalisation uses: ``{"expert": ..., "base": ..., "chance": ...}``."""
+        out: dict[str, dict[str, float]] = {}
+        for name, norm in self._norms.items():
+            values = {"expert": self._reference.get(name), "base": self._base.get(name)}
+            values["chance"] = self._chance[name] if norm.needs_chance else None
+            out[name] = {k: v for k, v in values.items() if v is not None}
+        return out
+
+    def set_reference(
+        self,
+        scores: SuiteScores | Mapping[str, float | TaskScore | EvalResult],
+        *,
+        base: SuiteScores | Mapping[str, float | TaskScore | EvalResult] | None = None,
+    ) -> None:
+        """Use these scores as the experts' (one per task that has an expert) and ``base`` as the base's.
+
+        A task without an expert score is a guard task: its normalisation defaults to the base's
+        score. Each task's normalisation is resolved and checked here (errors name the task).
+        """
+        expert, base_values = _values(scores), _values(base or {})
+        unknown = sorted((set(expert) | set(base_values)) - set(self.tasks))
+        if unknown:
+            raise TaskError(f"reference scores name unknown task(s) {unknown}; the suite's tasks are {self.task_names}")
+        norms = {name: self._normalization(name, has_expert=name in expert) for name in self.tasks}
+        for name, norm in norms.items():
+            norm.check(expert=expert.get(name), base=base_values.get(name), chance=self._chance[name])
+        self._norms, self._reference, self._base = norms, expert, base_values
+
+    def _normalization(self, name: str, *, has_expert: bool) -> Normalization:
+        config = self.tasks[name].config
+        return normalization_of(name, self._metric(name), config.normalize, has_expert=has_expert)
 
     def _metric(self, name: str) -> str:
         return self.evaluators[name].metric
@@ -468,48 +501,78 @@ class ValidationSuite:
         self,
         experts: Mapping[str, ModelSource],
         *,
+        base: ModelSource | None = None,
         model_dirs: Mapping[str, str | os.PathLike[str]] | None = None,
         refresh: bool = False,
         loader: Callable[[TaskData, str | os.PathLike[str]], nn.Module] | None = None,
     ) -> SuiteScores:
-        """The experts' own scores, computed once, cached, and set as this suite's reference.
+        """The experts' own scores (and the base's where needed), computed once, cached, and set as references.
 
-        ``experts[task]`` is the expert model, or its folder (loaded with :func:`load_task_model`,
-        or ``loader``, only on a cache miss). Folders (given as ``experts`` values or as
-        ``model_dirs``) key the on-disk cache; a module alone is cached in memory only, under its
-        identity: a module's ``name_or_path`` does not prove that its weights are that folder's.
-        Tasks with callable options (``logits_fn``, a head) are cached in memory only, too.
+        ``experts[task]`` is the task's expert model, or its folder (loaded with :func:`load_task_model`,
+        or ``loader``, only on a cache miss); a task without an entry is a guard task. ``base`` (a
+        folder or module) is scored on each task whose normalisation needs it: a guard task is
+        scored with the base model itself, a task with an expert with the base's weights in the
+        expert's model (the expert's head on the base encoder). Folders key the on-disk cache; a
+        module alone is cached in memory only, under its identity: a module's ``name_or_path`` does
+        not prove that its weights are that folder's. Tasks with callable options (``logits_fn``, a
+        head) are cached in memory only, too. Returns the experts' scores.
         """
-        dirs = self._expert_dirs(experts, model_dirs)
-        key = self._reference_key(experts, dirs, loader)
-        cached = None if refresh else self._cached_reference(key, disk=dirs is not None)
-        if cached is None:
-            models = {name: self._expert_model(name, experts, loader) for name in self.tasks}
-            self._reference = {}
-            cached = self.score(models)
-            self._store_reference(key, cached, disk=dirs is not None)
-        self.set_reference(cached)
-        return SuiteScores(
-            cached.split, {n: self._task_score(n, self._as_result(t), t.seconds) for n, t in cached.tasks.items()}
+        unknown = sorted(set(experts) - set(self.tasks))
+        if unknown:
+            raise TaskError(f"experts given for unknown task(s) {unknown}; the suite's tasks are {self.task_names}")
+        norms = {name: self._normalization(name, has_expert=name in experts) for name in self.tasks}
+        with_expert = [name for name in self.tasks if name in experts]
+        sources = {name: [(model_dirs or {}).get(name, experts[name])] for name in with_expert}
+        expert_scores = self._measure(
+            "expert", sources, lambda name: self._expert_model(name, experts, loader), loader, refresh
         )
+        needs_base = [name for name, norm in norms.items() if norm.needs_base]
+        base_scores = None
+        if needs_base:
+            if base is None:
+                raise TaskError(f"task(s) {needs_base} are normalised against the base: give the base model")
+            base_sources = {name: [base, *sources.get(name, [])] for name in needs_base}
+            build = functools.partial(self._base_model, base=base, experts=experts, loader=loader)
+            base_scores = self._measure("base", base_sources, build, loader, refresh)
+        self.set_reference(expert_scores, base=base_scores)
+        return SuiteScores(
+            expert_scores.split,
+            {n: self._task_score(n, self._as_result(t), t.seconds) for n, t in expert_scores.tasks.items()},
+        )
+
+    def _measure(
+        self,
+        role: str,
+        sources: Mapping[str, list[ModelSource]],
+        build: Callable[[str], nn.Module],
+        loader: Callable[..., Any] | None,
+        refresh: bool,
+    ) -> SuiteScores:
+        """Scores of the models ``build(task)`` on ``sources``' tasks, from the cache when it holds them."""
+        names = list(sources)
+        if not names:
+            return SuiteScores(self.split, {})
+        disk = self._cacheable(sources)
+        key = self._reference_key(role, sources, disk, loader)
+        cached = None if refresh else self._cached_reference(key, names, disk=disk)
+        if cached is None:
+            saved = self._reference, self._base, self._norms
+            self._reference, self._base, self._norms = {}, {}, {}  # raw scores: nothing normalised while measuring
+            try:
+                cached = self.score({name: build(name) for name in names}, tasks=names)
+            finally:
+                self._reference, self._base, self._norms = saved
+            self._store_reference(key, cached, disk=disk)
+        return cached
 
     @staticmethod
     def _as_result(t: TaskScore) -> EvalResult:
         return EvalResult(t.metric, t.score, dict(t.metrics), t.n_examples)
 
-    def _expert_dirs(
-        self, experts: Mapping[str, ModelSource], model_dirs: Mapping[str, str | os.PathLike[str]] | None
-    ) -> dict[str, Path] | None:
-        missing = sorted(set(self.tasks) - set(experts))
-        if missing:
-            raise TaskError(f"no expert model for task(s) {missing}")
-        dirs = {}
-        for name in self.tasks:
-            source = (model_dirs or {}).get(name, experts[name])
-            if isinstance(source, nn.Module) or self._has_callable_options():
-                return None
-            dirs[name] = Path(source).expanduser().resolve()
-        return dirs
+    def _cacheable(self, sources: Mapping[str, list[ModelSource]]) -> bool:
+        """Folders only (a module's weights cannot be fingerprinted), and no callable task options."""
+        modules = any(isinstance(s, nn.Module) for models in sources.values() for s in models)
+        return not modules and not self._has_callable_options()
 
     def _has_callable_options(self) -> bool:
         """A head or logits function passed as an option cannot be fingerprinted: no disk cache then."""
@@ -526,14 +589,33 @@ class ValidationSuite:
             return source
         return (loader or load_task_model)(self.tasks[name], source)
 
+    def _base_model(
+        self,
+        name: str,
+        *,
+        base: ModelSource,
+        experts: Mapping[str, ModelSource],
+        loader: Callable[[TaskData, str | os.PathLike[str]], nn.Module] | None,
+    ) -> nn.Module:
+        """The base on a task: the base model itself for a guard task, else the expert's model with the base's
+        weights (its head on the base encoder)."""
+        if name not in experts:
+            return base if isinstance(base, nn.Module) else (loader or load_task_model)(self.tasks[name], base)
+        model = self._expert_model(name, experts, loader)
+        if isinstance(experts[name], nn.Module):
+            model = copy.deepcopy(model)  # the caller's expert module must keep its own weights
+        overwrite_shared(model, base, task_name=name)
+        return model
+
     def _reference_key(
-        self, experts: Mapping[str, ModelSource], dirs: dict[str, Path] | None, loader: Callable[..., Any] | None
+        self, role: str, sources: Mapping[str, list[ModelSource]], disk: bool, loader: Callable[..., Any] | None
     ) -> str:
-        models = (
-            {name: f"object:{id(experts[name])}" for name in self.tasks}
-            if dirs is None
-            else {name: _folder_fingerprint(path) for name, path in dirs.items()}
-        )
+        models: dict[str, Any] = {
+            name: [_folder_fingerprint(Path(s).expanduser().resolve()) if disk else f"object:{id(s)}" for s in models]  # type: ignore[arg-type]
+            for name, models in sources.items()
+        }
+        if role == "expert":  # one model per task, keyed as before this rule existed: existing caches stay valid
+            models = {name: fingerprints[0] for name, fingerprints in models.items()}
         key = {
             "version": CACHE_VERSION,
             "split": self.split,
@@ -541,14 +623,19 @@ class ValidationSuite:
             "autocast": str(self.autocast),
             "loader": _describe(loader),
             "models": models,
-            "tasks": {name: self._task_fingerprint(name) for name in self.tasks},
+            "tasks": {name: self._task_fingerprint(name) for name in sources},
         }
+        if role != "expert":  # expert keys stay as they were: existing caches remain valid
+            key["role"] = role
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     def _task_fingerprint(self, name: str) -> dict[str, Any]:
         tokenizer = self._tokenizers[name]
+        config = self.tasks[name].config.model_dump(mode="json")
+        for field_name in ("expert", "normalize"):  # which reference a score serves does not change the score
+            config.pop(field_name, None)
         return {
-            "config": self.tasks[name].config.model_dump(mode="json"),
+            "config": config,
             "data": self._digests[name],
             "evaluator": type(self.evaluators[name]).__name__,
             "options": {
@@ -562,7 +649,7 @@ class ValidationSuite:
     def _cache_file(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"reference-{key[:24]}.json"
 
-    def _cached_reference(self, key: str, *, disk: bool) -> SuiteScores | None:
+    def _cached_reference(self, key: str, names: Sequence[str], *, disk: bool) -> SuiteScores | None:
         if key in self._reference_memory:
             return self._reference_memory[key]
         path = self._cache_file(key) if disk else None
@@ -573,7 +660,7 @@ class ValidationSuite:
             scores = SuiteScores.from_dict(data["scores"]) if data.get("key") == key else None
         except (OSError, ValueError, KeyError, TypeError):
             return None  # an unreadable cache entry is recomputed and rewritten
-        if scores is not None and set(scores.tasks) == set(self.tasks):
+        if scores is not None and set(scores.tasks) == set(names):
             self._reference_memory[key] = scores
             return scores
         return None
@@ -587,6 +674,20 @@ class ValidationSuite:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"key": key, "scores": scores.to_dict()}, indent=1))
         tmp.replace(path)  # atomic: concurrent workers never read half a file
+
+
+def chance_level(task: TaskData, data: SplitData) -> float | None:
+    """The uniform-guess accuracy: 1 / labels (classification), mean 1 / choices (multiple choice); else None."""
+    if task.config.kind == "multiple_choice" and data.choices:
+        return sum(1.0 / len(c) for c in data.choices) / len(data.choices)
+    if task.config.kind == "classification" and task.num_labels:
+        return 1.0 / task.num_labels
+    return None
+
+
+def _values(scores: SuiteScores | Mapping[str, float | TaskScore | EvalResult]) -> dict[str, float]:
+    items = scores.tasks if isinstance(scores, SuiteScores) else scores
+    return {name: float(getattr(value, "score", value)) for name, value in items.items()}
 
 
 def _model_for(models: Mapping[str, nn.Module], name: str) -> nn.Module:

@@ -54,7 +54,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mergetune.errors import TaskError
 from mergetune.objectives.corpora import CORPORA, available_corpora, get_corpus, load_corpus
@@ -66,7 +73,13 @@ from mergetune.objectives.evaluators.kinds import (
     LMOptions,
     MultipleChoiceOptions,
 )
-from mergetune.objectives.evaluators.lm_eval import LMEvalOptions, lm_eval_task_defaults, read_lm_eval_splits
+from mergetune.objectives.evaluators.lm_eval import (
+    LMEvalOptions,
+    lm_eval_task_defaults,
+    read_lm_eval_splits,
+    score_metric_name,
+)
+from mergetune.objectives.normalization import Against
 from mergetune.objectives.splits import DedupReport, Splits, deduplicate, example_key, stratified_split
 from mergetune.strict import StrictModel, format_validation_error
 
@@ -133,6 +146,12 @@ class TaskConfig(StrictModel):
         False, description="Score even when validation/test rows are exact duplicates of training rows."
     )
     lm_eval: LMEvalOptions | None = Field(None, description="An lm-eval-harness task (name or YAML path) and options.")
+    expert: str | None = Field(
+        None, description="The expert this task measures; default: the expert of the task's name, else none (a guard)."
+    )
+    normalize: Against | None = Field(
+        None, description="What the score is normalised against: expert, base, chance or none (see normalization)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -151,6 +170,16 @@ class TaskConfig(StrictModel):
             data["label_column"] = spec.label_column
         if data.get("metric") is None and spec.metrics:  # lm_eval tasks name their metric under lm_eval:
             data["metric"] = CUSTOM_METRIC if data.get("scorer") else spec.metrics[0]
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_unset_pairing(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``expert`` and ``normalize`` are dumped only when set: a dump of any other task stays as it was
+        before they existed, so zoo cache keys, stored search definitions and reference caches still match."""
+        data = handler(self)
+        for name in ("expert", "normalize"):
+            if data.get(name, "") is None:
+                del data[name]
         return data
 
     @field_validator("name")
@@ -219,6 +248,11 @@ class TaskConfig(StrictModel):
         for group in KIND_OPTION_GROUPS:
             if group != self.kind and getattr(self, group) is not None:
                 raise ValueError(f"option group '{group}' is for kind '{group}'; this task's kind is '{self.kind}'")
+
+    @property
+    def score_metric(self) -> str:
+        """The metric name this task's scores carry (an lm-eval task's from its options), known before loading."""
+        return score_metric_name(self.lm_eval) if self.lm_eval is not None else str(self.metric)
 
     @property
     def kind_options(self) -> Any:

@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergetune.errors import MergetuneError, read_config_file
+from mergetune.errors import MergetuneError, TaskError, read_config_file
 from mergetune.merging.methods import get_method
+from mergetune.objectives.normalization import normalization_of
 from mergetune.objectives.tasks import TaskConfig, accepted_keys_line
 from mergetune.recipe import SEED_LIMIT, Expert, resolve_model_path
 from mergetune.search.optimizers import optimizer_class
@@ -154,7 +155,10 @@ class ObjectivesConfig(_Section):
 
     optimize: list[ObjectiveName] = Field(default_factory=lambda: ["mean", "worst"], min_length=1)
     floors: float | dict[str, float] | None = Field(
-        None, description="Per-task floor on the normalised score (a constraint); '*' is the default."
+        None,
+        description="Per-task floor on the normalised score (a constraint); '*' is the default. It reads in the "
+        "task's normalisation: 0.8 on a loss task normalised against its expert = keeps 80% of the expert's gain over "
+        "the base; on a guard task = 80% of the base's score (accuracy) or perplexity at most 1/0.8 of the base's.",
     )
     worst_weight: float = Field(0.5, ge=0.0)
     sparsity_weight: float = Field(0.1, ge=0.0)
@@ -238,10 +242,23 @@ class SearchConfig(_Section):
         if self.models.zoo is None:
             if not self.tasks:
                 raise ValueError("'tasks' is required when models are given as base + experts")
-            missing = sorted({e.name for e in self.models.experts} - {t.name for t in self.tasks})
-            if missing:
-                raise ValueError(f"no task config for expert(s) {missing}; each expert needs a task of its name")
+            try:
+                assign_experts(self.tasks, [e.name for e in self.models.experts])
+            except TaskError as exc:
+                raise ValueError(str(exc)) from None
         return self
+
+    def resolved_tasks(self, expert_names: list[str], tasks: list[TaskConfig] | None = None) -> list[dict[str, Any]]:
+        """Every task (the config's, or ``tasks`` from a zoo) as a dict with its expert filled in (None: a guard).
+
+        Ordered by expert (the experts' order, then the guard tasks), each group in the config's order:
+        with one task per expert this is the order searches always had, so their results stay identical.
+        """
+        tasks = list(self.tasks or []) if tasks is None else tasks
+        experts = assign_experts(tasks, expert_names)
+        rank = {name: i for i, name in enumerate(expert_names)}
+        ordered = sorted(tasks, key=lambda t: rank.get(experts[t.name] or "", len(rank)))  # stable: config order kept
+        return [{**t.model_dump(mode="json"), "expert": experts[t.name]} for t in ordered]
 
     @property
     def output_dir(self) -> Path:
@@ -281,3 +298,31 @@ class SearchConfig(_Section):
         if self.tasks is not None:
             update["tasks"] = [t.with_paths_from(folder) for t in self.tasks]
         return self.model_copy(update=update)
+
+
+def assign_experts(tasks: list[TaskConfig], expert_names: list[str]) -> dict[str, str | None]:
+    """Each task's expert: its ``expert:``, else the expert of its name, else None (a guard task).
+
+    Every task is scored; an expert may have several tasks; each expert needs at least one (else
+    nothing would say how merging it helps). Each task's normalisation must be defined for it
+    (``normalization_of``). Errors (TaskError) name the task or expert and list the choices.
+    """
+    names = set(expert_names)
+    repeated = sorted({t.name for t in tasks if [u.name for u in tasks].count(t.name) > 1})
+    if repeated:
+        raise TaskError(f"task names must be unique; repeated: {repeated}")
+    experts: dict[str, str | None] = {}
+    for task in tasks:
+        if task.expert is not None and task.expert not in names:
+            raise TaskError(f"task '{task.name}': expert '{task.expert}' is not one of the experts {expert_names}")
+        experts[task.name] = task.expert or (task.name if task.name in names else None)
+        normalization_of(task.name, task.score_metric, task.normalize, has_expert=experts[task.name] is not None)
+    if tasks and all(t.normalize == "none" for t in tasks):
+        raise TaskError("every task is normalised as 'none': nothing is left to optimise; normalise at least one")
+    unused = [e for e in expert_names if e not in experts.values()]
+    if unused:
+        raise TaskError(
+            f"no task for expert(s) {unused}: give each expert a task of its name, or a task with 'expert: NAME' "
+            f"(the tasks are {[t.name for t in tasks]})"
+        )
+    return experts

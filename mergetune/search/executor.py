@@ -44,6 +44,8 @@ class Executor(Protocol):
 
     def reference(self, split: Split) -> dict[str, float]: ...
 
+    def references(self, split: Split) -> dict[str, dict[str, float]]: ...
+
     def describe(self) -> str: ...
 
     def close(self) -> None: ...
@@ -81,6 +83,9 @@ class LocalExecutor:
 
     def reference(self, split: Split) -> dict[str, float]:
         return self.worker.reference(split)
+
+    def references(self, split: Split) -> dict[str, dict[str, float]]:
+        return self.worker.references(split)
 
     def describe(self) -> str:
         return f"local executor, 1 in-process worker ({self.worker.name})"

@@ -20,15 +20,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from mergetune.errors import MergetuneError
+from mergetune.objectives.normalization import Normalization
 from mergetune.recipe import Recipe
 from mergetune.search import pareto, results
 from mergetune.search.config import SearchConfig
 from mergetune.search.executor import Executor
+from mergetune.search.normalizations import describe, normalized_tasks, task_normalizations
 from mergetune.search.optimizers import Optimizer
 from mergetune.search.outcomes import floors_of
 from mergetune.search.records import TrialRecord
 from mergetune.search.space import SearchSpace
-from mergetune.search.worker import Evaluation
+from mergetune.search.worker import Evaluation, WorkerSetup
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class FinishedSearch(Protocol):
     optimizer: Optimizer
     executor: Executor
     storage_url: str
+    setup: WorkerSetup
     overheads: list[float]  # the loop's own seconds per candidate (ask + tell)
 
     def records(self) -> list[TrialRecord]: ...
@@ -61,7 +64,8 @@ def finalize(loop: FinishedSearch) -> dict[str, Any]:
         raise MergetuneError(f"no candidate of search '{config.name}' was evaluated successfully; errors: {errors}")
     front = pareto.optimized_front(completed, loop.objectives)
     task_front = pareto.per_task_front(completed)
-    floors = floors_of(config, loop.space.tasks)
+    normalizations = task_normalizations(loop.setup)
+    floors = floors_of(config, normalized_tasks(normalizations))
     finalists = pareto.rank_finalists(completed, config.selection.rule, config.selection.rescore_top, floors=floors)
     recipes = [Recipe.model_validate(r.recipe) for r in finalists]
 
@@ -82,7 +86,7 @@ def finalize(loop: FinishedSearch) -> dict[str, Any]:
         "storage": loop.storage_url,
         "rule": config.selection.rule,
         "floors": floors,
-        "references": _references(loop),
+        **_references(loop, normalizations),
         **overhead_summary(loop),
     }
     return results.write_results(
@@ -99,11 +103,24 @@ def finalize(loop: FinishedSearch) -> dict[str, Any]:
     )
 
 
-def _references(loop: FinishedSearch) -> dict[str, dict[str, float]]:
-    """The experts' own scores: {task: {split: score}}."""
+def _references(loop: FinishedSearch, normalizations: dict[str, Normalization]) -> dict[str, Any]:
+    """What each task is normalised against, with its references per split.
+
+    ``references``: the experts' own scores, {task: {split: score}} (tasks with an expert);
+    ``base_references``: the base's, for the tasks whose rule needs them; ``normalization``: each
+    task's rule and formula (and its chance level, for chance-corrected tasks).
+    """
     splits = ("search", "holdout", "test") if loop.config.selection.holdout_fraction > 0 else ("search", "test")
-    by_split = {split: loop.executor.reference(split) for split in splits}
-    return {task: {split: by_split[split][task] for split in splits} for task in loop.space.tasks}
+    by_split = {split: loop.executor.references(split) for split in splits}
+
+    def per_split(role: str) -> dict[str, dict[str, float]]:
+        tasks = [t for t in normalizations if all(role in by_split[s].get(t, {}) for s in splits)]
+        return {task: {split: by_split[split][task][role] for split in splits} for task in tasks}
+
+    described = describe(normalizations)
+    for task, chance in per_split("chance").items():
+        described[task]["chance"] = chance
+    return {"references": per_split("expert"), "base_references": per_split("base"), "normalization": described}
 
 
 def _scores(ev: Evaluation) -> dict[str, Any]:

@@ -53,6 +53,8 @@ from mergetune.search.config import SearchConfig
 from mergetune.search.drivers import DRIVER_ATTR, DriverConflictError, Heartbeat, live_drivers
 from mergetune.search.executor import Executor, JobResult, LocalExecutor
 from mergetune.search.finalize import finalize
+from mergetune.search.normalizations import check_resume, task_normalizations
+from mergetune.search.normalizations import stamp as stamp_normalizations
 from mergetune.search.optimizers import Optimizer, Outcome, Proposal, make_optimizer
 from mergetune.search.outcomes import mean_density, outcome_of
 from mergetune.search.saved_evaluation import SavedEvaluation, record_evaluation
@@ -136,15 +138,13 @@ def resolve_models(config: SearchConfig, console: Any = None) -> ResolvedModels:
     """Base, experts and task configs: from the zoo (built on first use) or from the config."""
     if config.models.zoo is not None:
         zoo = build_zoo(config.models.zoo, console=console)
-        tasks = [t.model_dump(mode="json") for t in zoo.tasks.values()]
+        tasks = config.resolved_tasks(list(zoo.experts), list(zoo.tasks.values()))
         # absolute: the recipes the search writes must work from any folder
         experts = {t: str(p.resolve()) for t, p in zoo.experts.items()}
         return ResolvedModels(str(zoo.base.resolve()), experts, tasks)
     assert config.models.base is not None and config.tasks is not None
-    by_name = {t.name: t for t in config.tasks}
     experts = {e.name: e.model for e in config.models.experts}
-    tasks = [by_name[name].model_dump(mode="json") for name in experts]
-    return ResolvedModels(config.models.base, experts, tasks)
+    return ResolvedModels(config.models.base, experts, config.resolved_tasks(list(experts)))
 
 
 def worker_setup(config: SearchConfig, models: ResolvedModels) -> WorkerSetup:
@@ -216,12 +216,15 @@ def open_search(
     models = resolve_models(config, console)
     space = build_space(config, models)
     setup = worker_setup(config, models)
+    normalizations = task_normalizations(setup)
+    check_resume(storage_url, config.name, normalizations)  # before any worker starts: one line, nothing loaded
     started = executor is None
     if executor is None:
         executor = ray_executor(config, setup) if config.execution.executor == "ray" else LocalExecutor(setup)
     try:
         optimizer = _make_optimizer(config, space, executor)
         study = _open_study(config, storage_url, optimizer)
+        stamp_normalizations(study, normalizations)
     except BaseException:
         if started:
             executor.close()

@@ -3,10 +3,12 @@
 Pure functions of the config, the recipe and the normalised scores, shared by the loop (which
 tells the outcome to the study and the optimizer) and the finalisation (which reports the floors).
 
-Objectives (higher is better unless noted): ``mean`` and ``worst`` normalised score over tasks
-(merged / expert), ``sparsity`` = the recipe's mean density (minimised). Per-task floors on the
-normalised score are constraints (``floor_t − s_t ≤ 0``). Single-objective optimizers see
-``ObjectivesConfig``'s scalarisation.
+Objectives (higher is better unless noted): ``mean`` and ``worst`` normalised score over the
+normalised tasks (each by its own rule, see :mod:`mergetune.objectives.normalization`; tasks
+normalised as ``none`` are left out), ``sparsity`` = the recipe's mean density (minimised). Per-task
+floors on the normalised score are constraints (``floor_t − s_t ≤ 0``): 0.8 on a loss task means 80%
+of its expert's gain over the base kept. Single-objective optimizers see ``ObjectivesConfig``'s
+scalarisation.
 """
 
 from __future__ import annotations

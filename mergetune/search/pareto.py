@@ -9,8 +9,9 @@ optimises 1–3 objectives, records every per-task score, and chooses in three s
 3. ``choose``: the rule applied again to the held-out scores picks one finalist.
 
 **The selection rules** (``selection.rule`` in the search config). Every score is a task's
-normalised score (merged / expert); ``mean`` and ``worst`` are their mean and minimum over tasks,
-computed from ``TrialRecord.normalized`` (never from the objective values, which may omit them).
+normalised score (each task's rule, see ``search.normalizations``); ``mean`` and ``worst`` are their
+mean and minimum over tasks, computed from ``TrialRecord.normalized`` (never from the objective
+values, which may omit them).
 
 - ``best_mean_feasible``: highest mean; ties by highest worst, then lowest trial number;
 - ``best_worst_feasible``: highest worst; ties by highest mean, then lowest trial number.

@@ -117,6 +117,9 @@ class WorkerActor:
     def reference(self, split: Split) -> dict[str, float]:
         return self.worker.reference(split)
 
+    def references(self, split: Split) -> dict[str, dict[str, float]]:
+        return self.worker.references(split)
+
 
 def _node_id() -> str:
     try:
@@ -273,9 +276,16 @@ class RayExecutor:
         return evaluations
 
     def reference(self, split: Split) -> dict[str, float]:
+        return self._ask_any("reference", split)
+
+    def references(self, split: Split) -> dict[str, dict[str, float]]:
+        return self._ask_any("references", split)
+
+    def _ask_any(self, method: str, split: Split) -> Any:
+        """One actor's answer to a reference question (all hold the same references); dead actors are replaced."""
         for slot in list(self._slots):
             try:
-                return self._ray.get(slot.actor.reference.remote(split))
+                return self._ray.get(getattr(slot.actor, method).remote(split))
             except self._ray.exceptions.RayActorError as exc:
                 self._replace(slot, _cause(exc))
         raise MergetuneError("no Ray worker left to compute the reference scores")

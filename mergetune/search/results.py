@@ -14,7 +14,9 @@
   scores beside the experts' references, and the run's ``meta`` (budget, optimizer, timings...).
 
 Score blocks (search, held-out, test) all read ``{"scores": {task: raw}, "normalized": {task:
-merged/expert}, "mean_normalized", "worst_normalized", "mean_score"}``; non-finite numbers are
+normalised by the task's rule}, "mean_normalized", "worst_normalized", "mean_score"}`` (``mean_score``,
+the mean of raw scores, only when every task has the same metric); ``summary.md`` ends with each
+task's normalisation (``meta.normalization``, see ``search.normalizations``); non-finite numbers are
 written as null. Every file is written atomically (``atomic.write_atomic``): a kill or a full disk
 leaves the previous version or the new one, never a truncated file.
 """
@@ -144,8 +146,12 @@ def write_front(out: Path, front: Sequence[TrialRecord], objectives: Sequence[st
     return files
 
 
-def score_block(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A score block from ``{"normalized": {...}, "scores": {...}}`` (None stays None)."""
+def score_block(entry: Mapping[str, Any] | None, *, same_unit: bool = True) -> dict[str, Any] | None:
+    """A score block from ``{"normalized": {...}, "scores": {...}}`` (None stays None).
+
+    ``mean_score``, the mean of the raw scores, only when ``same_unit`` (every task has the same
+    metric): a mean of losses and accuracies means nothing.
+    """
     if entry is None:
         return None
     normalized = heldout_normalized(entry)
@@ -155,11 +161,26 @@ def score_block(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
         "normalized": normalized,
         "mean_normalized": mean_of(normalized) if normalized else None,
         "worst_normalized": worst_of(normalized) if normalized else None,
-        "mean_score": float(np.mean(list(scores.values()))) if scores else None,
+        "mean_score": float(np.mean(list(scores.values()))) if scores and same_unit else None,
     }
 
 
-def write_chosen(out: Path, record: TrialRecord, heldout: dict | None, test: dict | None) -> dict[str, Any]:
+def task_metrics(meta: Mapping[str, Any]) -> dict[str, str]:
+    """task -> its primary metric, from ``meta["normalization"]`` (empty for runs that did not record it)."""
+    return {
+        str(t): str(v.get("metric")) for t, v in (meta.get("normalization") or {}).items() if isinstance(v, Mapping)
+    }
+
+
+def one_unit(meta: Mapping[str, Any]) -> bool:
+    """Whether all tasks share one metric (so a mean of raw scores means something); unknown counts as no."""
+    metrics = set(task_metrics(meta).values())
+    return len(metrics) == 1
+
+
+def write_chosen(
+    out: Path, record: TrialRecord, heldout: dict | None, test: dict | None, *, same_unit: bool = True
+) -> dict[str, Any]:
     """``chosen/recipe.yaml`` and ``chosen/scores.json``; returns the chosen entry of the summary."""
     folder = out / "chosen"
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,7 +194,7 @@ def write_chosen(out: Path, record: TrialRecord, heldout: dict | None, test: dic
         "kind": record.kind,
         "feasible": record.feasible,
         "recipe": recipe_file,
-        "search": score_block({"normalized": record.normalized, "scores": record.scores}),
+        "search": score_block({"normalized": record.normalized, "scores": record.scores}, same_unit=same_unit),
         "heldout": heldout,
         "test": test,
     }
@@ -210,10 +231,12 @@ def write_results(
     _write_json(
         out / "front_per_task.json", {"tasks": task_names(task_front), "trials": [r.number for r in task_front]}
     )
-    heldout = [score_block(e) for e in rescored] if rescored is not None else [None] * len(finalists)
+    same = one_unit(meta)
+    heldout = [score_block(e, same_unit=same) for e in rescored] if rescored is not None else [None] * len(finalists)
     chosen = None
     if chosen_index is not None and finalists:
-        chosen = write_chosen(out, finalists[chosen_index], heldout[chosen_index], score_block(test_scores))
+        test = score_block(test_scores, same_unit=same)
+        chosen = write_chosen(out, finalists[chosen_index], heldout[chosen_index], test, same_unit=same)
     counts = Counter(r.state for r in records)
     summary = {
         "objectives": list(objectives),
@@ -264,7 +287,8 @@ def references(meta: Mapping[str, Any]) -> dict[str, float]:
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     """The human-readable report: run facts, finalists (search vs held-out), the chosen recipe's scores."""
     lines = ["# Search results", "", "## Run", ""]
-    lines += [f"- {k}: {fmt(v)}" for k, v in _flatten(summary.get("meta") or {}) if not k.startswith("references")]
+    own_sections = ("references", "base_references", "normalization")  # shown as tables below, not as lines
+    lines += [f"- {k}: {fmt(v)}" for k, v in _flatten(summary.get("meta") or {}) if not k.startswith(own_sections)]
     counts = summary["counts"]
     by_state = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "candidates")
     lines.append(f"- candidates: {counts['candidates']} ({by_state})")
@@ -292,8 +316,34 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         ],
         [_finalist_cells(f) for f in summary["finalists"]],
     )
-    lines += ["", *_chosen_markdown(summary)]
+    lines += ["", *_chosen_markdown(summary), *_normalization_markdown(summary)]
     return "\n".join(lines) + "\n"
+
+
+def _normalization_markdown(summary: Mapping[str, Any]) -> list[str]:
+    """What each task's normalised score means (its rule), with the base's test score where the rule uses it."""
+    meta = summary.get("meta") or {}
+    normalization = meta.get("normalization") or {}
+    if not normalization:
+        return []
+    base = meta.get("base_references") or {}
+    rows = [
+        [
+            task,
+            str(n.get("metric")),
+            str(n.get("against")),
+            str(n.get("formula")),
+            fmt((base.get(task) or {}).get("test")),
+        ]
+        for task, n in normalization.items()
+    ]
+    lines = ["", "## Normalisation", ""]
+    lines += [
+        "A normalised score of 1 is the reference's level. Floors and the mean and worst objectives read normalised "
+        "scores; raw scores are in each task's own metric (their mean is shown only when all tasks share one).",
+        "",
+    ]
+    return lines + _md_table(["task", "metric", "against", "normalised as", "base test score"], rows)
 
 
 def _finalist_cells(f: Mapping[str, Any]) -> list[str]:
@@ -333,10 +383,13 @@ def _chosen_markdown(summary: Mapping[str, Any]) -> list[str]:
             ]
         )
     means = [blocks[k].get("mean_normalized") for k in ("search", "heldout")]
+    same = one_unit(summary.get("meta") or {})
     ref_mean = (
-        float(np.mean([refs[t] for t in summary["tasks"]])) if refs and set(summary["tasks"]) <= set(refs) else None
+        float(np.mean([refs[t] for t in summary["tasks"]]))
+        if same and refs and set(summary["tasks"]) <= set(refs)
+        else None
     )
-    test_means = [blocks["test"].get("mean_score"), ref_mean, blocks["test"].get("mean_normalized")]
+    test_means = [blocks["test"].get("mean_score") if same else None, ref_mean, blocks["test"].get("mean_normalized")]
     rows.append(["**mean**", *(fmt(v) for v in (*means, *test_means))])
     header = ["task", "search (norm.)", "held-out (norm.)", "test score", "expert test score", "test (norm.)"]
     return lines + _md_table(header, rows)

@@ -1,7 +1,8 @@
 """What ``mergetune status`` shows of a search, running or finished: read from its storage, never written.
 
-Counts of trials by state (trials a killed driver interrupted apart from evaluated failures), the
-best feasible mean, the optimised front, recent errors and the budget used (evaluated candidates
+Counts of trials by state (trials a killed driver interrupted apart from evaluated failures), each
+task's normalisation (what its normalised score means), the best feasible mean, the optimised
+front (normalised scores per task), recent errors and the budget used (evaluated candidates
 only). A journal line being written by the running search is skipped until complete.
 """
 
@@ -19,6 +20,7 @@ from rich.text import Text
 
 from mergetune.errors import MergetuneError
 from mergetune.search.display import fmt
+from mergetune.search.normalizations import NORMALIZATION
 from mergetune.search.pareto import front_by_values, mean_of, task_names
 from mergetune.search.records import BUDGET, OPTIMIZER, TrialRecord, objective_names, read_records
 from mergetune.search.storage import JOURNAL_NAME, load_study, open_storage
@@ -107,8 +109,16 @@ def _status_header(study: Any, names: list[str], maximize: list[bool], counts: C
     order = ["complete", "failed", *(["interrupted"] if interrupted else []), "running", "waiting"]
     extra = [k for k in named if k not in order and k != "interrupted"]
     grid.add_row("trials", " · ".join(f"{named.get(k, 0)} {k}" for k in order + extra))
+    grid.add_row("normalisation", _normalization_text(study.user_attrs.get(NORMALIZATION)))
     grid.add_row("best feasible mean", _best_text(records))
     return grid
+
+
+def _normalization_text(stored: Any) -> Text:
+    """Each task's rule, one per line ('news: share of the expert's gain kept ...'); older runs stored none."""
+    if not isinstance(stored, Mapping) or not stored:
+        return Text("not recorded (older run: merged / expert; for losses, expert loss / merged loss)")
+    return Text("\n".join(f"{task}: {entry.get('formula', entry.get('rule'))}" for task, entry in stored.items()))
 
 
 def _budget_text(budget: Any, finished: int) -> str:

@@ -1,11 +1,12 @@
 """The worker: resident models and data, one ``evaluate(recipe)`` per candidate.
 
 A worker loads, once, the base and the experts' task vectors (ModelSet), one task model per task
-whose shared weights are bound to the merge buffer (so a merge is visible to every task model
-without a copy), the tokenised validation examples (ValidationSuite) and the experts' reference
-scores. Per candidate it merges in place and scores: no model weights move and nothing touches the
-disk. It is a plain class: the local executor calls it in-process, the Ray executor wraps it in an
-actor.
+(its expert's model, or the base's for a guard task without an expert) whose shared weights are
+bound to the merge buffer (so a merge is visible to every task model without a copy), the tokenised
+validation examples (ValidationSuite) and the reference scores each task's normalisation needs (its
+expert's; the base's for losses and guard tasks). Per candidate it merges in place and scores: no
+model weights move and nothing touches the disk. It is a plain class: the local executor calls it
+in-process, the Ray executor wraps it in an actor.
 
 Validation examples are split once, deterministically, into the part the search scores and a
 held-out part used only to re-score the finalists (small validation sets invite overfitting to
@@ -47,8 +48,8 @@ class WorkerSetup:
     """Everything a worker needs to build its resident state (small and picklable)."""
 
     base: str
-    experts: dict[str, str]  # task -> expert folder or hub id
-    tasks: list[dict[str, Any]]  # TaskConfig dicts, one per expert
+    experts: dict[str, str]  # expert name -> folder or hub id
+    tasks: list[dict[str, Any]]  # TaskConfig dicts, every task scored; "expert": its expert's name, None for a guard
     holdout_fraction: float = 0.33
     seed: int = 0
     batch_size: int = 64
@@ -64,6 +65,15 @@ class WorkerSetup:
     def tokenizer_mismatch(self) -> Literal["error", "warn"]:
         """What ModelSet does when an expert's tokenizer differs from the base's."""
         return "warn" if self.allow_tokenizer_mismatch else "error"
+
+    def expert_of(self, task: TaskConfig) -> str | None:
+        """The task's expert: its ``expert``, else the expert of its name (setups from older versions), else None."""
+        return task.expert or (task.name if task.name in self.experts else None)
+
+    def task_experts(self) -> dict[str, str]:
+        """task -> its expert's folder, for the tasks that have an expert (the others are guard tasks)."""
+        configs = [TaskConfig.model_validate(t) for t in self.tasks]
+        return {c.name: self.experts[e] for c in configs if (e := self.expert_of(c)) is not None}
 
 
 class Worker:
@@ -99,11 +109,13 @@ class Worker:
         self.suite("search")  # tokenise and compute the references now, not on the first candidate
 
     def _task_models(self, tasks: list[TaskData]) -> dict[str, torch.nn.Module]:
+        """One model per task bound to the merge buffer: its expert's (with its head), or the base's for a guard."""
+        experts = self.setup.task_experts()
         models = {}
         for task in tasks:
             model = load_task_model(
                 task,
-                self.setup.experts[task.name],
+                experts.get(task.name, self.setup.base),
                 trust_remote_code=self.setup.trust_remote_code,
                 device=self.setup.device,
             )
@@ -122,7 +134,7 @@ class Worker:
             else:
                 tasks = self._search_tasks if split == "search" else self._holdout_tasks
                 suite = ValidationSuite(list(tasks), self.tokenizer, **options)
-            suite.reference_scores(dict(self.setup.experts), loader=self._load_expert)
+            suite.reference_scores(self.setup.task_experts(), base=self.setup.base, loader=self._load_expert)
             self._suites[split] = suite
         return self._suites[split]
 
@@ -153,7 +165,12 @@ class Worker:
         return DynamicRunner(self.modelset, self.merger, self.models, self._all_tasks, self.tokenizer)
 
     def reference(self, split: Split = "search") -> dict[str, float]:
+        """The experts' scores on a split, per task that has an expert."""
         return self.suite(split).reference
+
+    def references(self, split: Split = "search") -> dict[str, dict[str, float]]:
+        """Every reference of each task's normalisation on a split: ``{task: {"expert"/"base"/"chance": score}}``."""
+        return self.suite(split).references()
 
     def ping(self) -> str:
         return self.name

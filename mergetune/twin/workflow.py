@@ -132,7 +132,8 @@ def evaluate_folder(
         suite = ValidationSuite(tasks, tokenizer, split=split, **options)
     experts = {e.name: e.model for e in loaded.twin.recipe.experts}
     if all(Path(p).is_dir() for p in experts.values()):
-        suite.reference_scores(experts, loader=functools.partial(load_task_model, device=device))
+        loader = functools.partial(load_task_model, device=device)
+        suite.reference_scores(experts, base=loaded.twin.recipe.base, loader=loader)  # base: loss tasks' share of gain
     with loaded.twin.routed(models) as routed:
         scores = suite.score(routed)
         routing = {name: model.routing_accuracy for name, model in routed.items()}
@@ -207,7 +208,7 @@ def scores_table(result: TwinScores) -> Table:
     for name, t in scores.tasks.items():
         routing = result.routing_accuracy.get(name)
         table.add_row(name, t.metric, f"{t.score:.4f}", _fmt(t.normalized), _fmt(routing))
-    table.add_row("mean", "", f"{scores.mean_score:.4f}", _fmt(scores.mean_normalized), "")
+    table.add_row("mean", "", _fmt(scores.mean_score), _fmt(scores.mean_normalized), "")  # no raw mean across metrics
     return table
 
 

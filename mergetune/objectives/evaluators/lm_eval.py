@@ -587,6 +587,18 @@ def _harness_task_on(name: str, options: LMEvalOptions, docs: Sequence[str]) -> 
     return task
 
 
+#: lm-eval metrics whose lower values are better (the harness's higher_is_better=False metrics). A task's
+#: normalisation is fixed from its config, before the harness task is loaded: the evaluator checks that
+#: the harness agrees, so a score's direction is never guessed.
+LOWER_IS_BETTER = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter", "brier_score"})
+
+
+def score_metric_name(options: LMEvalOptions) -> str:
+    """The name an lm-eval task's scores carry, from its config alone: ``neg_<metric>`` when lower is better."""
+    metric = options.metric or "acc"  # unnamed: the task's first metric, checked to be higher-is-better
+    return f"neg_{metric}" if metric in LOWER_IS_BETTER else metric
+
+
 def _pick_metric(name: str, options: LMEvalOptions, task: Any) -> tuple[str, str, bool]:
     """(metric, filter key, higher is better): the named ones, else the task's first."""
     metrics = list(task.aggregation())
@@ -597,7 +609,14 @@ def _pick_metric(name: str, options: LMEvalOptions, task: Any) -> tuple[str, str
     key = options.filter or filters[0]
     if key not in filters:
         raise TaskError(f"task '{name}': lm-eval task '{options.task}' has no filter '{key}'; it has {filters}")
-    return metric, key, bool(task.higher_is_better().get(metric, True))
+    higher = bool(task.higher_is_better().get(metric, True))
+    if higher == (metric in LOWER_IS_BETTER) or (options.metric is None and not higher):
+        raise TaskError(
+            f"task '{name}': lm-eval task '{options.task}' scores '{metric}' as "
+            f"{'higher' if higher else 'lower'}-is-better, which mergetune does not know in advance; name it as "
+            "lm_eval.metric and report this metric's direction as a mergetune issue"
+        )
+    return metric, key, higher
 
 
 def _harness_metrics(task: Any, instances: list[Any], filter_key: str) -> dict[str, float]:

@@ -129,7 +129,7 @@ class LMLossEvaluator(Evaluator):
             logits = causal_forward(model, batch.inputs)[:, :-1].float()
             targets = batch.inputs["input_ids"][:, 1:]
             mask = batch.extra["loss_mask"].to(logits.dtype)
-            token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            token_nll = token_cross_entropy(logits, targets, mask)
             nll[batch.rows] = (token_nll * mask).sum(-1).double().cpu()
             count[batch.rows] = mask.sum(-1).double().cpu()
             if self.scorer is not None:
@@ -146,3 +146,17 @@ class LMLossEvaluator(Evaluator):
         if self.scorer is not None:
             metrics[CUSTOM_METRIC] = custom_score(self.scorer, token_logp, self.scored_texts, self.name)
         return EvalResult(self.metric, metrics[self.metric], metrics, self.n_examples)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood ``[B, T]`` in float32 from ``[B, T, V]`` logits; 0 where ``mask`` is 0.
+
+    Computed on the flattened, contiguous ``[N, V]`` logits of the unmasked tokens only: over a
+    large vocabulary, cross-entropy along a strided class dimension (``logits.transpose(1, 2)``)
+    drifts from a float64 reference by about 1e-4 per token (SmolLM2's 49,152 tokens), the
+    contiguous form by a few 1e-6.
+    """
+    keep = mask.bool()
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    out[keep] = torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+    return out
