@@ -564,13 +564,8 @@ class SearchLoop:
             self.study.tell(trial, list(source.values))
         else:
             self.study.tell(trial, state=TrialState.FAIL)
-        outcome = self._outcome_of(R.TrialRecord.from_trial(source, self.objectives))
-        self.optimizer.observe(item.proposal, item.params, outcome)
-        self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
         log.info("trial %d equals trial %d: its result is reused, not evaluated again", trial.number, source_number)
-        if self.progress:
-            frozen = self.study.get_trials(deepcopy=False)[trial.number]
-            self.progress.update(R.TrialRecord.from_trial(frozen, self.objectives), self._best_mean)
+        self._observed(item, self._outcome_of(R.TrialRecord.from_trial(source, self.objectives)), recorded=True)
 
     def _tell(self, item: _Pending, result: JobResult) -> bool:
         """Record a finished candidate: saved whole to its own file first, then in the study, then told
@@ -585,18 +580,22 @@ class SearchLoop:
         recorded = self._record_in_study(trial, saved, path)
         if result.evaluation is None:
             log.warning("trial %d failed: %s", trial.number, result.error)
+        self._observed(item, outcome, recorded=recorded)
+        self.overheads.append(item.ask_seconds + time.perf_counter() - start)
+        return recorded
+
+    def _observed(self, item: _Pending, outcome: Outcome, *, recorded: bool) -> None:
+        """After a candidate's outcome is in the study (evaluated or reused): tell the optimizer, checkpoint
+        it, track the best feasible mean (only of outcomes the study holds) and update the progress line."""
         self.optimizer.observe(item.proposal, item.params, outcome)
         self.optimizer.checkpoint(self.out / OPTIMIZER_DIR)
         if recorded and outcome.feasible and outcome.values is not None:
             mean = dict(zip(self.objectives, outcome.values, strict=True)).get("mean")
             if mean is not None and (self._best_mean is None or mean > self._best_mean):
                 self._best_mean = mean
-        overhead = item.ask_seconds + time.perf_counter() - start
-        self.overheads.append(overhead)
         if self.progress:
-            frozen = self.study.get_trials(deepcopy=False)[trial.number]  # trials are listed by number
+            frozen = self.study.get_trials(deepcopy=False)[item.trial.number]  # trials are listed by number
             self.progress.update(R.TrialRecord.from_trial(frozen, self.objectives), self._best_mean)
-        return recorded
 
     def _record_in_study(self, trial: optuna.Trial, saved: SavedEvaluation, path: Path) -> bool:
         """Record ``saved`` on its trial; False when another driver failed the trial as interrupted meanwhile.
