@@ -27,7 +27,7 @@ demo: setup
 # lint-imports checks the layer contracts in pyproject.toml ([tool.importlinter]) before the tests run.
 test: setup
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
