@@ -32,7 +32,7 @@ from mergetune.objectives.suite import build_evaluator
 from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData, load_task
 from mergetune.objectives.zoo.results import ExpertResult
 from mergetune.objectives.zoo.specs import TrainSettings, ZooError
-from mergetune.objectives.zoo.training import encode, freeze, optimise, task_seed
+from mergetune.objectives.zoo.training import encode, freeze, measured_result, optimise, task_seed
 
 IGNORED = -100  # label of a position that carries no loss (transformers' convention)
 ANSWER_DELIMITER = " "  # between question and answer: the multiple-choice evaluator's default
@@ -67,21 +67,8 @@ def train_causal_expert(
     tokenizer.save_pretrained(out_dir)
     validation = score(model, data, "validation", tokenizer)
     on_base = score(load_task_model(data, base_dir), data, "validation", tokenizer)
-    return ExpertResult(
-        task=task.name,
-        labels=data.label_names,
-        train_size=len(data.train),
-        validation_size=len(data.validation),
-        test_size=len(data.test),
-        steps=steps,
-        validation_accuracy=validation,
-        base_head_validation_accuracy=on_base,
-        test_accuracy=score(model, data, "test", tokenizer),
-        train_seconds=round(train_seconds, 2),
-        build_seconds=round(time.perf_counter() - started, 2),
-        threads=threads,
-        metric=task.metric or "",
-    )
+    scores = (validation, on_base, score(model, data, "test", tokenizer))
+    return measured_result(data, steps, scores, train_seconds, started, threads, metric=task.metric or "")
 
 
 Example = tuple[list[int], list[int]]  # (token ids, labels: the id where a position is learnt, else IGNORED)

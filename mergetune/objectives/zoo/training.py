@@ -53,9 +53,23 @@ def train_expert(
         train_seconds = time.perf_counter() - t0
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    validation, on_base, test = _evaluate(model, data, tokenizer, out_dir, base_dir)
+    scores = _evaluate(model, data, tokenizer, out_dir, base_dir)
+    return measured_result(data, steps, scores, train_seconds, started, threads)
+
+
+def measured_result(
+    data: TaskData,
+    steps: int,
+    scores: tuple[float, float, float],
+    train_seconds: float,
+    started: float,
+    threads: int,
+    metric: str = "accuracy",
+) -> ExpertResult:
+    """An expert's record: split sizes, steps, its (validation, base on validation, test) scores and timings."""
+    validation, on_base, test = scores
     return ExpertResult(
-        task=task.name,
+        task=data.name,
         labels=data.label_names,
         train_size=len(data.train),
         validation_size=len(data.validation),
@@ -67,6 +81,7 @@ def train_expert(
         train_seconds=round(train_seconds, 2),
         build_seconds=round(time.perf_counter() - started, 2),
         threads=threads,
+        metric=metric,
     )
 
 
@@ -234,7 +249,9 @@ def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tens
 # ---- evaluation ------------------------------------------------------------------------------
 
 
-def _evaluate(model: Any, data: TaskData, tokenizer: Any, expert_dir: Path, base_dir: Path) -> tuple[float, ...]:
+def _evaluate(
+    model: Any, data: TaskData, tokenizer: Any, expert_dir: Path, base_dir: Path
+) -> tuple[float, float, float]:
     """Accuracy of the expert on validation, of the base wearing its head on validation, of the expert on test."""
     validation = accuracy(model, data, "validation", tokenizer)
     on_base = accuracy(head_on_base(expert_dir, base_dir, data), data, "validation", tokenizer)
