@@ -122,6 +122,49 @@ def search(
         console.print(f"chosen recipe: [green]{chosen}[/]; front: {front}")
 
 
+class Objective(StrEnum):
+    entropy = "entropy"
+    labels = "labels"
+
+
+@app.command()
+def tune(
+    config_path: Annotated[Path, typer.Argument(help="The search config (models, tasks, data).", metavar="CONFIG")],
+    start: Annotated[
+        Path | None, typer.Option(help="Recipe to start from (default: the run's chosen/recipe.yaml).")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Adam steps, one batch per task each.")] = 100,
+    learning_rate: Annotated[float, typer.Option(help="Adam's learning rate.")] = 1e-3,
+    objective: Annotated[
+        Objective, typer.Option(help="entropy (no labels, AdaMerging) or labels (cross-entropy on the search split).")
+    ] = Objective.entropy,
+) -> None:
+    """Tune λ per task and layer group by gradient descent through the merge (AdaMerging).
+
+    Task Arithmetic, or TIES with weights after the election and a disjoint sum. Writes
+    <run>/tuned/recipe.yaml and summary.json; prints the start's and the tuned recipe's scores.
+    """
+    from mergetune.search.config import SearchConfig
+    from mergetune.search.gradient import GradientSettings
+    from mergetune.search.tuning import tune as run_tuning
+
+    with _errors():
+        config = SearchConfig.load(config_path)
+        settings = GradientSettings(steps=steps, learning_rate=learning_rate, objective=objective.value)
+        report = run_tuning(config, start, settings, console)
+        table = Table("recipe", "search (tuned on)", "held-out")
+        for label, scores in report.scores.items():
+            table.add_row(label, f"{scores['search']:.4f}", f"{scores['holdout']:.4f}")
+        console.print(table)
+        t = report.tuned
+        console.print(
+            f"{len(t.losses)} steps in {t.seconds:.1f}s, objective {t.losses[0]:.4f} -> {t.losses[-1]:.4f}; "
+            f"memory: gradient buffer {t.gradient_bytes / 2**20:.1f} MiB, "
+            f"peak RSS +{t.peak_rss_increase_bytes / 2**20:.1f} MiB"
+        )
+        console.print(f"tuned recipe: [green]{escape(str(report.folder / 'recipe.yaml'))}[/]")
+
+
 @app.command("tasks")
 def tasks_command(
     config_path: Annotated[Path, typer.Argument(help="Search config, or a YAML/JSON list of tasks.", metavar="CONFIG")],

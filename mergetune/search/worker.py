@@ -39,6 +39,7 @@ from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData
 from mergetune.recipe import Recipe
 from mergetune.search.dynamic import DynamicRunner
 from mergetune.search.evaluation import Evaluation, evaluation_from_scores
+from mergetune.search.gradient import GradientSettings, TunedWeights, WeightTuner
 
 Split = Literal["search", "holdout", "test"]
 
@@ -171,6 +172,10 @@ class Worker:
     def references(self, split: Split = "search") -> dict[str, dict[str, float]]:
         """Every reference of each task's normalisation on a split: ``{task: {"expert"/"base"/"chance": score}}``."""
         return self.suite(split).references()
+
+    def tune(self, recipe: Recipe, settings: GradientSettings, tasks: list[str] | None = None) -> TunedWeights:
+        """Tune the recipe's λ by gradient descent on the search split (``search.gradient``)."""
+        return WeightTuner(self.merger, self.models, self.suite("search")).tune(recipe, settings, tasks)
 
     def ping(self) -> str:
         return self.name

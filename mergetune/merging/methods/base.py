@@ -88,6 +88,15 @@ class MergeMethod(ABC):
         """Whether recipes with these options (fixed values, or lists searched among) use ``density``."""
         return self.uses_density
 
+    def linear_in_weight(self, options: MethodOptions) -> bool:
+        """Whether, with these options, Δ = Σ_t Σ_g λ[t, g] u_t|g with u_t independent of λ.
+
+        Then ∂Δ/∂λ[t, g] is the merge with λ = 1 for task t and 0 elsewhere, restricted to group g,
+        and λ can be tuned by gradient descent through the merge (``search.gradient``). False unless
+        a method proves it: masks chosen by λ-weighted sums, or weights normalised per group, are not.
+        """
+        return False
+
 
 class ChunkMethod(MergeMethod):
     """A method that merges a chunk of whole rows at a time, entry by entry within each row."""

@@ -25,7 +25,7 @@ from mergetune.merging.mergekit_spec import (
     gta_parameters,
     linear_weights,
 )
-from mergetune.merging.methods.base import ChunkMethod, Prepared, WarmStart
+from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.ops import weighted_task_sum
 
 
@@ -68,6 +68,9 @@ class TaskArithmetic(ChunkMethod):
 
     def prepare(self, ctx: MergeContext) -> Prepared:
         return Prepared(row_args={"weight": ctx.per_row(ctx.weight)})
+
+    def linear_in_weight(self, options: MethodOptions) -> bool:
+        return True  # Δ = Σ λ τ
 
 
 class Average(ChunkMethod):

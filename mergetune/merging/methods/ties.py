@@ -253,5 +253,10 @@ class Ties(ChunkMethod):
         static = {"disjoint": opts.disjoint, **consensus_static(ctx, opts.sign_cancel, ties_values, args, elements)}
         return Prepared(row_args=args, element_args=elements, static=static)
 
+    def linear_in_weight(self, options: MethodOptions) -> bool:
+        """Linear in λ when λ enters neither the election nor a denominator (AdaMerging's TIES variant)."""
+        assert isinstance(options, ConsensusOptions)
+        return options.weights == "after_election" and options.disjoint == "sum"
+
 
 METHODS = [Ties]
