@@ -124,6 +124,13 @@ def _cmaes_ties(base: dict[str, Any], budget: int) -> dict[str, Any]:
     return base
 
 
+def _pymoo_ga_ties(base: dict[str, Any], budget: int) -> dict[str, Any]:
+    """Mergenetic's protocol: a pymoo GA over each expert's TIES weight and density."""
+    base["space"] = {"methods": ["ties"], "weight": {"per": "task"}, "density": {"per": "task"}}
+    base["optimizer"] = {"name": "pymoo_ga", "options": {"pop_size": max(4, min(20, budget // 5))}}
+    return base
+
+
 def _random(base: dict[str, Any], budget: int) -> dict[str, Any]:
     base["optimizer"] = {"name": "random"}
     return base
@@ -134,6 +141,7 @@ PROTOCOLS: dict[str, tuple[str, Callable[[dict[str, Any], int], dict[str, Any]]]
     "grid": ("grid: TA + TIES, shared λ / density", _grid),
     "ngopt_pcb": ("NGOpt: PCB, per-task λ", _ngopt_pcb),
     "cmaes_ties": ("CMA-ES: TIES, per-group λ + density", _cmaes_ties),
+    "pymoo_ga_ties": ("pymoo GA: TIES, per-task λ + density (Mergenetic)", _pymoo_ga_ties),
     "random": ("random, default space", _random),
 }
 

@@ -27,7 +27,7 @@ from mergetune.search.optimizers import Optimizer
 from mergetune.search.optimizers._external import CheckpointError
 from mergetune.search.optimizers.nevergrad_opt import import_nevergrad
 
-SEARCHERS = ("ngopt", "ng_cma", "ng_de", "cmaes")
+SEARCHERS = ("ngopt", "ng_cma", "ng_de", "cmaes", "pymoo_ga")
 LEGACY_PICKLES = ("cmaes.pkl", "nevergrad.pkl")  # what mergetune wrote, and unpickled, before
 
 
@@ -172,7 +172,7 @@ def test_grid_state_is_versioned_and_an_unreadable_one_names_the_file(tmp_path: 
 
 
 # ---- the replay --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["cmaes", "ngopt"])
+@pytest.mark.parametrize("name", ["cmaes", "ngopt", "pymoo_ga"])
 def test_a_replay_that_diverges_warns_and_rebuilds_from_the_history(
     name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

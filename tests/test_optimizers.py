@@ -31,8 +31,9 @@ from mergetune.search.optimizers._external import UnitBox, from_unit, to_unit
 from mergetune.search.space import FloatRange, MethodSpace, ParamRange, SearchSpace
 
 TASKS = ("sst2", "mnli", "topic", "qnli")
-EXTERNAL = ("ngopt", "ng_cma", "ng_de", "cmaes", "grid")
-SEARCHERS = ("ngopt", "ng_cma", "ng_de", "cmaes")  # those that learn from outcomes
+EXTERNAL = ("ngopt", "ng_cma", "ng_de", "cmaes", "pymoo_ga", "grid")
+SEARCHERS = ("ngopt", "ng_cma", "ng_de", "cmaes", "pymoo_ga")  # those that learn from outcomes
+CONTINUOUS_ONLY = ("cmaes", "pymoo_ga")  # one method, float axes
 
 
 def make_space(
@@ -54,8 +55,8 @@ def make_space(
 
 
 def space_for(name: str) -> SearchSpace:
-    """CMA-ES needs one method; the others search the method choice too (9 floats + a choice)."""
-    return make_space(("ties",)) if name == "cmaes" else make_space()
+    """CMA-ES and the GA need one method; the others search the method choice too (9 floats + a choice)."""
+    return make_space(("ties",)) if name in CONTINUOUS_ONLY else make_space()
 
 
 def target(name: str) -> float:
@@ -310,7 +311,7 @@ def test_restore_continues_like_an_uninterrupted_run(name: str, tmp_path: Path) 
     assert summary.get("seen", summary.get("finished")) == 23
 
 
-@pytest.mark.parametrize("name", ["ngopt", "ng_de", "cmaes"])
+@pytest.mark.parametrize("name", ["ngopt", "ng_de", "cmaes", "pymoo_ga"])
 def test_restore_replays_outcomes_after_the_checkpoint(name: str, tmp_path: Path) -> None:
     """A checkpoint older than the history (or none at all): the missing outcomes are replayed."""
     space = space_for(name)

@@ -9,7 +9,7 @@ cheap: pycma, Nevergrad and Optuna's GP (torch) load when an optimizer first use
 from __future__ import annotations
 
 # The plug-ins register themselves on import (a new one is one more name here).
-from mergetune.search.optimizers import cma_opt, grid, nevergrad_opt, optuna_samplers  # noqa: F401
+from mergetune.search.optimizers import cma_opt, grid, nevergrad_opt, optuna_samplers, pymoo_opt  # noqa: F401
 from mergetune.search.optimizers.base import (
     FAILED_LOSS,
     ExternalOptimizer,

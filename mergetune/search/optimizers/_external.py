@@ -22,6 +22,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,72 @@ def default_popsize(dimension: int) -> int:
 def round_up(value: int, multiple: int) -> int:
     """``value`` rounded up to a multiple of ``multiple`` (at least one multiple): whole batches per generation."""
     return max(multiple, -(-value // multiple) * multiple)
+
+
+# ---- generations ------------------------------------------------------------------------------
+@dataclass
+class Member:
+    """One point of a generation: its unit-box coordinates and what became of it."""
+
+    x: np.ndarray
+    key: str
+    loss: float | None = None
+    handed: bool = False  # proposed to the loop (or filled without evaluation)
+
+
+@dataclass
+class Generation:
+    """A population asked of a generational optimizer (CMA-ES, a GA), handed out and told back whole."""
+
+    number: int
+    members: list[Member]
+
+    @property
+    def complete(self) -> bool:
+        return all(m.loss is not None for m in self.members)
+
+    def next_free(self) -> int | None:
+        return next((i for i, m in enumerate(self.members) if not m.handed and m.loss is None), None)
+
+
+def next_member(gens: Sequence[Generation]) -> tuple[Generation, int] | None:
+    """The oldest generation's first member not handed out yet (None: every member is out or done)."""
+    for gen in gens:
+        index = gen.next_free()
+        if index is not None:
+            return gen, index
+    return None
+
+
+def member_of(gens: Sequence[Generation], token: Any, params: Mapping[str, Any]) -> Member | None:
+    """The member an outcome belongs to: by its proposal's ``(generation, index)`` token, else by equal
+    parameters (a point the optimizer did not propose may fill a member: a retry is not evaluated twice)."""
+    if isinstance(token, tuple):
+        number, index = token
+        for gen in gens:
+            if gen.number == number and gen.members[index].loss is None:
+                return gen.members[index]
+        return None
+    key = point_key(params)
+    for gen in gens:
+        for member in gen.members:
+            if member.key == key and member.loss is None:
+                return member
+    return None
+
+
+def check_continuous(space: SearchSpace, name: str, algorithm: str) -> None:
+    """Optimizers of a box of reals: refuse method choices and categorical options clearly."""
+    if len(space.methods) > 1:
+        raise MergetuneError(
+            f"{name} ({algorithm}) needs a continuous space, but the space searches {len(space.methods)} methods "
+            f"{list(space.methods)}: keep one method, or use ngopt or tpe, which search the method choice"
+        )
+    categorical = [a.name for a in space.axes if a not in float_axes(space)]
+    if categorical:
+        raise MergetuneError(
+            f"{name} ({algorithm}) needs a continuous space, but {categorical} are categorical: fix these options "
+            f"to one value (or give a {{low, high}} range), or use ngopt or tpe"
+        )
+    if not space.axes:
+        raise MergetuneError(f"{name} ({algorithm}): the space has no parameter to search")

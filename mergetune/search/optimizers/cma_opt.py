@@ -39,17 +39,20 @@ option raises ``MergetuneError``; fix them in the config, or use ``ngopt`` / ``t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mergetune.errors import MergetuneError
 from mergetune.search.optimizers._external import (
+    Generation,
+    Member,
     UnitBox,
+    check_continuous,
     default_popsize,
-    float_axes,
     import_cma,
+    member_of,
+    next_member,
     point_key,
     round_up,
 )
@@ -61,46 +64,6 @@ from mergetune.search.space import SearchSpace
 log = logging.getLogger(__name__)
 MAX_NEW_GENERATIONS = 10_000  # per propose: generations replayed from the ledger after a fresh restart
 OPTIONS = {"sigma0", "popsize", "ipop_factor", "max_restarts", "restart_from", "diagonal", "cma_options"}
-
-
-@dataclass
-class _Member:
-    """One point of a generation: its unit-box coordinates and what became of it."""
-
-    x: np.ndarray
-    key: str
-    loss: float | None = None
-    handed: bool = False  # proposed to the loop (or filled without evaluation)
-
-
-@dataclass
-class _Generation:
-    number: int
-    members: list[_Member]
-
-    @property
-    def complete(self) -> bool:
-        return all(m.loss is not None for m in self.members)
-
-    def next_free(self) -> int | None:
-        return next((i for i, m in enumerate(self.members) if not m.handed and m.loss is None), None)
-
-
-def check_continuous(space: SearchSpace, name: str) -> None:
-    """CMA-ES searches a box of reals: refuse method choices and categorical options clearly."""
-    if len(space.methods) > 1:
-        raise MergetuneError(
-            f"{name} (CMA-ES) needs a continuous space, but the space searches {len(space.methods)} methods "
-            f"{list(space.methods)}: keep one method, or use ngopt or tpe, which search the method choice"
-        )
-    categorical = [a.name for a in space.axes if a not in float_axes(space)]
-    if categorical:
-        raise MergetuneError(
-            f"{name} (CMA-ES) needs a continuous space, but {categorical} are categorical: fix these options "
-            f"to one value (or give a {{low, high}} range), or use ngopt or tpe"
-        )
-    if not space.axes:
-        raise MergetuneError(f"{name} (CMA-ES): the space has no parameter to search")
 
 
 @register_optimizer
@@ -115,7 +78,7 @@ class CmaEs(ReplayedOptimizer):
         unknown = sorted(set(options) - OPTIONS)
         if unknown:
             raise MergetuneError(f"cmaes: unknown option(s) {unknown}; cmaes takes {sorted(OPTIONS)}")
-        check_continuous(space, self.name)
+        check_continuous(space, self.name, "CMA-ES")
         self.box = UnitBox(space)
         self.axes = self.box.axes
         self.sigma0 = float(options.get("sigma0", 0.25))
@@ -134,7 +97,7 @@ class CmaEs(ReplayedOptimizer):
         self._rng = np.random.RandomState(self.seed)
         self._restarts = 0
         self._es = self._new_es(np.full(len(self.axes), 0.5), self.popsize)
-        self._gens: list[_Generation] = []  # in flight, oldest first
+        self._gens: list[Generation] = []  # in flight, oldest first
         self._numbered = 0
         self._known: list[tuple[np.ndarray, float]] = []  # outcomes to inject into the next generation
         self._best: tuple[float, np.ndarray] | None = None
@@ -156,11 +119,11 @@ class CmaEs(ReplayedOptimizer):
         }
         return cma.CMAEvolutionStrategy(np.clip(x0, 0.0, 1.0), self.sigma0, opts)
 
-    def _ask_generation(self, inject: bool) -> _Generation:
+    def _ask_generation(self, inject: bool) -> Generation:
         """Ask pycma for a population; known outcomes are injected and filled in at once."""
         injected = self._inject() if inject else []
         xs = self._es.ask()
-        gen = _Generation(self._numbered, [self._member(x) for x in xs])
+        gen = Generation(self._numbered, [self._member(x) for x in xs])
         self._numbered += 1
         for x, loss in injected:
             member = min(gen.members, key=lambda m, x=x: float(np.abs(m.x - x).max()))
@@ -192,15 +155,15 @@ class CmaEs(ReplayedOptimizer):
             for later in self._gens:
                 self._redraw(later)
 
-    def _member(self, x: np.ndarray) -> _Member:
+    def _member(self, x: np.ndarray) -> Member:
         """A new generation member; a point already evaluated (e.g. replayed after a restart) is not
         proposed again: it takes its known loss."""
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
         key = point_key(self._decode(x))
         loss = self._ledger.losses.get(key)
-        return _Member(x, key, loss, handed=loss is not None)
+        return Member(x, key, loss, handed=loss is not None)
 
-    def _redraw(self, gen: _Generation) -> None:
+    def _redraw(self, gen: Generation) -> None:
         """Redraw an early generation's points not handed out yet from the updated distribution."""
         fresh = self._es.ask()
         for i, x in enumerate(fresh):
@@ -246,10 +209,9 @@ class CmaEs(ReplayedOptimizer):
     def _propose(self) -> Proposal:
         """The next point of the oldest generation with points to hand out; a new generation if none."""
         for _ in range(MAX_NEW_GENERATIONS):
-            gen = next((g for g in self._gens if g.next_free() is not None), None)
-            if gen is not None:
-                index = gen.next_free()
-                assert index is not None
+            found = next_member(self._gens)
+            if found is not None:
+                gen, index = found
                 gen.members[index].handed = True
                 return Proposal(params=self._decode(gen.members[index].x), token=(gen.number, index))
             self._gens.append(self._ask_generation(inject=not self._gens))
@@ -260,27 +222,12 @@ class CmaEs(ReplayedOptimizer):
         x = self._encode(params)
         if x is not None and not outcome.failed and (self._best is None or outcome.loss < self._best[0]):
             self._best = (outcome.loss, x)
-        member = self._member_of(proposal, params)
+        member = member_of(self._gens, None if proposal is None else proposal.token, params)
         if member is not None:
             member.loss, member.handed = outcome.loss, True
             self._tell_ready()
         elif x is not None and not outcome.failed:
             self._known.append((x, outcome.loss))
-
-    def _member_of(self, proposal: Proposal | None, params: dict[str, Any]) -> _Member | None:
-        """The generation member this outcome belongs to: by token, else by equal parameters."""
-        if proposal is not None and isinstance(proposal.token, tuple):
-            number, index = proposal.token
-            for gen in self._gens:
-                if gen.number == number and gen.members[index].loss is None:
-                    return gen.members[index]
-            return None
-        key = point_key(params)
-        for gen in self._gens:
-            for member in gen.members:
-                if member.key == key and member.loss is None:
-                    return member
-        return None
 
     def _libraries(self) -> dict[str, str]:
         return {"cma": import_cma().__version__}
