@@ -18,11 +18,12 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from mergetune.cli import app
+from mergetune.errors import MergetuneError
 from mergetune.recipe import Recipe
 from mergetune.search import pareto
 from mergetune.search.pareto import choose, optimized_front, pareto_mask, per_task_front, rank_finalists
 from mergetune.search.records import TrialRecord, read_records
-from mergetune.search.results import summary_table, write_results
+from mergetune.search.results import generalization, generalization_line, summary_table, write_results
 from mergetune.search.status import SearchStorageError, status_report
 from mergetune.search.storage import open_storage
 
@@ -347,6 +348,17 @@ def test_write_results_writes_every_file(tmp_path):
     text = render(summary_table(summary))
     assert "→" in text and "0.9500" in text and "0.9000" in text
 
+    # The generalisation gap: the chosen recipe's mean normalised score per split, and the drop from search.
+    search_mean = float(np.mean(list(chosen.normalized.values())))
+    gap = summary["generalization"]
+    assert gap["search"] == pytest.approx(search_mean)
+    assert gap["heldout"] == pytest.approx((0.92 + 0.90 + 0.88) / 3) and gap["test"] == pytest.approx(0.9)
+    assert gap["search_to_heldout"] == pytest.approx(gap["heldout"] - search_mean)
+    assert gap["search_to_test"] == pytest.approx(0.9 - search_mean)
+    drop = f"{0.9 - search_mean:+.4f}"
+    line = f"search {search_mean:.4f} → held-out 0.9000 ({drop}) → test 0.9000 ({drop})"
+    assert line in markdown and line in " ".join(text.split())  # the table's caption wraps
+
 
 def test_write_results_without_rescores_or_choice_and_replaces_stale_front(tmp_path):
     stale = tmp_path / "front" / "01-trial0999.yaml"
@@ -434,6 +446,33 @@ def test_status_report_on_a_running_journal_study(tmp_path):
     assert "3 complete" in render(status_report(str(tmp_path), "glue-ties", top=1))
     assert path.stat().st_size == size
     assert len(read_records(optuna.load_study(study_name="glue-ties", storage=open_storage(path)))) == 4
+
+
+def test_generalisation_gap_is_each_split_minus_the_search_split():
+    chosen = {split: {"mean_normalized": v} for split, v in (("search", 0.97), ("heldout", 0.95), ("test", 0.99))}
+    gap = generalization(chosen)
+    assert gap == pytest.approx(
+        {"search": 0.97, "heldout": 0.95, "test": 0.99, "search_to_heldout": -0.02, "search_to_test": 0.02}
+    )
+    line = generalization_line({"generalization": gap})
+    assert line.endswith("search 0.9700 → held-out 0.9500 (-0.0200) → test 0.9900 (+0.0200)")
+    no_holdout = generalization({**chosen, "heldout": None})
+    assert no_holdout["heldout"] is None and no_holdout["search_to_heldout"] is None
+    assert "held-out" not in generalization_line({"generalization": no_holdout})
+    assert generalization(None) is None and generalization_line({}) is None
+
+
+def test_status_of_a_finished_search_shows_its_generalisation_gap(tmp_path):
+    path = tmp_path / "search.journal"
+    build_study(path)
+    assert "generalisation" not in render(status_report(str(path), None, top=3))  # not finished: no summary yet
+    gap = {"search": 0.97, "heldout": 0.95, "test": 0.94, "search_to_heldout": -0.02, "search_to_test": -0.03}
+    (tmp_path / "summary.json").write_text(json.dumps({"generalization": gap}))
+    text = render(status_report(str(tmp_path), None, top=3))
+    assert "search 0.9700 → held-out 0.9500 (-0.0200) → test 0.9400 (-0.0300)" in text
+    (tmp_path / "summary.json").write_text("{")
+    with pytest.raises(MergetuneError, match=r"summary\.json: not readable as JSON"):
+        status_report(str(path), None, top=3)
 
 
 def test_status_report_without_budget_or_optimizer_and_a_partly_written_line(tmp_path):

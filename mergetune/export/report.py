@@ -40,6 +40,7 @@ from mergetune.export.report_data import (
     recipe_tables,
     score_rows,
 )
+from mergetune.search.results import generalization, generalization_line
 
 
 def write_report(run: Path, out: Path | None = None, pairs: Sequence[str] = ()) -> Path:
@@ -81,6 +82,7 @@ def render_html(data: RunData, images: Mapping[str, tuple[str, str]]) -> str:
             f"{len(data.candidates)} completed; optimised objectives: {esc(objectives)}; "
             f"optimised front: {len(data.summary.get('front') or [])} point(s); "
             f"time axis: {esc(data.time_source)}.</p>",
+            *_generalization(data),
             *sections,
             "<h2>Scores (raw)</h2>",
             _scores_table(data),
@@ -111,6 +113,13 @@ pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em;
 {body}
 </body></html>
 """
+
+
+def _generalization(data: RunData) -> list[str]:
+    """The chosen recipe's search → held-out → test line (older summaries lack it: computed from ``chosen``)."""
+    summary = {**data.summary, "generalization": generalization(data.summary.get("chosen"))}
+    line = generalization_line(summary)
+    return [] if line is None else [f"<p class='lead'>{html.escape(line[0].upper() + line[1:])}</p>"]
 
 
 def _figure(key: str, title: str, b64: str) -> str:

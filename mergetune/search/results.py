@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from mergetune.errors import MergetuneError
 from mergetune.recipe import Recipe
 from mergetune.search.atomic import write_atomic
 from mergetune.search.display import fmt
@@ -249,6 +250,7 @@ def write_results(
         "front_per_task": [r.number for r in task_front],
         "finalists": [_finalist_entry(i, r, heldout[i], chosen_index) for i, r in enumerate(finalists)],
         "chosen": chosen,
+        "generalization": generalization(chosen),
         "references": references(meta),
         "meta": dict(meta),
     }
@@ -362,6 +364,48 @@ def _finalist_cells(f: Mapping[str, Any]) -> list[str]:
     ]
 
 
+SPLIT_LABELS = {"search": "search", "heldout": "held-out", "test": "test"}
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A finished search's ``summary.json`` (None while there is none); an error naming it if unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MergetuneError(f"{path}: not readable as JSON ({exc}); re-run the search to rewrite it") from exc
+
+
+def generalization(chosen: Mapping[str, Any] | None) -> dict[str, float | None] | None:
+    """The chosen recipe's mean normalised score per split, and its change from the search split.
+
+    The search split is what the optimizer maximised, so its score is optimistic; the held-out part
+    (never used by the optimizer) and the test split (scored once) show how much of it was overfit.
+    """
+    if not chosen:
+        return None
+    means = {split: (chosen.get(split) or {}).get("mean_normalized") for split in SPLIT_LABELS}
+    search = means["search"]
+    changes = {
+        f"search_to_{split}": None if search is None or means[split] is None else means[split] - search
+        for split in ("heldout", "test")
+    }
+    return {**means, **changes}
+
+
+def generalization_line(summary: Mapping[str, Any]) -> str | None:
+    """``search 0.9692 → held-out 0.9561 (−0.0131) → test 0.9504 (−0.0188)``, or None before a choice."""
+    gap = summary.get("generalization")
+    if not gap or gap.get("search") is None:
+        return None
+    parts = [f"search {fmt(gap['search'])}"]
+    for split in ("heldout", "test"):
+        if gap.get(split) is not None:
+            parts.append(f"{SPLIT_LABELS[split]} {fmt(gap[split])} ({gap[f'search_to_{split}']:+.4f})")
+    return "generalisation (chosen recipe, mean normalised): " + " → ".join(parts)
+
+
 def _chosen_markdown(summary: Mapping[str, Any]) -> list[str]:
     chosen = summary.get("chosen")
     if not chosen:
@@ -392,7 +436,8 @@ def _chosen_markdown(summary: Mapping[str, Any]) -> list[str]:
     test_means = [blocks["test"].get("mean_score") if same else None, ref_mean, blocks["test"].get("mean_normalized")]
     rows.append(["**mean**", *(fmt(v) for v in (*means, *test_means))])
     header = ["task", "search (norm.)", "held-out (norm.)", "test score", "expert test score", "test (norm.)"]
-    return lines + _md_table(header, rows)
+    gap = generalization_line(summary)
+    return lines + _md_table(header, rows) + ([] if gap is None else ["", gap[0].upper() + gap[1:]])
 
 
 def summary_table(summary: Mapping[str, Any]) -> Table:
@@ -401,7 +446,16 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     test = (chosen.get("test") or {}).get("mean_normalized")
     title = "Finalists" if summary.get("any_feasible", True) else "Finalists (no candidate met the floors)"
     table = Table(
-        "", "rank", "trial", "method", "feasible", "search mean", "search worst", "held-out mean", title=title
+        "",
+        "rank",
+        "trial",
+        "method",
+        "feasible",
+        "search mean",
+        "search worst",
+        "held-out mean",
+        title=title,
+        caption=generalization_line(summary),
     )
     table.add_column("test mean")
     for f in summary.get("finalists", []):

@@ -23,6 +23,7 @@ from mergetune.search.display import fmt
 from mergetune.search.normalizations import NORMALIZATION
 from mergetune.search.pareto import front_by_values, mean_of, task_names
 from mergetune.search.records import BUDGET, OPTIMIZER, TrialRecord, objective_names, read_records
+from mergetune.search.results import generalization_line, read_summary
 from mergetune.search.storage import JOURNAL_NAME, load_study, open_storage
 
 RECENT_ERRORS = 5
@@ -51,7 +52,18 @@ def status_report(storage_url: str, study_name: str | None, top: int) -> Rendera
     errors = [r for r in records if r.error][-RECENT_ERRORS:]
     if errors:
         parts.append(_errors_table(errors))
+    gap = _finished_generalization(storage_url)
+    if gap is not None:
+        parts.append(Text(gap))
     return Group(*parts)
+
+
+def _finished_generalization(storage_url: str) -> str | None:
+    """The generalisation line of a finished search whose output folder (``summary.json``) is the storage's."""
+    path = Path(storage_url)
+    folder = path if path.is_dir() else path.parent
+    summary = read_summary(folder / "summary.json") if "://" not in str(storage_url) else None
+    return None if summary is None else generalization_line(summary)
 
 
 def _open_study(storage_url: str, study_name: str | None) -> Any:
