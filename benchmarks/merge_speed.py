@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -31,10 +33,12 @@ from typing import get_args
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from mergetune.merging.engine import Merger
 from mergetune.merging.loading import read_folder
 from mergetune.merging.methods import METHODS, MethodOptions
+from mergetune.merging.methods.regmean import LAYOUT_KEY
 from mergetune.merging.modelset import ModelSet
 from mergetune.packaged import packaged_model_dir
 from mergetune.recipe import Recipe
@@ -130,8 +134,32 @@ def read_floor(ms: ModelSet, reps: int) -> float:
     return statistics.median(timed(lambda: ms.tau.sum()) for _ in range(reps))
 
 
+def synthetic_grams(ms: ModelSet) -> dict[str, str]:
+    """RegMean's data: per task, Gram matrices XᵀX of random inputs (64 rows) for every matrix, in a temp folder."""
+    folder = Path(tempfile.mkdtemp(prefix="merge-speed-grams-"))
+    gen = torch.Generator().manual_seed(1)
+    matrices = [s for s in ms.segments if len(s.shape) == 2 and "embeddings" not in s.name]  # linear layers
+    paths = {}
+    for task in ms.task_names:
+        grams = {}
+        for s in matrices:
+            x = torch.randn(64, s.shape[1], generator=gen)
+            grams[s.name] = x.T @ x
+        path = folder / f"{task}.safetensors"
+        layouts = json.dumps(dict.fromkeys(grams, "out_in"))
+        save_file(grams, str(path), metadata={LAYOUT_KEY: layouts})
+        paths[task] = str(path)
+    return paths
+
+
+#: Methods that need data get synthetic statistics of the right shapes (their cost, not their quality, is measured).
+DATA = {"regmean": lambda ms: {"grams": synthetic_grams(ms)}}
+
+
 def measure(ms: ModelSet, label: str, reps: int, naive: bool) -> dict[str, float]:
     method, options = VARIANTS[label]
+    if METHODS[method].needs_data:
+        options = {**options, **DATA[method](ms)}
     recipes = candidates(ms, method, options, reps + 1, seed=hash(label) % 1000)
     gc.collect()
     peak_rss_reset()

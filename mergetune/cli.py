@@ -165,6 +165,29 @@ def tune(
         console.print(f"tuned recipe: [green]{escape(str(report.folder / 'recipe.yaml'))}[/]")
 
 
+@app.command()
+def grams(
+    config_path: Annotated[Path, typer.Argument(help="The search config (models, tasks).", metavar="CONFIG")],
+    examples: Annotated[int, typer.Option(min=1, help="Training examples per task.")] = 512,
+) -> None:
+    """Compute RegMean's statistics: each expert's input Gram matrices on its task's training split.
+
+    Writes <run>/grams/<task>.safetensors and prints the `options.grams` a regmean recipe names.
+    """
+    import yaml
+
+    from mergetune.search.config import SearchConfig
+    from mergetune.search.grams import compute_grams
+
+    with _errors():
+        config = SearchConfig.load(config_path)
+        files = compute_grams(config, examples, console)
+        for task, path in files.paths.items():
+            console.print(f"{task}: {files.sequences[task]} training sequences -> [green]{escape(path)}[/]")
+        console.print(f"computed in {files.seconds:.1f}s; a regmean recipe's options:")
+        console.print(escape(yaml.safe_dump({"options": {"grams": files.paths}}, sort_keys=False)), end="")
+
+
 @app.command("tasks")
 def tasks_command(
     config_path: Annotated[Path, typer.Argument(help="Search config, or a YAML/JSON list of tasks.", metavar="CONFIG")],

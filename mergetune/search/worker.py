@@ -104,7 +104,7 @@ class Worker:
             raise MergetuneError(f"the given ModelSet holds tasks {modelset.task_names}, not {list(setup.experts)}")
         self.modelset = modelset.to(setup.device)
         self.merger = Merger(self.modelset, compile=setup.compile)
-        self.tokenizer = _tokenizer(setup)
+        self.tokenizer = setup_tokenizer(setup)
         self.models = self._task_models(tasks)
         self._suites: dict[str, ValidationSuite] = {}
         self.suite("search")  # tokenise and compute the references now, not on the first candidate
@@ -212,7 +212,7 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _tokenizer(setup: WorkerSetup) -> Any:
+def setup_tokenizer(setup: WorkerSetup) -> Any:
     from transformers import AutoTokenizer  # late: transformers is heavy
 
     for source in (setup.base, *setup.experts.values()):
