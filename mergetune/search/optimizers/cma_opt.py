@@ -46,40 +46,31 @@ import numpy as np
 from mergetune.errors import MergetuneError
 from mergetune.search.optimizers._external import (
     Generation,
-    Member,
-    UnitBox,
-    check_continuous,
     default_popsize,
     import_cma,
     member_of,
-    next_member,
-    point_key,
     round_up,
 )
-from mergetune.search.optimizers._replay import ReplayedOptimizer
+from mergetune.search.optimizers._generational import GenerationalOptimizer
 from mergetune.search.optimizers.base import Outcome, Proposal
 from mergetune.search.optimizers.registry import register_optimizer
 from mergetune.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
-MAX_NEW_GENERATIONS = 10_000  # per propose: generations replayed from the ledger after a fresh restart
 OPTIONS = {"sigma0", "popsize", "ipop_factor", "max_restarts", "restart_from", "diagonal", "cma_options"}
 
 
 @register_optimizer
-class CmaEs(ReplayedOptimizer):
+class CmaEs(GenerationalOptimizer):
     """pycma CMA-ES on the unit box of the float axes, generation by generation, with IPOP restarts."""
 
     name = "cmaes"
     checkpoint_file = "cmaes.checkpoint.json"
+    option_names = frozenset(OPTIONS)
+    algorithm = "CMA-ES"
 
     def __init__(self, space: SearchSpace, *, seed: int, batch_size: int, budget: int | None, **options: Any):
         super().__init__(space, seed=seed, batch_size=batch_size, budget=budget, **options)
-        unknown = sorted(set(options) - OPTIONS)
-        if unknown:
-            raise MergetuneError(f"cmaes: unknown option(s) {unknown}; cmaes takes {sorted(OPTIONS)}")
-        check_continuous(space, self.name, "CMA-ES")
-        self.box = UnitBox(space)
         self.axes = self.box.axes
         self.sigma0 = float(options.get("sigma0", 0.25))
         self.ipop_factor = int(options.get("ipop_factor", 2))
@@ -119,9 +110,10 @@ class CmaEs(ReplayedOptimizer):
         }
         return cma.CMAEvolutionStrategy(np.clip(x0, 0.0, 1.0), self.sigma0, opts)
 
-    def _ask_generation(self, inject: bool) -> Generation:
-        """Ask pycma for a population; known outcomes are injected and filled in at once."""
-        injected = self._inject() if inject else []
+    def _ask_generation(self) -> Generation:
+        """Ask pycma for a population; known outcomes are injected (into the first generation in flight
+        only: a generation asked early is redrawn later) and filled in at once."""
+        injected = self._inject() if not self._gens else []
         xs = self._es.ask()
         gen = Generation(self._numbered, [self._member(x) for x in xs])
         self._numbered += 1
@@ -155,14 +147,6 @@ class CmaEs(ReplayedOptimizer):
             for later in self._gens:
                 self._redraw(later)
 
-    def _member(self, x: np.ndarray) -> Member:
-        """A new generation member; a point already evaluated (e.g. replayed after a restart) is not
-        proposed again: it takes its known loss."""
-        x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
-        key = point_key(self._decode(x))
-        loss = self._ledger.losses.get(key)
-        return Member(x, key, loss, handed=loss is not None)
-
     def _redraw(self, gen: Generation) -> None:
         """Redraw an early generation's points not handed out yet from the updated distribution."""
         fresh = self._es.ask()
@@ -192,32 +176,7 @@ class CmaEs(ReplayedOptimizer):
         self._es = self._new_es(x0, popsize)
 
     # ---- encoding --------------------------------------------------------------------------------
-    def _decode(self, x: np.ndarray) -> dict[str, Any]:
-        return self.box.decode(x)
-
-    def _encode(self, params: dict[str, Any]) -> np.ndarray | None:
-        try:
-            return self.box.encode(params)
-        except (KeyError, TypeError, ValueError):
-            return None  # a point of another space (e.g. another method): nothing to learn
-
     # ---- optimizer interface ---------------------------------------------------------------------
-    @property
-    def exhausted(self) -> bool:
-        return False  # IPOP restarts without end: the budget stops it
-
-    def _propose(self) -> Proposal:
-        """The next point of the oldest generation with points to hand out; a new generation if none."""
-        for _ in range(MAX_NEW_GENERATIONS):
-            found = next_member(self._gens)
-            if found is not None:
-                gen, index = found
-                gen.members[index].handed = True
-                return Proposal(params=self._decode(gen.members[index].x), token=(gen.number, index))
-            self._gens.append(self._ask_generation(inject=not self._gens))
-            self._tell_ready()  # a generation made only of points already evaluated is told at once
-        raise RuntimeError(f"cmaes: {MAX_NEW_GENERATIONS} new generations held only points already evaluated")
-
     def _observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
         x = self._encode(params)
         if x is not None and not outcome.failed and (self._best is None or outcome.loss < self._best[0]):

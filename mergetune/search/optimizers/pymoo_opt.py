@@ -26,25 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from mergetune.errors import MergetuneError
 from mergetune.search.optimizers._external import (
     Generation,
-    Member,
-    UnitBox,
-    check_continuous,
     member_of,
-    next_member,
-    point_key,
     round_up,
 )
-from mergetune.search.optimizers._replay import ReplayedOptimizer
+from mergetune.search.optimizers._generational import GenerationalOptimizer
 from mergetune.search.optimizers.base import Outcome, Proposal
 from mergetune.search.optimizers.registry import register_optimizer
 from mergetune.search.space import SearchSpace
 
 DEFAULT_POP_SIZE = 20
 OPTIONS = {"pop_size"}
-MAX_NEW_GENERATIONS = 10_000  # per propose: generations made only of points already evaluated
 
 
 def import_pymoo() -> Any:
@@ -56,19 +49,16 @@ def import_pymoo() -> Any:
 
 
 @register_optimizer
-class PymooGA(ReplayedOptimizer):
+class PymooGA(GenerationalOptimizer):
     """pymoo's GA on the unit box of the float axes, one population at a time (module docstring)."""
 
     name = "pymoo_ga"
     checkpoint_file = "pymoo_ga.checkpoint.json"
+    option_names = frozenset(OPTIONS)
+    algorithm = "genetic algorithm"
 
     def __init__(self, space: SearchSpace, *, seed: int, batch_size: int, budget: int | None, **options: Any):
         super().__init__(space, seed=seed, batch_size=batch_size, budget=budget, **options)
-        unknown = sorted(set(options) - OPTIONS)
-        if unknown:
-            raise MergetuneError(f"pymoo_ga: unknown option(s) {unknown}; pymoo_ga takes {sorted(OPTIONS)}")
-        check_continuous(space, self.name, "genetic algorithm")
-        self.box = UnitBox(space)
         self._start_fresh()
 
     def _reset(self) -> None:
@@ -95,13 +85,6 @@ class PymooGA(ReplayedOptimizer):
         self._numbered += 1
         return gen
 
-    def _member(self, x: np.ndarray) -> Member:
-        """A new member; a point already evaluated (e.g. a replayed duplicate) takes its known loss."""
-        x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
-        key = point_key(self.box.decode(x))
-        loss = self._ledger.losses.get(key)
-        return Member(x, key, loss, handed=loss is not None)
-
     def _tell_ready(self) -> None:
         """Tell every complete generation at the head of the queue, in order, with the known outcomes."""
         # pymoo: imported on use (see import_pymoo)
@@ -120,22 +103,7 @@ class PymooGA(ReplayedOptimizer):
             Evaluator().eval(StaticProblem(self._problem, F=np.array(losses)[:, None]), population)
             self._ga.tell(infills=population)
 
-    # ---- optimizer interface ---------------------------------------------------------------------
-    @property
-    def exhausted(self) -> bool:
-        return False  # generations without end: the budget stops it
-
-    def _propose(self) -> Proposal:
-        for _ in range(MAX_NEW_GENERATIONS):
-            found = next_member(self._gens)
-            if found is not None:
-                gen, index = found
-                gen.members[index].handed = True
-                return Proposal(params=self.box.decode(gen.members[index].x), token=(gen.number, index))
-            self._gens.append(self._ask_generation())
-            self._tell_ready()  # a generation made only of points already evaluated is told at once
-        raise RuntimeError(f"pymoo_ga: {MAX_NEW_GENERATIONS} new generations held only points already evaluated")
-
+    # ---- outcomes ------------------------------------------------------------------------------------
     def _observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
         if not outcome.failed and (self._best is None or outcome.loss < self._best):
             self._best = outcome.loss
@@ -145,12 +113,6 @@ class PymooGA(ReplayedOptimizer):
             self._tell_ready()
         elif not outcome.failed and (x := self._encode(params)) is not None:
             self._known.append((x, outcome.loss))
-
-    def _encode(self, params: dict[str, Any]) -> np.ndarray | None:
-        try:
-            return self.box.encode(params)
-        except (KeyError, TypeError, ValueError):
-            return None  # a point of another space (e.g. another method): nothing to learn
 
     def _libraries(self) -> dict[str, str]:
         return {"pymoo": import_pymoo().__version__}
