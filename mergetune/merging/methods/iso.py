@@ -16,7 +16,8 @@ task vectors M_t = λ_t τ_t, with r = min(m, n):
   values are replaced by their mean: ΔW = σ̄ U⊥ V⊥ᵀ.
   Sizes, as the official code computes them: k₀ = ⌊r · common_space_fraction⌋, n = round((r − k₀)/T)
   (Python's round, half to even), k = r − T·n; n is capped at ⌊r/T⌋ so that k ≥ 0 (the official
-  code would index out of range there). common_space_fraction = 1 (k = r) is Iso-C.
+  code would index out of range there). Where n = 0 (common_space_fraction = 1, or a split that
+  rounds to nothing per task) the whole rank is common: that is Iso-C, and it is computed as Iso-C.
 
 Every other tensor (1-D biases and norms, tensors of more than 2 dims) is averaged as the official
 code does: Δ = Σ_t λ_t τ_t / T.
@@ -27,7 +28,9 @@ its sign), so one λ for every task and group is exactly the paper's merge with 
 layer group is an α per group. λ that differ between the tasks of a group weight the task vectors
 before the SVD (a generalisation; the paper has one α): each such candidate costs one SVD (Iso-C)
 or T + 3 SVDs (Iso-CTS) per matrix, whereas equal λ reuse the merge of the unweighted task
-vectors, computed once per tensor (``stats.cached``) and scaled by λ.
+vectors, computed once per matrix and subspace split (``stats.cached``) and scaled by λ. Each
+cached merge is the size of its matrix: a search over ``common_space_fraction`` holds one per
+distinct split (k, n) it visits (shared with Iso-C where n = 0).
 
 All SVDs run in float32 on the store's device, as TSV's do.
 """
@@ -72,38 +75,36 @@ def subspace_sizes(rank: int, n_tasks: int, common_space_fraction: float) -> tup
     return rank - n_tasks * per_task, per_task
 
 
-def isotropic_common_and_specific(mats: torch.Tensor, common_space_fraction: float) -> torch.Tensor:
-    """Iso-CTS of ``[T, m, n]`` weighted task matrices (see the module docstring)."""
-    T, rows, cols = mats.shape
-    k, n = subspace_sizes(min(rows, cols), T, common_space_fraction)
+def isotropic_merge(mats: torch.Tensor, common: int, per_task: int) -> torch.Tensor:
+    """Iso-CTS of ``[T, m, n]`` weighted task matrices with ``common`` + T·``per_task`` = rank directions.
+
+    Without task-specific directions the whole rank is common, which is Iso-C (computed as such).
+    """
+    if per_task == 0:
+        return isotropic_common(mats)
     u, s, vh = torch.linalg.svd(mats.sum(0), full_matrices=False)
-    us, ss, vhs = [], [], []
-    if n > 0:
-        common_u = u[:, :k]
-        specific = mats - common_u @ (common_u.T @ mats)  # each task projected off the common left subspace
-        u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
-        us += list(u_t[:, :, :n].unbind(0))
-        ss += list(s_t[:, :n].unbind(0))
-        vhs += list(vh_t[:, :n, :].unbind(0))
-    us.append(u[:, :k])
-    ss.append(s[:k])
-    vhs.append(vh[:k, :])
-    sigma = torch.cat(ss).mean()
-    return sigma * (polar(torch.cat(us, dim=1)) @ polar(torch.cat(vhs, dim=0)))
+    common_u = u[:, :common]
+    specific = mats - common_u @ (common_u.T @ mats)  # each task projected off the common left subspace
+    u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
+    stacked_u = torch.cat([*u_t[:, :, :per_task].unbind(0), common_u], dim=1)  # tasks first, as the official code
+    stacked_s = torch.cat([*s_t[:, :per_task].unbind(0), s[:common]])
+    stacked_vh = torch.cat([*vh_t[:, :per_task, :].unbind(0), vh[:common, :]], dim=0)
+    return stacked_s.mean() * (polar(stacked_u) @ polar(stacked_vh))
 
 
 class IsotropicMerge(TensorMethod):
-    """Iso-C / Iso-CTS: one implementation, ``common_and_specific`` selects the subspace."""
+    """Iso-C / Iso-CTS: one implementation; ``common_and_specific`` adds the task-specific subspaces."""
 
     common_and_specific: ClassVar[bool]
     search_weight = ALPHA_GRID
     mergekit = MERGEKIT_REFUSAL
 
-    def matrix_delta(self, mats: torch.Tensor, options: MethodOptions) -> torch.Tensor:
-        """The isotropic merge of ``[T, m, n]`` weighted task matrices (float32)."""
-        if self.common_and_specific:
-            return isotropic_common_and_specific(mats, options.common_space_fraction)  # type: ignore[attr-defined]
-        return isotropic_common(mats)
+    def split(self, shape: tuple[int, ...], n_tasks: int, options: MethodOptions) -> tuple[int, int]:
+        """(common directions, directions per task) of a matrix: all common for Iso-C."""
+        rank = min(shape)
+        if not self.common_and_specific:
+            return rank, 0
+        return subspace_sizes(rank, n_tasks, options.common_space_fraction)  # type: ignore[attr-defined]
 
     def merge_tensor(self, ctx: MergeContext, segment_index: int) -> torch.Tensor:
         ms: ModelSet = ctx.modelset
@@ -112,18 +113,21 @@ class IsotropicMerge(TensorMethod):
         tau = ms.tau[:, seg.offset : seg.end].to(torch.float32)
         if len(seg.shape) != 2:
             return ((weight.unsqueeze(1) * tau).sum(0) / ms.n_tasks).reshape(seg.shape)
+        common, per_task = self.split(seg.shape, ms.n_tasks, ctx.options)
         if bool((weight == weight[0]).all()):  # one α: the unweighted merge, computed once, times α
-            key = f"{self.name}.delta:{ctx.options.model_dump_json()}:{segment_index}"
-            unweighted = ctx.stats.cached(key, lambda m: self._unweighted(m, segment_index, ctx.options))
+            # keyed by the split, not the option: a searched fraction holds one entry per distinct split
+            key = f"iso.delta:{common}:{per_task}:{segment_index}"
+            unweighted = ctx.stats.cached(key, lambda m: unweighted_merge(m, segment_index, common, per_task))
             return (weight[0] * unweighted).reshape(seg.shape)
-        mats = (weight.unsqueeze(1) * tau).reshape(ms.n_tasks, *seg.shape)
-        return self.matrix_delta(mats, ctx.options)
+        return isotropic_merge((weight.unsqueeze(1) * tau).reshape(ms.n_tasks, *seg.shape), common, per_task)
 
-    def _unweighted(self, ms: ModelSet, segment_index: int, options: MethodOptions) -> torch.Tensor:
-        seg = ms.segments[segment_index]
-        with torch.no_grad():
-            mats = ms.tau[:, seg.offset : seg.end].to(torch.float32).reshape(ms.n_tasks, *seg.shape)
-            return self.matrix_delta(mats, options)
+
+def unweighted_merge(ms: ModelSet, segment_index: int, common: int, per_task: int) -> torch.Tensor:
+    """The isotropic merge of one matrix's task vectors with λ = 1 (what a single α scales)."""
+    seg = ms.segments[segment_index]
+    with torch.no_grad():
+        mats = ms.tau[:, seg.offset : seg.end].to(torch.float32).reshape(ms.n_tasks, *seg.shape)
+        return isotropic_merge(mats, common, per_task)
 
 
 class IsoC(IsotropicMerge):
