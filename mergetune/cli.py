@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -144,8 +145,6 @@ def methods(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list (one object per method).")] = False,
 ) -> None:
     """List every merge method: paper, parameters, what mergekit does with it, whether it needs data."""
-    import json
-
     from mergetune.merging.methods.catalogue import catalogue
 
     rows = catalogue()
@@ -168,7 +167,7 @@ def methods(
     console.print(table)
 
 
-def _parameters_text(parameters: dict) -> Text:
+def _parameters_text(parameters: dict[str, Any]) -> Text:
     """λ and density with warm start and search range, then each option with its default."""
     lines = []
     for field in ("weight", "density"):
@@ -180,7 +179,7 @@ def _parameters_text(parameters: dict) -> Text:
     return Text("\n".join(lines))
 
 
-def _mergekit_text(entry: dict) -> Text:
+def _mergekit_text(entry: dict[str, Any]) -> Text:
     """'exact as ties', 'approximate as task_arithmetic: why', 'refused: why'."""
     head = entry["exactness"] if entry["method"] is None else f"{entry['exactness']} as {entry['method']}"
     return Text(head if entry["reason"] is None else f"{head}: {entry['reason']}")
