@@ -144,6 +144,7 @@ def test_depths_and_fit() -> None:
         ({"weight": {"per": "task", "anchors": 3, "schedule": "lines"}}, "without anchors"),
         ({"weight": {"per": "task", "beta": {"low": 0.0, "high": 1.0}}}, "give schedule: lines"),
         ({"weight": {"schedule": "linear"}}, "schedule"),
+        ({"weight": {"schedule": "lines", "low": -1.0, "high": 0.0}}, "give beta"),
         ({"density": {"per": "shared", "schedule": "lines"}}, "applies to weights only"),
         ({"methods": {"ties": {"density": {"schedule": "lines"}}}}, "applies to weights only"),
     ],

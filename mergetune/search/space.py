@@ -104,6 +104,8 @@ class ParamRange(StrictModel):
             )
         if self.beta is not None and self.schedule is None:
             raise ValueError("beta is the slope of a depth schedule: give schedule: lines with it")
+        if self.schedule is not None and self.beta is None and self.high <= 0:
+            raise ValueError(f"schedule: {self.schedule} with high {self.high} <= 0: give beta: {{low, high}}")
         return self
 
     @model_serializer(mode="wrap")
@@ -113,10 +115,10 @@ class ParamRange(StrictModel):
         return {k: v for k, v in data.items() if k not in ("schedule", "beta") or v is not None}
 
     def beta_distribution(self) -> FloatDistribution:
-        """β's search range: ``beta``, else 0 to ``high`` (at most doubling λ from the first block to the last)."""
+        """β's search range: ``beta``, else 0 to ``high`` (the last block's λ reaches at most α + high)."""
         if self.beta is not None:
             return FloatDistribution(self.beta.low, self.beta.high, log=self.beta.log)
-        return FloatDistribution(0.0, max(self.high, 1e-6))
+        return FloatDistribution(0.0, self.high)
 
     @property
     def bounds_given(self) -> bool:
