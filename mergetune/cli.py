@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -206,17 +207,48 @@ def tasks_command(
 
 
 @app.command()
-def methods() -> None:
-    """List the merge methods and their options."""
-    from mergetune.merging.methods import METHODS
+def methods(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list (one object per method).")] = False,
+) -> None:
+    """List every merge method: paper, parameters, what mergekit does with it, whether it needs data."""
+    from mergetune.merging.methods.catalogue import catalogue
 
-    table = Table("method", "density", "options", "paper")
-    for name, method in sorted(METHODS.items()):
-        fields = ", ".join(
-            f"{k}={getattr(v.default, 'value', v.default)}" for k, v in method.Options.model_fields.items()
+    rows = catalogue()
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    # nothing is cut short on a narrow terminal: long values wrap ("fold") instead of ending in an ellipsis
+    table = Table(show_lines=True)
+    table.add_column("method", no_wrap=True)
+    for header in ("paper", "parameters (warm start; search range)", "mergekit", "needs data"):
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["paper"],
+            _parameters_text(row["parameters"]),
+            _mergekit_text(row["mergekit"]),
+            "yes" if row["needs_data"] else "no",
         )
-        table.add_row(name, "yes" if method.uses_density else "-", fields or "-", method.citation)
     console.print(table)
+
+
+def _parameters_text(parameters: dict[str, Any]) -> Text:
+    """λ and density with warm start and search range, then each option with its default."""
+    lines = []
+    for field in ("weight", "density"):
+        spec = parameters[field]
+        if spec is not None:
+            searched = "config's range" if spec["search"] is None else "{:g}-{:g}".format(*spec["search"])
+            lines.append(f"{field} {spec['warm_start']:g}; {searched}")
+    lines += [f"{name}={option['default']}" for name, option in parameters["options"].items()]
+    return Text("\n".join(lines))
+
+
+def _mergekit_text(entry: dict[str, Any]) -> Text:
+    """'exact as ties', 'approximate as task_arithmetic: why', 'refused: why'."""
+    head = entry["exactness"] if entry["method"] is None else f"{entry['exactness']} as {entry['method']}"
+    return Text(head if entry["reason"] is None else f"{head}: {entry['reason']}")
 
 
 @app.command()

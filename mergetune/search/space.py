@@ -20,6 +20,11 @@ How finely weights and densities vary (``per``):
   values interpolated over depth, the low-dimensional parametrisation that keeps large searches
   tractable).
 
+A weight range may instead follow a named depth schedule (``schedule: lines``, LiNeS, see
+``mergetune.merging.lines``): λ of a group = α + β · depth, with α searched in the weight range and
+β in ``beta`` (default 0 to the weight range's high), once (``per: shared``) or per task (``per:
+task``). The recipe holds the schedule's per-group λ, so it merges exactly what was scored.
+
 Ranges are checked against each parameter's domain when the config is read (finite, low < high,
 densities in [0, 1]). A weight range given for the whole space (``space.weight`` low/high) applies
 to every method that has no range of its own in ``methods``; without it each method searches its
@@ -38,44 +43,23 @@ from typing import Any, Literal
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
+from mergetune.merging.lines import fit_lines, lines_weights
 from mergetune.merging.methods import METHODS, get_method
 from mergetune.recipe import DType, Expert, Grouping, Recipe, resolve_parameter
 from mergetune.strict import StrictModel
 
 log = logging.getLogger(__name__)
 Per = Literal["shared", "task", "group", "task_group"]
+Schedule = Literal["lines"]
+SCHEDULE_KEYS = ("alpha", "beta")  # the parameters of the lines schedule, in parameter names
 METHOD_KEY = "method"
 SEP = "/"
 DENSITY_DOMAIN = (0.0, 1.0)  # a density is the fraction of entries kept
 # searched densities of a method without its own range, unless the space gives low/high: keeping
 # almost nothing (density near 0) is never a useful merge, so the default range starts at 5%
 DEFAULT_DENSITY = (0.05, 1.0)
-
-
-class ParamRange(StrictModel):
-    """How one per-task/per-group parameter (weight or density) is searched."""
-
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    per: Per = "task"
-    low: float = 0.0
-    high: float = 1.0
-    anchors: int | None = Field(
-        None, ge=1, description="With per group/task_group: values interpolated over depth (None: one per group)."
-    )
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _bounds(self) -> ParamRange:
-        _check_bounds(self.low, self.high, self.log)
-        return self
-
-    @property
-    def bounds_given(self) -> bool:
-        """Whether low or high was set explicitly (in a config or a constructor), not left to its default."""
-        return bool({"low", "high"} & self.model_fields_set)
 
 
 class FloatRange(StrictModel):
@@ -93,6 +77,55 @@ class FloatRange(StrictModel):
         return self
 
 
+class ParamRange(StrictModel):
+    """How one per-task/per-group parameter (weight or density) is searched."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    per: Per = "task"
+    low: float = 0.0
+    high: float = 1.0
+    anchors: int | None = Field(
+        None, ge=1, description="With per group/task_group: values interpolated over depth (None: one per group)."
+    )
+    log: bool = False
+    schedule: Schedule | None = Field(
+        None, description="lines: λ = α + β · depth (LiNeS); α searched in low/high, β in 'beta'; per shared or task."
+    )
+    beta: FloatRange | None = Field(None, description="With schedule lines: β's range (default 0 to high).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ParamRange:
+        _check_bounds(self.low, self.high, self.log)
+        if self.schedule is not None and (self.per not in ("shared", "task") or self.anchors is not None):
+            raise ValueError(
+                f"schedule: {self.schedule} sets the values over depth itself: use per: shared or per: task, "
+                "without anchors"
+            )
+        if self.beta is not None and self.schedule is None:
+            raise ValueError("beta is the slope of a depth schedule: give schedule: lines with it")
+        if self.schedule is not None and self.beta is None and self.high <= 0:
+            raise ValueError(f"schedule: {self.schedule} with high {self.high} <= 0: give beta: {{low, high}}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_schedule(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No schedule keys when there is none: run folders bound before schedules existed still match."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if k not in ("schedule", "beta") or v is not None}
+
+    def beta_distribution(self) -> FloatDistribution:
+        """β's search range: ``beta``, else 0 to ``high`` (the last block's λ reaches at most α + high)."""
+        if self.beta is not None:
+            return FloatDistribution(self.beta.low, self.beta.high, log=self.beta.log)
+        return FloatDistribution(0.0, self.high)
+
+    @property
+    def bounds_given(self) -> bool:
+        """Whether low or high was set explicitly (in a config or a constructor), not left to its default."""
+        return bool({"low", "high"} & self.model_fields_set)
+
+
 def _check_bounds(low: float, high: float, log_scale: bool) -> None:
     if not low < high:
         raise ValueError(f"low ({low}) must be below high ({high})")
@@ -101,7 +134,12 @@ def _check_bounds(low: float, high: float, log_scale: bool) -> None:
 
 
 def check_domain(rng: ParamRange, domain: tuple[float, float], what: str) -> None:
-    """Refuse a range that leaves its parameter's domain (a density above 1 would crash each such candidate)."""
+    """Refuse a range that leaves its parameter's domain (a density above 1 would crash each such candidate).
+
+    Only weights have a depth schedule (LiNeS scales task vectors): a bounded parameter refuses one.
+    """
+    if rng.schedule is not None:
+        raise ValueError(f"{what}: schedule {rng.schedule} applies to weights only")
     if rng.low < domain[0] or rng.high > domain[1]:
         raise ValueError(f"{what}: range [{rng.low}, {rng.high}] leaves the domain [{domain[0]}, {domain[1]}]")
 
@@ -202,16 +240,27 @@ class SearchSpace:
                 rng = self.weight_range(method) if field == "weight" else self.density_range(method)
                 if rng is None:
                     continue
-                dist = FloatDistribution(rng.low, rng.high, log=rng.log)
-                axes += [Axis(name, dist, method) for name in self._param_names(method, field, rng)]
+                axes += [Axis(name, dist, method) for name, dist in self._param_axes(method, field, rng)]
             for option, spec in self.methods[method].options.items():
                 dist = _option_distribution(spec)
                 if dist is not None:
                     axes.append(Axis(f"{method}{SEP}opt{SEP}{option}", dist, method))
         return axes
 
+    def _param_axes(self, method: str, field: str, rng: ParamRange) -> list[tuple[str, FloatDistribution]]:
+        """(name, distribution) of each searched value of a field; a schedule's β has its own range."""
+        dist = FloatDistribution(rng.low, rng.high, log=rng.log)
+        names = self._param_names(method, field, rng)
+        if rng.schedule is None:
+            return [(name, dist) for name in names]
+        beta = rng.beta_distribution()
+        return [(name, beta if name.split(SEP)[2] == "beta" else dist) for name in names]
+
     def _param_names(self, method: str, field: str, rng: ParamRange) -> list[str]:
         stem = f"{method}{SEP}{field}"
+        if rng.schedule is not None:  # <method>/weight/alpha[/<task>], <method>/weight/beta[/<task>]
+            tails = [""] if rng.per == "shared" else [f"{SEP}{t}" for t in self.tasks]
+            return [f"{stem}{SEP}{key}{tail}" for tail in tails for key in SCHEDULE_KEYS]
         slots = self._slots(rng)
         if rng.per == "shared":
             return [stem]
@@ -287,6 +336,8 @@ class SearchSpace:
             values = [float(params[f"{prefix}{SEP}{s}"]) for s in slots]
             return values if rng.anchors is not None else dict(zip(self.groups, values, strict=True))
 
+        if rng.schedule is not None:
+            return self._scheduled(params, stem, rng)
         if rng.per == "shared":
             return float(params[stem])
         if rng.per == "task":
@@ -294,6 +345,17 @@ class SearchSpace:
         if rng.per == "group":
             return {"*": per_depth(stem)}
         return {t: per_depth(f"{stem}{SEP}{t}") for t in self.tasks}
+
+    def _scheduled(self, params: Mapping[str, Any], stem: str, rng: ParamRange) -> dict[str, dict[str, float]]:
+        """The schedule's λ of every group, per task (or for all tasks: ``*``), from its α and β."""
+
+        def per_group(tail: str) -> dict[str, float]:
+            alpha, beta = (float(params[f"{stem}{SEP}{key}{tail}"]) for key in SCHEDULE_KEYS)
+            return dict(zip(self.groups, lines_weights(alpha, beta, self.groups).tolist(), strict=True))
+
+        if rng.per == "shared":
+            return {"*": per_group("")}
+        return {t: per_group(f"{SEP}{t}") for t in self.tasks}
 
     def _options(self, params: Mapping[str, Any], method: str) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -327,8 +389,13 @@ class SearchSpace:
         return params
 
     def _encode(self, method: str, field: str, rng: ParamRange, table: Any) -> dict[str, float]:
-        dist = FloatDistribution(rng.low, rng.high, log=rng.log)
-        names = self._param_names(method, field, rng)
+        axes = self._param_axes(method, field, rng)
+        if rng.schedule is not None:  # the closest schedule (exact for a recipe the schedule wrote)
+            rows = [table.mean(axis=0)] if rng.per == "shared" else list(table)
+            values = [v for row in rows for v in fit_lines(row, self.groups)]
+            return {n: _clip(d, float(v), n) for (n, d), v in zip(axes, values, strict=True)}
+        names = [name for name, _ in axes]
+        dist = axes[0][1]
         if rng.per == "shared":
             values = [table.mean()]
         elif rng.per == "task":

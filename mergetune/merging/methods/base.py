@@ -73,7 +73,7 @@ class MergeMethod(ABC):
     uses_density: ClassVar[bool] = False
     random: ClassVar[bool] = False
     dynamic: ClassVar[bool] = False  # True: the merged weights depend on the input (Twin-Merging's router)
-    needs_data: ClassVar[bool] = False  # True: statistics of the experts' data go into its options (RegMean's Grams)
+    needs_data: ClassVar[bool] = False  # True: the merge reads task data (a router; activation statistics: RegMean)
     citation: ClassVar[str] = ""
     # Where λ and density are meaningful (the papers' tuned grids); None: the search config's range.
     # A search config's per-method range overrides both.

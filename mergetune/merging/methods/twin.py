@@ -85,6 +85,7 @@ class TwinMethod(MergeMethod):
     Options = TwinOptions
     uses_density = True  # through its shared method (see density_used)
     dynamic = True
+    needs_data = True  # its router is trained on each task's training split
     citation = "Lu et al. 2024, Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging"
     search_weight = (0.0, 1.0)  # the shared merge's λ (Task Arithmetic by default)
     warm_start = WarmStart(weight=0.3, density=1.0)  # λ of its shared merge (Twin-Merging's Task Arithmetic θ*)
