@@ -23,7 +23,7 @@ from mergetune.merging.methods.registry import (
     unregister,
 )
 
-_MODULES = ("task_arithmetic", "ties", "dare", "breadcrumbs", "della", "pcb", "tsv", "twin")
+_MODULES = ("task_arithmetic", "ties", "dare", "breadcrumbs", "della", "sce", "ram", "ramplus_tl", "pcb", "tsv", "twin")
 
 for _module in _MODULES:
     for _cls in importlib.import_module(f"{__name__}.{_module}").METHODS:
