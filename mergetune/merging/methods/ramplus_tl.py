@@ -28,6 +28,8 @@ from mergetune.merging.modelset import ModelSet
 
 
 class RamPlusOptions(RamOptions):
+    # ρ divides by max(u, ε): ε = 0 would make it 0/0 for a task that changed nothing in a tensor
+    epsilon: float = Field(1e-5, gt=0.0, description="A task changed an entry where |τ_t| > epsilon.")
     r: float = Field(0.1, ge=0.0, description="Strength of the rescaling of a task's unique entries.")
     alpha: float = Field(0.2, ge=0.0, description="Upper clamp of the overlap ratio ρ.")
 
