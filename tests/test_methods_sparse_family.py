@@ -17,8 +17,11 @@ import pytest
 import torch
 import yaml
 from conftest import ModelDirs, State, make_models, make_recipe, merge
+from test_mergekit_export import bert_sc_dir  # noqa: F401 (a fixture: a base and experts with task heads)
+from test_mergekit_export import make_recipe as dir_recipe
 from test_methods_dare_breadcrumbs_della import ref_consensus, ref_drop, ref_uniforms
 
+from mergetune.export.mergekit import ExportError, export_mergekit
 from mergetune.export.mergekit_import import MergekitImportError, import_config
 from mergetune.merging.engine import Merger
 from mergetune.merging.modelset import ModelSet
@@ -260,3 +263,18 @@ def test_della_linear_imports_as_della_without_sign_election(tiny_llama_dir: Mod
     weight = resolve_parameter(imported.recipe.weight, imported.recipe.task_names, ["blocks.0"], "weight")
     assert weight[:, 0].tolist() == pytest.approx([0.6 * 0.8 * 0.5] * 3, abs=1e-12)  # λ = w · lambda · d
     assert math.isclose(float(imported.recipe.density), 0.5)
+
+
+@pytest.mark.parametrize("method", ["sce", "ram", "ramplus_tl"])
+def test_unweighted_mergekit_methods_refuse_models_with_task_heads(bert_sc_dir: ModelDirs, method: str) -> None:  # noqa: F811
+    """mergekit's sce and ram take no per-model weight, so they would merge the heads mergetune keeps per task."""
+    with pytest.raises(ExportError, match=f"{method} exports to mergekit's {method}.*would merge the task heads"):
+        export_mergekit(dir_recipe(bert_sc_dir, method, {"weight": 1.0}), approximate=True)
+
+
+@pytest.mark.parametrize("method", ["sce", "ram"])
+def test_unweighted_mergekit_methods_list_other_weights_as_a_difference(tiny_llama_dir: ModelDirs, method: str) -> None:
+    recipe = dir_recipe(tiny_llama_dir, method, {"weight": {"*": {"blocks.1": 0.5, "*": 1.0}}})
+    with pytest.raises(ExportError, match=r"no per-model weight.*λ 0\.5 in group\(s\) blocks\.1"):
+        export_mergekit(recipe)
+    assert export_mergekit(recipe, approximate=True).faithful == "approximate"

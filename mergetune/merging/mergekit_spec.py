@@ -340,6 +340,14 @@ def unweighted_differences(t: ExportTables, method: str) -> list[str]:
     ]
 
 
+def unweighted_heads_refusal(method: str) -> str:
+    """Why a recipe over models with task heads cannot export to a mergekit method without per-model weights."""
+    return (
+        f"exports to mergekit's {method}, which has no per-model weight and would merge the task heads {{heads}} "
+        "that mergetune keeps per task; export models without their heads"
+    )
+
+
 def unweighted_import(r: ImportTables) -> np.ndarray:
     """``[T, N]`` λ = 1: a mergekit method without per-model weights adds each task's contribution once."""
     return np.ones((len(r.tasks), len(r.names)))

@@ -34,16 +34,13 @@ from mergetune.merging.mergekit_spec import (
     Translation,
     shared_scalar,
     unweighted_differences,
+    unweighted_heads_refusal,
     unweighted_import,
 )
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.ops import task_sum
 
 CITATION = "Yuan et al. 2026, Behavior Knowledge Merge in Reinforced Agentic Models (RAM)"
-HEADS_REFUSAL = (
-    "exports to mergekit's {method}, which has no per-model weight and would merge the task heads {{heads}} that "
-    "mergetune keeps per task; export models without their heads"
-)
 
 
 class RamOptions(MethodOptions):
@@ -90,7 +87,7 @@ def ram_spec(method: str, defaults: dict[str, float]) -> MergekitSpec:
         EXACT,
         partial(ram_to_mergekit, method),
         MergekitInverse(ram_from_mergekit, defaults, {}),
-        heads_refusal=HEADS_REFUSAL.format(method=method),
+        heads_refusal=unweighted_heads_refusal(method),
     )
 
 

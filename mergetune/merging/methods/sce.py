@@ -36,6 +36,7 @@ from mergetune.merging.mergekit_spec import (
     Translation,
     shared_scalar,
     unweighted_differences,
+    unweighted_heads_refusal,
     unweighted_import,
 )
 from mergetune.merging.methods.base import MethodOptions, TensorMethod, WarmStart
@@ -105,8 +106,7 @@ class Sce(TensorMethod):
         EXACT,
         sce_to_mergekit,
         MergekitInverse(sce_from_mergekit, {"int8_mask": False, "select_topk": 1.0}, {}),
-        heads_refusal="exports to mergekit's sce, which has no per-model weight and would merge the task heads "
-        "{heads} that mergetune keeps per task; export models without their heads",
+        heads_refusal=unweighted_heads_refusal("sce"),
     )
 
     def merge_tensor(self, ctx: MergeContext, segment_index: int) -> torch.Tensor:
