@@ -65,6 +65,11 @@ EXACT: dict[str, dict[str, Any]] = {
     },
     "breadcrumbs": {"weight": {T0: 0.9, "*": 0.4}, "density": 0.4, "options": {"scope": "tensor", "gamma": 0.05}},
     "breadcrumbs_ties": {"weight": {T0: 0.9, "*": 0.4}, "density": 0.4, "options": {"scope": "tensor", "gamma": 0.05}},
+    # λ = 1: mergekit's sce and ram have no per-model weight. ε = 0.01 (the experts' noise scale): about
+    # half the entries are changed by one task only, so RAM's unique/shared split and RAM+'s boost matter.
+    "sce": {"weight": 1.0, "options": {"select_topk": 0.3}},
+    "ram": {"weight": 1.0, "options": {"epsilon": 0.01}},
+    "ramplus_tl": {"weight": 1.0, "options": {"epsilon": 0.01, "r": 0.5, "alpha": 2.0}},
 }
 RANDOM: dict[str, dict[str, Any]] = {
     "dare_linear": {"weight": {T0: 0.9, "*": 0.4}, "density": {"*": [0.3, 0.7]}, "options": {"skip_1d": True}},
@@ -80,10 +85,17 @@ RANDOM: dict[str, dict[str, Any]] = {
         "options": {"weights": "before_election", "disjoint": "weighted_mean"},
     },
     "della_epsilon0": {"method": "della", "weight": {T0: 0.9, "*": 0.4}, "density": 0.5, "options": {"epsilon": 0.0}},
+    "della_linear": {
+        "method": "della",
+        "weight": {T0: 0.9, "*": 0.4},
+        "density": {"*": [0.4, 0.6]},
+        "options": {"epsilon": 0.0, "sign_election": False},
+    },
 }
 APPROXIMATE = {"della": {"weight": {T0: 0.9, "*": 0.4}, "density": 0.5, "options": {"epsilon": 0.2}}}
 FAMILIES = ("llama", "bert")
-SKIP = {("bert", "average")}  # mergekit's linear would average the BERT classifier heads: refused (tested below)
+# mergekit's linear, sce and ram would merge the BERT classifier heads: refused (tested below)
+SKIP = {("bert", "average"), ("bert", "sce"), ("bert", "ram"), ("bert", "ramplus_tl")}
 
 
 @pytest.fixture(scope="module")

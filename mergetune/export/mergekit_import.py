@@ -15,7 +15,7 @@ closest value (the group's mean) with every difference listed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -267,14 +267,21 @@ def _first(
 
 # ---- from mergekit's values to mergetune's ---------------------------------------------------------------
 def importable() -> dict[str, MergekitSpec]:
-    """mergekit method -> the spec of the registered method it imports as (the one that declares the inverse)."""
+    """mergekit method -> the spec of the registered method it imports as (the one that declares the inverse).
+
+    A method's ``also_imports`` (mergekit methods that are it with other options) are listed under their own
+    name, as the spec with that method and inverse.
+    """
     out: dict[str, MergekitSpec] = {}
     for name, method in METHODS.items():
         spec = method.mergekit
-        if isinstance(spec, MergekitSpec) and spec.inverse is not None:
-            if spec.method in out:
-                raise ValueError(f"mergekit's {spec.method} imports as two methods, one of them '{name}'")
-            out[spec.method] = spec
+        if not isinstance(spec, MergekitSpec):
+            continue
+        inverses = {spec.method: spec.inverse} if spec.inverse is not None else {}
+        for mergekit_method, inverse in {**inverses, **spec.also_imports}.items():
+            if mergekit_method in out:
+                raise ValueError(f"mergekit's {mergekit_method} imports as two methods, one of them '{name}'")
+            out[mergekit_method] = replace(spec, method=mergekit_method, inverse=inverse)
     return out
 
 

@@ -208,7 +208,9 @@ class MergekitSpec:
     ``heads_refusal``: why models with task-specific tensors cannot be exported (``{heads}`` is
     filled in), for a mergekit method that would merge the heads. ``audit``: for an exact method,
     the options' check on the actual tensors (None where the options make the export exact whatever
-    the weights).
+    the weights). ``also_imports``: other mergekit methods that are this method with other options
+    (mergekit's ``della_linear`` is ``della`` without sign election), each with its inverse; the
+    translation writes their name where the options say so.
     """
 
     method: str
@@ -217,6 +219,7 @@ class MergekitSpec:
     inverse: MergekitInverse | None = None
     heads_refusal: str | None = None
     audit: Callable[[Any], TensorAudit | None] | None = None
+    also_imports: Mapping[str, MergekitInverse] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,36 @@ def count_report(names: Sequence[str], tasks: list[str], bad: np.ndarray, why: s
         f"'{names[i]}' of task '{tasks[t]}'; move the densities off these counts (a tensor of n entries "
         "needs density ≥ 1/n)"
     ]
+
+
+def unweighted_differences(t: ExportTables, method: str) -> list[str]:
+    """mergekit methods without a per-model weight (sce, ram) merge as mergetune's λ = 1: any other λ differs."""
+    off = (t.weight != 1.0) & t.merged[None, :]
+    if not off.any():
+        return []
+    return [
+        f"mergekit's {method} takes no per-model weight (its merge is λ = 1 for every task); λ "
+        f"{', '.join(values_text(t.weight[off]))} in group(s) {groups_text(t, off.any(axis=0))}; set weight: 1 "
+        "for an exact export"
+    ]
+
+
+def unweighted_heads_refusal(method: str) -> str:
+    """Why a recipe over models with task heads cannot export to a mergekit method without per-model weights."""
+    return (
+        f"exports to mergekit's {method}, which has no per-model weight and would merge the task heads {{heads}} "
+        "that mergetune keeps per task; export models without their heads"
+    )
+
+
+def unweighted_import(r: ImportTables) -> np.ndarray:
+    """``[T, N]`` λ = 1: a mergekit method without per-model weights adds each task's contribution once."""
+    return np.ones((len(r.tasks), len(r.names)))
+
+
+def shared_scalar(r: ImportTables, param: str, diffs: list[str]) -> float:
+    """A shared float parameter (e.g. ``epsilon``) that a recipe holds as one option: uniform over tensors."""
+    return uniform_scalar(np.array([float(v) for v in r.shared[param]]), param, diffs)
 
 
 # ---- export: ties at a cut and exact cancels, on the actual tensors -------------------------------------------
@@ -444,6 +477,18 @@ def random_rescale(r: ImportTables, density: np.ndarray, diffs: list[str]) -> np
         )
         return np.ones_like(density)
     return inverse_density(density, at_zero=1.0)
+
+
+def refuse_l1_rescale(r: ImportTables, diffs: list[str]) -> None:
+    """A magnitude trim (ties, breadcrumbs) keeps its entries as they are; mergekit's ``rescale: true`` does not.
+
+    It multiplies each tensor's kept entries by ‖τ‖₁ / ‖kept‖₁, which no mergetune option does: a difference.
+    """
+    if flag(r, "rescale", diffs):
+        diffs.append(
+            f"{r.method} with rescale: true scales each tensor's kept entries to restore its L1 norm; mergetune keeps "
+            "them unscaled; write rescale: false (mergekit's default) for an exact import"
+        )
 
 
 def inverse_consensus(

@@ -57,6 +57,7 @@ from mergetune.merging.mergekit_spec import (
     keep_count,
     kth_largest_value,
     linear_weights,
+    refuse_l1_rescale,
     scope_differences,
     tied_beyond,
     uniform_scalar,
@@ -203,6 +204,7 @@ def breadcrumbs_from_mergekit(r: ImportTables) -> ImportedValues:
     density = r.per_model["density"]
     gamma = uniform_scalar(r.per_model["gamma"], "gamma", diffs)
     diffs += count_report(r.names, r.tasks, band_mismatch(r.numel, density, gamma), "outlier band")
+    refuse_l1_rescale(r, diffs)
     if r.method == "breadcrumbs":
         weight, options = linear_weights(r, r.per_model["weight"]), {"tie_rule": "mergekit"}
     else:

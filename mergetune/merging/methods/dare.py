@@ -190,7 +190,7 @@ def dare_from_mergekit(r: ImportTables) -> ImportedValues:
     use = ~is_1d if skip_1d else None
     c = random_rescale(r, density, diffs)
     if r.method == "dare_linear":
-        weight = linear_weights(r, r.per_model["weight"] / c)
+        weight = linear_weights(r, r.per_model["weight"]) / c  # normalize divides by the sum of mergekit's weights
         return ImportedValues("dare_linear", weight, density, options, diffs, use)
     weight, consensus_options = inverse_consensus(r, c, diffs)
     options = {"scope": "tensor", **options, **consensus_options, "sign_cancel": "plus_one"}

@@ -7,7 +7,14 @@ Magnitude-Based Sampling", arXiv 2406.11617): MagPrune, then sign election and a
    its own p (E[τ̃_t] = τ_t).
 2. Elect the sign as TIES does, γ = sign(Σ_t v_t), with v_t = λ_t τ̃_t (``weights:
    before_election``, default) or τ̃_t (``after_election``).
-3. Δ = scale · Σ_t λ_t τ̃_t m_t / Σ_t λ_t m_t over the entries m_t that agree with γ (0 where none).
+3. Δ = scale · Σ_t λ_t τ̃_t m_t / Σ_t λ_t m_t over the entries m_t that agree with γ (0 where none);
+   ``disjoint`` (see ``ops.disjoint_merge``): ``weighted_mean`` (this, default), ``sum`` (no division,
+   mergekit ``normalize: false``) or ``mean`` (divided by the number of agreeing tasks).
+
+``sign_election: false`` skips step 2: every task's pruned vector counts (m_t = 1), so ``sum`` is a
+Task Arithmetic of the τ̃_t, Δ = scale · Σ_t λ_t τ̃_t, ``weighted_mean`` divides it by Σ_t λ_t and
+``mean`` by T. That is mergekit's ``della_linear`` (``normalize: false`` is ``sum``, ``normalize:
+true`` the weighted mean), exported and imported under that name.
 
 Rank normalisation: rank = r / (L − 1), with r the 0-based ascending rank in a row of L entries
 (mergekit's (rank − min) / (max − min)); tied magnitudes share their average rank, so equal entries
@@ -49,15 +56,23 @@ from mergetune.merging.mergekit_spec import (
     gta_parameters,
     inverse_consensus,
     inverse_density,
+    linear_weights,
     random_note,
     random_rescale,
     uniform_scalar,
     values_text,
 )
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
-from mergetune.merging.methods.ties import SignCancel, WeightsAt, consensus_args, consensus_static, sign_consensus
+from mergetune.merging.methods.ties import (
+    Disjoint,
+    SignCancel,
+    WeightsAt,
+    consensus_args,
+    consensus_static,
+    sign_consensus,
+)
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.ops import per_task, row_uniform
+from mergetune.merging.ops import disjoint_merge, per_task, row_uniform
 
 RANK_KIND = "della_rank"
 _RANK_CHUNK = 1 << 20  # entries ranked at a time (bounds the int64 temporaries)
@@ -69,6 +84,12 @@ class DellaOptions(MethodOptions):
     scale: float = Field(1.0, description="Multiplies the merged task vector (mergekit's lambda).")
     weights: WeightsAt = "before_election"
     sign_cancel: SignCancel = Field("entry_majority", description="Elected sign where Σ_t v_t is exactly 0 (ties.py).")
+    sign_election: bool = Field(
+        True, description="Elect the sign and merge the agreeing entries; false: every task counts (della_linear)."
+    )
+    disjoint: Disjoint = Field(
+        "weighted_mean", description="How the counted entries combine: weighted_mean, sum or mean (ops.py)."
+    )
 
 
 def normalised_rank(magnitude: torch.Tensor) -> torch.Tensor:
@@ -110,11 +131,16 @@ def della_kernel(
     key_lo: torch.Tensor,
     key_hi: torch.Tensor,
     row_offset: torch.Tensor,
+    disjoint: str = "weighted_mean",
+    elect: bool = True,
     cancel: str = "entry_majority",
     majority: int = 0,
 ) -> torch.Tensor:
     pruned = della_values(tau, p_low, p_width, rank, key_lo, key_hi, row_offset)
-    return sign_consensus(pruned, weight, election_weight, "weighted_mean", cancel, majority) * scale
+    if elect:
+        return sign_consensus(pruned, weight, election_weight, disjoint, cancel, majority) * scale
+    every_task = [torch.ones_like(v, dtype=torch.bool) for v in pruned]
+    return disjoint_merge(pruned, weight.unbind(0), every_task, disjoint) * scale
 
 
 def della_values(
@@ -152,7 +178,12 @@ def della_to_mergekit(t: ExportTables) -> Translation:
     _check_mergekit_range(t, opts.epsilon)
     exact = opts.epsilon == 0.0
     c = inverse_density(t.density) if exact else np.ones_like(t.density)
-    tr = consensus("della", t, t.density, c, opts.weights, "weighted_mean", opts.scale)
+    if opts.sign_election:
+        tr = consensus("della", t, t.density, c, opts.weights, opts.disjoint, opts.scale)
+    else:  # Σ_t λ_t τ̃_t / divisor, the divisor folded into the weights (mergekit's normalize divides by Σ w)
+        weight = t.weight * c / linear_divisor(t.weight, opts.disjoint)
+        tr = Translation("della_linear", {"weight": weight, "density": t.density}, {"normalize": False})
+        tr.shared["lambda"] = opts.scale
     tr.per_input["epsilon"] = np.full_like(t.weight, opts.epsilon)
     tr.shared["rescale"] = not exact
     if not exact:
@@ -163,8 +194,19 @@ def della_to_mergekit(t: ExportTables) -> Translation:
             "not entry by entry (exact in distribution only with epsilon: 0)",
         )
     tr.notes.append(random_note(t))
-    tr.notes += cancel_note(getattr(opts, "sign_cancel", "plus_one"))
+    if opts.sign_election:
+        tr.notes += cancel_note(opts.sign_cancel)
     return tr
+
+
+def linear_divisor(weight: np.ndarray, disjoint: str) -> np.ndarray:
+    """``[N]`` what della without sign election divides Σ_t λ_t τ̃_t by (every task counts); 0/0 is 0."""
+    if disjoint == "sum":
+        return np.ones(weight.shape[1])
+    if disjoint == "mean":
+        return np.full(weight.shape[1], float(weight.shape[0]))
+    total = weight.sum(axis=0)
+    return np.where(total != 0, total, np.inf)  # Σ λ = 0: mergetune's weighted mean is 0, so every weight is 0
 
 
 def _check_mergekit_range(t: ExportTables, epsilon: float) -> None:
@@ -179,7 +221,11 @@ def _check_mergekit_range(t: ExportTables, epsilon: float) -> None:
 
 
 def della_from_mergekit(r: ImportTables) -> ImportedValues:
-    """Exact in distribution only at epsilon 0 without rescale (keep with probability d, mergetune divides by d)."""
+    """Exact in distribution only at epsilon 0 without rescale (keep with probability d, mergetune divides by d).
+
+    ``della_linear`` is della without sign election: its weights, normalised by Σ w where ``normalize`` says
+    so, are λ_t · c_t (before dividing by c, as mergekit divides by the sum of its own weights).
+    """
     diffs: list[str] = []
     density = r.per_model["density"]
     epsilon = uniform_scalar(r.per_model["epsilon"], "epsilon", diffs)
@@ -193,11 +239,12 @@ def della_from_mergekit(r: ImportTables) -> ImportedValues:
             if flag(r, "rescale", diffs)
             else "della with rescale: false keeps MagPrune's survivors unscaled; mergetune divides each by its p"
         )
-    if not flag(r, "normalize", diffs):
-        diffs.append("della with normalize: false sums the agreeing entries; mergetune's della takes the weighted mean")
-    weight, options = inverse_consensus(r, c, diffs, normalize=True)
-    options.pop("disjoint")
-    options["sign_cancel"] = "plus_one"  # mergekit's election where the weighted sum cancels
+    if r.method == "della_linear":
+        weight = linear_weights(r, r.per_model["weight"]) / c
+        options: dict[str, Any] = {"sign_election": False, "disjoint": "sum"}
+    else:
+        weight, options = inverse_consensus(r, c, diffs)
+        options["sign_cancel"] = "plus_one"  # mergekit's election where the weighted sum cancels
     return ImportedValues("della", weight, density, {"epsilon": epsilon, **options}, diffs)
 
 
@@ -216,6 +263,11 @@ class Della(ChunkMethod):
         IN_DISTRIBUTION,
         della_to_mergekit,
         MergekitInverse(della_from_mergekit, *gta_parameters(normalize=True, rescale=True, epsilon=0.15)),
+        also_imports={
+            "della_linear": MergekitInverse(
+                della_from_mergekit, *gta_parameters(normalize=False, rescale=True, epsilon=0.15)
+            )
+        },
     )
 
     def validate(self, ctx: MergeContext) -> None:
@@ -238,7 +290,9 @@ class Della(ChunkMethod):
         args["p_width"] = torch.full_like(args["scale"], 2 * opts.epsilon)
         args.update(ctx.random_keys())
         elements = {"rank": ctx.stats.scores(RANK_KIND, della_ranks)}
-        static = consensus_static(ctx, opts.sign_cancel, della_values, args, elements)
+        static: dict[str, Any] = {"disjoint": opts.disjoint, "elect": opts.sign_election}
+        if opts.sign_election:
+            static.update(consensus_static(ctx, opts.sign_cancel, della_values, args, elements))
         return Prepared(row_args=args, element_args=elements, static=static)
 
 

@@ -50,6 +50,7 @@ from mergetune.merging.mergekit_spec import (
     inverse_consensus,
     keep_count,
     kth_largest_value,
+    refuse_l1_rescale,
     scope_differences,
     tied_beyond,
     topk_differences,
@@ -226,6 +227,7 @@ def ties_from_mergekit(r: ImportTables) -> ImportedValues:
     diffs: list[str] = []
     density = r.per_model["density"]
     diffs += count_report(r.names, r.tasks, topk_mismatch(r.numel, density), "mergekit max(1, ⌊d·n⌋)")
+    refuse_l1_rescale(r, diffs)
     weight, options = inverse_consensus(r, np.ones_like(density), diffs)
     return ImportedValues("ties", weight, density, {"scope": "tensor", **MERGEKIT_RULES, **options}, diffs)
 
