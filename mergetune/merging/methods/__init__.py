@@ -23,7 +23,21 @@ from mergetune.merging.methods.registry import (
     unregister,
 )
 
-_MODULES = ("task_arithmetic", "ties", "dare", "breadcrumbs", "della", "pcb", "tsv", "twin")
+_MODULES = (
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "breadcrumbs",
+    "della",
+    "pcb",
+    "tsv",
+    "twin",
+    "linear",
+    "spherical",
+    "nearswap",
+    "model_stock",
+    "arcee_fusion",
+)
 
 for _module in _MODULES:
     for _cls in importlib.import_module(f"{__name__}.{_module}").METHODS:
