@@ -28,8 +28,9 @@ weighted mean norm:
     m = Σ w_t u_t / ‖Σ w_t u_t‖,  v = Σ w_t (u_t − (u_t·m) m),  r = ‖v‖ + ε,
     x = (m cos r + v sin r / r) · Σ_t w_t ‖x_t‖.
 
-Where ‖Σ w_t u_t‖ < ε (opposite vectors that cancel), two vectors fall back to Σ w_t x_t; more are
-an error. With one expert the result is that expert, whatever its weight.
+Where ‖Σ w_t u_t‖ < ε (directions that cancel) the result is the straight line Σ w_t x_t (mergekit's
+fallback for two vectors; for more, mergekit stops with an error). With one expert the result is that
+expert, whatever its weight.
 
 Karcher mean (Karcher 1977, "Riemannian center of mass and mollifier smoothing"; mergekit's
 ``karcher``): the weighted Riemannian centre of mass of the experts' directions θ_t/‖θ_t‖ on the
@@ -224,7 +225,7 @@ class MultislerpOptions(MethodOptions):
     )
 
 
-def multislerp(x: torch.Tensor, w: torch.Tensor, eps: float, name: str) -> torch.Tensor:
+def multislerp(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """Barycentric interpolation of the rows of ``x`` ``[T, n]`` on the sphere, weights ``w`` ``[T]``."""
     if x.shape[0] == 1:
         return x[0]
@@ -234,12 +235,10 @@ def multislerp(x: torch.Tensor, w: torch.Tensor, eps: float, name: str) -> torch
     mean = (unit * w).sum(0)
     mean_norm = mean.norm()
     if mean_norm < eps:
-        if x.shape[0] == 2:
-            return (x * w).sum(0)  # opposite vectors: mergekit falls back to the straight line
-        raise RecipeError(
-            f"multislerp: tensor '{name}': the weighted mean of the task directions is 0 (opposite task vectors "
-            "whose weights cancel); change the weights of its layer group"
-        )
+        # Directions that cancel (opposite vectors, or the signs of a one-entry tensor): there is no mean
+        # on the sphere. mergekit takes the straight line for two vectors and fails for more; mergetune
+        # takes the straight line for any number, so a search does not stop on a one-entry tensor.
+        return (x * w).sum(0)
     mean = mean / mean_norm
     tangent = ((unit - (unit * mean).sum(-1, keepdim=True) * mean) * w).sum(0)
     radius = tangent.norm() + eps
@@ -285,8 +284,7 @@ class Multislerp(TensorMethod):
         opts: MultislerpOptions = ctx.options
         x = tensor_inputs(ctx, segment_index)
         w = x.weight / x.weight.sum() if opts.normalize_weights else x.weight
-        name = ctx.modelset.segments[segment_index].name
-        merged = multislerp(interpolated(x, opts.space), w, opts.eps, name)
+        merged = multislerp(interpolated(x, opts.space), w, opts.eps)
         delta = merged if opts.space == "task_vectors" else merged - x.base
         return delta.reshape(x.shape)
 
