@@ -48,7 +48,6 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from mergetune.errors import RecipeError
 from mergetune.merging.context import MergeContext
 from mergetune.merging.mergekit_spec import (
     BASE_INPUT,
