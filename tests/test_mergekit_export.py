@@ -406,7 +406,7 @@ def _shared_param_on_a_model(config: dict[str, Any]) -> None:
     ("patch", "words"),
     [
         (_rename_method, ["unknown key(s) ['merge_mehtod']", "silently ignore"]),
-        (_set("merge_method", "slerp"), ["'slerp' has no mergetune equivalent"]),
+        (_set("merge_method", "frankenslerp"), ["'frankenslerp' has no mergetune equivalent"]),  # not a mergekit method
         (_set("parameters", {"densty": 0.5}), ["does not read ['densty']"]),
         (_shared_param_on_a_model, ["does not read ['normalize'] there"]),
         (_set("dtype", "bfloat16"), ["mergekit computes in bfloat16", "--approximate"]),
