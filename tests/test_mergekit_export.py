@@ -112,7 +112,7 @@ def families(tiny_llama_dir: ModelDirs, bert_sc_dir: ModelDirs) -> dict[str, Mod
 
 def make_recipe(models: ModelDirs, name: str, spec: dict[str, Any]) -> Recipe:
     base, experts = models
-    tasks = list(experts)
+    tasks = [*experts, ""]  # a recipe of one expert (SLERP) never names {t1}
     text = yaml.safe_dump({k: v for k, v in spec.items() if k != "method"}).replace(T0, tasks[0]).replace(T1, tasks[1])
     fields = yaml.safe_load(text)
     return Recipe.model_validate(

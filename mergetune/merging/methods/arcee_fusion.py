@@ -89,6 +89,7 @@ class ArceeFusion(TensorMethod):
     name = "arcee_fusion"
     citation = "Arcee AI 2025, Arcee Fusion (mergekit's arcee_fusion)"
     experts = (1, 1)  # the base and one other model
+    may_keep_nothing = True  # no entry of a small tensor may reach the outlier cut
     search_weight = (0.5, 1.5)
     warm_start = WarmStart(weight=1.0, density=1.0)  # mergekit's merge
     mergekit = MergekitSpec(

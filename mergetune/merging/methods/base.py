@@ -87,6 +87,9 @@ class MergeMethod(ABC):
     # Whether λ = 0 for every task gives the base. Not for methods whose λ is not a task-vector
     # coefficient (linear without normalisation, NuSLERP's interpolation ratio, passthrough's scale).
     zero_weight_is_base: ClassVar[bool] = True
+    # Whether the method's own rule may leave a whole small tensor at the base at any λ (Arcee Fusion's
+    # outlier cut can select no entry of a 4-entry tensor), which the contract tests then allow.
+    may_keep_nothing: ClassVar[bool] = False
 
     def validate(self, ctx: MergeContext) -> None:  # noqa: B027 (optional hook)
         """Raise a RecipeError for parameter combinations the method cannot run."""

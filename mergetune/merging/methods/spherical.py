@@ -83,17 +83,21 @@ NUSLERP_EPS = 1e-8  # collinear where 1 − cos² ≤ eps²
 Space = Literal["task_vectors", "weights"]
 
 
-# ---- the interpolation shared by SLERP and NuSLERP ------------------------------------------------------
+# ---- the interpolation coefficients shared by SLERP and NuSLERP ------------------------------------------------------
 
 
-def spherical_mix(
-    cos: torch.Tensor, linear: torch.Tensor, t: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor
-) -> torch.Tensor:
-    """(sin((1−t)Ω) v0 + sin(tΩ) v1) / sin Ω per vector, and (1−t) v0 + t v1 where ``linear`` (``[k, 1]`` masks)."""
+def spherical_coefficients(
+    cos: torch.Tensor, linear: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sin((1−t)Ω) / sin Ω, sin(tΩ) / sin Ω) per vector, and (1 − t, t) where ``linear`` (``[k, 1]`` masks).
+
+    At t = 0 the first is sin Ω / sin Ω, exactly 1 in floating point, and the second exactly 0.
+    """
     omega = torch.acos(torch.where(linear, torch.zeros_like(cos), cos))  # finite on the unused branch too
     sin_omega = torch.where(linear, torch.ones_like(omega), torch.sin(omega))
-    curved = (torch.sin((1 - t) * omega) * v0 + torch.sin(t * omega) * v1) / sin_omega
-    return torch.where(linear, (1 - t) * v0 + t * v1, curved)
+    c0 = torch.where(linear, 1 - t, torch.sin((1 - t) * omega) / sin_omega)
+    c1 = torch.where(linear, t, torch.sin(t * omega) / sin_omega)
+    return c0, c1
 
 
 # ---- SLERP ----------------------------------------------------------------------------------------------
@@ -125,9 +129,9 @@ class Slerp(TensorMethod):
     def merge_tensor(self, ctx: MergeContext, segment_index: int) -> torch.Tensor:
         x = tensor_inputs(ctx, segment_index)
         cos = cached(ctx, "slerp.cos", segment_index, lambda _: slerp_cosine(x))
-        linear = cos.abs() > SLERP_LINEAR_ABOVE
-        merged = spherical_mix(cos, linear, x.weight[0], x.base.unsqueeze(0), x.experts()[:1])
-        return (merged.reshape(-1) - x.base).reshape(x.shape)
+        c0, c1 = spherical_coefficients(cos, cos.abs() > SLERP_LINEAR_ABOVE, x.weight[0])
+        # θ − θ_0 = (c0 − 1) θ_0 + c1 θ_1: exactly 0 at t = 0
+        return ((c0 - 1) * x.base + c1 * x.experts()[0]).reshape(x.shape)
 
 
 # ---- NuSLERP --------------------------------------------------------------------------------------------
@@ -208,8 +212,8 @@ class Nuslerp(TensorMethod):
         v = to_vectors(interpolated(x, opts.space), x.shape, layout)  # [2, k, m]
         key = f"nuslerp.cos:{opts.space}:{layout}"
         cos = cached(ctx, key, segment_index, lambda _: nuslerp_cosine(v))
-        linear = (1 - cos.square()) <= NUSLERP_EPS**2
-        merged = from_vectors(spherical_mix(cos, linear, nuslerp_ratio(x.weight), v[0], v[1]), x.shape, layout)
+        c0, c1 = spherical_coefficients(cos, (1 - cos.square()) <= NUSLERP_EPS**2, nuslerp_ratio(x.weight))
+        merged = from_vectors(c0 * v[0] + c1 * v[1], x.shape, layout)
         delta = merged if opts.space == "task_vectors" else merged - x.base
         return delta.reshape(x.shape)
 
