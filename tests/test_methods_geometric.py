@@ -18,6 +18,8 @@ from conftest import make_models, make_recipe, merge
 
 from mergetune.errors import RecipeError
 from mergetune.merging.modelset import ModelSet
+from mergetune.recipe import Expert
+from mergetune.search.space import MethodSpace, ParamRange, SearchSpace
 
 W = "layers.0.w"  # the one tensor of the hand-made models
 R2 = math.sqrt(0.5)
@@ -207,3 +209,14 @@ def test_arcee_fusion_keeps_only_the_outlying_changes() -> None:
     close(merged(ms, "arcee_fusion", 1.0), expected)
     expected[7] = base[7] + 2.5
     close(merged(ms, "arcee_fusion", 0.5), expected)
+
+
+# ---- expert counts ----------------------------------------------------------------------------------------
+def test_a_search_space_refuses_a_two_model_method_for_three_experts() -> None:
+    """Said before any trial runs, with the method and the count (not at the first merge, in a worker)."""
+    experts = [Expert(name=t, model=f"/m/{t}") for t in "abc"]
+    with pytest.raises(RecipeError, match=r"slerp merges exactly 1 expert\(s\) with the base, got 3"):
+        SearchSpace("/m/base", experts, ["blocks.0"], {"slerp": MethodSpace()}, ParamRange(), ParamRange())
+    with pytest.raises(RecipeError, match=r"nuslerp merges exactly 2 expert\(s\) with the base, got 3"):
+        SearchSpace("/m/base", experts, ["blocks.0"], {"nuslerp": MethodSpace()}, ParamRange(), ParamRange())
+    SearchSpace("/m/base", experts[:1], ["blocks.0"], {"slerp": MethodSpace()}, ParamRange(), ParamRange())
