@@ -100,7 +100,13 @@ def make_recipe(models: ModelDirs, case: str) -> Recipe:
     )
 
 
-HANDWRITTEN = ("hand-nuslerp-no-base", "hand-karcher-with-base", "hand-slerp-gradient", "hand-passthrough")
+HANDWRITTEN = (
+    "hand-nuslerp-no-base",
+    "hand-karcher-with-base",
+    "hand-slerp-gradient",
+    "hand-passthrough",
+    "hand-linear-base-input",
+)
 
 
 def handwritten(models: ModelDirs) -> dict[str, dict[str, Any]]:
@@ -131,6 +137,13 @@ def handwritten(models: ModelDirs) -> dict[str, dict[str, Any]]:
             "dtype": "float32",
         },
         "hand-passthrough": {"merge_method": "passthrough", "models": [{"model": experts[1]}], "dtype": "float32"},
+        "hand-linear-base-input": {  # the base is one more input of the mean, at the global weight
+            "merge_method": "linear",
+            "base_model": base,
+            "models": [{"model": experts[0], "parameters": {"weight": 2.0}}, {"model": experts[1]}],
+            "parameters": {"weight": 1.0},
+            "dtype": "float32",
+        },
     }
 
 

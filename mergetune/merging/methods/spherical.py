@@ -83,9 +83,7 @@ NUSLERP_EPS = 1e-8  # collinear where 1 − cos² ≤ eps²
 Space = Literal["task_vectors", "weights"]
 
 
-# ---- the interpolation coefficients shared by SLERP and NuSLERP ------------------------------------------------------
-
-
+# ---- the interpolation coefficients shared by SLERP and NuSLERP ----------------------------------------
 def spherical_coefficients(
     cos: torch.Tensor, linear: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
