@@ -124,7 +124,7 @@ def families(tiny_llama_dir: ModelDirs, bert_sc_dir: ModelDirs) -> dict[str, Mod
 
 def make_recipe(models: ModelDirs, name: str, spec: dict[str, Any]) -> Recipe:
     base, experts = models
-    tasks = list(experts)
+    tasks = [*experts, ""]  # a recipe of one expert (SLERP) never names {t1}
     text = yaml.safe_dump({k: v for k, v in spec.items() if k != "method"}).replace(T0, tasks[0]).replace(T1, tasks[1])
     fields = yaml.safe_load(text)
     return Recipe.model_validate(
@@ -418,7 +418,7 @@ def _shared_param_on_a_model(config: dict[str, Any]) -> None:
     ("patch", "words"),
     [
         (_rename_method, ["unknown key(s) ['merge_mehtod']", "silently ignore"]),
-        (_set("merge_method", "slerp"), ["'slerp' has no mergetune equivalent"]),
+        (_set("merge_method", "frankenslerp"), ["'frankenslerp' has no mergetune equivalent"]),  # not a mergekit method
         (_set("parameters", {"densty": 0.5}), ["does not read ['densty']"]),
         (_shared_param_on_a_model, ["does not read ['normalize'] there"]),
         (_set("dtype", "bfloat16"), ["mergekit computes in bfloat16", "--approximate"]),

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from test_mergekit_export import EXACT as MERGEKIT_EXACT
 from test_mergekit_export import RANDOM as MERGEKIT_RANDOM
 from test_mergekit_export import make_recipe
+from test_mergekit_methods_geo import EXACT as GEO_EXACT
 
 from mergetune.errors import RecipeError
 from mergetune.export.mergekit import ExportError, export_mergekit
@@ -53,7 +54,8 @@ GROUP_OF = {"embed_tokens.weight": "embed", "norm.weight": "head"}  # else block
 # their own test module (tests/test_regmean.py), with statistics for each model set; the rest run here.
 STATIC = sorted(name for name, method in METHODS.items() if not method.dynamic and not method.needs_data)
 DYNAMIC = sorted(name for name, method in METHODS.items() if method.dynamic)
-EXACTNESS_TABLES = {"exact": MERGEKIT_EXACT, "in distribution": MERGEKIT_RANDOM}  # run through real mergekit
+# run through real mergekit: the task-arithmetic family, and the model-space methods (their own file)
+EXACTNESS_TABLES = {"exact": {**MERGEKIT_EXACT, **GEO_EXACT}, "in distribution": MERGEKIT_RANDOM}
 ATOL = 1e-5  # eager vs compiled: float rounding of fused kernels
 
 
@@ -66,25 +68,50 @@ def unit_noise_models(shapes: dict[str, tuple[int, ...]], seed: int) -> tuple[St
     return make_models(shapes, TASKS, seed=seed, noise=1.0)
 
 
+def expert_count(name: str) -> int:
+    """How many experts a method's contract recipes merge: its maximum, else three (SLERP takes one)."""
+    low, high = get_method(name).experts
+    return high or max(low, len(TASKS))
+
+
+def load_models(shapes: dict[str, tuple[int, ...]], seed: int, n_tasks: int = len(TASKS)) -> ModelSet:
+    base, experts = unit_noise_models(shapes, seed)
+    return ModelSet.load(base, dict(list(experts.items())[:n_tasks]))
+
+
+MATRIX_SHAPES = {"layers.0.w": (4, 5), "layers.1.w": (3, 4)}  # only tensors of several rows: one compiled graph
+_MODELSETS: dict[tuple[str, int], ModelSet] = {}
+
+
+def models_for(name: str, kind: str = "layered") -> ModelSet:
+    """The contract's models (``layered``: SHAPES, seed 0; ``matrices``) with as many experts as ``name`` takes."""
+    key = (kind, expert_count(name))
+    if key not in _MODELSETS:
+        _MODELSETS[key] = load_models(*((SHAPES, 0) if kind == "layered" else (MATRIX_SHAPES, 1)), key[1])
+    return _MODELSETS[key]
+
+
 @pytest.fixture(scope="module")
 def modelset() -> ModelSet:
-    return ModelSet.load(*unit_noise_models(SHAPES, seed=0))
+    return load_models(SHAPES, seed=0)
 
 
 @pytest.fixture(scope="module")
 def matrices() -> ModelSet:
     """Only tensors of several rows: one compiled graph per kernel."""
-    return ModelSet.load(*unit_noise_models({"layers.0.w": (4, 5), "layers.1.w": (3, 4)}, seed=1))
+    return load_models(MATRIX_SHAPES, seed=1)
 
 
 def contract_recipe(name: str, **fields: Any) -> Recipe:
     """The method's paper default (its warm start) with distinct λ per task, so tasks are told apart."""
     start: WarmStart = get_method(name).warm_start
+    tasks = TASKS[: expert_count(name)]
+    weights = {"a": start.weight, "b": 0.5 * start.weight, "c": 1.5 * start.weight}
     data: dict[str, Any] = {
         "base": "base",
-        "experts": [{"name": t, "model": t} for t in TASKS],
+        "experts": [{"name": t, "model": t} for t in tasks],
         "method": name,
-        "weight": {"a": start.weight, "b": 0.5 * start.weight, "c": 1.5 * start.weight},
+        "weight": {t: weights[t] for t in tasks},
         "density": start.density,
         "options": dict(start.options),
         "seed": 3,
@@ -109,7 +136,7 @@ def assert_equal(ours: State, expected: State) -> None:
 # ---- the rules -------------------------------------------------------------------------------------------
 def check_chunk_invariance(name: str, shapes: dict[str, tuple[int, ...]], seed: int, chunk_size: int) -> None:
     """Chunks of whole rows only change how the work is cut: the same bits for any chunk size."""
-    ms = ModelSet.load(*unit_noise_models(shapes, seed))
+    ms = load_models(shapes, seed, expert_count(name))
     recipe = contract_recipe(name)
     assert_equal(merged(ms, recipe, chunk_size=chunk_size), merged(ms, recipe))
 
@@ -155,11 +182,27 @@ def check_group_values_are_honoured(name: str, modelset: ModelSet) -> None:
     Density 0.9 keeps most entries, so that even a tensor of one row of 4 keeps some (a sparse
     method may rightly keep nothing of a tiny tensor at its paper's density).
     """
-    start = get_method(name).warm_start.weight
-    recipe = contract_recipe(name, weight={"*": {"blocks.0": 0.0, "*": start}}, density=0.9)
+    method = get_method(name)
+    recipe = contract_recipe(name, weight={"*": {"blocks.0": 0.0, "*": method.warm_start.weight}}, density=0.9)
     out, base = merged(modelset, recipe), base_of(modelset)
     moved = {group_of(t) for t in out if not torch.equal(out[t], base[t])}
-    assert moved == {group_of(t) for t in out} - {"blocks.0"}
+    groups = {group_of(t) for t in out}
+    if method.may_keep_nothing:  # the groups that move at all (its rule may keep nothing of a small tensor)
+        everywhere = merged(modelset, contract_recipe(name, density=0.9))
+        groups = {group_of(t) for t in out if not torch.equal(everywhere[t], base[t])}
+        assert "blocks.0" in groups and len(groups) > 2, "the rule is not exercised: almost nothing moves"
+    assert moved == groups - {"blocks.0"}
+
+
+def check_group_weights_change_only_their_group(name: str, modelset: ModelSet) -> None:
+    """For a method whose λ = 0 is not the base: another λ of the first task in one layer group changes
+    that group's tensors and no other (the rule above, where the base is no reference)."""
+    start = get_method(name).warm_start.weight
+    weights: dict[str, Any] = {"a": start, "b": 0.5 * start, "c": 1.5 * start}
+    changed = {t: weights[t] for t in TASKS[: expert_count(name)]} | {"a": {"blocks.0": 2.0 * start, "*": start}}
+    before, after = merged(modelset, contract_recipe(name)), merged(modelset, contract_recipe(name, weight=changed))
+    moved = {group_of(t) for t in before if not torch.equal(before[t], after[t])}
+    assert moved == {"blocks.0"}
 
 
 def check_density_out_of_range_is_refused(name: str) -> None:
@@ -233,6 +276,8 @@ def check_mergekit_export(name: str, models: ModelDirs) -> None:
     """The export does what the class declares: refused with its reason, approximate only when asked,
     or exact / exact in distribution, in which case the real-mergekit tests run a recipe of the method."""
     spec = get_method(name).mergekit
+    base, experts = models
+    models = (base, dict(list(experts.items())[: expert_count(name)]))
     recipe = make_recipe(models, name, {"weight": 0.5, "density": 0.5})
     if isinstance(spec, MergekitRefusal):
         with pytest.raises(ExportError, match="no mergekit equivalent"):
@@ -276,25 +321,35 @@ def test_chunking_does_not_change_the_merge(name: str, shapes: dict[str, tuple[i
 
 
 @pytest.mark.parametrize("name", STATIC)
-def test_rerun_with_the_same_seed_is_bit_identical(name: str, modelset: ModelSet) -> None:
-    check_rerun_is_identical(name, modelset)
+def test_rerun_with_the_same_seed_is_bit_identical(name: str) -> None:
+    check_rerun_is_identical(name, models_for(name))
 
 
 @pytest.mark.skipif(not compile_available(torch.device("cpu")), reason="no C++ compiler for torch.compile")
 @pytest.mark.parametrize("name", STATIC)
-def test_compiled_kernels_match_eager(name: str, matrices: ModelSet) -> None:
-    check_compiled_matches_eager(name, matrices)
+def test_compiled_kernels_match_eager(name: str) -> None:
+    check_compiled_matches_eager(name, models_for(name, "matrices"))
 
 
 # average normalises the weights of each group: all λ = 0 is a documented error, checked instead.
-@pytest.mark.parametrize("name", [n for n in STATIC if n != "average"])
-def test_zero_weights_give_the_base(name: str, modelset: ModelSet) -> None:
-    check_zero_weights_give_the_base(name, modelset)
+# Methods whose λ is not a task-vector coefficient declare zero_weight_is_base = False (the class says
+# why: linear's plain sum, NuSLERP's ratio, passthrough's scale, ...) and keep the rule after these.
+ZERO_IS_BASE = [n for n in STATIC if n != "average" and get_method(n).zero_weight_is_base]
 
 
-@pytest.mark.parametrize("name", [n for n in STATIC if n != "average"])
-def test_per_group_weights_are_honoured(name: str, modelset: ModelSet) -> None:
-    check_group_values_are_honoured(name, modelset)
+@pytest.mark.parametrize("name", ZERO_IS_BASE)
+def test_zero_weights_give_the_base(name: str) -> None:
+    check_zero_weights_give_the_base(name, models_for(name))
+
+
+@pytest.mark.parametrize("name", ZERO_IS_BASE)
+def test_per_group_weights_are_honoured(name: str) -> None:
+    check_group_values_are_honoured(name, models_for(name))
+
+
+@pytest.mark.parametrize("name", [n for n in STATIC if not get_method(n).zero_weight_is_base])
+def test_per_group_weights_change_only_their_group(name: str) -> None:
+    check_group_weights_change_only_their_group(name, models_for(name))
 
 
 def test_average_refuses_weights_summing_to_zero(modelset: ModelSet) -> None:
@@ -308,8 +363,8 @@ def test_density_outside_unit_interval_is_refused(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", STATIC)
-def test_density_zero_keeps_nothing(name: str, modelset: ModelSet) -> None:
-    check_density_zero(name, modelset)
+def test_density_zero_keeps_nothing(name: str) -> None:
+    check_density_zero(name, models_for(name))
 
 
 @pytest.mark.parametrize("name", sorted(DENSITY_ONE))
@@ -339,7 +394,17 @@ def test_each_importable_mergekit_method_reads_back_as_one_registered_method() -
     assert all(spec.method == mergekit_method for mergekit_method, spec in specs.items())
     family = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della"}
     sparse = {"della_linear", "sce", "ram", "ramplus_tl"}
-    assert set(specs) == family | sparse | {"linear"}
+    model_space = {
+        "slerp",
+        "nuslerp",
+        "multislerp",
+        "karcher",
+        "passthrough",
+        "model_stock",
+        "nearswap",
+        "arcee_fusion",
+    }
+    assert set(specs) == family | sparse | {"linear"} | model_space
 
 
 @pytest.mark.parametrize("name", DYNAMIC)

@@ -280,9 +280,11 @@ def _encode(values: np.ndarray, scope: list[str]) -> Setting:
 
 
 def _plain(value: Any) -> Value:
-    """Python scalars for YAML (numpy bools and floats otherwise dump as tagged objects)."""
+    """Python scalars for YAML (numpy bools and floats otherwise dump as tagged objects); ints stay ints (max_iter)."""
     if isinstance(value, bool | np.bool_):
         return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
     return float(value)
 
 

@@ -24,7 +24,15 @@ import numpy as np
 from mergetune.errors import RecipeError, read_config_file
 from mergetune.export.layout import ModelLayout, read_layout
 from mergetune.export.settings import Setting, evaluate
-from mergetune.merging.mergekit_spec import ImportedValues, ImportTables, MergekitSpec, MergekitUnsupported, tidy
+from mergetune.merging.mergekit_spec import (
+    BASE_INPUT,
+    BASE_OPTIONAL,
+    ImportedValues,
+    ImportTables,
+    MergekitSpec,
+    MergekitUnsupported,
+    tidy,
+)
 from mergetune.merging.methods import METHODS, check_recipe
 from mergetune.recipe import DEFAULT_KEY, Recipe
 
@@ -59,6 +67,7 @@ class Resolved:
     per_model: dict[str, np.ndarray]
     shared: dict[str, np.ndarray]
     dtype: str = "float32"  # the recipe's output dtype
+    has_base: bool = True  # the configuration names a base_model
 
 
 @dataclass
@@ -130,12 +139,8 @@ def resolve(config: Mapping[str, Any], source: str) -> Resolved:
     shared_defaults, model_defaults = inverse.shared, inverse.per_model
     slices = _slices(config, source)
     models = list(slices[0].sources)
-    base = _model_name(config.get("base_model"), source, "base_model") if config.get("base_model") else None
-    if method == "linear":
-        base = base or models[0]
-    elif base is None:
-        raise MergekitImportError(f"{source}: {method} needs a base_model")
-    experts = [m for m in models if m != base] if method != "linear" else models
+    named = _model_name(config.get("base_model"), source, "base_model") if config.get("base_model") else None
+    base, experts = _roles(method, inverse.base, named, models, source)
     _check_params(config, slices, (set(shared_defaults), set(model_defaults)), method, source)
     layout = read_layout(base)
     global_params = config.get("parameters") or {}
@@ -148,8 +153,24 @@ def resolve(config: Mapping[str, Any], source: str) -> Resolved:
             shared[p][i] = _first(p, chain, name, t, default, source)
         for m, model in enumerate(experts):
             for p, default in model_defaults.items():
-                per_model[p][m, i] = float(_first(p, [where.sources[model], *chain], name, t, default, source, model))
-    return Resolved(method, base, experts, layout, per_model, shared, recipe_dtype(config))
+                own = where.sources.get(model, {})  # a base_model that mergekit adds as an input has no parameters
+                per_model[p][m, i] = float(_first(p, [own, *chain], name, t, default, source, model))
+    return Resolved(method, base, experts, layout, per_model, shared, recipe_dtype(config), named is not None)
+
+
+def _roles(method: str, policy: str, named: str | None, models: list[str], source: str) -> tuple[str, list[str]]:
+    """The recipe's base and experts, from what base_model is to mergekit's method (``MergekitInverse.base``).
+
+    A method without a base role (linear, karcher, passthrough) merges every model, and mergekit adds a
+    base_model missing from the models as one more input; its layout is the base's, else the first model's.
+    """
+    if policy == BASE_INPUT:
+        return named or models[0], models + ([named] if named and named not in models else [])
+    if named is None:
+        if policy == BASE_OPTIONAL:
+            return models[0], models  # interpolates the models' weights: the base only gives the layout
+        raise MergekitImportError(f"{source}: {method} needs a base_model")
+    return named, [m for m in models if m != named]
 
 
 def _slices(config: Mapping[str, Any], source: str) -> list[_Slice]:
@@ -297,6 +318,7 @@ def _invert(r: Resolved) -> Imported:
         is_1d=np.array([r.layout.ndim[n] < 2 for n in r.layout.names]),
         per_model=r.per_model,
         shared=r.shared,
+        has_base=r.has_base,
     )
     try:
         values = inverse.invert(tables)

@@ -110,6 +110,7 @@ class ImportTables:
     is_1d: np.ndarray  # [N] bool
     per_model: dict[str, np.ndarray]
     shared: dict[str, np.ndarray]
+    has_base: bool = True  # the configuration names a base_model (methods where it is optional: see BASE_OPTIONAL)
 
 
 @dataclass
@@ -136,6 +137,14 @@ class MergekitInverse:
     invert: Callable[[ImportTables], ImportedValues]
     shared: Mapping[str, Any]
     per_model: Mapping[str, Any]
+    base: str = "required"  # BASE_REQUIRED, BASE_OPTIONAL or BASE_INPUT: what base_model is to the method
+
+
+# What mergekit's method does with ``base_model``: needs it (the task-arithmetic family, SLERP, Model
+# Stock, ...); may have it (NuSLERP and Multi-SLERP interpolate task vectors with one, the weights
+# without); or has no base role, every model being an input, base_model included when given (linear,
+# karcher, passthrough).
+BASE_REQUIRED, BASE_OPTIONAL, BASE_INPUT = "required", "optional", "input"
 
 
 @dataclass
@@ -206,7 +215,8 @@ class MergekitSpec:
     float rounding), ``in distribution`` (a random method: the same rule, other draws) or
     ``approximate`` (mergekit has no equivalent; only written with ``--approximate``).
     ``heads_refusal``: why models with task-specific tensors cannot be exported (``{heads}`` is
-    filled in), for a mergekit method that would merge the heads. ``audit``: for an exact method,
+    filled in), for a mergekit method that would merge the heads. ``tolerance``: how closely an exact
+    export agrees with mergetune's merge (float rounding only). ``audit``: for an exact method,
     the options' check on the actual tensors (None where the options make the export exact whatever
     the weights). ``also_imports``: other mergekit methods that are this method with other options
     (mergekit's ``della_linear`` is ``della`` without sign election), each with its inverse; the
@@ -220,6 +230,9 @@ class MergekitSpec:
     heads_refusal: str | None = None
     audit: Callable[[Any], TensorAudit | None] | None = None
     also_imports: Mapping[str, MergekitInverse] = field(default_factory=dict)
+    # (atol, rtol) within which an exact export's weights agree with mergetune's: float32 rounding of
+    # another order of operations (the real-mergekit tests compare with these).
+    tolerance: tuple[float, float] = (1e-6, 1e-5)
 
 
 @dataclass(frozen=True)
@@ -444,6 +457,39 @@ def groups_text(t: ExportTables, columns: np.ndarray) -> str:
 
 def values_text(values: np.ndarray) -> list[str]:
     return [f"{v:g}" for v in sorted(set(np.asarray(values).ravel().tolist()))[:5]]
+
+
+# ---- export: methods whose mergekit version has no per-model weight ---------------------------------------
+def unit_weight_differences(t: ExportTables, method: str) -> list[str]:
+    """mergekit's ``method`` takes no weight: a merged tensor with some λ ≠ 1 is not reproduced."""
+    bad = (t.weight != 1.0).any(axis=0) & t.merged
+    if not bad.any():
+        return []
+    return [
+        f"mergekit's {method} has no per-model weight: weights other than 1 in group(s) {groups_text(t, bad)} "
+        f"(values {', '.join(values_text(t.weight[:, bad]))}) are not exported; use weight 1 for an exact export"
+    ]
+
+
+def equal_weight_differences(t: ExportTables, method: str) -> list[str]:
+    """mergekit's ``method`` weighs every model equally: a merged tensor with unequal λ is not reproduced."""
+    bad = ~equal_over_tasks(t.weight, np.ones_like(t.weight, dtype=bool)) & t.merged
+    if not bad.any():
+        return []
+    return [
+        f"mergekit's {method} weighs every model equally: different weights per task in group(s) "
+        f"{groups_text(t, bad)} are not exported; give all tasks one weight per group for an exact export"
+    ]
+
+
+def one_model_weight(r: ImportTables, values: np.ndarray) -> np.ndarray:
+    """A shared per-tensor value (SLERP's t, NearSwap's t) as the single expert's weight ``[1, N]``."""
+    return np.array([[float(v) for v in values]])
+
+
+def ones_weight(r: ImportTables) -> np.ndarray:
+    """λ = 1 for every expert and tensor: the method as mergekit runs it, without weights."""
+    return np.ones((len(r.tasks), len(r.names)))
 
 
 # ---- import: from mergekit's values to mergetune's ----------------------------------------------------------

@@ -188,7 +188,7 @@ class SearchSpace:
         if not methods:
             raise ValueError("the search space needs at least one method")
         for name, spec in methods.items():
-            get_method(name)  # clear error for unknown methods
+            get_method(name).check_experts(len(experts))  # unknown methods, or SLERP given 3 experts: before any trial
             if spec.density is not None:
                 check_domain(spec.density, DENSITY_DOMAIN, f"{name}.density")
         check_domain(density, DENSITY_DOMAIN, "density")

@@ -36,6 +36,11 @@ _MODULES = (
     "tsv",
     "regmean",
     "iso",
+    "linear",
+    "spherical",
+    "nearswap",
+    "model_stock",
+    "arcee_fusion",
     "twin",
 )
 

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from mergetune.errors import RecipeError
 from mergetune.merging.context import MergeContext
 from mergetune.merging.mergekit_spec import MergekitRefusal, MergekitSpec
 from mergetune.strict import StrictModel
@@ -81,9 +82,29 @@ class MergeMethod(ABC):
     search_density: ClassVar[Range | None] = None
     warm_start: ClassVar[WarmStart] = WarmStart()
     mergekit: ClassVar[MergekitSpec | MergekitRefusal] = MergekitRefusal("no mergekit translation declared")
+    # How many experts the method merges (min, max; None: no maximum): SLERP and its kin are defined on
+    # the base and exactly one other model. ``check_recipe`` refuses other counts before any work.
+    experts: ClassVar[tuple[int, int | None]] = (1, None)
+    # Whether λ = 0 for every task gives the base. Not for methods whose λ is not a task-vector
+    # coefficient (linear without normalisation, NuSLERP's interpolation ratio, passthrough's scale).
+    zero_weight_is_base: ClassVar[bool] = True
+    # Whether the method's own rule may leave a whole small tensor at the base at any λ (Arcee Fusion's
+    # outlier cut can select no entry of a 4-entry tensor), which the contract tests then allow.
+    may_keep_nothing: ClassVar[bool] = False
 
     def validate(self, ctx: MergeContext) -> None:  # noqa: B027 (optional hook)
         """Raise a RecipeError for parameter combinations the method cannot run."""
+
+    def check_experts(self, count: int) -> None:
+        """A RecipeError naming the method and ``count`` when it cannot merge that many experts."""
+        low, high = self.experts
+        if low <= count and (high is None or count <= high):
+            return
+        wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+        raise RecipeError(
+            f"{self.name} merges {wanted} expert(s) with the base, got {count}; "
+            f"give the recipe {wanted} expert(s), or use a method defined on any number (e.g. task_arithmetic)"
+        )
 
     def density_used(self, option_spec: Mapping[str, Any]) -> bool:
         """Whether recipes with these options (fixed values, or lists searched among) use ``density``."""

@@ -77,11 +77,16 @@ class MethodChoice(StrictModel):
 
 
 def check_recipe(recipe: Recipe, source: str = "recipe") -> Recipe:
-    """The recipe itself if its method is registered and its options are valid for it, else a RecipeError."""
+    """The recipe itself if its method is registered, its options are valid for it and it merges as many
+    experts as the method takes (SLERP: one), else a RecipeError."""
     try:
         MethodChoice.model_validate({"method": recipe.method, "options": recipe.options})
     except ValidationError as exc:
         raise RecipeError(f"{source}: invalid recipe:\n{format_validation_error(exc)}") from exc
+    try:
+        get_method(recipe.method).check_experts(len(recipe.experts))
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: invalid recipe: {exc}") from None
     return recipe
 
 

@@ -19,9 +19,7 @@ from mergetune.merging.mergekit_spec import (
     ImportTables,
     MergekitInverse,
     MergekitSpec,
-    MergekitUnsupported,
     Translation,
-    flag,
     gta_parameters,
     linear_weights,
 )
@@ -42,15 +40,8 @@ def task_arithmetic_from_mergekit(r: ImportTables) -> ImportedValues:
 
 
 def average_to_mergekit(t: ExportTables) -> Translation:
-    """mergekit's linear is Σ w_t θ_t / Σ w_t: no base model."""
+    """mergekit's linear is Σ w_t θ_t / Σ w_t: no base model (its configurations import through ``linear.Linear``)."""
     return Translation("linear", {"weight": t.weight}, {"normalize": True}, with_base=False)
-
-
-def average_from_mergekit(r: ImportTables) -> ImportedValues:
-    diffs: list[str] = []
-    if not flag(r, "normalize", diffs):
-        raise MergekitUnsupported("linear with normalize: false sums the models' weights; mergetune has no such merge")
-    return ImportedValues("average", r.per_model["weight"], None, {}, diffs)
 
 
 class TaskArithmetic(ChunkMethod):
@@ -83,7 +74,6 @@ class Average(ChunkMethod):
         "linear",
         EXACT,
         average_to_mergekit,
-        MergekitInverse(average_from_mergekit, {"normalize": True}, {"weight": None}),
         heads_refusal="exports to mergekit's linear, which would average the task heads {heads} that mergetune keeps "
         "per task; use task_arithmetic with weights w_t / sum(w) (the same merge of the shared tensors) to export",
     )
