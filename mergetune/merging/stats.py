@@ -23,6 +23,7 @@ the ``tie_rule`` option (``keep_ties``, ``official``, ``mergekit``).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -351,18 +352,61 @@ def _stale(where: str) -> RuntimeError:
     return RuntimeError(f"{where}: the scores changed after their histograms were built; rebuild the statistics")
 
 
-def search_block(scores: TaskScores, t: int, fam: Family, cut: Cut, where: str) -> torch.Tensor:
+class ScoreSource(NamedTuple):
+    """Where a score kind is read: the store itself for |τ| (``magnitude``), else the kind's cached scores."""
+
+    values: torch.Tensor  # [T, D]
+    magnitude: bool  # rank |values| (the store's τ) rather than the values
+
+    def read(self, t: int, a: int, b: int) -> torch.Tensor:
+        """Scores of task t over the flat range [a, b) (|τ| computed for that range only)."""
+        x = self.values[t, a:b]
+        return x.abs() if self.magnitude else x
+
+    def keys(self, raw: torch.Tensor) -> torch.Tensor:
+        """Order keys of raw values read from ``values``."""
+        return order_keys(raw.abs() if self.magnitude else raw)
+
+    def prefixes(self, t: int, a: int, b: int, shape: tuple[int, ...], non_negative: bool):
+        """Raw values of [a, b) (viewed as ``shape``) and their keys' top 16 bits (key >> 16).
+
+        Non-negative float32 or bfloat16 scores (|τ| always) read the prefix straight from the top half of
+        each value's bits, sign cleared: two cheap int16 operations instead of a key per entry. The
+        passes that search a cut bucket run on these prefixes; keys are computed for the entries kept.
+        """
+        x = self.values[t, a:b].view(shape)
+        if (self.magnitude or non_negative) and x.dtype in (torch.float32, torch.bfloat16):
+            half = x.view(torch.int16)
+            if x.dtype == torch.float32:  # the high half of each 32-bit word
+                half = half[..., 1::2] if sys.byteorder == "little" else half[..., 0::2]
+            return x, half & 0x7FFF
+        return x, self.keys(x) >> BUCKET_BITS
+
+
+def _in_prefixes(prefix: torch.Tensor, wanted: list[int]) -> torch.Tensor:
+    """Mask of the entries whose prefix is one of ``wanted`` (a few compares, or one table lookup for many)."""
+    if len(wanted) <= 4:
+        mask = prefix == wanted[0]
+        for w in wanted[1:]:
+            mask |= prefix == w
+        return mask
+    table = torch.zeros(N_BUCKETS, dtype=torch.bool, device=prefix.device)
+    table[torch.tensor(wanted, device=prefix.device) + N_BUCKETS // 2] = True
+    return table[prefix.to(torch.int64) + N_BUCKETS // 2]
+
+
+def search_block(source: ScoreSource, t: int, fam: Family, c: BlockCounts, cut: Cut, where: str) -> torch.Tensor:
     """Keys of the unknown cuts of one block: one pass keeps the entries of the cut buckets, then a selection."""
     todo = (~cut.known).nonzero().flatten()
     key = cut.key.clone()
     if todo.numel() == 0:
         return key
-    wanted = torch.zeros(N_BUCKETS, dtype=torch.bool, device=key.device)
-    wanted[bucket_of(cut.lo[todo].to(torch.int32)).long()] = True
+    wanted = torch.unique(cut.lo[todo] >> BUCKET_BITS).tolist()
+    non_negative = int(c.low[-1]) >= 0
     kept = []
     for a, b in fam.chunks():
-        keys = order_keys(scores(t, a, b))
-        kept.append(keys[wanted[bucket_of(keys).long()]])
+        raw, prefix = source.prefixes(t, a, b, (b - a,), non_negative)
+        kept.append(source.keys(raw[_in_prefixes(prefix, wanted)]))
     pool = torch.cat(kept)
     for i in todo.tolist():
         inside = pool[(pool >= cut.lo[i]) & (pool <= cut.hi[i])]
@@ -372,23 +416,27 @@ def search_block(scores: TaskScores, t: int, fam: Family, cut: Cut, where: str) 
     return key
 
 
-def search_rows(scores: TaskScores, t: int, fam: Family, cut: Cut, where: str) -> torch.Tensor:
+def search_rows(source: ScoreSource, t: int, fam: Family, c: RowCounts, cut: Cut, where: str) -> torch.Tensor:
     """Keys of the unknown cuts of a tensor's rows: one pass over whole rows, a sort of each row's bucket only."""
     key = cut.key.clone()
     L = fam.block_length
+    non_negative = int(c.low.min()) >= 0
     for a, b in fam.chunks():
         r0 = (a - fam.start) // L
         rows = slice(r0, r0 + (b - a) // L)
         todo = ~cut.known[rows]
         if not bool(todo.any()):
             continue
-        keys = order_keys(scores(t, a, b)).view(-1, L)
-        inside = (keys >= cut.lo[rows, None]) & (keys <= cut.hi[rows, None]) & todo[:, None]
+        raw, prefix = source.prefixes(t, a, b, (-1, L), non_negative)
+        lo, hi = (cut.lo[rows] >> BUCKET_BITS).to(prefix.dtype), (cut.hi[rows] >> BUCKET_BITS).to(prefix.dtype)
+        inside = (prefix >= lo[:, None]) & (prefix <= hi[:, None])
+        if not bool(todo.all()):  # rows whose cut is known take no part
+            inside &= todo[:, None]
         row_of = inside.nonzero()[:, 0]
-        count = torch.bincount(row_of, minlength=keys.shape[0])
+        count = torch.bincount(row_of, minlength=raw.shape[0])
         if not torch.equal(count[todo], cut.size[rows][todo]):
             raise _stale(where)
-        ranked = torch.sort((row_of << 32) | (keys[inside].to(torch.int64) - _INT32_MIN)).values
+        ranked = torch.sort((row_of << 32) | (source.keys(raw[inside]).to(torch.int64) - _INT32_MIN)).values
         pick = (count.cumsum(0) - cut.rank[rows])[todo]  # ascending within a row: r-th largest at count − r
         key[rows][todo] = ((ranked[pick] & 0xFFFFFFFF) + _INT32_MIN).to(torch.int32)
     return key
@@ -449,28 +497,26 @@ class OrderStatistics:
         return result
 
     def _kth_largest(self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn) -> torch.Tensor:
-        scores, dtype = self._task_scores(kind, compute)
-        counts = self._histograms(kind, scope, scores)
+        source = self._source(kind, compute)
+        counts = self._histograms(kind, scope, source.read)
         keys = torch.zeros(k.shape, dtype=torch.int32, device=k.device)
         for t in range(k.shape[0]):
             for i, (fam, c) in enumerate(zip(families(scope, self.modelset), counts[t], strict=True)):
                 where = f"score '{kind}', task {t}, {scope.value} block {i}"
                 kk = k[t, fam.rows].clamp(1, fam.block_length)
                 if isinstance(c, RowCounts):
-                    keys[t, fam.rows] = search_rows(scores, t, fam, row_cut(c, kk), where)
+                    keys[t, fam.rows] = search_rows(source, t, fam, c, row_cut(c, kk), where)
                     continue
                 distinct, inverse = torch.unique(kk, return_inverse=True)
-                keys[t, fam.rows] = search_block(scores, t, fam, block_cut(c, distinct), where)[inverse]
-        values = key_values(keys).to(dtype)
+                keys[t, fam.rows] = search_block(source, t, fam, c, block_cut(c, distinct), where)[inverse]
+        values = key_values(keys).to(source.values.dtype)
         return torch.where(k > 0, values, torch.full_like(values, math.inf))
 
-    def _task_scores(self, kind: str, compute: ScoreFn) -> tuple[TaskScores, torch.dtype]:
-        """A task's scores over a flat range (|τ| computed chunk by chunk, never for the whole store)."""
+    def _source(self, kind: str, compute: ScoreFn) -> ScoreSource:
+        """|τ| is read from the store chunk by chunk (never a [T, D] copy); other kinds from their cached scores."""
         if kind == "abs":
-            tau = self.modelset.tau
-            return (lambda t, a, b: tau[t, a:b].abs()), tau.dtype
-        full = self.scores(kind, compute)
-        return (lambda t, a, b: full[t, a:b]), full.dtype
+            return ScoreSource(self.modelset.tau, magnitude=True)
+        return ScoreSource(self.scores(kind, compute), magnitude=False)
 
     def _histograms(self, kind: str, scope: Scope, scores: TaskScores) -> list[list[BlockCounts | RowCounts]]:
         key = (kind, scope)
@@ -489,10 +535,19 @@ class OrderStatistics:
             self._other[key] = compute(self.modelset)
         return self._other[key]
 
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes held beyond the store, by purpose: threshold structures (bucket counts and kept results),
+        cached score kinds (e.g. PCB's β, DELLA's ranks, the mergekit rule's order scores) and other caches."""
+        parts = {
+            "thresholds": [self._counts.values(), self._recent.values()],
+            "scores": self._scores.values(),
+            "other": self._other.values(),
+        }
+        return {name: sum(t.numel() * t.element_size() for t in _tensors_in(held)) for name, held in parts.items()}
+
     def extra_bytes(self) -> int:
-        """Bytes held beyond the store: bucket counts, kept results, cached scores and other precomputations."""
-        held = [self._counts.values(), self._recent.values(), self._scores.values(), self._other.values()]
-        return sum(t.numel() * t.element_size() for t in _tensors_in(held))
+        """All bytes held beyond the store (``held_bytes`` summed)."""
+        return sum(self.held_bytes().values())
 
 
 def _tensors_in(values: Any) -> list[torch.Tensor]:
