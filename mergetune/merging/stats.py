@@ -432,11 +432,13 @@ def search_rows(source: ScoreSource, t: int, fam: Family, c: RowCounts, cut: Cut
         inside = (prefix >= lo[:, None]) & (prefix <= hi[:, None])
         if not bool(todo.all()):  # rows whose cut is known take no part
             inside &= todo[:, None]
-        row_of = inside.nonzero()[:, 0]
+        flat = inside.view(-1).nonzero().squeeze(1)  # one index pass serves both the rows and the values
+        row_of = flat // L
         count = torch.bincount(row_of, minlength=raw.shape[0])
         if not torch.equal(count[todo], cut.size[rows][todo]):
             raise _stale(where)
-        ranked = torch.sort((row_of << 32) | (source.keys(raw[inside]).to(torch.int64) - _INT32_MIN)).values
+        values = source.keys(raw.reshape(-1)[flat]).to(torch.int64)
+        ranked = torch.sort((row_of << 32) | (values - _INT32_MIN)).values
         pick = (count.cumsum(0) - cut.rank[rows])[todo]  # ascending within a row: r-th largest at count − r
         key[rows][todo] = ((ranked[pick] & 0xFFFFFFFF) + _INT32_MIN).to(torch.int32)
     return key
