@@ -226,3 +226,17 @@ def test_nan_scores_are_refused_with_the_kind_named(scope):
     k = torch.ones(2, rows.n_rows, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"score 'broken', task 0.*NaN"):
         OrderStatistics(ms, rows).kth_largest("broken", scope, k, nan_scores)
+
+
+@pytest.mark.parametrize("scope", [Scope.GLOBAL, Scope.TENSOR])
+def test_bfloat16_store_thresholds_are_lookups(scope):
+    """On a bfloat16 store every 16-bit bucket holds one value: after the counts, no pass over the scores."""
+    ms = wide_modelset(torch.bfloat16)
+    rows = build_row_layout(ms, [0, 1, 1])
+    statistics = OrderStatistics(ms, rows)
+    _, length = rows.blocks(scope, ms)
+    statistics.kth_largest("abs", scope, torch.ones(2, rows.n_rows, dtype=torch.int64))  # builds the counts
+    k = keep_counts(torch.tensor([[0.3, 0.05], [0.61, 0.2]], dtype=torch.float64), length, rows.group)
+    with patch.object(stats.ScoreSource, "prefixes", side_effect=AssertionError("scores were read again")):
+        got = statistics.kth_largest("abs", scope, k)
+    assert torch.equal(got, NaiveStatistics(ms, rows).kth_largest("abs", scope, k))

@@ -328,12 +328,13 @@ def _locate(cum: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def block_cut(c: BlockCounts, k: torch.Tensor) -> Cut:
-    """Cuts of queries ``k`` (1 ≤ k ≤ n) in one block: known when the k-th is its bucket's largest or smallest."""
+    """Cuts of queries ``k`` (1 ≤ k ≤ n) in one block: known when the k-th is its bucket's largest or smallest
+    value, or the bucket holds one value."""
     q, above, size = _locate(c.cum.unsqueeze(0), k.unsqueeze(0))
     rank = k - above
     high, low = c.high[q], c.low[q]
     key = torch.where(rank == 1, high, low)
-    known = (rank == 1) | (rank == size)
+    known = (rank == 1) | (rank == size) | (low == high)  # one value in the bucket: always so on a bfloat16 store
     return Cut(key, known, low.to(torch.int64), high.to(torch.int64), rank, size)
 
 
@@ -367,7 +368,9 @@ class ScoreSource(NamedTuple):
         """Order keys of raw values read from ``values``."""
         return order_keys(raw.abs() if self.magnitude else raw)
 
-    def prefixes(self, t: int, a: int, b: int, shape: tuple[int, ...], non_negative: bool):
+    def prefixes(
+        self, t: int, a: int, b: int, shape: tuple[int, ...], non_negative: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw values of [a, b) (viewed as ``shape``) and their keys' top 16 bits (key >> 16).
 
         Non-negative float32 or bfloat16 scores (|τ| always) read the prefix straight from the top half of
