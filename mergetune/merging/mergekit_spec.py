@@ -482,9 +482,19 @@ def equal_weight_differences(t: ExportTables, method: str) -> list[str]:
     ]
 
 
-def one_model_weight(r: ImportTables, values: np.ndarray) -> np.ndarray:
-    """A shared per-tensor value (SLERP's t, NearSwap's t) as the single expert's weight ``[1, N]``."""
-    return np.array([[float(v) for v in values]])
+def shared_t_spec(method: str) -> MergekitSpec:
+    """The exact spec of a method on the base and one expert whose λ is mergekit's shared ``t`` (SLERP, NearSwap).
+
+    Task heads get t = 0, the base's value, on both sides: no refusal needed.
+    """
+
+    def to_mergekit(t: ExportTables) -> Translation:
+        return Translation(method, {}, {"t": t.weight[0]})
+
+    def from_mergekit(r: ImportTables) -> ImportedValues:
+        return ImportedValues(method, np.array([[float(v) for v in r.shared["t"]]]), None, {}, [])
+
+    return MergekitSpec(method, EXACT, to_mergekit, MergekitInverse(from_mergekit, {"t": None}, {}))
 
 
 def ones_weight(r: ImportTables) -> np.ndarray:

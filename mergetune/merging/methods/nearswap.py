@@ -14,16 +14,7 @@ from __future__ import annotations
 import torch
 
 from mergetune.merging.context import MergeContext
-from mergetune.merging.mergekit_spec import (
-    EXACT,
-    ExportTables,
-    ImportedValues,
-    ImportTables,
-    MergekitInverse,
-    MergekitSpec,
-    Translation,
-    one_model_weight,
-)
+from mergetune.merging.mergekit_spec import shared_t_spec
 from mergetune.merging.methods.base import ChunkMethod, Prepared, WarmStart
 from mergetune.merging.methods.model_space import require_nonnegative
 
@@ -36,14 +27,6 @@ def near_swap(tau: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (t_1 / tau_1.abs().clamp(min=MIN_DISTANCE)).clamp(0, 1) * tau_1
 
 
-def nearswap_to_mergekit(t: ExportTables) -> Translation:
-    return Translation("nearswap", {}, {"t": t.weight[0]})
-
-
-def nearswap_from_mergekit(r: ImportTables) -> ImportedValues:
-    return ImportedValues("nearswap", one_model_weight(r, r.shared["t"]), None, {}, [])
-
-
 class NearSwap(ChunkMethod):
     name = "nearswap"
     citation = "alchemonaut 2024, QuartetAnemoi-70B-t0.0001 (mergekit's nearswap)"
@@ -52,9 +35,7 @@ class NearSwap(ChunkMethod):
     # t is a distance in weight units: fine-tunes move entries by 1e-4 to 1e-2
     search_weight = (0.0, 0.01)
     warm_start = WarmStart(weight=0.0001, density=1.0)  # the t of the model it was introduced with
-    mergekit = MergekitSpec(
-        "nearswap", EXACT, nearswap_to_mergekit, MergekitInverse(nearswap_from_mergekit, {"t": None}, {})
-    )
+    mergekit = shared_t_spec("nearswap")
 
     def validate(self, ctx: MergeContext) -> None:
         require_nonnegative(ctx, self.name, "the distance t up to which the expert's value is taken")

@@ -42,7 +42,7 @@ of the mean.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -61,8 +61,8 @@ from mergetune.merging.mergekit_spec import (
     Translation,
     equal_weight_differences,
     flag,
-    one_model_weight,
     ones_weight,
+    shared_t_spec,
     uniform_scalar,
 )
 from mergetune.merging.methods.base import MethodOptions, TensorMethod, WarmStart
@@ -108,21 +108,13 @@ def slerp_cosine(x: TensorInputs) -> torch.Tensor:
     return ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1).reshape(1, 1)
 
 
-def slerp_to_mergekit(t: ExportTables) -> Translation:
-    return Translation("slerp", {}, {"t": t.weight[0]})
-
-
-def slerp_from_mergekit(r: ImportTables) -> ImportedValues:
-    return ImportedValues("slerp", one_model_weight(r, r.shared["t"]), None, {}, [])
-
-
 class Slerp(TensorMethod):
     name = "slerp"
     citation = "Shoemake 1985, Animating rotation with quaternion curves (mergekit's slerp)"
     experts = (1, 1)  # the base and one other model
     search_weight = (0.0, 1.0)  # t: 0 is the base, 1 the expert
     warm_start = WarmStart(weight=0.5, density=1.0)  # the midpoint, mergekit's usual example
-    mergekit = MergekitSpec("slerp", EXACT, slerp_to_mergekit, MergekitInverse(slerp_from_mergekit, {"t": None}, {}))
+    mergekit = shared_t_spec("slerp")
 
     def merge_tensor(self, ctx: MergeContext, segment_index: int) -> torch.Tensor:
         x = tensor_inputs(ctx, segment_index)
@@ -165,20 +157,26 @@ def nuslerp_ratio(weight: torch.Tensor) -> torch.Tensor:
     return torch.where(total.abs() < 1e-6, torch.full_like(total, 0.5), weight[1] / total)
 
 
+def weighted_translation(method: str, t: ExportTables, shared: dict[str, Any]) -> Translation:
+    """mergekit's per-model weights, with the base_model only when the task vectors are interpolated."""
+    return Translation(method, {"weight": t.weight}, shared, with_base=t.options.space == "task_vectors")
+
+
+def weighted_import(method: str, r: ImportTables, options: dict[str, Any], diffs: list[str]) -> ImportedValues:
+    """The weights as λ; a configuration without base_model interpolates the models' weights."""
+    space = "task_vectors" if r.has_base else "weights"
+    return ImportedValues(method, r.per_model["weight"], None, {**options, "space": space}, diffs)
+
+
 def nuslerp_to_mergekit(t: ExportTables) -> Translation:
     opts: NuslerpOptions = t.options
-    shared = {"nuslerp_flatten": opts.flatten, "nuslerp_row_wise": opts.row_wise}
-    return Translation("nuslerp", {"weight": t.weight}, shared, with_base=opts.space == "task_vectors")
+    return weighted_translation("nuslerp", t, {"nuslerp_flatten": opts.flatten, "nuslerp_row_wise": opts.row_wise})
 
 
 def nuslerp_from_mergekit(r: ImportTables) -> ImportedValues:
     diffs: list[str] = []
-    options = {
-        "flatten": flag(r, "nuslerp_flatten", diffs),
-        "row_wise": flag(r, "nuslerp_row_wise", diffs),
-        "space": "task_vectors" if r.has_base else "weights",
-    }
-    return ImportedValues("nuslerp", r.per_model["weight"], None, options, diffs)
+    options = {"flatten": flag(r, "nuslerp_flatten", diffs), "row_wise": flag(r, "nuslerp_row_wise", diffs)}
+    return weighted_import("nuslerp", r, options, diffs)
 
 
 class Nuslerp(TensorMethod):
@@ -249,18 +247,14 @@ def multislerp(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def multislerp_to_mergekit(t: ExportTables) -> Translation:
     opts: MultislerpOptions = t.options
-    shared = {"normalize_weights": opts.normalize_weights, "eps": opts.eps}
-    return Translation("multislerp", {"weight": t.weight}, shared, with_base=opts.space == "task_vectors")
+    return weighted_translation("multislerp", t, {"normalize_weights": opts.normalize_weights, "eps": opts.eps})
 
 
 def multislerp_from_mergekit(r: ImportTables) -> ImportedValues:
     diffs: list[str] = []
-    options = {
-        "normalize_weights": flag(r, "normalize_weights", diffs),
-        "eps": uniform_scalar(np.array([float(v) for v in r.shared["eps"]]), "eps", diffs),
-        "space": "task_vectors" if r.has_base else "weights",
-    }
-    return ImportedValues("multislerp", r.per_model["weight"], None, options, diffs)
+    eps = uniform_scalar(np.array([float(v) for v in r.shared["eps"]]), "eps", diffs)
+    options = {"normalize_weights": flag(r, "normalize_weights", diffs), "eps": eps}
+    return weighted_import("multislerp", r, options, diffs)
 
 
 class Multislerp(TensorMethod):
