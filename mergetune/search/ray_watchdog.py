@@ -35,7 +35,7 @@ from pathlib import Path
 
 PROC = Path("/proc")
 STOP = b"stop\n"  # what the driver writes before closing the pipe when it shut Ray down itself
-GRACE_SECONDS = 3.0  # between SIGTERM and SIGKILL
+GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL: the agents of a dead raylet have nothing to save
 POLL_SECONDS = 0.1
 
 
