@@ -124,13 +124,13 @@ def test_a_killed_ray_driver_resumes_from_storage(tmp_path: Path, zoo_env: dict[
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = time.time()
-    done_before = {t.number: t.values for t in trials_by_state(journal)[TrialState.COMPLETE]}
-    assert 4 <= len(done_before) < budget, "the driver should be killed mid-search"
     assert len(runtime) >= 4, runtime
     while alive(runtime) and time.time() < killed_at + 10:
         time.sleep(0.2)
     # before the watchdog, Ray's dashboard and runtime-env agents lingered 60-120 s after the driver's death
     assert not alive(runtime), f"processes of the killed driver's Ray runtime still run 10 s later: {alive(runtime)}"
+    done_before = {t.number: t.values for t in trials_by_state(journal)[TrialState.COMPLETE]}
+    assert 4 <= len(done_before) < budget, "the driver should be killed mid-search"
     resumed = run_cli(args, zoo_env, tmp_path)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
