@@ -11,12 +11,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from conftest import run_cli, trials_by_state, write_search_config
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from mergetune.errors import RecipeError
+from mergetune.errors import RecipeError, TaskError
 from mergetune.merging.methods import METHODS
+from mergetune.objectives.tasks import TaskConfig
+from mergetune.objectives.zoo import CACHE_ENV, get_zoo
 from mergetune.recipe import Expert, Recipe
 from mergetune.search.config import SearchConfig, SearchConfigError
 from mergetune.search.space import MethodSpace, ParamRange, SearchSpace
@@ -95,6 +98,69 @@ def test_a_nan_floor_is_one_line_from_the_command_line(tmp_path: Path, zoo_env: 
     assert proc.returncode == 2, out
     assert "objectives.floors" in out and "Traceback" not in out
     assert not (tmp_path / "run").exists()  # refused before anything was created
+
+
+# ---- floors name tasks that enter the objectives ---------------------------------------------------------
+
+TWO_EXPERTS = {"base": "/m/base", "experts": [{"name": "a", "model": "/m/a"}, {"name": "b", "model": "/m/b"}]}
+TWO_TASKS = [
+    {"name": "a", "source": "builtin:sms_spam"},
+    {"name": "b", "source": "builtin:trec6", "normalize": "none"},  # scored in its own units only
+]
+
+
+@pytest.mark.parametrize(
+    ("floors", "why"),
+    [({"c": 0.8}, "'c' is not a task"), ({"*": 0.5, "b": 0.8}, "'b' is normalised as 'none'")],
+)
+def test_a_floor_on_an_unknown_or_unnormalised_task_is_one_line_naming_the_tasks(
+    tmp_path: Path, floors: dict, why: str
+) -> None:
+    """Before: both floors were dropped without a word (only normalised tasks get constraints), so a typo in a
+    floor's name left its task unguarded."""
+    path = write_config(tmp_path / "c.yaml", models=TWO_EXPERTS, tasks=TWO_TASKS, objectives={"floors": floors})
+    with pytest.raises(SearchConfigError) as err:
+        SearchConfig.load(path)
+    assert f"objectives.floors: {why}" in str(err.value)
+    assert "floors apply to the normalised tasks ['a'] or '*'" in str(err.value)
+    ok = write_config(tmp_path / "ok.yaml", models=TWO_EXPERTS, tasks=TWO_TASKS, objectives={"floors": {"a": 0.8}})
+    assert SearchConfig.load(ok).objectives.floors == {"a": 0.8}
+
+
+def test_a_zoo_search_checks_its_floors_against_the_zoos_tasks() -> None:
+    """A zoo's tasks are known only when the zoo is read: the check runs where they join the config's."""
+    zoo_tasks = [TaskConfig(name=n, source="builtin:sms_spam") for n in ("trec6", "sms_spam")]
+    config = SearchConfig.model_validate(
+        {"name": "x", "models": {"zoo": "tiny"}, "space": {"methods": ["ties"]}, "objectives": {"floors": {"trec": 1}}}
+    )
+    with pytest.raises(TaskError, match=r"'trec' is not a task; .* \['trec6', 'sms_spam'\]"):
+        config.resolved_tasks(["trec6", "sms_spam"], zoo_tasks)
+
+
+def test_a_zoo_search_scores_the_configs_tasks_too_and_a_view_name_reads_the_zoos_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the tasks of a config with a zoo were ignored without a word (a guard task was never scored).
+    Nothing is built: the zoo's tasks and its view's path come from its spec and the cache folder."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    guard = {"name": "guard", "source": "builtin:vader_nyt", "kind": "lm", "train_size": 0}
+    answers = {"name": "answers", "source": "trec6.jsonl", "kind": "lm", "expert": "trec6", "answer_column": "label"}
+    data = {"name": "x", "models": {"zoo": "llm-tiny"}, "space": {"methods": ["ties"]}, "tasks": [guard, answers]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = SearchConfig.load(path)
+    spec = get_zoo("llm-tiny")
+    zoo_tasks = list(spec.resolved_tasks(spec.folder()))
+    tasks = config.resolved_tasks([t.name for t in zoo_tasks], zoo_tasks)
+    assert [(t["name"], t["expert"]) for t in tasks] == [
+        ("sms_spam", "sms_spam"),
+        ("bbc_news", "bbc_news"),
+        ("trec6", "trec6"),
+        ("answers", "trec6"),
+        ("guard", None),
+    ]
+    view = spec.folder() / "data" / "trec6.jsonl"
+    assert {t["name"]: t["source"] for t in tasks}["answers"] == str(view.resolve())
 
 
 # ---- the space's weight range applies -------------------------------------------------------------------

@@ -179,6 +179,28 @@ def test_trec6_view_is_a_file_of_questions_with_answer_words(llm_tiny: Zoo) -> N
     assert data.config.kind == "multiple_choice" and len(data.validation) == 96
 
 
+def test_mergetune_tasks_on_a_zoo_config_reads_the_zoos_views_and_the_configs_tasks(
+    llm_env: dict[str, str], llm_tiny: Zoo, tmp_path: Path
+) -> None:
+    """Before: the zoo's multiple-choice task failed ('source file not found: trec6.jsonl': the view was not
+    looked up in the zoo) and the config's own tasks were not shown at all."""
+    config = yaml.safe_load((REPO / "configs" / "llm-tiny.yaml").read_text())
+    answers = {"name": "answers", "expert": "trec6", "source": "trec6.jsonl", "kind": "lm", "answer_column": "label"}
+    guard = {"name": "guard", "source": "vader_nyt", "kind": "lm", "train_size": 0, "validation_size": 20}
+    config["tasks"] = [{**answers, "allow_overlap": True}, {**guard, "test_size": 20}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_cli(["tasks", str(path)], llm_env, tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    blocks = {block.split("'")[1]: block for block in out.strip().split("\n\n")}
+    assert list(blocks) == ["sms_spam", "bbc_news", "trec6", "answers", "guard"]
+    view = str(llm_tiny.folder / "data" / "trec6.jsonl")
+    for name in ("trec6", "answers"):  # the view read in the zoo; the task named by 'expert:' shows its expert
+        assert f"source {view}" in blocks[name] and f"expert: {llm_tiny.experts['trec6']}" in blocks[name]
+    assert "expert: none" in blocks["guard"] and "validation 20, test 20" in blocks["guard"]
+
+
 def test_search_on_llm_tiny_runs_end_to_end_and_its_chosen_recipe_re_merges_bit_for_bit(
     llm_env: dict[str, str], llm_tiny: Zoo, tmp_path: Path
 ) -> None:

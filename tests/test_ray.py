@@ -1,7 +1,8 @@
 """The Ray executor on a real local Ray runtime (no mocks), with the real tiny zoo.
 
 - ``mergetune search --executor ray`` end to end in a subprocess, and no Ray process left behind;
-- that driver killed with SIGKILL mid-search and restarted: exactly its budget of candidates;
+- that driver killed with SIGKILL mid-search: within 10 s no process of its Ray runtime is left
+  (mergetune.search.ray_watchdog); restarted: exactly its budget of candidates;
 - two Ray workers give the same scores as the in-process LocalExecutor for the same candidates;
 - a worker killed (SIGKILL to its PID) while it holds a candidate: the candidate is retried on
   another worker, the worker replaced, and the search stores exactly its budget of candidates;
@@ -63,6 +64,28 @@ def ray_processes() -> set[int]:
     return pids
 
 
+def descendants(root: int) -> set[int]:
+    """Every process started, directly or not, by ``root`` (from the parent pids ``ps`` shows now)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (a zombie has ended: only its exit status is left to reap)."""
+    out = subprocess.run(["ps", "-eo", "pid=,stat="], capture_output=True, text=True, check=True).stdout
+    running = {int(pid) for pid, stat in (line.split() for line in out.splitlines()) if not stat.startswith("Z")}
+    return pids & running
+
+
 def workers_of(journal: Path) -> set[str]:
     return {t.user_attrs["worker"] for t in trials_by_state(journal)[TrialState.COMPLETE]}
 
@@ -97,8 +120,15 @@ def test_a_killed_ray_driver_resumes_from_storage(tmp_path: Path, zoo_env: dict[
         time.sleep(0.2)
         if journal.exists() and len(trials_by_state(journal).get(TrialState.COMPLETE, [])) >= 4:
             break
+    runtime = descendants(proc.pid)  # its local Ray runtime (GCS, raylet, agents, workers) and its watchdog
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    killed_at = time.time()
+    assert len(runtime) >= 4, runtime
+    while alive(runtime) and time.time() < killed_at + 10:
+        time.sleep(0.2)
+    # before the watchdog, Ray's dashboard and runtime-env agents lingered 60-120 s after the driver's death
+    assert not alive(runtime), f"processes of the killed driver's Ray runtime still run 10 s later: {alive(runtime)}"
     done_before = {t.number: t.values for t in trials_by_state(journal)[TrialState.COMPLETE]}
     assert 4 <= len(done_before) < budget, "the driver should be killed mid-search"
     resumed = run_cli(args, zoo_env, tmp_path)

@@ -18,8 +18,9 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from mergetune.errors import MergetuneError, TaskError, read_config_file
 from mergetune.merging.methods import get_method
-from mergetune.objectives.normalization import normalization_of
+from mergetune.objectives.normalization import Normalization, normalization_of
 from mergetune.objectives.tasks import TaskConfig, accepted_keys_line
+from mergetune.objectives.zoo.specs import VIEW_FOLDER, get_zoo
 from mergetune.recipe import SEED_LIMIT, Expert, resolve_model_path
 from mergetune.search.optimizers import optimizer_class
 from mergetune.search.space import DENSITY_DOMAIN, FloatRange, MethodSpace, OptionSpec, ParamRange, check_domain
@@ -216,7 +217,11 @@ class ExecutionConfig(_Section):
 class SearchConfig(_Section):
     name: str = Field(min_length=1)
     models: ModelsConfig
-    tasks: list[TaskConfig] | None = Field(None, description="Required unless the models come from a zoo.")
+    tasks: list[TaskConfig] | None = Field(
+        None,
+        description="Required unless the models come from a zoo; with a zoo, tasks scored besides the zoo's own "
+        "(a guard task, another kind on an expert's data): a source naming one of the zoo's views reads that view.",
+    )
     space: SpaceConfig
     optimizer: OptimizerConfig = OptimizerConfig()
     budget: BudgetConfig = BudgetConfig()
@@ -243,19 +248,21 @@ class SearchConfig(_Section):
             if not self.tasks:
                 raise ValueError("'tasks' is required when models are given as base + experts")
             try:
-                assign_experts(self.tasks, [e.name for e in self.models.experts])
+                experts = assign_experts(self.tasks, [e.name for e in self.models.experts])
+                check_floors(self.objectives.floors, self.tasks, experts)
             except TaskError as exc:
                 raise ValueError(str(exc)) from None
         return self
 
     def resolved_tasks(self, expert_names: list[str], tasks: list[TaskConfig] | None = None) -> list[dict[str, Any]]:
-        """Every task (the config's, or ``tasks`` from a zoo) as a dict with its expert filled in (None: a guard).
+        """Every task (the zoo's ``tasks``, then the config's) as a dict with its expert filled in (None: a guard).
 
         Ordered by expert (the experts' order, then the guard tasks), each group in the config's order:
         with one task per expert this is the order searches always had, so their results stay identical.
         """
-        tasks = list(self.tasks or []) if tasks is None else tasks
+        tasks = [*(tasks or []), *(self.tasks or [])]
         experts = assign_experts(tasks, expert_names)
+        check_floors(self.objectives.floors, tasks, experts)  # a zoo's tasks are known only now
         rank = {name: i for i, name in enumerate(expert_names)}
         ordered = sorted(tasks, key=lambda t: rank.get(experts[t.name] or "", len(rank)))  # stable: config order kept
         return [{**t.model_dump(mode="json"), "expert": experts[t.name]} for t in ordered]
@@ -296,7 +303,11 @@ class SearchConfig(_Section):
             models_update["base"] = resolve_model_path(self.models.base, folder)
         update: dict[str, Any] = {"models": self.models.model_copy(update=models_update)}
         if self.tasks is not None:
-            update["tasks"] = [t.with_paths_from(folder) for t in self.tasks]
+            views = _zoo_views(self.models.zoo)
+            update["tasks"] = [
+                t.model_copy(update={"source": views[t.source]}) if t.source in views else t.with_paths_from(folder)
+                for t in self.tasks
+            ]
         return self.model_copy(update=update)
 
 
@@ -316,7 +327,7 @@ def assign_experts(tasks: list[TaskConfig], expert_names: list[str]) -> dict[str
         if task.expert is not None and task.expert not in names:
             raise TaskError(f"task '{task.name}': expert '{task.expert}' is not one of the experts {expert_names}")
         experts[task.name] = task.expert or (task.name if task.name in names else None)
-        normalization_of(task.name, task.score_metric, task.normalize, has_expert=experts[task.name] is not None)
+        _normalization(task, experts)  # raises when the task's normalisation is undefined for it
     if tasks and all(t.normalize == "none" for t in tasks):
         raise TaskError("every task is normalised as 'none': nothing is left to optimise; normalise at least one")
     unused = [e for e in expert_names if e not in experts.values()]
@@ -326,3 +337,41 @@ def assign_experts(tasks: list[TaskConfig], expert_names: list[str]) -> dict[str
             f"(the tasks are {[t.name for t in tasks]})"
         )
     return experts
+
+
+def _zoo_views(zoo: str | None) -> dict[str, str]:
+    """A zoo's view files (``trec6.jsonl``: questions written into the zoo) -> their paths in the zoo's cache.
+
+    A task of a zoo search names a view as the zoo's own tasks do; it is then read in the zoo's cache
+    folder, wherever the config lies (``./trec6.jsonl`` names a file beside the config instead).
+    """
+    if zoo is None:
+        return {}
+    spec = get_zoo(zoo)
+    folder = spec.folder()
+    return {file: str((folder / VIEW_FOLDER / file).resolve()) for file in spec.views}
+
+
+Floors = float | dict[str, float] | None
+
+
+def check_floors(floors: Floors, tasks: list[TaskConfig], experts: dict[str, str | None]) -> None:
+    """Each task a floor names must be a task of the search that enters the objectives (normalisation not 'none').
+
+    A floor on another name, or on a task scored in its own units only, would constrain nothing: a
+    typo would silently leave a task unguarded. ``'*'`` (the default floor) may always be given.
+    """
+    if not isinstance(floors, dict):
+        return
+    normalized = [t.name for t in tasks if _normalization(t, experts).rule != "none"]
+    for name in floors:
+        if name == "*" or name in normalized:
+            continue
+        why = "is normalised as 'none' (own units, outside the objectives)" if name in experts else "is not a task"
+        raise TaskError(
+            f"objectives.floors: '{name}' {why}; floors apply to the normalised tasks {normalized} or '*' (all of them)"
+        )
+
+
+def _normalization(task: TaskConfig, experts: dict[str, str | None]) -> Normalization:
+    return normalization_of(task.name, task.score_metric, task.normalize, has_expert=experts[task.name] is not None)

@@ -16,7 +16,8 @@ failed candidate, not a failed worker: no retry. When the cluster has lost the r
 replacement (a node gone), the executor goes on with fewer slots; with none left it raises.
 
 Where it runs (``address``): None starts a local runtime owned by this executor (dashboard off,
-stopped by ``close()``); ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"`` join an existing
+stopped by ``close()``, and by a watchdog process if the driver is killed: see
+mergetune.search.ray_watchdog); ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"`` join an existing
 cluster (left running). Ray 2.60 turns token authentication on for local clusters and resolves a
 loopback node address to the machine's IP, so its gRPC servers listen on that IP with tokens
 required: see the README's Ray section for clusters (``RAY_AUTH_MODE=token`` and a shared token).
@@ -40,6 +41,7 @@ from mergetune.errors import MergetuneError
 from mergetune.merging.modelset import ModelSet
 from mergetune.recipe import Recipe
 from mergetune.search.executor import JobResult, describe_error
+from mergetune.search.ray_watchdog import RayWatchdog
 from mergetune.search.worker import Evaluation, Split, Worker, WorkerSetup
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,7 @@ class RayExecutor:
         self.options = options or RayOptions()
         self._ray = ray
         self._owns_runtime = False
+        self._watchdog: RayWatchdog | None = None
         self._connect()
         self._gpus = self._gpus_per_worker()
         self._actor_class = ray.remote(WorkerActor).options(
@@ -195,6 +198,7 @@ class RayExecutor:
                 configure_logging=False,
             )
             self._owns_runtime = True
+            self._watchdog = RayWatchdog.start(_session_dir(ray))
         else:
             address = self.options.address
             retry_transient(
@@ -310,6 +314,9 @@ class RayExecutor:
         if self._owns_runtime and self._ray.is_initialized():
             self._ray.shutdown()
         self._owns_runtime = False
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
 
     # ---- scheduling ------------------------------------------------------------------------------
     def _enqueue(self, call: _Call) -> None:
@@ -399,6 +406,11 @@ class RayExecutor:
             queued_seconds=max(0.0, round_trip - reply.busy_seconds),
             attempts=call.attempts,
         )
+
+
+def _session_dir(ray: Any) -> str:
+    """The session folder of the runtime this process started: every process of the runtime logs into it."""
+    return ray._private.worker._global_node.get_session_dir_path()  # no public API names it (Ray 2.60)
 
 
 def _forwarded_env() -> dict[str, str]:

@@ -91,7 +91,7 @@ def task_reports(path: Path) -> list[TaskReport]:
     tasks, experts = _tasks_and_experts(path)
     reports = []
     for task in tasks:
-        expert = experts.get(task.name)
+        expert = experts.get(task.expert or task.name)
         try:
             reports.append(TaskReport(task, expert, data=load_for_expert(task, expert)))
         except MergetuneError as exc:
@@ -110,14 +110,15 @@ def _tasks_and_experts(path: Path) -> tuple[list[TaskConfig], dict[str, str]]:
 
 
 def _from_search_config(config: SearchConfig) -> tuple[list[TaskConfig], dict[str, str]]:
-    """The config's tasks and experts; a zoo's tasks, with its experts where already built (nothing is trained)."""
+    """The config's tasks and experts; a zoo's tasks (views read in the zoo) and the config's, with the zoo's
+    experts where already built (nothing is trained)."""
     if config.models.zoo is None:
         assert config.tasks is not None
         return list(config.tasks), {e.name: e.model for e in config.models.experts}
     spec = get_zoo(config.models.zoo)
     folder = spec.folder()
     built = {t.name: str((folder / t.name).resolve()) for t in spec.tasks if is_built(folder / t.name)}
-    return list(spec.tasks), built
+    return [*spec.resolved_tasks(folder), *(config.tasks or [])], built
 
 
 def render(reports: list[TaskReport]) -> str:
