@@ -32,7 +32,7 @@ Numerics: β_intra is computed as exp(T · (m² − 1)), i.e. divided by the con
 invariant to a positive per-task constant, so the merge is unchanged, and β cannot overflow
 float32 for large T (exp(T) does for T ≥ 89).
 
-Memory: each (scope, inter, q) combination caches β ``[T, D]`` float32 (its thresholds come from bucket counts, ``stats``).
+Memory: each (scope, inter, q) combination caches β ``[T, D]`` float32 (thresholds: bucket counts, ``stats``).
 
 The paper's PCB+ES searches per-task λ_t with Nevergrad; the released NLP code computes that
 objective on the test split, which mergetune never does (its searches use validation splits only).
