@@ -9,7 +9,7 @@ import torch
 from conftest import write_search_config
 from safetensors.torch import load_file
 
-from mergetune.errors import MergetuneError
+from mergetune.errors import BadWeightsError, MergetuneError
 from mergetune.merging.engine import Merger
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.save import merge_to_folder
@@ -47,6 +47,14 @@ def test_float16_storage_rounds_too() -> None:
     # float16 keeps 10 fraction bits: 1 + 2**-8 + 2**-10 is exact, 2**-9 too; nothing here is a tie
     assert ms.tau[0].float().tolist() == [E9, 1.0 + E8, 1.0 + 3 * E8, 1.0 + E8 + E9 / 2, 0.0]
     assert ms.base_flat.float().tolist() == [1.0, 0.0, 0.0, 0.0, 1.0 + E8]
+
+
+def test_a_value_beyond_float16_range_is_an_error_not_inf() -> None:
+    base = {"layers.0.w": torch.zeros(1, 3)}
+    expert = {"layers.0.w": torch.tensor([[1.0, 70000.0, 2.0]])}
+    with pytest.raises(BadWeightsError, match=r"expert 'a': tensor 'layers\.0\.w' has values beyond float16's range"):
+        ModelSet.load(base, {"a": expert}, storage_dtype=torch.float16)
+    assert ModelSet.load(base, {"a": expert}, storage_dtype=torch.bfloat16).tau[0, 1].item() == 70144.0  # rounded
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])

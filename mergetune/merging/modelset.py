@@ -169,10 +169,19 @@ class ModelSet:
         """Stream the store in, one tensor at a time: the base's, then each expert's minus it (in float32)."""
         for seg in self.segments:
             b = _read(base.name, base.state, seg.name, check_finite).to(torch.float32).reshape(-1)
-            self.base_flat[seg.offset : seg.end].copy_(b)
+            self._store(self.base_flat[seg.offset : seg.end], b, base.name, seg.name)
             for t, (expert, state) in enumerate(zip(experts, expert_states, strict=True)):
                 e = _read(expert.name, state, seg.name, check_finite).to(torch.float32).reshape(-1)
-                self.tau[t, seg.offset : seg.end].copy_(e - b)
+                self._store(self.tau[t, seg.offset : seg.end], e - b, expert.name, seg.name)
+
+    def _store(self, dest: torch.Tensor, values: torch.Tensor, model: str, name: str) -> None:
+        """Copy float32 values into the store; float16 overflows past 65504, which must not pass as inf."""
+        dest.copy_(values)
+        if self.storage_dtype == torch.float16 and not bool(torch.isfinite(dest).all()):
+            raise BadWeightsError(
+                f"{model}: tensor '{name}' has values beyond float16's range ({float(values.abs().max()):.4g}); "
+                "use resources.storage_dtype bfloat16 or float32"
+            )
 
     # ---- views -----------------------------------------------------------------------------------
     @property
