@@ -13,7 +13,7 @@ one); its whole process tree's RSS is sampled every 0.1 s. Printed: the store's 
 
 Usage: python benchmarks/search_memory.py [--work DIR] [--code PATH] [--candidates 4] [--methods task_arithmetic,ties]
                                           [--storage-dtype float32] [--memory 24GB]
-                                          [--label -before]
+                                          [--label=-before]
 """
 
 from __future__ import annotations
@@ -97,10 +97,12 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_search(config: Path, code: Path, threads: int) -> tuple[int, float, str]:
-    """Peak RSS of the search's process tree (sampled), its wall time and its output."""
+def run_search(config: Path, code: Path, threads: int) -> tuple[int, int, float, str]:
+    """Peak RSS of the search's process tree (sampled) before its first candidate's result is written (loading,
+    task models and the experts' references) and over the whole run, its wall time and its output."""
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    shutil.rmtree(Path(yaml.safe_load(config.read_text())["output"]), ignore_errors=True)
+    out_dir = Path(yaml.safe_load(config.read_text())["output"])
+    shutil.rmtree(out_dir, ignore_errors=True)
     start = time.perf_counter()
     child = subprocess.Popen(
         [sys.executable, "-m", "mergetune.cli", "search", str(config)],
@@ -110,14 +112,16 @@ def run_search(config: Path, code: Path, threads: int) -> tuple[int, float, str]
         stderr=subprocess.STDOUT,
         text=True,
     )
-    proc, peak = psutil.Process(child.pid), 0
+    proc, peak, setup_peak = psutil.Process(child.pid), 0, 0
     while child.poll() is None:
         peak = max(peak, tree_rss(proc))
+        if not (out_dir / "evaluations" / "0.json").exists():
+            setup_peak = peak
         time.sleep(0.1)
     out = child.stdout.read() if child.stdout else ""
     if child.returncode != 0:
         raise SystemExit(f"search failed ({child.returncode}):\n{out[-3000:]}")
-    return peak, time.perf_counter() - start, out
+    return setup_peak, peak, time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -139,7 +143,7 @@ def main() -> None:
     store = (3 + 1) * numel * itemsize  # 3 experts' task vectors + the base
     model = numel * 4  # one float32 evaluation model
     target = 1.25 * (store + model + GB)
-    peak, seconds, out = run_search(config, args.code.resolve(), args.threads)
+    setup_peak, peak, seconds, out = run_search(config, args.code.resolve(), args.threads)
     store_line = next((line for line in out.splitlines() if "store " in line and "tier" in line), "")
     print(
         f"code: {args.code.resolve()}  methods: {args.methods}  candidates: {args.candidates}  threads: {args.threads}"
@@ -147,6 +151,7 @@ def main() -> None:
     print(f"merged parameters: {numel / 1e6:.1f} M; store ({args.storage_dtype}): {store / GB:.2f} GB")
     print(f"{store_line.strip()[:300]}" if store_line else "store line: (not reported by this code)")
     print(f"target 1.25 x (store {store / GB:.2f} + model {model / GB:.2f} + 1 GB) = {target / GB:.2f} GB")
+    print(f"peak RSS before the first candidate's result (load, task models, references): {setup_peak / GB:.2f} GB")
     verdict = "meets" if peak <= target else "MISSES"
     print(f"peak RSS {peak / GB:.2f} GB ({peak / target:.2f} x target: {verdict}); wall {seconds:.0f} s")
 

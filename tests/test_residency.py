@@ -129,6 +129,22 @@ def test_disk_tier_store_equals_the_resident_one(tiny_llama_dir: Dirs, tmp_path:
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_forced_host_tier_merges_like_the_device_tier(tiny_llama_dir: Dirs) -> None:
+    """On a CPU the host tier's chunks are views of the store (host == device): the same merge, bit for bit."""
+    base, experts = tiny_llama_dir
+    host = ModelSet.load(base, experts, budget=MemoryBudget(tier="host"))
+    assert host.residency.tier == "host" and host.placed("cpu") is host
+    resident = ModelSet.load(base, experts)
+    recipe = Recipe(
+        base=str(base),
+        experts=[Expert(name=t, model=str(p)) for t, p in experts.items()],
+        method="dare_ties",
+        density=0.5,
+    )
+    got, want = Merger(host, compile=False).merge(recipe), Merger(resident, compile=False).merge(recipe)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_a_disk_store_pickles_as_its_path(tiny_llama_dir: Dirs, tmp_path: Path) -> None:
     """What Ray's object store holds for a disk-tier store: the path, not the task vectors."""
     base, experts = tiny_llama_dir
