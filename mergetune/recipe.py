@@ -75,6 +75,11 @@ class Recipe(StrictModel):
     options: dict[str, Any] = Field(default_factory=dict, description="The method's options (check_recipe).")
     grouping: Grouping = Grouping()
     dtype: DType = "float32"
+    storage_dtype: DType = Field(
+        "float32",
+        description="Dtype the task vectors and base were stored in while merging (the merge computes in float32): "
+        "a recipe found on a bfloat16 store is reproduced bit for bit only from a bfloat16 store.",
+    )
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Random seed (DARE's drops, ...), in [0, 2**32).")
     trust_remote_code: bool = False
     allow_tokenizer_mismatch: bool = Field(

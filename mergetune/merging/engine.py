@@ -7,6 +7,11 @@ Per candidate, the engine
 3. streams over the store in chunks of whole rows (about ``chunk_size`` entries, so intermediates
    stay in cache) and writes ``base + kernel(chunk)`` into a preallocated output buffer.
 
+The store may be float32, bfloat16 or float16 (``ModelSet.storage_dtype``): each chunk is widened to
+float32 before the kernel, so the merge always computes in float32 and writes the recipe's dtype. A
+store that is not on the merge device (host or disk tier, see ``residency.py``) is streamed to it
+chunk by chunk (``ChunkStream``); a device-tier store is read in place.
+
 Kernels run through ``torch.compile`` when it is usable (a C++ compiler on CPU, Triton on CUDA):
 one fused pass per chunk instead of a dozen. ``compile=False`` runs the same functions eagerly.
 A recipe gives the same bits every time on the same device type and backend; eager and compiled
@@ -30,6 +35,7 @@ from mergetune.forward import best_prefix
 from mergetune.merging.context import Layout, MergeContext, item_args
 from mergetune.merging.methods import ChunkMethod, TensorMethod, check_recipe, get_method, method_options
 from mergetune.merging.modelset import ModelSet
+from mergetune.merging.streaming import ChunkStream, to_device
 from mergetune.recipe import Recipe, resolve_parameter
 
 log = logging.getLogger(__name__)
@@ -63,7 +69,8 @@ class Merger:
         naive: bool = False,
     ) -> None:
         self.modelset = modelset
-        self.compile = compile_available(modelset.device) if compile is None else compile
+        self.device = modelset.merge_device
+        self.compile = compile_available(self.device) if compile is None else compile
         self.chunk_size = chunk_size
         self.naive = naive
         self._layouts: dict[int, Layout] = {}
@@ -102,7 +109,7 @@ class Merger:
 
     def output_buffer(self, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in self._out:
-            self._out[dtype] = torch.empty(self.modelset.numel, dtype=dtype, device=self.modelset.device)
+            self._out[dtype] = torch.empty(self.modelset.numel, dtype=dtype, device=self.device)
         return self._out[dtype]
 
     def views(self, out: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -159,19 +166,26 @@ class Merger:
     def _run_chunk_method(self, method: ChunkMethod, ctx: MergeContext, out: torch.Tensor) -> None:
         prepared = method.prepare(ctx)
         kernel = self._kernel(method)
-        tau, base, T = self.modelset.tau, self.modelset.base_flat, self.modelset.n_tasks
+        # the args were prepared beside the store; the kernels run on the merge device
+        row_args = to_device(prepared.row_args, self.device)
+        element_args = to_device(prepared.element_args, self.device)
+        items = ctx.layout.items
+        args_per_item = item_args(items, row_args, element_args, to_device(prepared.static, self.device))
+        ms, T = self.modelset, self.modelset.n_tasks
+        stream = ChunkStream(ms.tau, ms.base_flat, items, self.device)
         with torch.inference_mode():
-            for it, args in item_args(ctx.layout.items, prepared.row_args, prepared.element_args, prepared.static):
+            for (it, args), (tau, base) in zip(args_per_item, stream, strict=True):
                 R, L = it.rows, it.row_length
-                merged = kernel(tau[:, it.start : it.stop].view(T, R, L), base[it.start : it.stop].view(R, L), **args)
+                merged = kernel(tau.view(T, R, L), base.view(R, L), **args)
                 out[it.start : it.stop].copy_(merged.reshape(-1))
 
     def _run_tensor_method(self, method: TensorMethod, ctx: MergeContext, out: torch.Tensor) -> None:
         base = self.modelset.base_flat
         with torch.inference_mode():
             for i, seg in enumerate(self.modelset.segments):
-                delta = method.merge_tensor(ctx, i).reshape(-1)
-                out[seg.offset : seg.end].copy_(base[seg.offset : seg.end] + delta)
+                delta = method.merge_tensor(ctx, i).reshape(-1).to(self.device)
+                b = base[seg.offset : seg.end].to(self.device, torch.float32)
+                out[seg.offset : seg.end].copy_(b + delta)
 
 
 def _with_base(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -10,14 +10,22 @@ tensor is a ``(offset, shape)`` segment of the store. What cannot be merged is k
 
 Every incompatibility is an error naming the model, the tensor and the mismatch.
 
+Loading streams: the models' safetensors are opened lazily (``open_model``) and the store is filled
+one tensor at a time (the base's tensor, then each expert's in turn), so no whole state dict is
+ever held beside the store. The store's dtype (``storage_dtype``: float32, bfloat16 or float16) and
+its residency tier (on the merge device, in host memory, or memory-mapped from a file: see
+``residency.py``) are chosen at construction.
+
 A ModelSet pickles its flat stores as NumPy arrays (bf16 as its 16-bit pattern): put once in Ray's
 object store, every actor on a node then maps the same read-only memory instead of holding its own
-copy (the merge only reads τ and θ_0). ``to(device)`` moves it onto an accelerator.
+copy (the merge only reads τ and θ_0). A disk-tier store pickles as its file's path: every actor
+maps the same file. ``placed(device)`` moves a device-tier store onto its accelerator.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import warnings
@@ -30,11 +38,19 @@ import torch
 
 from mergetune.errors import BadWeightsError, IncompatibleModelsError
 from mergetune.merging.layer_groups import LayerGroups, build_layer_groups
-from mergetune.merging.loading import LoadedModel, load_model
+from mergetune.merging.loading import LazyState, LoadedModel, TensorMeta, open_model, tensor_meta
+from mergetune.merging.residency import (
+    MemoryBudget,
+    allocate_store,
+    discard_disk_store,
+    finish_disk_store,
+    open_disk_store,
+)
 from mergetune.merging.tokenizers import tokenizer_differences
 
 ModelSource = str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module
 DEFAULT_TASK_SPECIFIC = (r"(^|\.)(classifier|score|qa_outputs)\.",)
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _VOCAB_HINT = re.compile(r"(embed_tokens|word_embeddings|token_embedding|wte|shared|embed_in|embed_out|lm_head)")
 
 
@@ -73,10 +89,14 @@ class ModelSet:
         *,
         device: str | torch.device = "cpu",
         storage_dtype: torch.dtype = torch.float32,
+        budget: MemoryBudget | None = None,
+        stage_on_host: bool = False,
         task_specific: Sequence[str] = DEFAULT_TASK_SPECIFIC,
         check_finite: bool = True,
         tokenizer_mismatch: Literal["error", "warn"] = "error",
     ) -> None:
+        """``device`` merges; ``budget`` chooses the store's tier (none: on the merge device). ``stage_on_host``
+        fills a device-tier store in CPU memory, for a driver that shares it through Ray before ``placed``."""
         if len(experts) != len(task_names) or not experts:
             raise ValueError("give one task name per expert, and at least one expert")
         repeated = sorted({t for t in task_names if list(task_names).count(t) > 1})
@@ -87,23 +107,34 @@ class ModelSet:
         self.expert_names = [e.name for e in experts]
         # each expert's head label map (config id2label), written beside its head by merging.save
         self.head_label_maps = [dict(e.config.get("id2label") or {}) for e in experts]
-        self.device = torch.device(device)
         self.storage_dtype = storage_dtype
         patterns = [re.compile(p) for p in task_specific]
 
         _check_tokenizers(base, experts, tokenizer_mismatch)
         expert_states = [_align_prefix(base.state, e) for e in experts]
-        if check_finite:
-            for model, state in [(base, base.state), *zip(experts, expert_states, strict=True)]:
-                _check_finite(model.name, state)
-
         merged, self.passthrough, self.task_tensors = _classify(base, experts, expert_states, patterns)
+        if check_finite:
+            for expert, tensors in zip(experts, self.task_tensors, strict=True):
+                for name, tensor in tensors.items():
+                    _check_finite(expert.name, name, tensor)
         self.segments = _layout(merged, base.state)
         self.numel = self.segments[-1].end if self.segments else 0
-        self.base_flat = torch.empty(self.numel, dtype=storage_dtype, device=self.device)
-        self.tau = torch.empty(len(experts), self.numel, dtype=storage_dtype, device=self.device)
-        self._fill(base.state, expert_states)
-        self.dtypes = {s.name: base.state[s.name].dtype for s in self.segments}
+        self.dtypes = {s.name: tensor_meta(base.state, s.name).dtype for s in self.segments}
+        store_bytes = (len(experts) + 1) * self.numel * storage_dtype.itemsize
+        key = _store_key(base, experts, storage_dtype)
+        self.residency = (budget or MemoryBudget()).choose(store_bytes, device, key)
+        self.tau, self.base_flat = allocate_store(
+            self.residency, len(experts), self.numel, storage_dtype, on_host=stage_on_host
+        )
+        self.device = self.tau.device
+        try:
+            self._fill(base, experts, expert_states, check_finite)
+        except BaseException:
+            discard_disk_store(self.residency)
+            raise
+        if self.residency.tier == "disk":  # the merge only reads: map the finished file read-only
+            finish_disk_store(self.residency)
+            self.tau, self.base_flat = open_disk_store(self.residency, self.n_tasks, self.numel, storage_dtype)
         # The base weights now live in base_flat; keeping the state dict would hold a second copy.
         self.base_info = dataclasses.replace(base, state={})
 
@@ -117,24 +148,40 @@ class ModelSet:
     ) -> ModelSet:
         """Load from paths, hub ids, state dicts or modules. ``experts`` maps task name -> source."""
         items = list(experts.items()) if isinstance(experts, Mapping) else list(experts)
-        base_model = load_model(base, name=_display_name(base, "base"))
-        expert_models = [load_model(src, name=_display_name(src, f"expert '{task}'")) for task, src in items]
+        base_model = open_model(base, name=_display_name(base, "base"))
+        expert_models = [open_model(src, name=_display_name(src, f"expert '{task}'")) for task, src in items]
         return cls(base_model, expert_models, [task for task, _ in items], **kwargs)
 
     @classmethod
     def from_recipe(cls, recipe: Any, **kwargs: Any) -> ModelSet:
+        """The ModelSet a recipe merges, in the recipe's storage dtype (so its merge is reproduced bit for bit)."""
         kwargs.setdefault("tokenizer_mismatch", "warn" if recipe.allow_tokenizer_mismatch else "error")
+        kwargs.setdefault("storage_dtype", STORAGE_DTYPES[recipe.storage_dtype])
         return cls.load(recipe.base, [(e.name, e.model) for e in recipe.experts], **kwargs)
 
     def _fill(
-        self, base_state: Mapping[str, torch.Tensor], expert_states: Sequence[Mapping[str, torch.Tensor]]
+        self,
+        base: LoadedModel,
+        experts: Sequence[LoadedModel],
+        expert_states: Sequence[Mapping[str, torch.Tensor]],
+        check_finite: bool,
     ) -> None:
+        """Stream the store in, one tensor at a time: the base's, then each expert's minus it (in float32)."""
         for seg in self.segments:
-            b = base_state[seg.name].to(self.device, torch.float32).reshape(-1)
-            self.base_flat[seg.offset : seg.end].copy_(b)
-            for t, state in enumerate(expert_states):
-                e = state[seg.name].to(self.device, torch.float32).reshape(-1)
-                self.tau[t, seg.offset : seg.end].copy_(e - b)
+            b = _read(base.name, base.state, seg.name, check_finite).to(torch.float32).reshape(-1)
+            self._store(self.base_flat[seg.offset : seg.end], b, base.name, seg.name)
+            for t, (expert, state) in enumerate(zip(experts, expert_states, strict=True)):
+                e = _read(expert.name, state, seg.name, check_finite).to(torch.float32).reshape(-1)
+                self._store(self.tau[t, seg.offset : seg.end], e - b, expert.name, seg.name)
+
+    def _store(self, dest: torch.Tensor, values: torch.Tensor, model: str, name: str) -> None:
+        """Copy float32 values into the store; float16 overflows past 65504, which must not pass as inf."""
+        dest.copy_(values)
+        if self.storage_dtype == torch.float16 and not bool(torch.isfinite(dest).all()):
+            raise BadWeightsError(
+                f"{model}: tensor '{name}' has values beyond float16's range ({float(values.abs().max()):.4g}); "
+                "use resources.storage_dtype bfloat16 or float32"
+            )
 
     # ---- views -----------------------------------------------------------------------------------
     @property
@@ -166,6 +213,11 @@ class ModelSet:
             self._by_name = {s.name: s for s in self.segments}
         return self._by_name[name]
 
+    @property
+    def merge_device(self) -> torch.device:
+        """The device that merges this store (where the output buffer and the kernels are)."""
+        return torch.device(self.residency.merge_device)
+
     def to(self, device: str | torch.device) -> ModelSet:
         """This ModelSet on ``device`` (itself when already there); the stores are copied once."""
         device = torch.device(device)
@@ -174,22 +226,44 @@ class ModelSet:
         moved = object.__new__(ModelSet)
         moved.__dict__.update(self.__dict__)
         moved.device = device
+        moved.residency = dataclasses.replace(self.residency, tier="device").on(device)
         moved.tau, moved.base_flat = self.tau.to(device), self.base_flat.to(device)
         moved.passthrough = {k: v.to(device) for k, v in self.passthrough.items()}
         moved.task_tensors = [{k: v.to(device) for k, v in d.items()} for d in self.task_tensors]
         return moved
 
+    def placed(self, merge_device: str | torch.device) -> ModelSet:
+        """This ModelSet ready to merge on ``merge_device`` in its tier: a device-tier store is moved there (once);
+        a host or disk store stays where it is and the engine streams it to the device chunk by chunk."""
+        merge_device = torch.device(merge_device)
+        if self.residency.tier == "device":
+            return self.to(merge_device)
+        if merge_device == self.merge_device:
+            return self
+        moved = object.__new__(ModelSet)
+        moved.__dict__.update(self.__dict__)
+        moved.residency = self.residency.on(merge_device)
+        moved.passthrough = {k: v.to(merge_device) for k, v in self.passthrough.items()}
+        moved.task_tensors = [{k: v.to(merge_device) for k, v in d.items()} for d in self.task_tensors]
+        return moved
+
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k != "_by_name"}
-        state["tau"], state["base_flat"] = _to_numpy(self.tau), _to_numpy(self.base_flat)
+        if self.residency.tier == "disk":  # every process maps the same file: only its path travels
+            state["tau"] = state["base_flat"] = None
+        else:
+            state["tau"], state["base_flat"] = _to_numpy(self.tau), _to_numpy(self.base_flat)
         state["device"] = str(self.device)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.device = torch.device(state["device"])
-        self.tau = _from_numpy(state["tau"], self.storage_dtype)
-        self.base_flat = _from_numpy(state["base_flat"], self.storage_dtype)
+        if self.residency.tier == "disk":
+            self.tau, self.base_flat = open_disk_store(self.residency, self.n_tasks, self.numel, self.storage_dtype)
+        else:
+            self.tau = _from_numpy(state["tau"], self.storage_dtype)
+            self.base_flat = _from_numpy(state["base_flat"], self.storage_dtype)
 
     def resident_bytes(self) -> int:
         """Bytes of the resident task vectors and base (what every candidate streams over)."""
@@ -214,16 +288,27 @@ def _display_name(source: ModelSource, role: str) -> str:
     return role
 
 
-def _check_finite(model: str, state: Mapping[str, torch.Tensor]) -> None:
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise BadWeightsError(
-                f"{model}: tensor '{name}' has {bad} NaN/inf value(s); fix or re-export this checkpoint"
-            )
+def _check_finite(model: str, name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise BadWeightsError(f"{model}: tensor '{name}' has {bad} NaN/inf value(s); fix or re-export this checkpoint")
 
 
-def _align_prefix(base: Mapping[str, torch.Tensor], expert: LoadedModel) -> dict[str, torch.Tensor]:
+def _read(model: str, state: Mapping[str, torch.Tensor], name: str, check_finite: bool) -> torch.Tensor:
+    """One tensor of a (possibly lazy) state, checked for NaN/inf when asked."""
+    tensor = state[name]
+    if check_finite:
+        _check_finite(model, name, tensor)
+    return tensor
+
+
+def _store_key(base: LoadedModel, experts: Sequence[LoadedModel], dtype: torch.dtype) -> str:
+    """A short name for a disk-tier store file: the same models and dtype write the same file (replaced)."""
+    text = "|".join([base.name, *(e.name for e in experts), str(dtype)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _align_prefix(base: Mapping[str, torch.Tensor], expert: LoadedModel) -> Mapping[str, torch.Tensor]:
     """Strip a wrapper prefix (``bert.``, ``roberta.``, ``model.``) so expert names match the base's.
 
     A task model (``BertForSequenceClassification``) prefixes the encoder's names with the base
@@ -235,9 +320,12 @@ def _align_prefix(base: Mapping[str, torch.Tensor], expert: LoadedModel) -> dict
     candidates = {""} | {k.split(".", 1)[0] + "." for k in state if "." in k}
     best = max(sorted(candidates), key=lambda p: (_prefix_matches(base, state, p), p == ""))
     if not best:
-        return dict(state)
+        return state
     cut = len(best)
-    return {(k[cut:] if k.startswith(best) else k): v for k, v in state.items()}
+    names = {(k[cut:] if k.startswith(best) else k): k for k in state}
+    if isinstance(state, LazyState):  # renamed without reading a tensor
+        return state.renamed(names)
+    return {new: state[old] for new, old in names.items()}
 
 
 def _prefix_matches(base: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -257,9 +345,10 @@ def _classify(
     per_task: list[dict[str, torch.Tensor]] = [{} for _ in experts]
     is_specific = lambda name: any(p.search(name) for p in task_specific)  # noqa: E731
 
-    for name, b in base.state.items():
+    for name in base.state:
+        b = tensor_meta(base.state, name)
         if not b.is_floating_point():
-            passthrough[name] = b
+            passthrough[name] = base.state[name]
             continue
         if is_specific(name):
             for t, state in enumerate(states):
@@ -267,13 +356,13 @@ def _classify(
                     per_task[t][name] = state[name]
             continue
         for expert, state in zip(experts, states, strict=True):
-            _check_pair(base.name, expert.name, name, b, state.get(name))
+            _check_pair(base.name, expert.name, name, b, tensor_meta(state, name) if name in state else None)
         merged.append(name)
 
     for t, state in enumerate(states):
-        for name, tensor in state.items():
+        for name in state:
             if name not in base.state:
-                per_task[t][name] = tensor
+                per_task[t][name] = state[name]
     return merged, passthrough, per_task
 
 
@@ -298,14 +387,14 @@ def _check_tokenizers(base: LoadedModel, experts: Sequence[LoadedModel], on_mism
         warnings.warn(message, stacklevel=3)
 
 
-def _check_pair(base_name: str, expert_name: str, name: str, b: torch.Tensor, e: torch.Tensor | None) -> None:
+def _check_pair(base_name: str, expert_name: str, name: str, b: TensorMeta, e: TensorMeta | None) -> None:
     if e is None:
         raise IncompatibleModelsError(
             f"{expert_name}: missing tensor '{name}' that the {base_name} has; "
             "are both the same architecture? (task-specific tensors can be declared with task_specific=)"
         )
     if e.shape != b.shape:
-        if _VOCAB_HINT.search(name) and e.dim() == b.dim() and e.shape[1:] == b.shape[1:]:
+        if _VOCAB_HINT.search(name) and len(e.shape) == len(b.shape) and e.shape[1:] == b.shape[1:]:
             raise IncompatibleModelsError(
                 f"{expert_name}: different vocabulary size in '{name}': {e.shape[0]} rows against the "
                 f"base's {b.shape[0]}; resize the embeddings to the base's tokenizer before merging"
@@ -324,7 +413,7 @@ def _check_pair(base_name: str, expert_name: str, name: str, b: torch.Tensor, e:
 def _layout(merged: Sequence[str], base_state: Mapping[str, torch.Tensor]) -> list[Segment]:
     segments, offset = [], 0
     for name in merged:
-        shape = tuple(base_state[name].shape)
+        shape = tensor_meta(base_state, name).shape
         seg = Segment(name, offset, shape)
         segments.append(seg)
         offset = seg.end

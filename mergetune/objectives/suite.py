@@ -559,7 +559,9 @@ class ValidationSuite:
             saved = self._reference, self._base, self._norms
             self._reference, self._base, self._norms = {}, {}, {}  # raw scores: nothing normalised while measuring
             try:
-                cached = self.score({name: build(name) for name in names}, tasks=names)
+                # one model at a time (built, scored, freed): several experts at once would multiply the peak memory
+                scored = {name: self.score({name: build(name)}, tasks=[name]).tasks[name] for name in names}
+                cached = SuiteScores(self.split, scored)
             finally:
                 self._reference, self._base, self._norms = saved
             self._store_reference(key, cached, disk=disk)

@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from mergetune.errors import MergetuneError, TaskError, read_config_file
 from mergetune.merging.methods import get_method
+from mergetune.merging.residency import parse_bytes
 from mergetune.objectives.normalization import Normalization, normalization_of
 from mergetune.objectives.tasks import TaskConfig, accepted_keys_line
 from mergetune.objectives.zoo.specs import VIEW_FOLDER, get_zoo
@@ -194,6 +195,46 @@ class EvaluationConfig(_Section):
     device: str = "cpu"
 
 
+class ResourcesConfig(_Section):
+    """How the store of task vectors is kept: its dtype and the memory it may take (see mergetune.merging.residency).
+
+    The store is chosen into a tier: on the merge device when it fits ``device_memory`` (on a CPU: ``memory``),
+    else in host memory when it fits ``memory`` (streamed to the device chunk by chunk), else memory-mapped from a
+    file written once under ``disk_dir`` (default: the run folder's ``cache/store``).
+    """
+
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the stored task vectors and base; bfloat16/float16 halve the store; the merge "
+        "computes in float32 and recipes record this so `mergetune merge` reproduces them.",
+    )
+    memory: int | str | None = Field(None, description="Host memory the store may take: bytes or e.g. '24GB'.")
+    device_memory: int | str | None = Field(
+        None, description="Memory of the merge device (an accelerator) the store may take: bytes or e.g. '80GB'."
+    )
+    tier: Literal["device", "host", "disk"] | None = Field(None, description="Force a tier (default: by the budgets).")
+    disk_dir: str | None = Field(None, description="Folder of a disk-tier store file (local disk; default: run cache).")
+
+    @field_validator("memory", "device_memory")
+    @classmethod
+    def _size(cls, value: int | str | None, info: Any) -> int | None:
+        if value is None:
+            return None
+        try:
+            return parse_bytes(value, f"resources.{info.field_name}")
+        except MergetuneError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """``memory`` in bytes (the validator has read a size string)."""
+        return None if self.memory is None else int(self.memory)
+
+    @property
+    def device_memory_bytes(self) -> int | None:
+        return None if self.device_memory is None else int(self.device_memory)
+
+
 class ExecutionConfig(_Section):
     """Where candidates run: in-process (``local``) or on Ray actors (``ray``), see mergetune.search.ray_executor."""
 
@@ -229,6 +270,7 @@ class SearchConfig(_Section):
     selection: SelectionConfig = SelectionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     execution: ExecutionConfig = ExecutionConfig()
+    resources: ResourcesConfig = ResourcesConfig()
     warm_start: bool = Field(True, description="Evaluate known-good recipes first (TA λ=0.3, TIES defaults).")
     storage: str | None = Field(None, description="Optuna storage URL or journal path; default: OUTPUT/search.journal")
     output: str | None = Field(None, description="Output folder; default: runs/<name>")

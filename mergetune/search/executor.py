@@ -88,7 +88,7 @@ class LocalExecutor:
         return self.worker.references(split)
 
     def describe(self) -> str:
-        return f"local executor, 1 in-process worker ({self.worker.name})"
+        return f"local executor, 1 in-process worker ({self.worker.name}); {self.worker.residency}"
 
     def close(self) -> None:
         self._queue.clear()

