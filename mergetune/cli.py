@@ -6,7 +6,7 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.table import Table
 from rich.text import Text
 
 from mergetune.errors import MergetuneError, describe_os_error
+
+if TYPE_CHECKING:
+    from mergetune.merging.save import MergedFolder
 
 
 def _quiet_libraries() -> None:
@@ -55,15 +58,23 @@ def merge(
     engine: Annotated[Engine, typer.Option(help="Kernel backend; the same backend reproduces the same bits.")] = (
         Engine.auto
     ),
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for the merge (default: torch's, one per core).")
+    ] = None,
 ) -> None:
     """Merge the models a recipe names and write a Hugging Face folder that AutoModel loads.
 
+    Streams: one tensor of each model in memory at a time, written into its shard as it is merged.
     Given a search's output folder, merge one of its points; its scores go into the model card.
     """
+    import torch
+
     from mergetune.export.card import merge_point
     from mergetune.merging.methods import load_recipe
     from mergetune.merging.save import merge_to_folder
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     with _errors():
         if recipe_path.is_dir():
             found, result = merge_point(recipe_path, point, out_dir, device=device, compile=_compile_flag(engine))
@@ -72,10 +83,22 @@ def merge(
             recipe = load_recipe(recipe_path)
             result = merge_to_folder(recipe, out_dir, device=device, compile=_compile_flag(engine))
         console.print(
-            f"merged {len(recipe.experts)} experts with [bold]{recipe.method}[/] "
-            f"(load {result.load_seconds:.1f}s, merge {result.merge_seconds:.1f}s) "
+            f"merged {len(recipe.experts)} experts with [bold]{recipe.method}[/] ({_merge_timing(result)}) "
             f"-> [green]{escape(str(result.folder))}[/]"
         )
+
+
+def _merge_timing(result: MergedFolder) -> str:
+    """How the merge ran: streamed (passes over the weights) or resident, and why."""
+    if result.streamed:
+        return (
+            f"streamed in {result.passes} {'pass' if result.passes == 1 else 'passes'}: "
+            f"setup {result.load_seconds:.1f}s, merge {result.merge_seconds:.1f}s"
+        )
+    return (
+        f"resident, since {escape(result.resident_reason or '')}: "
+        f"load {result.load_seconds:.1f}s, merge {result.merge_seconds:.1f}s"
+    )
 
 
 @app.command()

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._dynamo.config as dynamo_config
 
 from mergetune.errors import RecipeError
 from mergetune.forward import best_prefix
@@ -156,6 +155,9 @@ class Merger:
         if method.name not in self._kernels:
             fn = _with_base(method.kernel)
             if self.compile:
+                # torch._dynamo: heavy to import (seconds), needed only when compiling (an eager merge never is)
+                import torch._dynamo.config as dynamo_config
+
                 # Each method needs a few graphs (1 row vs many, structural options such as
                 # TIES' disjoint mode); a search over methods and options needs more than 8.
                 dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mergetune.merging.engine import Merger
 from mergetune.merging.loading import looks_like_hub_id
 from mergetune.merging.modelset import ModelSet
+from mergetune.merging.oneshot import stream_merge
+from mergetune.merging.shards import ShardWriter, TensorSpec
 from mergetune.recipe import Recipe
 
 TOKENIZER_FILES = (
@@ -53,25 +53,24 @@ def save_merged(
     about: str = "",
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Write the merged model folder; returns its path."""
+    """Write the merged model folder of a resident merge; returns its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().to("cpu").contiguous().clone() for name, t in merged.items()}
-    state.update({name: t.detach().to("cpu").clone() for name, t in modelset.passthrough.items()})
-    write_weights(state, out, max_shard_bytes)
-    _write_config(modelset, recipe, out)
-    _copy_tokenizer(modelset.base_folder, out)
-    recipe.save(out / "recipe.yaml")
-    _write_heads(modelset, out)
-    (out / "README.md").write_text(model_card(recipe, modelset, scores, about))
+    write_weights({**merged, **modelset.passthrough}, out, max_shard_bytes)
+    _write_metadata(modelset, recipe, out, scores, about)
     return out
 
 
 @dataclass(frozen=True)
 class MergedFolder:
+    """Where the merge went and what it cost; ``resident_reason`` is set when it could not stream."""
+
     folder: Path
-    load_seconds: float
-    merge_seconds: float
+    load_seconds: float  # streamed: headers and the counting passes; resident: loading the models
+    merge_seconds: float  # streamed: the merge pass (reading, merging and writing overlap)
+    streamed: bool = False
+    passes: int = 1  # passes over the models' weights
+    resident_reason: str | None = None
 
 
 def merge_to_folder(
@@ -82,47 +81,36 @@ def merge_to_folder(
     compile: bool | None = None,
     scores: ScoreTable | None = None,
     about: str = "",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> MergedFolder:
-    """Load the models a recipe names, merge them, write the folder (``mergetune merge``).
+    """Merge the models a recipe names tensor by tensor and write the folder (``mergetune merge``).
 
-    ``scores`` and ``about`` go into the model card (a search's scores of the recipe, where it came from).
+    Streams (``streaming.stream_merge``): the weights are never all in memory, and the result is the
+    resident merge's bit for bit. ``scores`` and ``about`` go into the model card (a search's scores
+    of the recipe, where it came from).
     """
-    start = time.perf_counter()
-    modelset = ModelSet.from_recipe(recipe, device=device)
-    loaded = time.perf_counter()
-    merged = Merger(modelset, compile=compile).merge(recipe)
-    done = time.perf_counter()
-    folder = save_merged(modelset, merged, recipe, out_dir, scores=scores, about=about)
-    return MergedFolder(folder, loaded - start, done - loaded)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = stream_merge(recipe, out, device=device, compile=compile, max_shard_bytes=max_shard_bytes)
+    _write_metadata(done.modelset, recipe, out, scores, about)
+    streamed = done.resident_reason is None
+    return MergedFolder(out, done.setup_seconds, done.merge_seconds, streamed, done.passes, done.resident_reason)
 
 
-def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
-    shards = _plan_shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+def write_weights(state: Mapping[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    """Safetensors shards of at most ``max_shard_bytes`` (one tensor may exceed it), with an index when sharded."""
+    with ShardWriter(out, [TensorSpec.of(name, t) for name, t in state.items()], max_shard_bytes) as writer:
+        for name, tensor in state.items():
+            writer.write(name, tensor)
 
 
-def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards
+def _write_metadata(modelset: ModelSet, recipe: Recipe, out: Path, scores: ScoreTable | None, about: str) -> None:
+    """Everything but the merged weights: config, tokenizer, recipe, per-task heads, model card."""
+    _write_config(modelset, recipe, out)
+    _copy_tokenizer(modelset.base_folder, out)
+    recipe.save(out / "recipe.yaml")
+    _write_heads(modelset, out)
+    (out / "README.md").write_text(model_card(recipe, modelset, scores, about))
 
 
 def _write_config(modelset: ModelSet, recipe: Recipe, out: Path) -> None:

@@ -1,0 +1,558 @@
+"""Streaming one-shot merges: read, merge and write one tensor at a time (``mergetune merge``).
+
+A search merges many candidates of the same models, so it keeps every task vector resident
+(``ModelSet``). A one-shot merge reads each weight once: holding base + experts in a flat float32
+store costs several times the model in memory and most of the time in loading. Here, for each
+merged tensor, the base's and every expert's tensor are read from their safetensors files (only
+that tensor's bytes), τ is computed in float32 exactly as ``ModelSet`` computes it, the tensor is
+merged by the engine itself (``Merger`` on a one-tensor ModelSet: the same ``prepare`` and kernels,
+the same chunks of whole rows) and written straight into its output shard (``shards.py``). The
+next tensor is read while the current one merges. Memory: about one tensor × (experts + 2), twice
+(the one being merged and the one being read), whatever the model's size.
+
+What a method needs beyond one tensor:
+
+- ``tensor`` and ``row`` scopes, DARE's random keys (seeded by the tensor's name), DELLA's ranks,
+  TSV's SVDs and PCB with ``scope: tensor`` are local to a tensor: a one-tensor ModelSet gives the
+  resident merge's values (the same sorts of the same blocks);
+- layer groups are the whole model's (each tensor keeps its group, so λ[t, g] and d[t, g] apply);
+- ``scope: global`` thresholds (the model-wide k-th largest |τ_t|) are found exactly by counting
+  before the merge pass (``GlobalThresholds``): a first pass builds, per task, a histogram of the
+  upper 16 bits of |τ| (non-negative float32 values order like their bit patterns); a second pass
+  counts the lower 16 bits inside the one bucket that holds each cut. Which counts are needed is
+  learnt by running the method once per layer group on a one-entry tensor, recording its requests.
+
+Three things need every entry of the model at once and are merged resident instead (``NotStreamable``,
+reported as the reason): ``sign_cancel: model_majority`` (the model-wide majority of the elected
+signs), ``tie_rule: mergekit`` with ``scope: global`` (ties ranked by one sort of the whole model),
+and scores other than |τ| ranked globally (PCB's default ``scope: global``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergetune.errors import BadWeightsError, MergetuneError
+from mergetune.merging.context import Layout, MergeContext
+from mergetune.merging.engine import DTYPES, Merger, compile_available
+from mergetune.merging.layer_groups import LayerGroups
+from mergetune.merging.loading import (
+    BIN_FILE,
+    BIN_INDEX,
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    LoadedModel,
+    _index_shards,
+    download_from_hub,
+    load_model,
+    looks_like_hub_id,
+    read_config,
+)
+from mergetune.merging.modelset import STORAGE_DTYPES, ModelSet, Segment, _align_prefix, _check_finite
+from mergetune.merging.residency import Residency
+from mergetune.merging.shards import SAFETENSORS_DTYPES, ShardWriter, TensorSpec
+from mergetune.merging.stats import NaiveStatistics, OrderStatistics, RowLayout, Scope, ScoreFn, abs_scores
+from mergetune.recipe import Recipe
+
+_DTYPE_OF_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+_READ_BLOCK = 1 << 30  # bytes per pread call (a single call may return less than asked above 2 GiB)
+
+
+class NotStreamable(Exception):
+    """The recipe needs every entry of the model at once; the message says which option."""
+
+
+# ---- reading tensors one at a time -----------------------------------------------------------------
+class SafetensorsFile:
+    """One safetensors file: its header is parsed once, each tensor is read on demand (only its bytes).
+
+    Plain positioned reads, not a memory map: a mapped file's pages would count in the process's
+    resident memory until the kernel drops them, and a streaming merge should not appear to hold the
+    models it has already read.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with path.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            size = path.stat().st_size
+        except (OSError, struct.error, ValueError) as exc:
+            raise BadWeightsError(f"{path}: cannot read safetensors file: {exc}") from exc
+        self.data_start = 8 + length
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            if name != "__metadata__":
+                self.entries[name] = self._entry(name, info, size)
+
+    def _entry(self, name: str, info: Any, size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        try:
+            dtype = _DTYPE_OF_NAME[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            start, stop = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadWeightsError(f"{self.path}: tensor '{name}' has an unreadable header entry: {exc!r}") from exc
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if stop - start != expected or start < 0 or self.data_start + stop > size:
+            raise BadWeightsError(
+                f"{self.path}: tensor '{name}' has offsets [{start}, {stop}) that do not fit its shape {shape} "
+                "or the file; the file is truncated or corrupt: re-download or re-export it"
+            )
+        return dtype, shape, start, stop
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A tensor of the stored shape and dtype that holds no data (for the compatibility checks)."""
+        dtype, shape, _, _ = self.entries[name]
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, start, stop = self.entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < stop - start:
+                n = os.preadv(fd, [view[done : done + _READ_BLOCK]], self.data_start + start + done)
+                if n <= 0:
+                    raise BadWeightsError(f"{self.path}: file ended while reading tensor '{name}'")
+                done += n
+        finally:
+            os.close(fd)
+        return out
+
+
+class TensorSource:
+    """One model's tensors by name: read from safetensors files on demand, or from a loaded state dict
+    (``.bin`` checkpoints, which cannot be read one tensor at a time). Names may be aliased (an
+    expert's ``bert.`` prefix stripped to match the base), and every floating tensor read is checked
+    finite, as ``ModelSet`` checks whole models.
+    """
+
+    def __init__(self, model: str, files: Mapping[str, SafetensorsFile], state: Mapping[str, torch.Tensor]) -> None:
+        self.model = model
+        self.files = files
+        self.state = state
+        self.aliases: dict[str, str] = {}
+
+    def meta_state(self) -> dict[str, torch.Tensor]:
+        if self.files:
+            return {name: file.meta(name) for name, file in self.files.items()}
+        return dict(self.state)
+
+    def read(self, name: str) -> torch.Tensor:
+        key = self.aliases.get(name, name)
+        tensor = self.files[key].read(key) if self.files else self.state[key]
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            _check_finite(self.model, key, tensor)  # raises, counting the bad values
+        return tensor
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no entry is NaN or ±inf: min and max propagate both (one vectorised pass; ``isfinite`` is
+    15-50× slower on CPU)."""
+    if tensor.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(tensor)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+def open_model(source: str, name: str, revision: str | None = None) -> tuple[LoadedModel, TensorSource]:
+    """The model's description (names, shapes, dtypes as data-less tensors; config; folder) and its source.
+
+    Safetensors checkpoints are read from their headers only; anything else is loaded as ``load_model`` does.
+    """
+    path = Path(source).expanduser()
+    folder: Path | None = None
+    if path.is_dir():
+        folder = path
+    elif path.is_file() and path.suffix == ".safetensors":
+        files = _open_files([path])
+        source_ = TensorSource(name, files, {})
+        return LoadedModel(name, source_.meta_state(), path.parent, read_config(path.parent)), source_
+    elif not path.exists() and looks_like_hub_id(source):
+        folder = download_from_hub(source, revision)
+    paths = _safetensors_paths(folder) if folder is not None else []
+    if not paths:  # .bin, a single weights file, or an error load_model words best
+        model = load_model(source, name=name, revision=revision)
+        return model, TensorSource(name, {}, model.state)
+    assert folder is not None
+    source_ = TensorSource(name, _open_files(paths), {})
+    return LoadedModel(name, source_.meta_state(), folder, read_config(folder)), source_
+
+
+def _safetensors_paths(folder: Path) -> list[Path]:
+    """The safetensors files ``loading.read_folder`` would read, in its order of precedence; [] for .bin."""
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return [folder / shard for shard in _index_shards(folder / SAFETENSORS_INDEX)]
+    if (folder / BIN_INDEX).is_file():
+        return []
+    if (folder / SAFETENSORS_FILE).is_file():
+        return [folder / SAFETENSORS_FILE]
+    if (folder / BIN_FILE).is_file():
+        return []
+    found = sorted(folder.glob("*.safetensors"))
+    return found if len(found) == 1 else []
+
+
+def _open_files(paths: list[Path]) -> dict[str, SafetensorsFile]:
+    by_name: dict[str, SafetensorsFile] = {}
+    for p in paths:
+        if not p.is_file():
+            raise MergetuneError(f"weights file not found: {p} (listed in the folder's index?)")
+        file = SafetensorsFile(p)
+        by_name.update(dict.fromkeys(file.entries, file))
+    return by_name
+
+
+@dataclass
+class StreamInputs:
+    """A recipe's models described from their headers: a ModelSet on the ``meta`` device (every check of a
+    resident load, no weights) and where each model's tensors are."""
+
+    header: ModelSet
+    base: TensorSource
+    experts: list[TensorSource]
+    storage: torch.dtype = torch.float32  # the recipe's storage dtype: what a search's store rounded to
+
+    @classmethod
+    def open(cls, recipe: Recipe) -> StreamInputs:
+        base_info, base = open_model(recipe.base, f"base ({recipe.base})")
+        infos, experts = [], []
+        for e in recipe.experts:
+            info, source = open_model(e.model, f"expert '{e.name}' ({e.model})", e.revision)
+            source.aliases = _aliases(base_info, info)
+            infos.append(info)
+            experts.append(source)
+        mismatch = "warn" if recipe.allow_tokenizer_mismatch else "error"
+        header = ModelSet(
+            base_info, infos, recipe.task_names, device="meta", check_finite=False, tokenizer_mismatch=mismatch
+        )
+        return cls(header, base, experts, STORAGE_DTYPES[recipe.storage_dtype])
+
+    def read_tau(self, segment: Segment, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base (flat float32) and τ (``[T, n]`` float32) of one tensor, computed as ``ModelSet`` does."""
+        base = self.base.read(segment.name).to(device, torch.float32).reshape(-1)
+        tau = torch.empty(len(self.experts), segment.numel, dtype=torch.float32, device=device)
+        for t, expert in enumerate(self.experts):
+            tau[t].copy_(expert.read(segment.name).reshape(-1))  # the exact float32 value of the expert's weight
+            tau[t].sub_(base)
+        if self.storage != torch.float32:  # as ModelSet stores them: τ from the exact base, then both rounded
+            base, tau = base.to(self.storage).to(torch.float32), tau.to(self.storage).to(torch.float32)
+        return base, tau
+
+    def load_task_tensors(self) -> None:
+        """Replace the header's data-less per-task tensors (heads) and passthrough tensors by their values."""
+        self.header.task_tensors = [
+            {name: source.read(name) for name in tensors}
+            for source, tensors in zip(self.experts, self.header.task_tensors, strict=True)
+        ]
+        self.header.passthrough = {name: self.base.read(name) for name in self.header.passthrough}
+
+
+def _aliases(base: LoadedModel, expert: LoadedModel) -> dict[str, str]:
+    """Expert name as matched to the base (a wrapper prefix stripped, as ``ModelSet`` does) -> name in its files."""
+    original = {id(tensor): name for name, tensor in expert.state.items()}
+    return {name: original[id(tensor)] for name, tensor in _align_prefix(base.state, expert).items()}
+
+
+# ---- one tensor as a ModelSet --------------------------------------------------------------------------
+class TensorSlice(ModelSet):
+    """One merged tensor of a model as a ModelSet of one segment, in the whole model's layer groups."""
+
+    def __init__(
+        self, header: ModelSet, segment: Segment, groups: LayerGroups, base: torch.Tensor, tau: torch.Tensor
+    ) -> None:
+        self.base_info = header.base_info
+        self.task_names = header.task_names
+        self.expert_names = header.expert_names
+        self.head_label_maps = header.head_label_maps
+        self.device = base.device
+        self.storage_dtype = torch.float32
+        self.passthrough = {}
+        self.task_tensors = [{} for _ in header.task_names]
+        self.segments = [Segment(segment.name, 0, segment.shape)]
+        self.numel = segment.numel
+        self.base_flat = base
+        self.tau = tau
+        self.dtypes = {segment.name: header.dtypes[segment.name]}
+        self._groups = groups
+        nbytes = (tau.numel() + base.numel()) * base.element_size()
+        self.residency = Residency("device", str(base.device), store_bytes=nbytes, reason="one tensor, streamed")
+
+    def layer_groups(self, granularity: int = 1) -> LayerGroups:
+        return self._groups
+
+
+@dataclass(frozen=True)
+class SliceRows(RowLayout):
+    """A slice's rows, whose ``global`` block is the whole model (``model_numel`` entries), not the slice."""
+
+    model_numel: int = 0
+
+    def blocks(self, scope: Scope, modelset: ModelSet) -> tuple[torch.Tensor, torch.Tensor]:
+        if scope is Scope.GLOBAL:
+            return torch.zeros_like(self.start), torch.full_like(self.start, self.model_numel)
+        return super().blocks(scope, modelset)
+
+
+class GlobalThresholds:
+    """Model-wide k-th largest |τ_t|, per task and count k: recorded as requests, then counted exactly."""
+
+    def __init__(self, n_tasks: int) -> None:
+        self.n_tasks = n_tasks
+        self.recording = True
+        self.wanted: set[tuple[int, int]] = set()
+        self.values: dict[tuple[int, int], torch.Tensor] = {}
+
+    def lookup(self, k: torch.Tensor) -> torch.Tensor:
+        """``[T, n_rows]`` thresholds for counts ``k`` (+inf where k = 0), like ``OrderStatistics.kth_largest``."""
+        out = torch.full(k.shape, math.inf, dtype=torch.float32, device=k.device)
+        for t in range(k.shape[0]):
+            for kk in torch.unique(k[t]).tolist():
+                if kk <= 0:
+                    continue
+                if self.recording:
+                    self.wanted.add((t, kk))
+                elif (t, kk) not in self.values:
+                    raise RuntimeError(f"internal: global threshold k={kk} of task {t} was not counted")
+                else:
+                    out[t][k[t] == kk] = self.values[(t, kk)].to(out.device)
+        return out
+
+    def count(self, taus: Callable[[], Iterator[torch.Tensor]]) -> int:
+        """Find every wanted value in two passes over ``taus()`` (each yields ``[T, n]`` float32). Returns 2."""
+        high = torch.zeros(self.n_tasks << 16, dtype=torch.int64)
+        for tau in taus():
+            high += torch.bincount(_task_buckets(tau)[0].reshape(-1), minlength=self.n_tasks << 16).cpu()
+        per_task = high.view(self.n_tasks, 1 << 16)
+        cuts = {(t, k): _from_top(per_task[t], k) for t, k in self.wanted}  # -> (bucket, rank inside it)
+        keys = torch.tensor(sorted({(t << 16) | b for (t, _), (b, _) in cuts.items()}), dtype=torch.int32)
+        low = torch.zeros(keys.numel() << 16, dtype=torch.int64)
+        for tau in taus():
+            bucket, bits = _task_buckets(tau)
+            inside = torch.isin(bucket, keys.to(bucket.device))
+            which = torch.searchsorted(keys.to(bucket.device), bucket[inside])  # index of the (task, bucket) pair
+            low += torch.bincount((which << 16) | (bits[inside] & 0xFFFF), minlength=keys.numel() << 16).cpu()
+        rows = low.view(keys.numel(), 1 << 16)
+        for (t, k), (b, rank) in cuts.items():
+            lo, _ = _from_top(rows[int(torch.searchsorted(keys, (t << 16) | b))], rank)
+            self.values[(t, k)] = torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32)[0]
+        self.recording = False
+        return 2
+
+
+def _task_buckets(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(task << 16 | upper 16 bits of |τ|, the bits of |τ|), both ``[T, n]`` int32: one histogram for all tasks."""
+    bits = _magnitude_bits(tau)
+    task = torch.arange(tau.shape[0], dtype=torch.int32, device=tau.device).unsqueeze(1) << 16
+    return (bits >> 16) | task, bits
+
+
+def _magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
+    """|τ| as int32 bit patterns: for non-negative floats, integer order is value order (+0 is 0)."""
+    return tau.abs().view(torch.int32)
+
+
+def _from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bucket, rank inside it) of the k-th largest item, given counts per bucket in ascending order."""
+    at_or_above = counts.flip(0).cumsum(0).flip(0)
+    if k > int(at_or_above[0]):
+        raise RuntimeError(f"internal: k={k} beyond the {int(at_or_above[0])} counted entries")
+    bucket = int((at_or_above >= k).nonzero().max())
+    above = int(at_or_above[bucket + 1]) if bucket + 1 < counts.numel() else 0
+    return bucket, k - above
+
+
+class SliceStatistics(NaiveStatistics):
+    """A slice's order statistics: its own blocks for ``tensor``/``row`` scope, the model's for ``global``.
+
+    One candidate per slice: a threshold is a selection (``kthvalue``, as ``NaiveStatistics``), not a
+    sort kept for the next candidate; scores and other precomputations are cached for the slice's
+    hooks, as ``OrderStatistics`` does. The k-th largest value is the same whichever way it is found.
+    """
+
+    scores = OrderStatistics.scores
+    cached = OrderStatistics.cached
+
+    def __init__(self, modelset: ModelSet, rows: RowLayout, thresholds: GlobalThresholds) -> None:
+        super().__init__(modelset, rows)
+        self.thresholds = thresholds
+
+    def kth_largest(self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn = abs_scores) -> torch.Tensor:
+        if scope is not Scope.GLOBAL:
+            return super().kth_largest(kind, scope, k, compute)
+        if kind != "abs":
+            raise NotStreamable(f"scores '{kind}' ranked over the whole model (scope: global)")
+        return self.thresholds.lookup(k)
+
+    def order_scores(self, scope: Scope, descending: bool) -> torch.Tensor:
+        if scope is Scope.GLOBAL:
+            raise NotStreamable("tie_rule: mergekit with scope: global orders tied magnitudes by one sort of the model")
+        return super().order_scores(scope, descending)
+
+
+class SliceContext(MergeContext):
+    """A slice's MergeContext: a pass over "the whole model" is not available one tensor at a time."""
+
+    def chunks(
+        self, row_args: Mapping[str, torch.Tensor], element_args: Mapping[str, torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        raise NotStreamable("sign_cancel: model_majority needs the elected signs of the whole model")
+
+
+class SliceMerger(Merger):
+    """The engine, run on one tensor at a time (kernels compiled once, reused for every tensor)."""
+
+    def __init__(self, first: TensorSlice, thresholds: GlobalThresholds, model_numel: int, compile: bool) -> None:
+        super().__init__(first, compile=compile)
+        self.thresholds = thresholds
+        self.model_numel = model_numel
+
+    def merge_slice(self, piece: TensorSlice, recipe: Recipe) -> torch.Tensor:
+        """The merged tensor (in the recipe's dtype), a fresh buffer of its own."""
+        self.modelset, self._layouts, self._out = piece, {}, {}
+        return self.merge(recipe)[piece.segments[0].name]
+
+    def layout(self, granularity: int) -> Layout:
+        if granularity not in self._layouts:
+            layout = Layout(self.modelset, granularity, self.chunk_size, self.naive)
+            fields = {f.name: getattr(layout.rows, f.name) for f in dataclasses.fields(layout.rows)}
+            layout.rows = SliceRows(**fields, model_numel=self.model_numel)
+            layout.stats = SliceStatistics(self.modelset, layout.rows, self.thresholds)
+            self._layouts[granularity] = layout
+        return self._layouts[granularity]
+
+    def context(self, recipe: Recipe) -> tuple[MergeContext, Any]:
+        ctx, method = super().context(recipe)
+        return SliceContext(ctx.layout, ctx.weight, ctx.density, ctx.options, ctx.seed), method
+
+
+# ---- the merge -------------------------------------------------------------------------------------------
+@dataclass
+class StreamedMerge:
+    """The models (a header ModelSet whose heads hold their values), timings and how the merge ran."""
+
+    modelset: ModelSet
+    setup_seconds: float  # headers, and the counting passes of global thresholds
+    merge_seconds: float  # the merge pass (reading, merging and writing overlap)
+    passes: int  # passes over the models' weights
+    resident_reason: str | None = None  # why the merge ran resident, if it did
+
+
+def stream_merge(
+    recipe: Recipe,
+    out: Path,
+    *,
+    device: str = "cpu",
+    compile: bool | None = None,
+    max_shard_bytes: int,
+) -> StreamedMerge:
+    """Merge ``recipe`` tensor by tensor into safetensors shards under ``out`` (see the module doc).
+
+    Recipes that need the whole model at once are merged resident (the reason is returned).
+    """
+    start = time.perf_counter()
+    inputs = StreamInputs.open(recipe)
+    dev = torch.device(device)
+    header = inputs.header
+    merger = _slice_merger(inputs, recipe, dev, compile_available(dev) if compile is None else compile)
+    try:
+        passes = _count_global_thresholds(inputs, recipe, merger, dev)
+    except NotStreamable as reason:
+        return _resident_merge(recipe, out, device, compile, max_shard_bytes, str(reason))
+    setup = time.perf_counter()
+    inputs.load_task_tensors()
+    dtype = DTYPES[recipe.dtype]
+    specs = [TensorSpec(s.name, dtype, s.shape) for s in header.segments]
+    specs += [TensorSpec.of(name, t) for name, t in header.passthrough.items()]
+    groups = header.layer_groups(recipe.grouping.granularity)
+    with ShardWriter(out, specs, max_shard_bytes) as writer:
+        for segment, (base, tau) in _prefetched(header.segments, lambda s: inputs.read_tau(s, dev)):
+            merged = merger.merge_slice(TensorSlice(header, segment, groups, base, tau), recipe)
+            writer.write(segment.name, merged)
+        for name, tensor in header.passthrough.items():
+            writer.write(name, tensor)
+    return StreamedMerge(header, setup - start, time.perf_counter() - setup, passes + 1)
+
+
+def _slice_merger(inputs: StreamInputs, recipe: Recipe, device: torch.device, compile: bool) -> SliceMerger:
+    header = inputs.header
+    first = header.segments[0] if header.segments else None
+    if first is None:
+        raise MergetuneError(f"base ({recipe.base}): no floating-point tensor to merge")
+    dummy = _one_entry_slice(header, first, header.layer_groups(recipe.grouping.granularity), device)
+    return SliceMerger(dummy, GlobalThresholds(header.n_tasks), header.numel, compile)
+
+
+def _one_entry_slice(header: ModelSet, segment: Segment, groups: LayerGroups, device: torch.device) -> TensorSlice:
+    """A stand-in for ``segment``: its name (hence group) and number of dims, one zero entry."""
+    shape = tuple(1 for _ in segment.shape)
+    base = torch.zeros(1, dtype=torch.float32, device=device)
+    tau = torch.zeros(header.n_tasks, 1, dtype=torch.float32, device=device)
+    return TensorSlice(header, Segment(segment.name, 0, shape), groups, base, tau)
+
+
+def _count_global_thresholds(inputs: StreamInputs, recipe: Recipe, merger: SliceMerger, device: torch.device) -> int:
+    """Run the method once per layer group on a one-entry stand-in, recording the model-wide counts it
+    asks for (``NotStreamable`` if it needs more); count them exactly. Returns the passes it took."""
+    header = inputs.header
+    groups = header.layer_groups(recipe.grouping.granularity)
+    first_of_group: dict[int, Segment] = {}
+    for seg in header.segments:
+        first_of_group.setdefault(groups.index(seg.name), seg)
+    for seg in first_of_group.values():
+        merger.merge_slice(_one_entry_slice(header, seg, groups, device), recipe)
+    if not merger.thresholds.wanted:
+        merger.thresholds.recording = False
+        return 0
+
+    def taus() -> Iterator[torch.Tensor]:
+        for _, (_, tau) in _prefetched(header.segments, lambda s: inputs.read_tau(s, device)):
+            yield tau
+
+    return merger.thresholds.count(taus)
+
+
+def _prefetched(
+    segments: list[Segment], read: Callable[[Segment], tuple[torch.Tensor, torch.Tensor]]
+) -> Iterator[tuple[Segment, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each segment with its tensors, the next one read in a thread while the caller works on this one."""
+    if not segments:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergetune-read") as pool:
+        pending: Future[tuple[torch.Tensor, torch.Tensor]] = pool.submit(read, segments[0])
+        for i, segment in enumerate(segments):
+            current = pending.result()
+            if i + 1 < len(segments):
+                pending = pool.submit(read, segments[i + 1])
+            yield segment, current
+            del current
+
+
+def _resident_merge(
+    recipe: Recipe, out: Path, device: str, compile: bool | None, max_shard_bytes: int, reason: str
+) -> StreamedMerge:
+    """The in-memory merge (``ModelSet`` + ``Merger``), for recipes that need the whole model at once."""
+    start = time.perf_counter()
+    modelset = ModelSet.from_recipe(recipe, device=device)
+    loaded = time.perf_counter()
+    merged = Merger(modelset, compile=compile).merge(recipe)
+    state = {**merged, **modelset.passthrough}
+    with ShardWriter(out, [TensorSpec.of(n, t) for n, t in state.items()], max_shard_bytes) as writer:
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+    return StreamedMerge(modelset, loaded - start, time.perf_counter() - loaded, 1, reason)
