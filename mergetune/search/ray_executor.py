@@ -40,6 +40,7 @@ from mergetune.errors import MergetuneError
 from mergetune.merging.modelset import ModelSet
 from mergetune.recipe import Recipe
 from mergetune.search.executor import JobResult, describe_error
+from mergetune.search.fidelity import Incumbent
 from mergetune.search.worker import Evaluation, Split, Worker, WorkerSetup
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,10 @@ class WorkerActor:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "pid": os.getpid(), "node": _node_id()}
 
-    def evaluate(self, recipe: Recipe, split: Split) -> Reply:
+    def evaluate(self, recipe: Recipe, split: Split, incumbent: Incumbent | None = None) -> Reply:
         start = time.perf_counter()
         try:
-            evaluation = replace(self.worker.evaluate(recipe, split), worker=self.name)
+            evaluation = replace(self.worker.evaluate(recipe, split, incumbent), worker=self.name)
             return Reply(evaluation, None, time.perf_counter() - start, self.name)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             return Reply(None, describe_error(exc), time.perf_counter() - start, self.name, worker_fault=True)
@@ -145,6 +146,7 @@ class _Call:
     recipe: Recipe
     split: Split
     job: int | None  # a search candidate's job number; None for score() calls
+    incumbent: Incumbent | None = None  # what a search candidate races against (multi-fidelity)
     attempts: int = 0
     sent: float = 0.0
     received: float = 0.0
@@ -247,8 +249,8 @@ class RayExecutor:
     def slots(self) -> int:
         return len(self._slots)
 
-    def submit(self, job: int, recipe: Recipe) -> None:
-        self._enqueue(_Call(next(self._ids), recipe, "search", job))
+    def submit(self, job: int, recipe: Recipe, incumbent: Incumbent | None = None) -> None:
+        self._enqueue(_Call(next(self._ids), recipe, "search", job, incumbent))
 
     def results(self) -> list[JobResult]:
         """Every finished search candidate; blocks until there is at least one (or none is in flight)."""
@@ -325,7 +327,7 @@ class RayExecutor:
                 call.attempts += 1
                 call.sent = time.perf_counter()
                 slot.busy = call.id
-                self._calls[slot.actor.evaluate.remote(call.recipe, call.split)] = call
+                self._calls[slot.actor.evaluate.remote(call.recipe, call.split, call.incumbent)] = call
 
     def _collect(self) -> None:
         """Wait for at least one call to finish; handle every finished one (retries included)."""
