@@ -22,9 +22,11 @@ from pydantic import ValidationError
 
 from mergetune.errors import TaskError
 from mergetune.objectives.slices import check_fractions, task_slices
+from mergetune.objectives.suite import SuiteScores
 from mergetune.recipe import Recipe
 from mergetune.search import records as R
 from mergetune.search.config import FidelityConfig, SearchConfig
+from mergetune.search.fidelity import Incumbent
 from mergetune.search.loop import SearchLoop, open_search, resolve_models, worker_setup
 from mergetune.search.saved_evaluation import SavedEvaluation, record_evaluation
 from mergetune.search.storage import finished_trials, has_outcome
@@ -104,10 +106,7 @@ def add_expert_level_trial(loop: SearchLoop) -> None:
     Recorded as the loop records a candidate scored in full (scores, normalised scores, per-example values),
     so that the next candidates race against it.
     """
-    worker = loop.executor.worker  # type: ignore[attr-defined]
-    suite = worker.suite("search")
-    experts = {t.name: worker._load_expert(t, loop.setup.task_experts()[t.name]) for t in worker._search_tasks}
-    scores = suite.score(experts)
+    scores = expert_scores(loop.executor.worker)  # type: ignore[attr-defined]
     full = {name: t.n_examples for name, t in scores.tasks.items()}
     point = ta_point(loop, 0.9)
     attrs = {
@@ -128,6 +127,18 @@ def add_expert_level_trial(loop: SearchLoop) -> None:
         user_attrs=attrs,
     )
     loop.study.add_trial(trial)
+
+
+def expert_scores(worker: Worker) -> SuiteScores:
+    """Each task's expert scored on the worker's search suite, with its per-example values."""
+    experts = {t.name: worker._load_expert(t, worker.setup.task_experts()[t.name]) for t in worker._search_tasks}
+    return worker.suite("search").score(experts)
+
+
+def expert_incumbent(worker: Worker) -> Incumbent:
+    """An incumbent that scores as the experts do, example for example (see ``add_expert_level_trial``)."""
+    scores = expert_scores(worker)
+    return Incumbent(0, scores.scores, {name: [float(v) for v in t.per_example] for name, t in scores.tasks.items()})
 
 
 def test_a_clearly_worse_candidate_is_stopped_after_its_first_slice(config: SearchConfig) -> None:
