@@ -221,3 +221,23 @@ def test_a_pruned_result_saved_before_a_kill_is_recorded_pruned_on_resume(tmp_pa
     stored = study.trials[0]
     assert stored.state is TrialState.PRUNED and stored.intermediate_values == {5: 0.25}
     assert has_outcome(stored) and finished_trials(study) == [stored]  # not re-queued, counted in the budget
+
+
+def test_a_pareto_run_stops_only_a_candidate_worse_with_confidence_on_every_task(config: SearchConfig) -> None:
+    """λ on sms_spam alone ties the experts on sms_spam (both 1.0) and trails on the other tasks: the mean
+    rule stops it after its first slice, the rule of Pareto runs (worse on every task) scores it in full."""
+    setup = worker_setup(config, resolve_models(config))
+    assert setup.fidelity is not None and not setup.fidelity.every_task  # the config optimises the mean alone
+    worker = Worker(setup)
+    incumbent = expert_incumbent(worker)
+    tasks = list(setup.experts)
+    experts = [{"name": t, "model": p} for t, p in setup.experts.items()]
+    weight = {t: 1.0 if t == "sms_spam" else 0.0 for t in tasks}
+    recipe = Recipe(base=setup.base, experts=experts, method="task_arithmetic", weight=weight)
+    on_mean = worker.evaluate(recipe, "search", incumbent)
+    assert on_mean.stopped and on_mean.fidelity is not None and on_mean.fidelity["stage"] == 1
+    worker.setup = dataclasses.replace(setup, fidelity=dataclasses.replace(setup.fidelity, every_task=True))
+    on_every_task = worker.evaluate(recipe, "search", incumbent)
+    assert not on_every_task.stopped and on_every_task.scores["sms_spam"] == incumbent.scores["sms_spam"] == 1.0
+    pareto = SearchConfig.model_validate({**config.model_dump(mode="json", exclude_unset=True), "objectives": {}})
+    assert worker_setup(pareto, resolve_models(pareto)).fidelity.every_task  # the default [mean, worst]: that rule
