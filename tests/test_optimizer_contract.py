@@ -166,6 +166,11 @@ def evaluate(space: SearchSpace, params: dict[str, Any]) -> Outcome:
 FAILED = Outcome(values=None, scalar=-math.inf, feasible=False)
 
 
+def stopped_early(outcome: Outcome) -> Outcome:
+    """The outcome of a candidate stopped by multi-fidelity racing: no values, a pessimistic scalar."""
+    return Outcome(values=None, scalar=outcome.scalar - 0.25, feasible=False, pruned=True)
+
+
 def assert_in_space(space: SearchSpace, params: dict[str, Any]) -> None:
     """Exactly the axes of the point's method, each value inside its distribution."""
     method = space.method_of(params)
@@ -207,8 +212,8 @@ class MiniLoop:
         opt.restore(folder, list(self.history))
         return MiniLoop(opt, self.space, study, list(self.history))
 
-    def step(self, fail: bool = False) -> dict[str, Any]:
-        """Ask, evaluate (or fail) and tell one candidate; returns the point evaluated, checked."""
+    def step(self, fail: bool = False, prune: bool = False) -> dict[str, Any]:
+        """Ask, evaluate (or fail, or stop early) and tell one candidate; returns the point evaluated, checked."""
         assert not self.opt.exhausted
         proposal = self.opt.propose()
         assert (proposal is not None) == self.opt.external  # an external one never leaves it to random sampling
@@ -221,7 +226,10 @@ class MiniLoop:
         if proposal is not None:
             assert params == proposal.params  # the study evaluates the proposal, not a sample of its own
         outcome = FAILED if fail else evaluate(self.space, params)
-        if outcome.values is None:
+        if prune:
+            outcome = stopped_early(outcome)
+            self.study.tell(trial, state=TrialState.PRUNED)  # as the loop records it (multi-objective: no value)
+        elif outcome.values is None:
             self.study.tell(trial, state=TrialState.FAIL)
         else:
             self.study.tell(trial, list(outcome.values))
@@ -301,6 +309,28 @@ def test_failed_candidates_are_observed_and_the_search_goes_on(name: str, failur
         loop.run([*failures, True])  # ends on a failure
         assert_in_space(space, loop.step())  # and the next proposal is still valid
     assert sum(o.failed for _, o in loop.history) == sum(failures) + 1
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_candidates_stopped_early_are_observed_pessimistically_and_resume_replays_them(
+    name: str, tmp_path: Path
+) -> None:
+    space = continuous_space()
+    with registered(name):
+        loop = MiniLoop.start(name, space)
+        for i in range(RUN):
+            loop.step(prune=i % 3 == 1)  # a third of them stopped early
+        stopped = [o for _, o in loop.history if o.pruned]
+        assert stopped and not any(o.failed for o in stopped)  # not a failure: a finite, pessimistic loss
+        assert all(o.loss == -o.scalar and o.values is None for o in stopped)  # and never a front value
+        loop.opt.checkpoint(tmp_path)
+        first, second = loop.resumed(tmp_path), loop.resumed(tmp_path)
+        after_resume = first.step()
+        assert second.step() == after_resume
+        uninterrupted = loop.step()
+    assert {t.state for t in loop.study.trials} == {TrialState.COMPLETE, TrialState.PRUNED}
+    if loop.opt.external:
+        assert after_resume == uninterrupted  # the pruned outcomes replay exactly as they were observed
 
 
 # ---- registration --------------------------------------------------------------------------------

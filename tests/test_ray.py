@@ -16,6 +16,7 @@ The first test starts its own runtime in a subprocess before this module starts 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -30,10 +31,12 @@ import ray
 import yaml
 from conftest import run_cli, trials_by_state
 from optuna.trial import TrialState
+from test_fidelity import FIRST, expert_incumbent
 
 from mergetune.recipe import Recipe
 from mergetune.search.config import SearchConfig
 from mergetune.search.executor import JobResult, LocalExecutor
+from mergetune.search.fidelity import FidelitySettings
 from mergetune.search.loop import open_search, resolve_models, worker_setup
 from mergetune.search.ray_executor import TRANSIENT_CONNECT_ERROR, RayExecutor, RayOptions, retry_transient
 from mergetune.search.worker import WorkerSetup
@@ -193,6 +196,30 @@ def test_two_ray_workers_score_like_the_local_executor(tiny_setup: WorkerSetup) 
         assert [e.scores for e in finalists] == [local.worker.evaluate(r, "holdout").scores for r in recipes[:2]]
     finally:
         executor.close()
+
+
+def test_a_ray_worker_stops_a_clearly_worse_candidate_as_the_local_worker_does(tiny_setup: WorkerSetup) -> None:
+    """Multi-fidelity races run in the worker: the Ray actor gets the incumbent with the candidate (it has no
+    study) and stops the base (λ = 0) against an expert-level incumbent after the first slice, as locally."""
+    setup = dataclasses.replace(tiny_setup, fidelity=FidelitySettings((0.25, 0.5, 1.0), 0.05))
+    local = LocalExecutor(setup)
+    incumbent = expert_incumbent(local.worker)
+    experts = [{"name": t, "model": p} for t, p in setup.experts.items()]
+    base = Recipe(base=setup.base, experts=experts, method="task_arithmetic", weight=0.0)
+    expected = local.worker.evaluate(base, "search", incumbent)
+    executor = RayExecutor(setup, RayOptions(workers=1))
+    try:
+        executor.submit(0, base, incumbent)
+        results: list[JobResult] = []
+        while not results:
+            results = executor.results()
+    finally:
+        executor.close()
+    got = results[0].evaluation
+    assert got is not None, results[0].error
+    assert got.stopped and got.fidelity is not None and got.fidelity["stage"] == 1
+    assert got.fidelity["examples"] == dict.fromkeys(setup.experts, FIRST)
+    assert got.scores == expected.scores and got.fidelity == expected.fidelity
 
 
 class KillOnSubmit:

@@ -16,6 +16,14 @@ test split by accident. Scoring the test split is a separate, explicit call,
 ``ValidationSuite.for_test(tasks, tokenizer, ...)``, made once for the chosen recipe;
 ``ValidationSuite(..., split="test")`` is refused with a message saying so.
 
+Multi-fidelity (``slices``): a suite built with cumulative fractions scores a candidate stage by
+stage (:meth:`ValidationSuite.score_stage`), each task on a growing, stratified, seeded slice of its
+examples (:mod:`mergetune.objectives.slices`), with every example's value behind the score
+(``TaskScore.per_example``), so that a search can stop a hopeless candidate early. The last stage
+gives bit for bit the scores of :meth:`ValidationSuite.score` on the same suite (the batches never
+cross a slice, in both). A task whose evaluator has no per-example values (a custom scorer, an
+lm-eval task) is scored whole at the first stage.
+
 Reference scores must be computed on the experts themselves: before ``Merger.bind`` points a
 task model's weights at the merge buffer, or on separately loaded expert models (pass their folders
 and they are loaded only on a cache miss).
@@ -34,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,6 +58,8 @@ from mergetune.objectives.evaluators import (
     LMLossEvaluator,
     MultipleChoiceEvaluator,
     Shot,
+    SlicedEvaluator,
+    SliceState,
     build_contexts,
     draw_shots,
     load_scorer,
@@ -56,6 +67,7 @@ from mergetune.objectives.evaluators import (
 from mergetune.objectives.evaluators.lm_eval import LMEvalEvaluator
 from mergetune.objectives.models import load_task_model, overwrite_shared
 from mergetune.objectives.normalization import Normalization, normalization_of
+from mergetune.objectives.slices import check_fractions, task_slices
 from mergetune.objectives.tasks import SplitData, TaskData
 
 #: Splits a search may score; the test split is only reachable through ValidationSuite.for_test.
@@ -82,6 +94,10 @@ class TaskScore:
     normalized: float | None = None
     base_reference: float | None = None  # the base's score, when the task's rule needs it
     normalization: str | None = None  # the rule's key in normalization.FORMULAS (None until references are set)
+    # each scored example's value behind the score, in row order, and ``score ≈ example_scale × mean`` of them
+    # (see EvalResult); only from a suite's staged scoring, never serialised
+    per_example: np.ndarray | None = field(default=None, compare=False, repr=False)
+    example_scale: float = field(default=1.0, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -354,6 +370,8 @@ class ValidationSuite:
         autocast: torch.dtype | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         task_options: Mapping[str, Mapping[str, Any]] | None = None,
+        slices: Sequence[float] | None = None,
+        slice_seed: int = 0,
         _access: object = None,
     ) -> None:
         if split == "test" and _access is not _TEST_ACCESS:
@@ -374,6 +392,8 @@ class ValidationSuite:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.max_examples = max_examples
         self.autocast = autocast
+        self.fractions = None if slices is None else check_fractions(slices)
+        self.slice_seed = slice_seed
         self._task_options = {name: dict((task_options or {}).get(name, {})) for name in names}
         self._tokenizers = {name: _tokenizer_for(tokenizer, name) for name in names}
         self.evaluators: dict[str, Evaluator] = {}
@@ -387,6 +407,8 @@ class ValidationSuite:
                 **({"batch_size": batch_size} if batch_size else {}),
             }
             options.update(self._task_options[task.name])
+            if self.fractions and _sliceable(task):
+                options["parts"] = task_slices(len(data), data.labels, self.fractions, slice_seed, task.name)
             self.evaluators[task.name] = build_evaluator(task, data, self._tokenizers[task.name], **options)
             self._digests[task.name] = _data_digest(data)
             self._chance[task.name] = chance_level(task, data)
@@ -443,7 +465,66 @@ class ValidationSuite:
             normalized,
             base,
             None if norm is None else norm.rule,
+            per_example=result.per_example,
+            example_scale=result.example_scale,
         )
+
+    def normalize(self, name: str, score: float) -> float | None:
+        """``score`` on task ``name`` normalised by the task's rule (None: normalised as ``none``, or no references)."""
+        norm = self._norms.get(name)
+        if norm is None:
+            return None
+        expert, base = self._reference.get(name), self._base.get(name)
+        return norm.apply(score, expert=expert, base=base, chance=self._chance[name])
+
+    # ---- multi-fidelity: growing slices ------------------------------------------------------
+    @property
+    def stages(self) -> int:
+        """How many stages a candidate is scored in (1 without slices)."""
+        return len(self.fractions) if self.fractions else 1
+
+    def sliced(self, name: str) -> bool:
+        """Whether task ``name`` is scored slice by slice (else whole, at the first stage)."""
+        evaluator = self.evaluators[name]
+        return bool(self.fractions) and isinstance(evaluator, SlicedEvaluator) and evaluator.supports_slices
+
+    def examples_at(self, stage: int) -> dict[str, int]:
+        """Examples each task has been scored on after ``stage`` stages (1-based); every example at the last."""
+        out = {}
+        for name, evaluator in self.evaluators.items():
+            sliced = self.sliced(name) and isinstance(evaluator, SlicedEvaluator)
+            out[name] = len(evaluator.rows_upto(stage)) if sliced else evaluator.n_examples  # type: ignore[union-attr]
+        return out
+
+    def score_stage(
+        self, models: Mapping[str, nn.Module] | nn.Module, run: StagedRun | None = None
+    ) -> tuple[StagedRun, SuiteScores]:
+        """Score one more stage of a candidate: each sliced task on its next slice (on top of ``run``, its
+        earlier stages), each other task whole at the first stage. The scores are those on every example
+        scored so far, with their per-example values; after the last stage they equal :meth:`score`'s."""
+        run = run or StagedRun()
+        if run.stage >= self.stages:
+            raise TaskError(f"the candidate was scored on all {self.stages} stages already")
+        upto = run.stage + 1
+        results = {}
+        for name in self.task_names:
+            model = models if isinstance(models, nn.Module) else _model_for(models, name)
+            start = time.perf_counter()
+            if self.sliced(name):
+                evaluator = self.evaluators[name]
+                assert isinstance(evaluator, SlicedEvaluator)
+                run.states[name], result = evaluator.evaluate_slices(model, upto, run.states.get(name))
+            elif name in run.whole:
+                results[name] = run.whole[name]
+                continue
+            else:
+                result = self.evaluators[name].evaluate(model)
+            run.seconds[name] = run.seconds.get(name, 0.0) + time.perf_counter() - start
+            results[name] = self._task_score(name, result, run.seconds[name])
+            if not self.sliced(name):
+                run.whole[name] = results[name]
+        run.stage = upto
+        return run, SuiteScores(self.split, results)
 
     # ---- reference scores --------------------------------------------------------------------
     @property
@@ -629,6 +710,8 @@ class ValidationSuite:
         }
         if role != "expert":  # expert keys stay as they were: existing caches remain valid
             key["role"] = role
+        if self.fractions:  # sliced batches round differently: their references are their own (unsliced keys unchanged)
+            key["slices"] = [list(self.fractions), self.slice_seed]
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     def _task_fingerprint(self, name: str) -> dict[str, Any]:
@@ -676,6 +759,21 @@ class ValidationSuite:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"key": key, "scores": scores.to_dict()}, indent=1))
         tmp.replace(path)  # atomic: concurrent workers never read half a file
+
+
+@dataclass
+class StagedRun:
+    """One candidate's scoring in progress across stages (see :meth:`ValidationSuite.score_stage`)."""
+
+    stage: int = 0  # stages done
+    states: dict[str, SliceState] = field(default_factory=dict)  # per sliced task: its outputs so far
+    whole: dict[str, TaskScore] = field(default_factory=dict)  # tasks scored whole, at the first stage
+    seconds: dict[str, float] = field(default_factory=dict)  # scoring time per task, all stages
+
+
+def _sliceable(task: TaskData) -> bool:
+    """Whether a task's evaluator has per-example values: not with a custom scorer, nor for lm-eval tasks."""
+    return task.config.kind != "lm_eval" and task.config.scorer is None
 
 
 def chance_level(task: TaskData, data: SplitData) -> float | None:

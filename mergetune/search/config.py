@@ -20,6 +20,7 @@ from mergetune.errors import MergetuneError, TaskError, read_config_file
 from mergetune.merging.methods import get_method
 from mergetune.merging.residency import parse_bytes
 from mergetune.objectives.normalization import Normalization, normalization_of
+from mergetune.objectives.slices import check_fractions
 from mergetune.objectives.tasks import TaskConfig, accepted_keys_line
 from mergetune.objectives.zoo.specs import VIEW_FOLDER, get_zoo
 from mergetune.recipe import SEED_LIMIT, Expert, resolve_model_path
@@ -184,7 +185,28 @@ class SelectionConfig(_Section):
     )
 
 
+class FidelityConfig(_Section):
+    """Multi-fidelity evaluation: candidates scored on growing slices, hopeless ones stopped (search.fidelity)."""
+
+    enabled: bool = False
+    slices: list[float] = Field(
+        [0.125, 0.25, 0.5, 1.0], description="Cumulative fractions of each task's search examples per stage."
+    )
+    p_threshold: float = Field(
+        0.05, gt=0, lt=1, description="Stop a candidate when a paired one-sided Wilcoxon test gives p below this."
+    )
+
+    @field_validator("slices")
+    @classmethod
+    def _slices(cls, value: list[float]) -> list[float]:
+        try:
+            return list(check_fractions(value))
+        except TaskError as exc:
+            raise ValueError(str(exc)) from exc
+
+
 class EvaluationConfig(_Section):
+    fidelity: FidelityConfig = FidelityConfig()
     batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     threads: int = Field(1, ge=1, le=MAX_THREADS, description="torch threads per worker.")
     autocast: Literal["none", "bfloat16"] = Field(

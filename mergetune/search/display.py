@@ -41,6 +41,8 @@ def candidate_line(record: TrialRecord, done: int, total: int | None, best_mean:
     if record.ok:
         mean = sum(record.normalized.values()) / len(record.normalized) if record.normalized else None
         outcome = f"{record.method} mean {fmt(mean)}"
+    elif record.pruned:  # multi-fidelity: its partial scores are not a result
+        outcome = f"{record.method} stopped early ({record.examples_scored} examples)"
     else:
         outcome = "failed"
     return f"candidate {done}{of}: #{record.number} {outcome}; best mean {fmt(best_mean)}"

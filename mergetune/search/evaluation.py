@@ -28,6 +28,15 @@ class Evaluation:
     eval_seconds: float
     worker: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # multi-fidelity (see ``fidelity``): each task's per-example values (every example, row order) of a
+    # candidate scored in full, and what its race found (stopped or not, examples used, evidence)
+    per_example: dict[str, list[float]] | None = None
+    fidelity: dict[str, Any] | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped early by the race: its scores are partial (on the examples its ``fidelity`` names)."""
+        return bool(self.fidelity and self.fidelity.get("stopped"))
 
     @property
     def mean_normalized(self) -> float:
@@ -38,8 +47,19 @@ class Evaluation:
         return float(min(self.normalized.values()))
 
 
-def evaluation_from_scores(scores: SuiteScores, merge_s: float, eval_s: float, worker: str) -> Evaluation:
-    """A suite's scores as an Evaluation; a non-finite score is an error (the merged model produced NaN/inf)."""
+def evaluation_from_scores(
+    scores: SuiteScores,
+    merge_s: float,
+    eval_s: float,
+    worker: str,
+    *,
+    fidelity: dict[str, Any] | None = None,
+) -> Evaluation:
+    """A suite's scores as an Evaluation; a non-finite score is an error (the merged model produced NaN/inf).
+
+    With ``fidelity`` (a raced candidate), the evaluation keeps the per-example values of a candidate
+    that was scored in full, so that it can serve as the incumbent of later races.
+    """
     bad = [name for name, value in scores.scores.items() if not math.isfinite(value)]
     if bad:
         raise MergetuneError(f"non-finite score on task(s) {bad}: the merged model produced NaN/inf")
@@ -50,4 +70,11 @@ def evaluation_from_scores(scores: SuiteScores, merge_s: float, eval_s: float, w
         merge_seconds=merge_s,
         eval_seconds=eval_s,
         worker=worker,
+        per_example=_per_example(scores) if fidelity is not None and not fidelity.get("stopped") else None,
+        fidelity=fidelity,
     )
+
+
+def _per_example(scores: SuiteScores) -> dict[str, list[float]]:
+    """Each task's per-example values, for the tasks that have them."""
+    return {name: [float(v) for v in t.per_example] for name, t in scores.tasks.items() if t.per_example is not None}

@@ -1,6 +1,7 @@
 """Executors run candidates on workers; the search loop sees only this interface.
 
-``submit(job, recipe)`` hands a candidate to a free slot; ``results()`` blocks until at least one
+``submit(job, recipe, incumbent)`` hands a candidate to a free slot (with the incumbent it races
+against when multi-fidelity is on, see ``fidelity``); ``results()`` blocks until at least one
 finished candidate is available and returns every finished one (asynchronous: the loop asks a new
 candidate for each free slot at once, no one waits for a generation). A candidate whose evaluation
 raises comes back with its error: the loop records it as failed and goes on.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mergetune.recipe import Recipe
+from mergetune.search.fidelity import Incumbent
 from mergetune.search.worker import Evaluation, Split, Worker, WorkerSetup
 
 
@@ -34,7 +36,7 @@ class Executor(Protocol):
     @property
     def slots(self) -> int: ...
 
-    def submit(self, job: int, recipe: Recipe) -> None: ...
+    def submit(self, job: int, recipe: Recipe, incumbent: Incumbent | None = None) -> None: ...
 
     def results(self) -> list[JobResult]: ...
 
@@ -60,21 +62,21 @@ class LocalExecutor:
                 raise ValueError("give a WorkerSetup or a Worker")
             worker = Worker(setup)
         self.worker = worker
-        self._queue: deque[tuple[int, Recipe]] = deque()
+        self._queue: deque[tuple[int, Recipe, Incumbent | None]] = deque()
 
     @property
     def slots(self) -> int:
         return 1
 
-    def submit(self, job: int, recipe: Recipe) -> None:
-        self._queue.append((job, recipe))
+    def submit(self, job: int, recipe: Recipe, incumbent: Incumbent | None = None) -> None:
+        self._queue.append((job, recipe, incumbent))
 
     def results(self) -> list[JobResult]:
         if not self._queue:
             return []
-        job, recipe = self._queue.popleft()
+        job, recipe, incumbent = self._queue.popleft()
         try:
-            return [JobResult(job, self.worker.evaluate(recipe), worker=self.worker.name)]
+            return [JobResult(job, self.worker.evaluate(recipe, "search", incumbent), worker=self.worker.name)]
         except Exception as exc:  # a candidate that raises is a failed trial, not a failed search
             return [JobResult(job, None, error=describe_error(exc), worker=self.worker.name)]
 

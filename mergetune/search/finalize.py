@@ -81,7 +81,8 @@ def finalize(loop: FinishedSearch) -> dict[str, Any]:
         "budget": config.budget.model_dump(),
         "candidates": len(records),
         "completed": len(completed),
-        "failed": len(records) - len(completed),
+        "failed": sum(1 for r in records if not r.ok and not r.pruned),
+        **_fidelity(loop, records),
         "objectives": loop.objectives,
         "storage": loop.storage_url,
         "rule": config.selection.rule,
@@ -101,6 +102,16 @@ def finalize(loop: FinishedSearch) -> dict[str, Any]:
         test_scores=test,
         meta=meta,
     )
+
+
+def _fidelity(loop: FinishedSearch, records: list[TrialRecord]) -> dict[str, Any]:
+    """Multi-fidelity's settings and what it saved: examples scored in all against full evaluation."""
+    settings = loop.setup.fidelity
+    if settings is None:
+        return {}
+    rule = "worse on every task" if settings.every_task else "worse on the mean"
+    described = {"slices": list(settings.fractions), "p_threshold": settings.p_threshold, "rule": rule}
+    return {"fidelity": {**described, **results.examples_summary(records)}}
 
 
 def _references(loop: FinishedSearch, normalizations: dict[str, Normalization]) -> dict[str, Any]:
@@ -134,10 +145,11 @@ def _scores(ev: Evaluation) -> dict[str, Any]:
 
 def overhead_summary(loop: FinishedSearch) -> dict[str, float]:
     """The loop's own cost per candidate, beside the executor's and the evaluation's (for the summary)."""
-    evals = [r.timing.get("merge", 0) + r.timing.get("eval", 0) for r in loop.records() if r.ok]
+    evaluated = [r for r in loop.records() if r.ok or r.pruned]  # a candidate stopped early was evaluated too
+    evals = [r.timing.get("merge", 0) + r.timing.get("eval", 0) for r in evaluated]
     if not loop.overheads or not evals:
         return {}
-    executor = [r.timing["executor"] for r in loop.records() if r.ok and "executor" in r.timing]
+    executor = [r.timing["executor"] for r in evaluated if "executor" in r.timing]
     return {
         "overhead_ms_per_candidate": 1e3 * float(np.mean(loop.overheads)),
         "executor_ms_per_candidate": 1e3 * float(np.mean(executor)) if executor else 0.0,

@@ -16,6 +16,11 @@ Flow of ``SearchLoop.run()``:
 4. when the budget is spent: choose (see ``finalize``), re-score the finalists on held-out
    validation examples, score the chosen recipe once on the test split, write the results.
 
+Multi-fidelity (``evaluation.fidelity``, see ``fidelity``): each candidate is sent with the incumbent
+it races against (``_incumbent_for``); a candidate its worker stopped early is recorded as a PRUNED
+trial with its partial scores and the examples it used, told to the optimizer pessimistically
+(``outcomes.pruned_outcome``), and never re-queued on resume (it has an outcome).
+
 Nothing is evaluated twice: a resumed driver's sampler continues with a seed of its own
 (``_continue_sampling``), and a candidate equal to one evaluated or being evaluated gets that
 trial's result, marked ``reused_from`` (``_place``, ``_reuse``).
@@ -52,11 +57,12 @@ from mergetune.search.binding import check_binding, check_study, stamp
 from mergetune.search.config import SearchConfig
 from mergetune.search.drivers import DRIVER_ATTR, DriverConflictError, Heartbeat, live_drivers
 from mergetune.search.executor import Executor, JobResult, LocalExecutor
+from mergetune.search.fidelity import FidelitySettings, Incumbent
 from mergetune.search.finalize import finalize
 from mergetune.search.normalizations import check_resume, task_normalizations
 from mergetune.search.normalizations import stamp as stamp_normalizations
 from mergetune.search.optimizers import Optimizer, Outcome, Proposal, make_optimizer
-from mergetune.search.outcomes import mean_density, outcome_of
+from mergetune.search.outcomes import mean_density, outcome_of, pruned_outcome
 from mergetune.search.saved_evaluation import SavedEvaluation, record_evaluation
 from mergetune.search.space import SearchSpace
 from mergetune.search.storage import (
@@ -68,7 +74,7 @@ from mergetune.search.storage import (
     storage_location,
     waiting_trials,
 )
-from mergetune.search.worker import WorkerSetup
+from mergetune.search.worker import Evaluation, WorkerSetup
 
 log = logging.getLogger(__name__)
 OPTIMIZER_DIR = "optimizer"
@@ -147,6 +153,25 @@ def resolve_models(config: SearchConfig, console: Any = None) -> ResolvedModels:
     return ResolvedModels(config.models.base, experts, config.resolved_tasks(list(experts)))
 
 
+@dataclass(frozen=True)
+class _Contender:
+    """A candidate scored in full that later candidates may race against: its mean, its density, its values."""
+
+    mean: float
+    density: float
+    incumbent: Incumbent
+
+
+def fidelity_settings(config: SearchConfig) -> FidelitySettings | None:
+    """How candidates are raced (None: multi-fidelity off). One objective, the mean, with no worst-task weight
+    and no floors: the pooled test on the mean; any other run: worse with confidence on every task."""
+    fidelity, objectives = config.evaluation.fidelity, config.objectives
+    if not fidelity.enabled:
+        return None
+    mean_only = list(objectives.optimize) == ["mean"] and objectives.worst_weight == 0 and objectives.floors is None
+    return FidelitySettings(tuple(fidelity.slices), fidelity.p_threshold, every_task=not mean_only)
+
+
 def worker_setup(config: SearchConfig, models: ResolvedModels) -> WorkerSetup:
     return WorkerSetup(
         base=models.base,
@@ -166,6 +191,7 @@ def worker_setup(config: SearchConfig, models: ResolvedModels) -> WorkerSetup:
         device_memory=config.resources.device_memory_bytes,
         store_dir=str(Path(config.resources.disk_dir or config.output_dir / "cache" / "store").resolve()),
         tier=config.resources.tier,
+        fidelity=fidelity_settings(config),
     )
 
 
@@ -313,6 +339,7 @@ class SearchLoop:
         self.progress = progress
         self.overheads: list[float] = []
         self._best_mean: float | None = None
+        self._contenders: dict[int, _Contender] = {}  # multi-fidelity: candidates scored in full, by trial
         self.heartbeat = Heartbeat(self.study)
 
     # ---- lifecycle and resume --------------------------------------------------------------------
@@ -374,6 +401,8 @@ class SearchLoop:
         self._resume()
         self._continue_sampling(prior_trials)
         self._best_mean = self.best_mean()  # read once; then kept up to date as results arrive
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            self._remember(trial.number, trial.user_attrs)
         started = time.perf_counter()
         flight = _Flight(done=len(finished_trials(self.study)), evaluated=self._evaluated_points())
         if self.progress:
@@ -437,7 +466,11 @@ class SearchLoop:
                 flight.evaluated[point] = item.trial.number
             flight.pending[item.trial.number] = item
             flight.reused_in_a_row = 0
-            self.executor.submit(item.trial.number, item.recipe)
+            incumbent = self._incumbent_for(item.recipe)
+            if incumbent is None:  # the two-argument call: executors that predate multi-fidelity keep working
+                self.executor.submit(item.trial.number, item.recipe)
+            else:
+                self.executor.submit(item.trial.number, item.recipe, incumbent)
         elif source in flight.pending:
             flight.waiting.setdefault(source, []).append(item)  # reused once its equal's result is in
         else:
@@ -569,7 +602,9 @@ class SearchLoop:
         if source.state is TrialState.COMPLETE:
             self.study.tell(trial, list(source.values))
         else:
-            self.study.tell(trial, state=TrialState.FAIL)
+            for step, value in source.intermediate_values.items():  # a PRUNED source's partial value
+                self.study._storage.set_trial_intermediate_value(trial._trial_id, step, value)
+            self.study.tell(trial, state=TrialState.PRUNED if source.state is TrialState.PRUNED else TrialState.FAIL)
         log.info("trial %d equals trial %d: its result is reused, not evaluated again", trial.number, source_number)
         self._observed(item, self._outcome_of(R.TrialRecord.from_trial(source, self.objectives)), recorded=True)
 
@@ -584,6 +619,8 @@ class SearchLoop:
         outcome, saved = self._saved_evaluation(item, result)
         path = saved.save(self.out)
         recorded = self._record_in_study(trial, saved, path)
+        if recorded and saved.state == TrialState.COMPLETE.name:
+            self._remember(trial.number, saved.user_attrs)
         if result.evaluation is None:
             log.warning("trial %d failed: %s", trial.number, result.error)
         self._observed(item, outcome, recorded=recorded)
@@ -631,6 +668,7 @@ class SearchLoop:
         if result.attempts > 1:
             attrs[R.ATTEMPTS] = result.attempts
         constraints: dict[str, float] = {}
+        intermediate: dict[str, float] = {}
         if result.evaluation is None:
             outcome = Outcome(values=None, scalar=-math.inf, feasible=False)
             attrs.update({R.ERROR: result.error or "unknown error", R.EVALUATED: True})
@@ -639,12 +677,39 @@ class SearchLoop:
             outcome, measured, constraints = self._record(item, result)
             attrs.update(measured)
             state = TrialState.COMPLETE
+            if result.evaluation.stopped:
+                outcome, intermediate = self._stopped(item, result.evaluation, outcome)
+                attrs.update({R.EVALUATED: True, R.FEASIBLE: False})
+                state, constraints = TrialState.PRUNED, {}
         trial = item.trial
         values = None if outcome.values is None else list(outcome.values)
         saved = SavedEvaluation(
-            self.study.study_name, trial.number, trial.params, state.name, values, attrs, constraints
+            self.study.study_name, trial.number, trial.params, state.name, values, attrs, constraints, intermediate
         )
         return outcome, saved
+
+    def _stopped(self, item: _Pending, ev: Evaluation, partial: Outcome) -> tuple[Outcome, dict[str, float]]:
+        """A candidate its race stopped: its pessimistic outcome, and the intermediate value Optuna's samplers read.
+
+        The intermediate value (single-objective studies only: Optuna reads none in multi-objective
+        ones) is the partial objective at step = examples scored in all, so TPE ranks a candidate
+        stopped later above one stopped sooner, and both below every completed one.
+        """
+        fidelity = ev.fidelity or {}
+        density = mean_density(item.recipe, self.space)
+        outcome = pruned_outcome(ev.normalized, density, self.objectives, self.config, fidelity.get("gap"))
+        log.info(
+            "trial %d stopped after %d of %d stages (p = %s against trial %s)",
+            item.trial.number,
+            fidelity.get("stage", 0),
+            fidelity.get("stages", 0),
+            fidelity.get("p_value"),
+            fidelity.get("incumbent"),
+        )
+        if len(self.objectives) != 1 or partial.values is None:
+            return outcome, {}
+        step = sum(fidelity.get("examples", {}).values())
+        return outcome, {str(step): float(partial.values[0])}
 
     def _record(self, item: _Pending, result: JobResult) -> tuple[Outcome, dict[str, Any], dict[str, float]]:
         """An evaluated candidate's outcome, the attributes it is recorded with and its floor constraints."""
@@ -658,6 +723,8 @@ class SearchLoop:
             R.METRICS: ev.metrics,
             R.DENSITY: density,
             R.FEASIBLE: outcome.feasible,
+            **({R.FIDELITY: ev.fidelity} if ev.fidelity is not None else {}),
+            **({R.PER_EXAMPLE: ev.per_example} if ev.per_example else {}),
             R.TIMING: {
                 "merge": ev.merge_seconds,
                 "eval": ev.eval_seconds,
@@ -681,9 +748,34 @@ class SearchLoop:
         return max(means) if means else None
 
     def _outcome_of(self, record: R.TrialRecord) -> Outcome:
+        if record.pruned:
+            gap = record.fidelity.get("gap")
+            return pruned_outcome(record.normalized, record.density, self.objectives, self.config, gap)
         if not record.ok:
             return Outcome(values=None, scalar=-math.inf, feasible=False)
         return outcome_of(record.normalized, record.density, self.objectives, self.config)
+
+    # ---- multi-fidelity: what a candidate races against ----------------------------------------------
+    def _remember(self, number: int, attrs: dict[str, Any]) -> None:
+        """Keep a feasible candidate scored in full (with its per-example values) as a possible incumbent."""
+        per_example, normalized = attrs.get(R.PER_EXAMPLE), attrs.get(R.NORMALIZED)
+        if not per_example or not normalized or not attrs.get(R.FEASIBLE, True) or attrs.get(R.REUSED) is not None:
+            return
+        incumbent = Incumbent(number, dict(attrs.get(R.SCORES, {})), dict(per_example))
+        mean = float(np.mean(list(normalized.values())))
+        self._contenders[number] = _Contender(mean, float(attrs.get(R.DENSITY, 1.0)), incumbent)
+
+    def _incumbent_for(self, recipe: Recipe) -> Incumbent | None:
+        """The candidate to race against: the best mean scored in full (with ``sparsity`` among the objectives:
+        among those at least as sparse, so a stopped candidate could not have entered the front by density)."""
+        if self.setup.fidelity is None or not self._contenders:
+            return None
+        pool = list(self._contenders.values())
+        if "sparsity" in self.objectives:
+            density = mean_density(recipe, self.space)
+            pool = [c for c in pool if c.density <= density]
+        best = max(pool, key=lambda c: (c.mean, -c.incumbent.trial), default=None)
+        return None if best is None else best.incumbent
 
 
 #: Test-only: with this set to N, the driver SIGKILLs itself after N journal appends of one result, to

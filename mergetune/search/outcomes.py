@@ -38,6 +38,22 @@ def floors_of(config: SearchConfig, tasks: list[str]) -> dict[str, float]:
     return {t: float(floors.get(t, default)) for t in tasks if floors.get(t, default) is not None}
 
 
+def pruned_outcome(
+    normalized: dict[str, float], density: float, objectives: list[str], config: SearchConfig, gap: float | None
+) -> Outcome:
+    """A candidate stopped early by multi-fidelity racing, as the optimizers see it.
+
+    No objective values: it is never on a front, never a finalist, never the best. For the
+    single-objective optimizers (Nevergrad, CMA-ES: they need a number) a pessimistic scalar: the
+    scalarisation of its partial normalised scores, lowered by the incumbent's lead measured on the
+    same examples (``gap`` ≥ 0). It is then below its own partial score by as much as it trailed,
+    never a value that reads like a full evaluation at its partial level. Optuna's samplers learn
+    from the PRUNED trial itself (TPE ranks it by its intermediate value, below every complete one).
+    """
+    partial = outcome_of(normalized, density, objectives, config)
+    return Outcome(values=None, scalar=partial.scalar - max(gap or 0.0, 0.0), feasible=False, pruned=True)
+
+
 def outcome_of(normalized: dict[str, float], density: float, objectives: list[str], config: SearchConfig) -> Outcome:
     """Objective values, constraints and the scalarisation of one evaluated candidate."""
     values = list(normalized.values())

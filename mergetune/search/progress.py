@@ -27,7 +27,7 @@ class PlainProgress:
 
     def update(self, record: TrialRecord, best_mean: float | None) -> None:
         self.done += 1
-        self.failures += 0 if record.ok else 1
+        self.failures += 0 if record.ok or record.pruned else 1
         self.console.print(candidate_line(record, self.done, self.total, best_mean), highlight=False, markup=False)
 
     def stop(self) -> None:
@@ -65,6 +65,8 @@ class RichProgress:
         if record.ok:
             mean = record.normalized and sum(record.normalized.values()) / len(record.normalized)
             last = f"#{record.number} {record.method} {mean:.3f}"
+        elif record.pruned:  # multi-fidelity: stopped early, not failed
+            last = f"#{record.number} {record.method} stopped early"
         else:
             self.failures += 1
             last = f"#{record.number} failed"

@@ -41,6 +41,7 @@ from mergetune.errors import MergetuneError
 from mergetune.merging.modelset import ModelSet
 from mergetune.recipe import Recipe
 from mergetune.search.executor import JobResult, describe_error
+from mergetune.search.fidelity import Incumbent
 from mergetune.search.ray_watchdog import RayWatchdog
 from mergetune.search.worker import Evaluation, Split, Worker, WorkerSetup
 
@@ -106,10 +107,10 @@ class WorkerActor:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "pid": os.getpid(), "node": _node_id(), "residency": self.worker.residency}
 
-    def evaluate(self, recipe: Recipe, split: Split) -> Reply:
+    def evaluate(self, recipe: Recipe, split: Split, incumbent: Incumbent | None = None) -> Reply:
         start = time.perf_counter()
         try:
-            evaluation = replace(self.worker.evaluate(recipe, split), worker=self.name)
+            evaluation = replace(self.worker.evaluate(recipe, split, incumbent), worker=self.name)
             return Reply(evaluation, None, time.perf_counter() - start, self.name)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             return Reply(None, describe_error(exc), time.perf_counter() - start, self.name, worker_fault=True)
@@ -147,6 +148,7 @@ class _Call:
     recipe: Recipe
     split: Split
     job: int | None  # a search candidate's job number; None for score() calls
+    incumbent: Incumbent | None = None  # what a search candidate races against (multi-fidelity)
     attempts: int = 0
     sent: float = 0.0
     received: float = 0.0
@@ -252,8 +254,8 @@ class RayExecutor:
     def slots(self) -> int:
         return len(self._slots)
 
-    def submit(self, job: int, recipe: Recipe) -> None:
-        self._enqueue(_Call(next(self._ids), recipe, "search", job))
+    def submit(self, job: int, recipe: Recipe, incumbent: Incumbent | None = None) -> None:
+        self._enqueue(_Call(next(self._ids), recipe, "search", job, incumbent))
 
     def results(self) -> list[JobResult]:
         """Every finished search candidate; blocks until there is at least one (or none is in flight)."""
@@ -334,7 +336,7 @@ class RayExecutor:
                 call.attempts += 1
                 call.sent = time.perf_counter()
                 slot.busy = call.id
-                self._calls[slot.actor.evaluate.remote(call.recipe, call.split)] = call
+                self._calls[slot.actor.evaluate.remote(call.recipe, call.split, call.incumbent)] = call
 
     def _collect(self) -> None:
         """Wait for at least one call to finish; handle every finished one (retries included)."""

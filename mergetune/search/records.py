@@ -2,8 +2,11 @@
 
 The loop writes, on every finished trial: the recipe, each task's raw score, normalised score and
 metrics, timings (merge, evaluation, the loop's own overhead), the worker, constraints (per-task
-floors) and, for failures, the error. ``TrialRecord`` reads that back from an Optuna FrozenTrial,
-so status, reports and the final selection work on any storage, running or finished.
+floors) and, for failures, the error. With multi-fidelity on, also what the race found (``fidelity``:
+examples used per task against all) and, for a candidate scored in full, its per-example values; a
+candidate stopped early is a PRUNED trial with its partial scores (read back here, never ``ok``).
+``TrialRecord`` reads all that back from an Optuna FrozenTrial, so status, reports and the final
+selection work on any storage, running or finished.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ OPTIMIZER = "optimizer"  # the optimizer's name (study user attr)
 DENSITY = "mean_density"
 ATTEMPTS = "attempts"  # set when a candidate was retried after its worker died
 REUSED = "reused_from"  # a trial recorded with an equal earlier trial's result: that trial's number
+FIDELITY = "fidelity"  # multi-fidelity: stopped or not, examples used per task against all, the race's evidence
+PER_EXAMPLE = "per_example"  # multi-fidelity: per-example values of a candidate scored in full (an incumbent)
 
 #: Each objective's direction in the study: normalised scores are maximised, the mean density minimised.
 #: Here, below the loop and the Pareto code, because both need it and the records name the objectives.
@@ -55,6 +60,20 @@ class TrialRecord:
     density: float = 1.0  # the recipe's mean density (fraction kept)
     evaluated: bool = True  # False for trials failed because the driver stopped mid-evaluation
     reused_from: int | None = None  # the earlier, equal trial whose result this one carries
+    fidelity: dict[str, Any] = field(default_factory=dict)  # multi-fidelity: see FIDELITY
+
+    @property
+    def pruned(self) -> bool:
+        """Stopped early by multi-fidelity racing: its scores are partial, on ``fidelity["examples"]``."""
+        return self.state == TrialState.PRUNED.name and self.evaluated
+
+    @property
+    def examples_scored(self) -> int | None:
+        """Examples this trial's own evaluation scored, over all tasks (0 for a reuse; None when not recorded)."""
+        if self.reused_from is not None:
+            return 0
+        examples = self.fidelity.get("examples")
+        return int(sum(examples.values())) if examples else None
 
     @property
     def distinct(self) -> bool:
@@ -99,6 +118,7 @@ class TrialRecord:
             density=float(attrs.get(DENSITY, 1.0)),
             evaluated=trial.state is TrialState.COMPLETE or bool(attrs.get(EVALUATED, False)),
             reused_from=attrs.get(REUSED),
+            fidelity=dict(attrs.get(FIDELITY) or {}),
         )
 
 
@@ -110,7 +130,13 @@ def objective_names(study: optuna.Study) -> list[str]:
 
 
 def read_records(study: optuna.Study, include_failed: bool = True) -> list[TrialRecord]:
+    """Completed trials, and (``include_failed``) failed ones and those stopped early by multi-fidelity racing.
+
+    PRUNED trials that were never evaluated (``over_budget``: another driver took the last candidate)
+    are left out, as before.
+    """
     names = objective_names(study)
-    states = (TrialState.COMPLETE, TrialState.FAIL) if include_failed else (TrialState.COMPLETE,)
+    states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) if include_failed else (TrialState.COMPLETE,)
     trials = study.get_trials(deepcopy=False, states=states)
+    trials = [t for t in trials if t.state is not TrialState.PRUNED or t.user_attrs.get(EVALUATED)]
     return [TrialRecord.from_trial(t, names) for t in sorted(trials, key=lambda t: t.number)]

@@ -65,6 +65,29 @@ def candidate_json(record: TrialRecord) -> dict[str, Any]:
         "error": record.error,
         "params": record.params,
         "recipe": record.recipe,
+        "fidelity": record.fidelity or None,
+    }
+
+
+def examples_summary(records: Sequence[TrialRecord]) -> dict[str, Any]:
+    """Multi-fidelity: validation examples scored in all, against scoring every evaluated candidate in full.
+
+    Counted over the candidates evaluated here (completed or stopped early; a reuse of an equal
+    candidate scored nothing, a failure is left out); a candidate that was not raced (a dynamic one)
+    counts in full. Empty when no candidate was raced (multi-fidelity off).
+    """
+    raced = [r for r in records if r.fidelity.get("full_examples") and r.reused_from is None]
+    if not raced:
+        return {}
+    per_candidate = max(sum(r.fidelity["full_examples"].values()) for r in raced)
+    evaluated = [r for r in records if r.reused_from is None and (r.ok or r.pruned)]
+    scored = sum((r.examples_scored or 0) if r.fidelity else per_candidate for r in evaluated)
+    full = per_candidate * len(evaluated)
+    return {
+        "stopped_early": sum(r.pruned for r in evaluated),
+        "examples_scored": scored,
+        "examples_full": full,
+        "examples_saved": 1.0 - scored / full if full else 0.0,
     }
 
 

@@ -39,10 +39,11 @@ class SavedEvaluation:
     study: str
     number: int
     params: dict[str, Any]
-    state: str  # TrialState name: COMPLETE, or FAIL for an evaluation that raised
+    state: str  # TrialState name: COMPLETE, FAIL for an evaluation that raised, PRUNED for one stopped early
     values: list[float] | None
     user_attrs: dict[str, Any]
     constraints: dict[str, float] = field(default_factory=dict)
+    intermediate: dict[str, float] = field(default_factory=dict)  # PRUNED: step (examples) -> partial value
 
     def save(self, run: Path) -> Path:
         """Write this result to ``<run>/evaluations/<trial>.json``, whole or not at all."""
@@ -90,8 +91,11 @@ def record_evaluation(
         if key not in present:
             storage.set_trial_system_attr(trial_id, key, value)
             after()
-    if saved.state == TrialState.FAIL.name:
-        study.tell(saved.number, state=TrialState.FAIL)
+    for step, value in saved.intermediate.items():
+        storage.set_trial_intermediate_value(trial_id, int(step), value)
+        after()
+    if saved.state in (TrialState.FAIL.name, TrialState.PRUNED.name):
+        study.tell(saved.number, state=TrialState[saved.state])
     else:
         study.tell(saved.number, saved.values)
     after()

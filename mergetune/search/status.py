@@ -1,6 +1,8 @@
 """What ``mergetune status`` shows of a search, running or finished: read from its storage, never written.
 
-Counts of trials by state (trials a killed driver interrupted apart from evaluated failures), each
+Counts of trials by state (trials a killed driver interrupted apart from evaluated failures; pruned:
+stopped early by multi-fidelity racing, or over the budget), the examples scored against full
+evaluation (multi-fidelity), each
 task's normalisation (what its normalised score means), the best feasible mean, the optimised
 front (normalised scores per task), recent errors and the budget used (evaluated candidates
 only). A journal line being written by the running search is skipped until complete.
@@ -23,7 +25,7 @@ from mergetune.search.display import fmt
 from mergetune.search.normalizations import NORMALIZATION
 from mergetune.search.pareto import front_by_values, mean_of, task_names
 from mergetune.search.records import BUDGET, OPTIMIZER, TrialRecord, objective_names, read_records
-from mergetune.search.results import generalization_line, read_summary
+from mergetune.search.results import examples_summary, generalization_line, read_summary
 from mergetune.search.storage import JOURNAL_NAME, load_study, open_storage
 
 RECENT_ERRORS = 5
@@ -121,9 +123,20 @@ def _status_header(study: Any, names: list[str], maximize: list[bool], counts: C
     order = ["complete", "failed", *(["interrupted"] if interrupted else []), "running", "waiting"]
     extra = [k for k in named if k not in order and k != "interrupted"]
     grid.add_row("trials", " · ".join(f"{named.get(k, 0)} {k}" for k in order + extra))
+    examples = examples_summary(records)
+    if examples:
+        grid.add_row("multi-fidelity", _fidelity_text(examples))
     grid.add_row("normalisation", _normalization_text(study.user_attrs.get(NORMALIZATION)))
     grid.add_row("best feasible mean", _best_text(records))
     return grid
+
+
+def _fidelity_text(examples: Mapping[str, Any]) -> str:
+    """'3 stopped early · 1,234 of 2,010 examples scored (39% saved)'."""
+    return (
+        f"{examples['stopped_early']} stopped early · {examples['examples_scored']:,} of "
+        f"{examples['examples_full']:,} examples scored ({examples['examples_saved']:.0%} saved)"
+    )
 
 
 def _normalization_text(stored: Any) -> Text:

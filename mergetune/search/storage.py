@@ -252,16 +252,18 @@ def _gone_driver_check(study: optuna.Study, grace: float, me: str | None) -> Cal
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Trials that were evaluated to an outcome (COMPLETE, or FAIL with a recorded error)."""
-    out = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)) if has_outcome(t)]
+    """Trials that were evaluated to an outcome (COMPLETE, FAIL with a recorded error, PRUNED by fidelity racing)."""
+    states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+    out = [t for t in study.get_trials(deepcopy=False, states=states) if has_outcome(t)]
     return sorted(out, key=lambda t: t.number)
 
 
 def has_outcome(trial: FrozenTrial) -> bool:
-    """Whether ``trial`` was evaluated to an outcome: COMPLETE, or FAIL with a recorded error (not interrupted)."""
+    """Whether ``trial`` was evaluated to an outcome: COMPLETE, or FAIL with a recorded error (not interrupted),
+    or PRUNED after a partial evaluation (multi-fidelity racing; not a candidate over the budget)."""
     if trial.state is TrialState.COMPLETE:
         return True
-    return trial.state is TrialState.FAIL and bool(trial.user_attrs.get("evaluated", False))
+    return trial.state in (TrialState.FAIL, TrialState.PRUNED) and bool(trial.user_attrs.get("evaluated", False))
 
 
 def waiting_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -40,6 +40,7 @@ from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData
 from mergetune.recipe import Recipe
 from mergetune.search.dynamic import DynamicRunner
 from mergetune.search.evaluation import Evaluation, evaluation_from_scores
+from mergetune.search.fidelity import FidelitySettings, Incumbent, race
 from mergetune.search.gradient import GradientSettings, TunedWeights, WeightTuner
 
 Split = Literal["search", "holdout", "test"]
@@ -67,6 +68,7 @@ class WorkerSetup:
     device_memory: int | None = None  # bytes of the merge device's memory the store may take
     store_dir: str | None = None  # where a disk-tier store file is written
     tier: str | None = None  # a tier forced by the config (resources.tier); None: chosen from the budgets
+    fidelity: FidelitySettings | None = None  # multi-fidelity: search candidates raced on growing slices
 
     @property
     def budget(self) -> MemoryBudget:
@@ -152,6 +154,8 @@ class Worker:
                 suite = ValidationSuite.for_test(self._all_tasks, self.tokenizer, **options)
             else:
                 tasks = self._search_tasks if split == "search" else self._holdout_tasks
+                if split == "search" and self.setup.fidelity is not None:  # only the search's part is raced
+                    options.update(slices=self.setup.fidelity.fractions, slice_seed=self.setup.seed)
                 suite = ValidationSuite(list(tasks), self.tokenizer, **options)
             suite.reference_scores(self.setup.task_experts(), base=self.setup.base, loader=self._load_expert)
             self._suites[split] = suite
@@ -160,10 +164,15 @@ class Worker:
     def _load_expert(self, task: TaskData, folder: str | os.PathLike[str]) -> torch.nn.Module:
         return load_task_model(task, folder, trust_remote_code=self.setup.trust_remote_code, device=self.setup.device)
 
-    def evaluate(self, recipe: Recipe | Mapping[str, Any], split: Split = "search") -> Evaluation:
+    def evaluate(
+        self, recipe: Recipe | Mapping[str, Any], split: Split = "search", incumbent: Incumbent | None = None
+    ) -> Evaluation:
         """Merge a candidate in place and score it on a split (the search's part by default).
 
-        A dynamic recipe (Twin-Merging: the weights depend on the input) is built and scored by ``dynamic``.
+        With multi-fidelity on, a static candidate on the search split is raced against ``incumbent``
+        (see ``fidelity``): stopped early when it is very unlikely to beat it, else scored in full.
+        A dynamic recipe (Twin-Merging: the weights depend on the input) is built and scored by
+        ``dynamic``, always on every example.
         """
         recipe = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
         self._check_storage(recipe)
@@ -175,9 +184,14 @@ class Worker:
         if recipe.dtype != "float32":  # the task models are bound to the float32 buffer: give them these weights
             self.merger.output_buffer(torch.float32).copy_(self.merger.output_buffer(DTYPES[recipe.dtype]))
         merged = time.perf_counter()
-        scores = self.suite(split).score(self.models)
+        suite = self.suite(split)
+        if split == "search" and self.setup.fidelity is not None:
+            scores, verdict = race(suite, self.models, incumbent, self.setup.fidelity)
+            fidelity = verdict.describe(suite, incumbent)
+        else:
+            scores, fidelity = suite.score(self.models), None
         done = time.perf_counter()
-        return evaluation_from_scores(scores, merged - start, done - merged, self.name)
+        return evaluation_from_scores(scores, merged - start, done - merged, self.name, fidelity=fidelity)
 
     def _check_storage(self, recipe: Recipe) -> None:
         """A recipe records the store's dtype: scoring it on another store would score other weights."""

@@ -10,8 +10,10 @@ Evaluators never change a model's weights, and know nothing about merging: they 
 module they are given, e.g. a task model whose shared weights are views of a merge buffer.
 
 Each evaluator returns an :class:`EvalResult`: its primary ``score`` (higher is better) and the
-other metrics it computed on the way. Results do not depend on the batch size or on the order of
-the examples (up to float rounding: padding changes the summation order of a few kernels).
+other metrics it computed on the way. A :class:`SlicedEvaluator` (every kind but lm-eval, without a
+custom scorer) also gives each example's value behind the score and can score its examples slice
+by slice (multi-fidelity search: see ``ValidationSuite.score_stage``). Results do not depend on the
+batch size or on the order of the examples (up to float rounding: padding changes the summation order of a few kernels).
 
 For the fewest threads' contention, a worker should call ``torch.set_num_threads(1)`` once (see
 ``docs/offline-data.md``); evaluators do not change process-wide settings.
@@ -32,13 +34,18 @@ from mergetune.objectives.evaluators.base import (
     BatchCache,
     EvalResult,
     Evaluator,
+    Outputs,
+    Parts,
     Scorer,
+    SlicedEvaluator,
+    SliceState,
     custom_score,
     length_batches,
     length_order,
     load_scorer,
     pad,
     pad_id,
+    sliced_batches,
 )
 from mergetune.objectives.evaluators.causal import adds_bos, encode_pair
 from mergetune.objectives.evaluators.classification import (
@@ -81,8 +88,12 @@ __all__ = [
     "LogitsFn",
     "MultipleChoiceEvaluator",
     "MultipleChoiceOptions",
+    "Outputs",
+    "Parts",
     "Scorer",
     "Shot",
+    "SliceState",
+    "SlicedEvaluator",
     "adds_bos",
     "build_contexts",
     "classification_metrics",
@@ -99,4 +110,5 @@ __all__ = [
     "pad_id",
     "pooled_head_logits",
     "sequence_logits",
+    "sliced_batches",
 ]

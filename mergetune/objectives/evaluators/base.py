@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,12 +45,21 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 @dataclass(frozen=True)
 class EvalResult:
-    """One evaluator's verdict: the primary score (higher is better) and every metric computed."""
+    """One evaluator's verdict: the primary score (higher is better) and every metric computed.
+
+    ``per_example`` (when the evaluator has per-example values, see :class:`SlicedEvaluator`) holds, for
+    each scored example in row order, the value behind the score, and ``example_scale`` relates them:
+    ``score ≈ example_scale * mean(per_example)`` (exact for accuracy, exact-match and LM loss; a proxy
+    for macro-F1 and MCC, whose per-example value is the prediction's correctness). Neither is part
+    of the cached or serialised result.
+    """
 
     metric: str
     score: float
     metrics: dict[str, float] = field(default_factory=dict)
     n_examples: int = 0
+    per_example: np.ndarray | None = field(default=None, compare=False, repr=False)
+    example_scale: float = field(default=1.0, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,12 +84,13 @@ class Batch:
     rows: torch.Tensor
     inputs: Inputs
     extra: Inputs = field(default_factory=dict)
+    part: int = 0  # the slice of the examples its rows belong to (see ``sliced_batches``)
 
     def to(self, device: torch.device) -> Batch:
         def move(d: Inputs) -> Inputs:
             return {k: v.to(device, non_blocking=True) for k, v in d.items()}
 
-        return Batch(self.rows, move(self.inputs), move(self.extra))
+        return Batch(self.rows, move(self.inputs), move(self.extra), self.part)
 
 
 def length_order(lengths: Sequence[int]) -> list[int]:
@@ -108,6 +119,32 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | No
     if current:
         batches.append(current)
     return batches
+
+
+#: Rows of each slice of an evaluator's examples, in scoring order (see ``sliced_batches``); None: one slice.
+Parts = Sequence[Sequence[int]] | None
+
+
+def sliced_batches(
+    lengths: Sequence[int], batch_size: int, max_tokens: int | None, parts: Parts = None
+) -> list[tuple[int, list[int]]]:
+    """(slice, rows) per batch: :func:`length_batches` run within each slice, so no batch crosses two.
+
+    Without ``parts`` there is one slice and the batches are exactly ``length_batches``' (an evaluator
+    built without slices batches as it always did). With them, a slice is scored by its own batches,
+    and scoring every slice scores every example once, on the same batches whatever the stage.
+    """
+    if parts is None:
+        return [(0, rows) for rows in length_batches(lengths, batch_size, max_tokens)]
+    covered = sorted(int(i) for part in parts for i in part)
+    if covered != list(range(len(lengths))):
+        raise ValueError(f"the slices must cover the {len(lengths)} examples once each")
+    out = []
+    for k, part in enumerate(parts):
+        rows = [int(i) for i in part]
+        for chunk in length_batches([lengths[i] for i in rows], batch_size, max_tokens):
+            out.append((k, [rows[j] for j in chunk]))
+    return out
 
 
 def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -229,3 +266,74 @@ class Evaluator(ABC):
 
     def _batches_for(self, model: nn.Module) -> list[Batch]:
         return self.batches.on(model_device(model))
+
+
+#: One model's raw per-example outputs of a :class:`SlicedEvaluator` (arrays indexed by example row).
+Outputs = dict[str, Any]
+
+
+@dataclass
+class SliceState:
+    """One model's scoring in progress on a sliced evaluator: its outputs and how many slices they cover."""
+
+    outputs: Outputs
+    done: int = 0
+
+
+class SlicedEvaluator(Evaluator):
+    """An evaluator whose examples can be scored slice by slice, with a value per example.
+
+    Built with ``parts`` (the rows of each slice), its batches never cross a slice, so scoring the
+    slices one after another runs exactly the batches of a full evaluation: the score after the last
+    slice is bit for bit the full score. A subclass splits its ``_evaluate`` into ``_new_outputs``
+    (empty per-row arrays), ``_forward`` (fill the rows of some batches) and ``_summarise`` (the
+    result over some rows, with ``per_example`` values). A custom scorer takes every example at once:
+    an evaluator with one has no per-example values and is scored whole (``supports_slices`` False).
+    """
+
+    parts: tuple[np.ndarray, ...] = ()
+    scorer: Scorer | None = None
+
+    def _set_parts(self, parts: Parts) -> None:
+        self.parts = () if parts is None else tuple(np.sort(np.asarray(p, dtype=np.int64)) for p in parts)
+
+    @property
+    def supports_slices(self) -> bool:
+        return self.scorer is None
+
+    @property
+    def slice_count(self) -> int:
+        return max(1, len(self.parts))
+
+    def rows_upto(self, upto: int) -> np.ndarray:
+        """The rows of the first ``upto`` slices, in row order (every row when unsliced)."""
+        if not self.parts or upto >= len(self.parts):
+            return np.arange(self.n_examples)
+        return np.sort(np.concatenate(self.parts[:upto]))
+
+    def evaluate_slices(
+        self, model: nn.Module, upto: int, state: SliceState | None = None
+    ) -> tuple[SliceState, EvalResult]:
+        """Score the slices not yet in ``state`` up to ``upto`` (1-based count), and the result on all of them."""
+        if not self.supports_slices:
+            raise TaskError(f"task '{self.name}': a custom scorer takes every example at once; it cannot be sliced")
+        state = state or SliceState(self._new_outputs())
+        with scoring(model, self.autocast):
+            batches = [b for b in self._batches_for(model) if state.done <= b.part < upto]
+            self._forward(model, batches, state.outputs)
+        state.done = max(state.done, upto)
+        return state, self._summarise(state.outputs, self.rows_upto(upto))
+
+    def _evaluate(self, model: nn.Module) -> EvalResult:
+        outputs = self._new_outputs()
+        self._forward(model, self._batches_for(model), outputs)
+        return self._summarise(outputs, np.arange(self.n_examples))
+
+    @abstractmethod
+    def _new_outputs(self) -> Outputs: ...
+
+    @abstractmethod
+    def _forward(self, model: nn.Module, batches: Sequence[Batch], outputs: Outputs) -> None: ...
+
+    @abstractmethod
+    def _summarise(self, outputs: Outputs, rows: np.ndarray) -> EvalResult: ...

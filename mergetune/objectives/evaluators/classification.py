@@ -22,10 +22,12 @@ from mergetune.objectives.evaluators.base import (
     Batch,
     BatchCache,
     EvalResult,
-    Evaluator,
-    length_batches,
+    Outputs,
+    Parts,
+    SlicedEvaluator,
     pad,
     pad_id,
+    sliced_batches,
 )
 
 #: How a batch becomes logits over the labels (default: :func:`sequence_logits`; see :func:`pooled_head_logits`).
@@ -82,8 +84,11 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_clas
     }
 
 
-class _SequenceEvaluator(Evaluator):
-    """Texts (and optional pairs) scored through a sequence classifier's logits, one row per example."""
+class _SequenceEvaluator(SlicedEvaluator):
+    """Texts (and optional pairs) scored through a sequence classifier's logits, one row per example.
+
+    ``parts``: the rows of each slice of the examples (see :class:`~.base.SlicedEvaluator`).
+    """
 
     def __init__(
         self,
@@ -98,6 +103,7 @@ class _SequenceEvaluator(Evaluator):
         label_columns: Sequence[int] | None = None,
         logits_fn: LogitsFn | None = None,
         autocast: torch.dtype | None = None,
+        parts: Parts = None,
         name: str = "task",
     ) -> None:
         if not texts:
@@ -112,7 +118,8 @@ class _SequenceEvaluator(Evaluator):
             raise TaskError(f"task '{name}': {len(self.label_columns)} label columns for {num_labels} labels")
         self.logits_fn = logits_fn or sequence_logits
         self._n = len(texts)
-        self.batches = self._tokenise(texts, text_pairs, tokenizer, max_length, (batch_size, max_tokens))
+        self._set_parts(parts)
+        self.batches = self._tokenise(texts, text_pairs, tokenizer, max_length, (batch_size, max_tokens, parts))
 
     @property
     def n_examples(self) -> int:
@@ -124,7 +131,7 @@ class _SequenceEvaluator(Evaluator):
         pairs: Sequence[str] | None,
         tokenizer: Any,
         max_length: int,
-        sizes: tuple[int, int | None],
+        sizes: tuple[int, int | None, Parts],
     ) -> BatchCache:
         encoded = tokenizer(
             list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length
@@ -133,16 +140,18 @@ class _SequenceEvaluator(Evaluator):
         ids = encoded["input_ids"]
         padding = {"input_ids": pad_id(tokenizer)}
         batches = []
-        for rows in length_batches([len(x) for x in ids], *sizes):
+        for part, rows in sliced_batches([len(x) for x in ids], *sizes):
             inputs = {k: pad([encoded[k][i] for i in rows], padding.get(k, 0)) for k in keys}
             if "attention_mask" not in inputs:
                 inputs["attention_mask"] = pad([[1] * len(ids[i]) for i in rows], 0)
-            batches.append(Batch(torch.as_tensor(rows), inputs))
+            batches.append(Batch(torch.as_tensor(rows), inputs, part=part))
         return BatchCache(batches)
 
-    def logits(self, model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(rows, float32 logits over this task's labels) per batch."""
-        for batch in self._batches_for(model):
+    def logits(
+        self, model: nn.Module, batches: Sequence[Batch] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows, float32 logits over this task's labels) per batch (of ``batches``, default all)."""
+        for batch in self._batches_for(model) if batches is None else batches:
             logits = self.logits_fn(model, batch.inputs)
             if self.label_columns is not None:
                 logits = logits[:, self.label_columns.to(logits.device)]
@@ -188,11 +197,20 @@ class ClassificationEvaluator(_SequenceEvaluator):
                 out[rows] = logits.argmax(-1).cpu()
         return out.numpy()
 
-    def _evaluate(self, model: nn.Module) -> EvalResult:
-        predictions = self.predictions(model)
+    def _new_outputs(self) -> Outputs:
+        return {"predictions": np.full(self.n_examples, -1, dtype=np.int64)}
+
+    def _forward(self, model: nn.Module, batches: Sequence[Batch], outputs: Outputs) -> None:
+        for rows, logits in self.logits(model, batches):
+            outputs["predictions"][rows.numpy()] = logits.argmax(-1).cpu().numpy()
+
+    def _summarise(self, outputs: Outputs, rows: np.ndarray) -> EvalResult:
+        """Metrics over ``rows``; each example's value is whether its prediction is right (1) or not (0)."""
+        predictions, labels = outputs["predictions"][rows], self.labels[rows]
         classes = max(self.num_labels or 0, int(self.labels.max()) + 1, int(predictions.max()) + 1)
-        metrics = classification_metrics(self.labels, predictions, classes)
-        return EvalResult(self.metric, metrics[self.metric], metrics, self.n_examples)
+        metrics = classification_metrics(labels, predictions, classes)
+        correct = (predictions == labels).astype(np.float64)
+        return EvalResult(self.metric, metrics[self.metric], metrics, len(rows), per_example=correct)
 
 
 class EntropyEvaluator(_SequenceEvaluator):
@@ -205,13 +223,20 @@ class EntropyEvaluator(_SequenceEvaluator):
 
     metric = "neg_entropy"
 
-    def _evaluate(self, model: nn.Module) -> EvalResult:
-        total, width = 0.0, 0
-        for _, logits in self.logits(model):
+    def _new_outputs(self) -> Outputs:
+        return {"entropy": np.full(self.n_examples, np.nan), "width": 0}
+
+    def _forward(self, model: nn.Module, batches: Sequence[Batch], outputs: Outputs) -> None:
+        for rows, logits in self.logits(model, batches):
             logp = torch.log_softmax(logits, dim=-1)
-            total += float(-(logp.exp() * logp).sum(-1).sum())
-            width = logits.shape[-1]
-        entropy = total / self.n_examples
+            outputs["entropy"][rows.numpy()] = (-(logp.exp() * logp).sum(-1)).double().cpu().numpy()
+            outputs["width"] = logits.shape[-1]
+
+    def _summarise(self, outputs: Outputs, rows: np.ndarray) -> EvalResult:
+        """Mean entropy over ``rows``; each example's value is minus its own entropy."""
+        per_example = -outputs["entropy"][rows]
+        entropy = float(-per_example.sum()) / len(rows)
+        width = outputs["width"]
         normalized = entropy / math.log(width) if width > 1 else 0.0
         metrics = {"neg_entropy": -entropy, "entropy": entropy, "normalized_entropy": normalized}
-        return EvalResult(self.metric, -entropy, metrics, self.n_examples)
+        return EvalResult(self.metric, -entropy, metrics, len(rows), per_example=per_example)

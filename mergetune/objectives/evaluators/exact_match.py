@@ -25,12 +25,14 @@ from mergetune.objectives.evaluators.base import (
     Batch,
     BatchCache,
     EvalResult,
-    Evaluator,
+    Outputs,
+    Parts,
     Scorer,
+    SlicedEvaluator,
     custom_score,
-    length_batches,
     pad_id,
     primary_metric,
+    sliced_batches,
 )
 from mergetune.objectives.evaluators.causal import default_bos, encode_text, left_padded, prepend_bos
 from mergetune.objectives.evaluators.kinds import NORMALIZE_STEPS
@@ -74,7 +76,7 @@ def extract_answer(text: str, *, first_line: bool = True, pattern: re.Pattern[st
     return text
 
 
-class ExactMatchEvaluator(Evaluator):
+class ExactMatchEvaluator(SlicedEvaluator):
     """Short-answer accuracy of a causal LM: greedy decoding, then a normalised exact string match.
 
     Each prompt is decoded greedily (argmax, no sampling, no penalties; the model's generation config
@@ -83,7 +85,8 @@ class ExactMatchEvaluator(Evaluator):
     keeps, compared to each acceptable answer after :func:`normalize_answer` with ``normalize`` steps.
     Prompts are batched by length, left-padded (position ids count from each prompt's first token),
     with a KV cache. ``metric`` is ``exact_match``, or ``custom`` with a ``scorer`` (it receives the
-    extracted answers and the lists of acceptable answers).
+    extracted answers and the lists of acceptable answers). Sliced (``parts``, see
+    :class:`~.base.SlicedEvaluator`), an example's value is its match (1) or miss (0).
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class ExactMatchEvaluator(Evaluator):
         batch_size: int = 32,
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
         autocast: torch.dtype | None = None,
+        parts: Parts = None,
         name: str = "task",
     ) -> None:
         if not prompts or len(answers) != len(prompts):
@@ -127,10 +131,11 @@ class ExactMatchEvaluator(Evaluator):
         bos = default_bos(tokenizer)
         ids = [prepend_bos(encode_text(tokenizer, p), bos)[-max_length:] for p in prompts]
         self.eos = getattr(tokenizer, "eos_token_id", None)
+        self._set_parts(parts)
         self.batches = BatchCache(
             [
-                Batch(torch.as_tensor(rows), left_padded([ids[i] for i in rows], pad_id(tokenizer)))
-                for rows in length_batches([len(x) for x in ids], batch_size, max_tokens)
+                Batch(torch.as_tensor(rows), left_padded([ids[i] for i in rows], pad_id(tokenizer)), part=part)
+                for part, rows in sliced_batches([len(x) for x in ids], batch_size, max_tokens, parts)
             ]
         )
 
@@ -140,13 +145,20 @@ class ExactMatchEvaluator(Evaluator):
 
     def generations(self, model: nn.Module) -> list[str]:
         """The decoded answer per prompt (cut at the first stop string), in prompt order."""
-        texts = [""] * self.n_examples
+        outputs = self._new_outputs()
         with scoring(model, self.autocast):
-            for batch in self._batches_for(model):
-                new = self._greedy(model, batch.inputs)
-                for row, tokens in zip(batch.rows.tolist(), new, strict=True):
-                    texts[row] = self._cut(self.tokenizer.decode(tokens, skip_special_tokens=True))
-        return texts
+            self._forward(model, self._batches_for(model), outputs)
+        return outputs["texts"]
+
+    def _new_outputs(self) -> Outputs:
+        return {"texts": [""] * self.n_examples}
+
+    def _forward(self, model: nn.Module, batches: Sequence[Batch], outputs: Outputs) -> None:
+        texts = outputs["texts"]
+        for batch in batches:
+            new = self._greedy(model, batch.inputs)
+            for row, tokens in zip(batch.rows.tolist(), new, strict=True):
+                texts[row] = self._cut(self.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def _cut(self, text: str) -> str:
         for s in self.stop:
@@ -194,10 +206,12 @@ class ExactMatchEvaluator(Evaluator):
         """Each generation's answer (:func:`extract_answer`), not yet normalised."""
         return [extract_answer(g, first_line=self.first_line, pattern=self.pattern) for g in generations]
 
-    def _evaluate(self, model: nn.Module) -> EvalResult:
-        answers = self.extracted(self.generations(model))
-        hits = [normalize_answer(a, self.normalize) in ok for a, ok in zip(answers, self.answers, strict=True)]
+    def _summarise(self, outputs: Outputs, rows: np.ndarray) -> EvalResult:
+        """Exact match over ``rows``; each example's value is its match (1) or miss (0)."""
+        answers = self.extracted([outputs["texts"][i] for i in rows])
+        accepted = [self.answers[i] for i in rows]
+        hits = np.array([normalize_answer(a, self.normalize) in ok for a, ok in zip(answers, accepted, strict=True)])
         metrics = {"exact_match": float(np.mean(hits))}
         if self.scorer is not None:
-            metrics[CUSTOM_METRIC] = custom_score(self.scorer, answers, self.references, self.name)
-        return EvalResult(self.metric, metrics[self.metric], metrics, self.n_examples)
+            metrics[CUSTOM_METRIC] = custom_score(self.scorer, answers, [self.references[i] for i in rows], self.name)
+        return EvalResult(self.metric, metrics[self.metric], metrics, len(rows), per_example=hits.astype(np.float64))

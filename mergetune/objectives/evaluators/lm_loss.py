@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,13 +23,15 @@ from mergetune.objectives.evaluators.base import (
     Batch,
     BatchCache,
     EvalResult,
-    Evaluator,
+    Outputs,
+    Parts,
     Scorer,
+    SlicedEvaluator,
     custom_score,
-    length_batches,
     pad,
     pad_id,
     primary_metric,
+    sliced_batches,
 )
 from mergetune.objectives.evaluators.causal import causal_forward, encode_pair
 
@@ -36,7 +39,7 @@ from mergetune.objectives.evaluators.causal import causal_forward, encode_pair
 Scored = tuple[list[int], int]
 
 
-class LMLossEvaluator(Evaluator):
+class LMLossEvaluator(SlicedEvaluator):
     """Language-modelling loss on held-out texts: ``score = -loss`` (higher is better).
 
     Convention: ``loss`` is the mean negative log-likelihood per predicted token over the whole set
@@ -49,6 +52,9 @@ class LMLossEvaluator(Evaluator):
     docstring); a prompt too long for ``max_length`` loses its oldest tokens, an answer that does not
     fit is an error. ``metric`` is ``neg_loss``, or ``custom`` with a ``scorer`` (it receives each
     example's scored-token log-probabilities and its scored text).
+
+    Sliced (``parts``: rows of the kept texts, see :class:`~.base.SlicedEvaluator`), an example's value is
+    minus its summed token loss; the score on some rows is their sum over their token count.
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class LMLossEvaluator(Evaluator):
         batch_size: int = 16,
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
         autocast: torch.dtype | None = None,
+        parts: Parts = None,
         name: str = "task",
     ) -> None:
         self.name = name
@@ -71,22 +78,29 @@ class LMLossEvaluator(Evaluator):
         self.scorer = scorer
         self.metric = primary_metric(name, metric, scorer, ("neg_loss",))
         if answers is None:
-            sequences, scored_texts = self._whole_texts(texts, tokenizer, max_length)
+            sequences, scored_texts, kept = self._whole_texts(texts, tokenizer, max_length)
         else:
             sequences, scored_texts = self._answers(texts, answers, tokenizer, delimiter, max_length)
+            kept = list(range(len(sequences)))
         if not sequences:
             raise TaskError(f"task '{name}': no text has the 2 tokens a language-modelling loss needs")
         self._n = len(sequences)
         self.n_skipped = len(texts) - len(sequences)
         self.scored_texts = scored_texts
-        self.batches = self._batch(sequences, pad_id(tokenizer), batch_size, max_tokens)
+        if parts is not None:  # slices name rows of the texts given; the skipped texts are in none of them
+            position = {text_row: i for i, text_row in enumerate(kept)}
+            parts = [[position[r] for r in part if r in position] for part in parts]
+        self._set_parts(parts)
+        self.batches = self._batch(sequences, pad_id(tokenizer), (batch_size, max_tokens, parts))
 
     @staticmethod
-    def _whole_texts(texts: Sequence[str], tokenizer: Any, max_length: int) -> tuple[list[Scored], list[str]]:
-        """(ids, number of unscored leading tokens = 1) per text of at least 2 tokens, and those texts."""
+    def _whole_texts(
+        texts: Sequence[str], tokenizer: Any, max_length: int
+    ) -> tuple[list[Scored], list[str], list[int]]:
+        """(ids, number of unscored leading tokens = 1) per text of at least 2 tokens, those texts and their rows."""
         encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-        kept = [(list(ids), text) for ids, text in zip(encoded, texts, strict=True) if len(ids) >= 2]
-        return [(ids, 1) for ids, _ in kept], [text for _, text in kept]
+        kept = [i for i, ids in enumerate(encoded) if len(ids) >= 2]
+        return [(list(encoded[i]), 1) for i in kept], [texts[i] for i in kept], kept
 
     def _answers(
         self, prompts: Sequence[str], answers: Sequence[str], tokenizer: Any, delimiter: str, max_length: int
@@ -107,25 +121,30 @@ class LMLossEvaluator(Evaluator):
         return sequences, list(answers)
 
     @staticmethod
-    def _batch(sequences: list[Scored], pad_value: int, batch_size: int, max_tokens: int | None) -> BatchCache:
+    def _batch(sequences: list[Scored], pad_value: int, sizes: tuple[int, int | None, Parts]) -> BatchCache:
         """Right-padded batches; ``loss_mask[b, t]`` is 1 where token ``t + 1`` of row ``b`` is a scored target."""
         batches = []
-        for rows in length_batches([len(ids) for ids, _ in sequences], batch_size, max_tokens):
+        for part, rows in sliced_batches([len(ids) for ids, _ in sequences], *sizes):
             seqs = [sequences[i][0] for i in rows]
             scored = [[0] * (sequences[i][1] - 1) + [1] * (len(sequences[i][0]) - sequences[i][1]) for i in rows]
             inputs = {"input_ids": pad(seqs, pad_value), "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
-            batches.append(Batch(torch.as_tensor(rows), inputs, {"loss_mask": pad(scored, 0)}))
+            batches.append(Batch(torch.as_tensor(rows), inputs, {"loss_mask": pad(scored, 0)}, part))
         return BatchCache(batches)
 
     @property
     def n_examples(self) -> int:
         return self._n
 
-    def _evaluate(self, model: nn.Module) -> EvalResult:
-        nll = torch.zeros(self.n_examples, dtype=torch.float64)
-        count = torch.zeros(self.n_examples, dtype=torch.float64)
-        token_logp: list[list[float]] = [[] for _ in range(self.n_examples)]
-        for batch in self._batches_for(model):
+    def _new_outputs(self) -> Outputs:
+        return {
+            "nll": torch.zeros(self.n_examples, dtype=torch.float64),
+            "count": torch.zeros(self.n_examples, dtype=torch.float64),
+            "token_logp": [[] for _ in range(self.n_examples)],
+        }
+
+    def _forward(self, model: nn.Module, batches: Sequence[Batch], outputs: Outputs) -> None:
+        nll, count, token_logp = outputs["nll"], outputs["count"], outputs["token_logp"]
+        for batch in batches:
             logits = causal_forward(model, batch.inputs)[:, :-1].float()
             targets = batch.inputs["input_ids"][:, 1:]
             mask = batch.extra["loss_mask"].to(logits.dtype)
@@ -135,6 +154,13 @@ class LMLossEvaluator(Evaluator):
             if self.scorer is not None:
                 for row, values, keep in zip(batch.rows.tolist(), token_nll.cpu(), mask.bool().cpu(), strict=True):
                     token_logp[row] = (-values[keep]).double().tolist()
+
+    def _summarise(self, outputs: Outputs, rows: np.ndarray) -> EvalResult:
+        """The loss over ``rows`` (token-weighted); each example's value is minus its summed token loss."""
+        every = len(rows) == self.n_examples  # the whole set: reduce the arrays as they are (bit for bit as ever)
+        index = torch.as_tensor(rows)
+        nll = outputs["nll"] if every else outputs["nll"][index]
+        count = outputs["count"] if every else outputs["count"][index]
         loss = float(nll.sum() / count.sum())
         metrics = {
             "neg_loss": -loss,
@@ -144,8 +170,12 @@ class LMLossEvaluator(Evaluator):
             "n_tokens": float(count.sum()),
         }
         if self.scorer is not None:
-            metrics[CUSTOM_METRIC] = custom_score(self.scorer, token_logp, self.scored_texts, self.name)
-        return EvalResult(self.metric, metrics[self.metric], metrics, self.n_examples)
+            metrics[CUSTOM_METRIC] = custom_score(self.scorer, outputs["token_logp"], self.scored_texts, self.name)
+        scale = len(rows) / float(count.sum())  # score = −Σ nll / Σ tokens = scale × mean(−nll_i)
+        per_example = (-nll).numpy()
+        return EvalResult(
+            self.metric, metrics[self.metric], metrics, len(rows), per_example=per_example, example_scale=scale
+        )
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -40,13 +40,15 @@ from mergetune.objectives.evaluators.base import (
     Batch,
     BatchCache,
     EvalResult,
-    Evaluator,
+    Outputs,
+    Parts,
     Scorer,
+    SlicedEvaluator,
     custom_score,
-    length_batches,
     pad,
     pad_id,
     primary_metric,
+    sliced_batches,
 )
 from mergetune.objectives.evaluators.causal import attention_bias, encode_pair, left_padded, logits_at
 
@@ -63,12 +65,14 @@ class _Question:
     first_pair: int
 
 
-class MultipleChoiceEvaluator(Evaluator):
+class MultipleChoiceEvaluator(SlicedEvaluator):
     """Multiple choice for causal LMs by log-likelihood, the lm-evaluation-harness convention (module docstring).
 
     ``metric`` is ``accuracy`` (default), ``acc_norm`` (``normalize=True`` is the same) or ``custom``
     with a ``scorer`` (it receives each question's option log-likelihoods and the right index).
-    Pairs or packed questions are batched by length (:func:`~.base.length_batches`).
+    Pairs or packed questions are batched by length (:func:`~.base.length_batches`), within each slice
+    of ``parts`` (question rows; see :class:`~.base.SlicedEvaluator`): an example's value is whether
+    the metric's choice is right.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class MultipleChoiceEvaluator(Evaluator):
         scoring: str = "shared_context",
         scorer: Scorer | None = None,
         autocast: torch.dtype | None = None,
+        parts: Parts = None,
         name: str = "task",
     ) -> None:
         if not contexts or len(choices) != len(contexts) or len(labels) != len(contexts):
@@ -104,12 +109,13 @@ class MultipleChoiceEvaluator(Evaluator):
         self.option_chars = [np.array([max(len(o), 1) for o in c], dtype=np.float64) for c in self.choices]
         self.n_pairs = sum(len(c) for c in self.choices)
         questions = self._encode(tokenizer, contexts, delimiter, max_length)
-        sizes = (batch_size, max_tokens)
+        self._set_parts(parts)
         pad_value = pad_id(tokenizer)
         if scoring == "shared_context":
-            self.batches = _packed_batches(questions, pad_value, sizes)
+            self.batches = _packed_batches(questions, pad_value, (batch_size, max_tokens, parts))
         else:
-            self.batches = _per_option_batches(questions, pad_value, sizes)
+            pair_parts = None if parts is None else [_pairs_of(questions, part) for part in parts]
+            self.batches = _per_option_batches(questions, pad_value, (batch_size, max_tokens, pair_parts))
 
     @property
     def n_examples(self) -> int:
@@ -133,35 +139,46 @@ class MultipleChoiceEvaluator(Evaluator):
 
     def loglikelihoods(self, model: nn.Module) -> np.ndarray:
         """``ll(o)``: the sum of each option's token log-probabilities, one per (question, option) pair in order."""
-        out = torch.zeros(self.n_pairs, dtype=torch.float64)
+        outputs = self._new_outputs()
         with scoring(model, self.autocast):
-            for batch in self._batches_for(model):
-                inputs = dict(batch.inputs)
-                if "allowed" in batch.extra:
-                    inputs["attention_mask"] = attention_bias(model, batch.extra["allowed"])
-                logits = logits_at(model, inputs, batch.extra["positions"])
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                token_logp = logp.gather(-1, batch.extra["targets"].unsqueeze(-1)).squeeze(-1) * batch.extra["mask"]
-                out.index_add_(0, batch.extra["pairs"].flatten().cpu(), token_logp.flatten().double().cpu())
-        return out.numpy()
+            self._forward(model, self._batches_for(model), outputs)
+        return outputs["loglik"].numpy()
+
+    def _new_outputs(self) -> Outputs:
+        return {"loglik": torch.zeros(self.n_pairs, dtype=torch.float64)}
+
+    def _forward(self, model: nn.Module, batches: Sequence[Batch], outputs: Outputs) -> None:
+        out = outputs["loglik"]
+        for batch in batches:
+            inputs = dict(batch.inputs)
+            if "allowed" in batch.extra:
+                inputs["attention_mask"] = attention_bias(model, batch.extra["allowed"])
+            logits = logits_at(model, inputs, batch.extra["positions"])
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            token_logp = logp.gather(-1, batch.extra["targets"].unsqueeze(-1)).squeeze(-1) * batch.extra["mask"]
+            out.index_add_(0, batch.extra["pairs"].flatten().cpu(), token_logp.flatten().double().cpu())
 
     def per_question(self, loglik: np.ndarray) -> list[np.ndarray]:
         """The pair log-likelihoods cut into one array per question."""
         bounds = np.cumsum([0] + [len(c) for c in self.choices])
         return [loglik[bounds[i] : bounds[i + 1]] for i in range(self.n_examples)]
 
-    def _evaluate(self, model: nn.Module) -> EvalResult:
-        per_question = self.per_question(self.loglikelihoods(model))
-        labels = self.labels.tolist()
-        acc = np.mean([int(np.argmax(ll)) == y for ll, y in zip(per_question, labels, strict=True)])
-        acc_norm = np.mean(
-            [int(np.argmax(ll / n)) == y for ll, n, y in zip(per_question, self.option_chars, labels, strict=True)]
+    def _summarise(self, outputs: Outputs, rows: np.ndarray) -> EvalResult:
+        """Metrics over the questions ``rows``; each question's value is whether the primary metric's pick is right."""
+        all_questions = self.per_question(outputs["loglik"].numpy())
+        per_question = [all_questions[i] for i in rows]
+        chars = [self.option_chars[i] for i in rows]
+        labels = self.labels[rows].tolist()
+        right = np.array([int(np.argmax(ll)) == y for ll, y in zip(per_question, labels, strict=True)])
+        right_norm = np.array(
+            [int(np.argmax(ll / n)) == y for ll, n, y in zip(per_question, chars, labels, strict=True)]
         )
-        metrics = {"accuracy": float(acc), "acc_norm": float(acc_norm)}
+        metrics = {"accuracy": float(np.mean(right)), "acc_norm": float(np.mean(right_norm))}
         if self.scorer is not None:
             predictions = [ll.tolist() for ll in per_question]
             metrics[CUSTOM_METRIC] = custom_score(self.scorer, predictions, labels, self.name)
-        return EvalResult(self.metric, metrics[self.metric], metrics, self.n_examples)
+        per_example = (right_norm if self.metric == "acc_norm" else right).astype(np.float64)
+        return EvalResult(self.metric, metrics[self.metric], metrics, len(rows), per_example=per_example)
 
 
 # ---- the two batch layouts -------------------------------------------------------------------
@@ -177,7 +194,12 @@ def _targets_extra(rows: list[tuple[list[int], list[int], list[int]]]) -> dict[s
     }
 
 
-def _per_option_batches(questions: list[_Question], pad_value: int, sizes: tuple[int, int | None]) -> BatchCache:
+def _pairs_of(questions: list[_Question], part: Sequence[int]) -> list[int]:
+    """The (question, option) pair ids of the questions ``part``: a slice of questions as a slice of pairs."""
+    return [questions[q].first_pair + j for q in part for j in range(len(questions[q].options))]
+
+
+def _per_option_batches(questions: list[_Question], pad_value: int, sizes: tuple[int, int | None, Parts]) -> BatchCache:
     """One left-padded row ``(context + option)[:-1]`` per pair; the option's tokens are the row's last ones."""
     inputs, targets = [], []
     for q in questions:
@@ -185,14 +207,14 @@ def _per_option_batches(questions: list[_Question], pad_value: int, sizes: tuple
             inputs.append((q.context + cont)[:-1])
             targets.append(cont)
     batches = []
-    for rows in length_batches([len(x) for x in inputs], *sizes):
+    for part, rows in sliced_batches([len(x) for x in inputs], *sizes):
         width = max(len(inputs[i]) for i in rows)
         per_row = []
         for i in rows:
             n = len(targets[i])
             per_row.append((list(range(width - n, width)), targets[i], [i] * n))
         padded = left_padded([inputs[i] for i in rows], pad_value)
-        batches.append(Batch(torch.as_tensor(rows), padded, _targets_extra(per_row)))
+        batches.append(Batch(torch.as_tensor(rows), padded, _targets_extra(per_row), part))
     return BatchCache(batches)
 
 
@@ -231,11 +253,11 @@ def _allowed(n_ctx: int, spans: list[tuple[int, int]], width: int) -> torch.Tens
     return allowed
 
 
-def _packed_batches(questions: list[_Question], pad_value: int, sizes: tuple[int, int | None]) -> BatchCache:
+def _packed_batches(questions: list[_Question], pad_value: int, sizes: tuple[int, int | None, Parts]) -> BatchCache:
     """One right-padded packed row per question (see :func:`_packed_row`), bucketed by packed length."""
     packed = [_packed_row(q) for q in questions]
     batches = []
-    for rows in length_batches([len(p[0]) for p in packed], *sizes):
+    for part, rows in sliced_batches([len(p[0]) for p in packed], *sizes):
         width = max(len(packed[i][0]) for i in rows)
         allowed = torch.stack([_allowed(len(questions[i].context), packed[i][2], width) for i in rows])
         inputs = {
@@ -243,5 +265,5 @@ def _packed_batches(questions: list[_Question], pad_value: int, sizes: tuple[int
             "position_ids": pad([packed[i][1] for i in rows], 0),
         }
         extra = {"allowed": allowed, **_targets_extra([packed[i][3] for i in rows])}
-        batches.append(Batch(torch.as_tensor(rows), inputs, extra))
+        batches.append(Batch(torch.as_tensor(rows), inputs, extra, part))
     return BatchCache(batches)

@@ -42,10 +42,13 @@ class Outcome:
     feasible: bool = True
     constraints: tuple[float, ...] = field(default_factory=tuple)  # ≤ 0 is satisfied
     constraint_names: tuple[str, ...] = field(default_factory=tuple)  # aligned with constraints
+    # stopped early by multi-fidelity racing: no objective values (never on a front), and a pessimistic
+    # ``scalar`` (see ``outcomes.pruned_outcome``) for the single-objective optimizers
+    pruned: bool = False
 
     @property
     def failed(self) -> bool:
-        return self.values is None
+        return self.values is None and not self.pruned
 
     @property
     def loss(self) -> float:
@@ -177,7 +180,8 @@ class ExternalOptimizer(Optimizer):
     @abstractmethod
     def observe(self, proposal: Proposal | None, params: dict[str, Any], outcome: Outcome) -> None:
         """Learn from an outcome; take in points it did not propose (``proposal`` None) if it can.
-        A failed candidate (``outcome.failed``) must be accepted too: it scores ``FAILED_LOSS``."""
+        A failed candidate (``outcome.failed``) must be accepted too: it scores ``FAILED_LOSS``; a
+        candidate stopped early (``outcome.pruned``) scores its pessimistic ``loss``."""
 
     @abstractmethod
     def checkpoint(self, folder: Path) -> None:
