@@ -222,12 +222,12 @@ def open_model(
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
         return LoadedModel(name or str(path), LazyState.of_files([path]), path.parent, read_config(path.parent))
-    if path.is_dir() and (files := _safetensors_files(path)):
+    if path.is_dir() and (files := safetensors_files(path)):
         return LoadedModel(name or str(path), LazyState.of_files(files), path, read_config(path))
     if path.exists() or not looks_like_hub_id(str(source)):
         return load_model(source, name, revision)
     folder = download_from_hub(str(source), revision)
-    files = _safetensors_files(folder)
+    files = safetensors_files(folder)
     state = LazyState.of_files(files) if files else read_folder(folder)
     return LoadedModel(name or str(source), state, folder, read_config(folder))
 
@@ -381,7 +381,7 @@ def tensor_names(source: str | os.PathLike[str]) -> tuple[list[str], str | None]
     LLM's layer groups without loading its weights; other sources are loaded.
     """
     path = Path(source).expanduser()
-    files = _safetensors_files(path) if path.is_dir() else []
+    files = safetensors_files(path) if path.is_dir() else []
     if not files:
         model = load_model(source)
         return [k for k, v in model.state.items() if v.is_floating_point()], model.model_type
@@ -392,7 +392,7 @@ def tensor_names(source: str | os.PathLike[str]) -> tuple[list[str], str | None]
     return names, read_config(path).get("model_type")
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
+def safetensors_files(folder: Path) -> list[Path]:
     """The files ``read_folder`` would read, in its order of preference, when they are safetensors (else [])."""
     if (folder / SAFETENSORS_INDEX).is_file():
         return [folder / shard for shard in _index_shards(folder / SAFETENSORS_INDEX)]

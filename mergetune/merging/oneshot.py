@@ -49,16 +49,12 @@ from mergetune.merging.context import Layout, MergeContext
 from mergetune.merging.engine import DTYPES, Merger, compile_available
 from mergetune.merging.layer_groups import LayerGroups
 from mergetune.merging.loading import (
-    BIN_FILE,
-    BIN_INDEX,
-    SAFETENSORS_FILE,
-    SAFETENSORS_INDEX,
     LoadedModel,
-    _index_shards,
     download_from_hub,
     load_model,
     looks_like_hub_id,
     read_config,
+    safetensors_files,
 )
 from mergetune.merging.modelset import STORAGE_DTYPES, ModelSet, Segment, _align_prefix, _check_finite
 from mergetune.merging.residency import Residency
@@ -185,27 +181,13 @@ def open_model(source: str, name: str, revision: str | None = None) -> tuple[Loa
         return LoadedModel(name, source_.meta_state(), path.parent, read_config(path.parent)), source_
     elif not path.exists() and looks_like_hub_id(source):
         folder = download_from_hub(source, revision)
-    paths = _safetensors_paths(folder) if folder is not None else []
+    paths = safetensors_files(folder) if folder is not None else []
     if not paths:  # .bin, a single weights file, or an error load_model words best
         model = load_model(source, name=name, revision=revision)
         return model, TensorSource(name, {}, model.state)
     assert folder is not None
     source_ = TensorSource(name, _open_files(paths), {})
     return LoadedModel(name, source_.meta_state(), folder, read_config(folder)), source_
-
-
-def _safetensors_paths(folder: Path) -> list[Path]:
-    """The safetensors files ``loading.read_folder`` would read, in its order of precedence; [] for .bin."""
-    if (folder / SAFETENSORS_INDEX).is_file():
-        return [folder / shard for shard in _index_shards(folder / SAFETENSORS_INDEX)]
-    if (folder / BIN_INDEX).is_file():
-        return []
-    if (folder / SAFETENSORS_FILE).is_file():
-        return [folder / SAFETENSORS_FILE]
-    if (folder / BIN_FILE).is_file():
-        return []
-    found = sorted(folder.glob("*.safetensors"))
-    return found if len(found) == 1 else []
 
 
 def _open_files(paths: list[Path]) -> dict[str, SafetensorsFile]:
