@@ -38,7 +38,10 @@ from mergetune.merging.methods import parse_recipe
 from mergetune.merging.modelset import ModelSet
 from mergetune.objectives.zoo import build_zoo
 from mergetune.recipe import Recipe
+from mergetune.search.config import SearchConfig
+from mergetune.search.loop import resolve_models, worker_setup
 from mergetune.search.storage import open_storage
+from mergetune.search.worker import WorkerSetup
 
 TINY_DIMS = {"vocab_size": 99, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
 BERT_TASKS = {"sst2": 2, "mnli": 3, "topic": 4}  # task -> number of labels
@@ -191,6 +194,15 @@ def write_search_config(path: Path, **overrides: Any) -> Path:
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def zoo_setup(env: dict[str, str], config_path: Path, monkeypatch: pytest.MonkeyPatch) -> WorkerSetup:
+    """The worker setup of a tiny-zoo search config written at ``config_path`` (``write_search_config``), with
+    ``env`` (``zoo_env``: the zoo cache, no compilation) set for as long as ``monkeypatch`` lasts."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = SearchConfig.load(write_search_config(config_path))
+    return worker_setup(config, resolve_models(config))
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:

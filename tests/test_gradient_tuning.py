@@ -16,21 +16,15 @@ from mergetune.forward import best_prefix, forward_params
 from mergetune.objectives.evaluators import EvalResult, Evaluator
 from mergetune.objectives.training_losses import batch_loss, trainable_batches
 from mergetune.recipe import Expert, Recipe, resolve_parameter
-from mergetune.search.config import SearchConfig
 from mergetune.search.gradient import GradientSettings, WeightTuner
-from mergetune.search.loop import resolve_models, worker_setup
 from mergetune.search.worker import Worker
-from tests.conftest import run_cli, write_search_config
+from tests.conftest import run_cli, write_search_config, zoo_setup
 
 
 @pytest.fixture(scope="module")
 def worker(zoo_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Worker:
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in zoo_env.items():
-            mp.setenv(key, value)
-        folder = tmp_path_factory.mktemp("gradient")
-        config = SearchConfig.load(write_search_config(folder / "c.yaml"))
-        return Worker(worker_setup(config, resolve_models(config)))
+        return Worker(zoo_setup(zoo_env, tmp_path_factory.mktemp("gradient") / "c.yaml", mp))
 
 
 def _recipe(worker: Worker, method: str = "task_arithmetic", **fields: object) -> Recipe:

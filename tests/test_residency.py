@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import trials_by_state, write_search_config
+from conftest import trials_by_state, write_search_config, zoo_setup
 from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
 
@@ -214,10 +214,7 @@ def test_a_search_over_budget_runs_from_disk_with_the_resident_scores(
 def test_expert_references_hold_one_expert_model_at_a_time(
     zoo_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in zoo_env.items():
-        monkeypatch.setenv(key, value)
-    config = SearchConfig.load(write_search_config(tmp_path / "c.yaml"))
-    setup = worker_setup(config, resolve_models(config))
+    setup = zoo_setup(zoo_env, tmp_path / "c.yaml", monkeypatch)
     worker = Worker(setup)
     alive: list[weakref.ref] = []
     most_alive = 0

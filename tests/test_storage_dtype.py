@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_search_config
+from conftest import write_search_config, zoo_setup
 from safetensors.torch import load_file
 
 from mergetune.errors import BadWeightsError, MergetuneError
@@ -104,10 +104,7 @@ def test_a_bf16_search_recipe_merges_bit_for_bit(
 def test_a_worker_refuses_a_recipe_of_another_storage_dtype(
     zoo_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in zoo_env.items():
-        monkeypatch.setenv(key, value)
-    config = SearchConfig.load(write_search_config(tmp_path / "c.yaml"))
-    setup = worker_setup(config, resolve_models(config))
+    setup = zoo_setup(zoo_env, tmp_path / "c.yaml", monkeypatch)
     worker = Worker(setup)
     experts = [Expert(name=t, model=p) for t, p in setup.experts.items()]
     recipe = Recipe(base=setup.base, experts=experts, method="task_arithmetic", storage_dtype="bfloat16")

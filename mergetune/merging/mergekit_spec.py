@@ -341,29 +341,12 @@ def count_report(names: Sequence[str], tasks: list[str], bad: np.ndarray, why: s
     ]
 
 
-def unweighted_differences(t: ExportTables, method: str) -> list[str]:
-    """mergekit methods without a per-model weight (sce, ram) merge as mergetune's λ = 1: any other λ differs."""
-    off = (t.weight != 1.0) & t.merged[None, :]
-    if not off.any():
-        return []
-    return [
-        f"mergekit's {method} takes no per-model weight (its merge is λ = 1 for every task); λ "
-        f"{', '.join(values_text(t.weight[off]))} in group(s) {groups_text(t, off.any(axis=0))}; set weight: 1 "
-        "for an exact export"
-    ]
-
-
 def unweighted_heads_refusal(method: str) -> str:
     """Why a recipe over models with task heads cannot export to a mergekit method without per-model weights."""
     return (
         f"exports to mergekit's {method}, which has no per-model weight and would merge the task heads {{heads}} "
         "that mergetune keeps per task; export models without their heads"
     )
-
-
-def unweighted_import(r: ImportTables) -> np.ndarray:
-    """``[T, N]`` λ = 1: a mergekit method without per-model weights adds each task's contribution once."""
-    return np.ones((len(r.tasks), len(r.names)))
 
 
 def shared_scalar(r: ImportTables, param: str, diffs: list[str]) -> float:
@@ -461,13 +444,14 @@ def values_text(values: np.ndarray) -> list[str]:
 
 # ---- export: methods whose mergekit version has no per-model weight ---------------------------------------
 def unit_weight_differences(t: ExportTables, method: str) -> list[str]:
-    """mergekit's ``method`` takes no weight: a merged tensor with some λ ≠ 1 is not reproduced."""
-    bad = (t.weight != 1.0).any(axis=0) & t.merged
-    if not bad.any():
+    """mergekit's ``method`` takes no per-model weight (its merge is λ = 1): a merged tensor with λ ≠ 1 differs."""
+    off = (t.weight != 1.0) & t.merged[None, :]
+    if not off.any():
         return []
     return [
-        f"mergekit's {method} has no per-model weight: weights other than 1 in group(s) {groups_text(t, bad)} "
-        f"(values {', '.join(values_text(t.weight[:, bad]))}) are not exported; use weight 1 for an exact export"
+        f"mergekit's {method} has no per-model weight (its merge is λ = 1 for every task): λ "
+        f"{', '.join(values_text(t.weight[off]))} in group(s) {groups_text(t, off.any(axis=0))}; use weight 1 for an "
+        "exact export"
     ]
 
 

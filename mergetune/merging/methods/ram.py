@@ -32,10 +32,10 @@ from mergetune.merging.mergekit_spec import (
     MergekitInverse,
     MergekitSpec,
     Translation,
+    ones_weight,
     shared_scalar,
-    unweighted_differences,
+    unit_weight_differences,
     unweighted_heads_refusal,
-    unweighted_import,
 )
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.ops import task_sum
@@ -70,7 +70,7 @@ def ram_args(ctx: MergeContext, boost: torch.Tensor) -> dict[str, torch.Tensor]:
 def ram_to_mergekit(method: str, t: ExportTables) -> Translation:
     """mergekit's ``ram`` (or ``ramplus_tl``) reads only shared options, the recipe's: exact at λ = 1."""
     tr = Translation(method, {}, dict(t.options.model_dump()))
-    tr.differences = unweighted_differences(t, method)
+    tr.differences = unit_weight_differences(t, method)
     return tr
 
 
@@ -78,7 +78,7 @@ def ram_from_mergekit(r: ImportTables) -> ImportedValues:
     """λ = 1 and the shared options (``epsilon``; RAM+'s ``r`` and ``alpha``), one value for the whole model."""
     diffs: list[str] = []
     options = {param: shared_scalar(r, param, diffs) for param in r.shared}
-    return ImportedValues(r.method, unweighted_import(r), None, options, diffs)
+    return ImportedValues(r.method, ones_weight(r), None, options, diffs)
 
 
 def ram_spec(method: str, defaults: dict[str, float]) -> MergekitSpec:

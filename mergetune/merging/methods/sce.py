@@ -34,10 +34,10 @@ from mergetune.merging.mergekit_spec import (
     MergekitInverse,
     MergekitSpec,
     Translation,
+    ones_weight,
     shared_scalar,
-    unweighted_differences,
+    unit_weight_differences,
     unweighted_heads_refusal,
-    unweighted_import,
 )
 from mergetune.merging.methods.base import MethodOptions, TensorMethod, WarmStart
 
@@ -85,14 +85,14 @@ def sce_delta(tau: torch.Tensor, weight: torch.Tensor, select_topk: float) -> to
 
 def sce_to_mergekit(t: ExportTables) -> Translation:
     tr = Translation("sce", {}, {"select_topk": t.options.select_topk})
-    tr.differences = unweighted_differences(t, "sce")
+    tr.differences = unit_weight_differences(t, "sce")
     return tr
 
 
 def sce_from_mergekit(r: ImportTables) -> ImportedValues:
     diffs: list[str] = []
     options = {"select_topk": shared_scalar(r, "select_topk", diffs)}
-    return ImportedValues("sce", unweighted_import(r), None, options, diffs)
+    return ImportedValues("sce", ones_weight(r), None, options, diffs)
 
 
 class Sce(TensorMethod):
