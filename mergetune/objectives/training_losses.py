@@ -29,8 +29,7 @@ from torch import nn
 from mergetune.errors import TaskError
 from mergetune.objectives.evaluators import ClassificationEvaluator, EntropyEvaluator, Evaluator
 from mergetune.objectives.evaluators.base import Batch
-from mergetune.objectives.evaluators.causal import causal_forward
-from mergetune.objectives.evaluators.lm_loss import LMLossEvaluator, token_cross_entropy
+from mergetune.objectives.evaluators.lm_loss import LMLossEvaluator, batch_token_nll
 
 Objective = Literal["entropy", "labels"]
 BatchLoss = Callable[[nn.Module, Batch], torch.Tensor]
@@ -69,10 +68,9 @@ def batch_loss(evaluator: Evaluator, objective: Objective) -> BatchLoss:
 
 
 def _logits(evaluator: SequenceEvaluator, model: nn.Module, batch: Batch) -> torch.Tensor:
-    logits = evaluator.logits_fn(model, batch.inputs)
-    if evaluator.label_columns is not None:
-        logits = logits[:, evaluator.label_columns.to(logits.device)]
-    return logits.float()
+    """The evaluator's own float32 logits over the task's labels for one batch (label columns, head check)."""
+    _, logits = next(evaluator.logits(model, [batch]))
+    return logits
 
 
 def _entropy(evaluator: SequenceEvaluator, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -86,7 +84,5 @@ def _cross_entropy(evaluator: SequenceEvaluator, model: nn.Module, batch: Batch,
 
 
 def _lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    logits = causal_forward(model, batch.inputs)[:, :-1]
-    targets = batch.inputs["input_ids"][:, 1:]
-    mask = batch.extra["loss_mask"].to(torch.float32)
-    return (token_cross_entropy(logits, targets, mask) * mask).sum() / mask.sum().clamp(min=1.0)
+    token_nll, mask = batch_token_nll(model, batch)
+    return (token_nll * mask).sum() / mask.sum().clamp(min=1.0)

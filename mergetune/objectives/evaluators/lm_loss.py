@@ -145,10 +145,7 @@ class LMLossEvaluator(SlicedEvaluator):
     def _forward(self, model: nn.Module, batches: Sequence[Batch], outputs: Outputs) -> None:
         nll, count, token_logp = outputs["nll"], outputs["count"], outputs["token_logp"]
         for batch in batches:
-            logits = causal_forward(model, batch.inputs)[:, :-1].float()
-            targets = batch.inputs["input_ids"][:, 1:]
-            mask = batch.extra["loss_mask"].to(logits.dtype)
-            token_nll = token_cross_entropy(logits, targets, mask)
+            token_nll, mask = batch_token_nll(model, batch)
             nll[batch.rows] = (token_nll * mask).sum(-1).double().cpu()
             count[batch.rows] = mask.sum(-1).double().cpu()
             if self.scorer is not None:
@@ -176,6 +173,14 @@ class LMLossEvaluator(SlicedEvaluator):
         return EvalResult(
             self.metric, metrics[self.metric], metrics, len(rows), per_example=per_example, example_scale=scale
         )
+
+
+def batch_token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood ``[B, T-1]`` of one batch (0 where not scored) and its float32
+    ``loss_mask``; differentiable when autograd is on (gradient tuning minimises it)."""
+    logits = causal_forward(model, batch.inputs)[:, :-1].float()
+    mask = batch.extra["loss_mask"].to(logits.dtype)
+    return token_cross_entropy(logits, batch.inputs["input_ids"][:, 1:], mask), mask
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
