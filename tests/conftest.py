@@ -18,6 +18,7 @@ Model initialisation runs under a forked, seeded RNG: building them leaves the g
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -50,6 +51,13 @@ EXPERT_NOISE = 0.01
 
 ModelDirs = tuple[Path, dict[str, Path]]
 State = dict[str, torch.Tensor]
+
+
+#: Tests that run the real mergekit (the ``mergekit`` extra, which ``make setup`` installs).
+needs_mergekit = pytest.mark.skipif(
+    importlib.util.find_spec("mergekit") is None,
+    reason="mergekit is an optional test dependency: pip install -e '.[mergekit]' (make setup installs it)",
+)
 
 
 @contextmanager

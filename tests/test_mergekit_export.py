@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ModelDirs, perturb_, seeded, tiny_bert_config
+from conftest import ModelDirs, needs_mergekit, perturb_, seeded, tiny_bert_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -34,10 +34,6 @@ from mergetune.merging.engine import Merger
 from mergetune.merging.modelset import ModelSet
 from mergetune.recipe import Recipe, resolve_parameter
 
-needs_mergekit = pytest.mark.skipif(
-    importlib.util.find_spec("mergekit") is None,
-    reason="mergekit is an optional test dependency: pip install -e '.[mergekit]' (make setup installs it)",
-)
 BIN = Path(sys.executable).parent
 ATOL, RTOL = 1e-6, 1e-5  # float32 rounding of a different summation order
 SEEDS = 60  # mergetune merges per random recipe: its per-entry mean and spread

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import ModelDirs, perturb_, seeded, tiny_bert_config
+from conftest import ModelDirs, needs_mergekit, perturb_, seeded, tiny_bert_config
 from safetensors.torch import load_file
 
 from mergetune.errors import RecipeError
@@ -67,11 +67,6 @@ EXACT: dict[str, dict[str, Any]] = {
     "model_stock_filter_wise": {"method": "model_stock", "weight": 1.0, "options": {"filter_wise": True}},
     "arcee_fusion": {"weight": 1.0},
 }
-
-needs_mergekit = pytest.mark.skipif(
-    importlib.util.find_spec("mergekit") is None,
-    reason="mergekit is an optional test dependency: pip install -e '.[mergekit]' (make setup installs it)",
-)
 
 
 def method_of(case: str) -> str:

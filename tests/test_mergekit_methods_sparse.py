@@ -13,7 +13,6 @@ through mergekit is covered by ``test_mergekit_export.py``'s tables.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import ModelDirs
+from conftest import ModelDirs, needs_mergekit
 from test_mergekit_export import ATOL, BIN, RTOL, mergekit_weights, z_scores
 
 from mergetune.export.mergekit_import import import_config
 from mergetune.merging.engine import Merger
 from mergetune.merging.modelset import ModelSet
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("mergekit") is None,
-    reason="mergekit is an optional test dependency: pip install -e '.[mergekit]' (make setup installs it)",
-)
+pytestmark = needs_mergekit
 
 # method -> (shared parameters, per-model parameters of the three experts); weights and densities differ per model
 PER_MODEL = [{"weight": 0.7, "density": 0.5}, {"weight": 0.4, "density": 0.3}, {"weight": 0.2, "density": 0.6}]

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import ModelDirs, perturb_, seeded, tiny_llama_config
+from conftest import ModelDirs, needs_mergekit, perturb_, seeded, tiny_llama_config
 from safetensors.torch import load_file
 
 from mergetune.export.mergekit import ExportError, export_mergekit
@@ -52,11 +52,6 @@ CASES: dict[str, dict[str, Any]] = {
 }
 EXACT_CASES = ("ties", "ties_sum", "breadcrumbs", "breadcrumbs_ties")
 DEFAULT_CASES = ("ties_default_rules", "breadcrumbs_default_rules", "breadcrumbs_ties_default_rules")
-
-needs_mergekit = pytest.mark.skipif(
-    importlib.util.find_spec("mergekit") is None,
-    reason="mergekit is an optional test dependency: pip install -e '.[mergekit]' (make setup installs it)",
-)
 
 
 @pytest.fixture(scope="module")
