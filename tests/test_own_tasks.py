@@ -426,3 +426,23 @@ def _check_readme_head_snippet(merged: Path, task: str, expert: Path) -> None:
 
     saved = load_file(str(merged / "heads" / f"{task}.safetensors"))
     assert head.keys() == saved.keys() and all(torch.equal(head[k], saved[k]) for k in saved)
+
+
+def test_the_search_and_held_out_parts_keep_each_rows_answer(tmp_path: Path) -> None:
+    """Before: the held-out split rebuilt each split from texts/labels/pairs/choices only, so an answer-only LM task
+    (answer_column) lost its answers and every search on one stopped with 'its split has none'."""
+    from mergetune.objectives.suite import examples
+    from mergetune.search.worker import split_holdout
+
+    rows = [{"text": f"question {i}", "answer": f"answer {i}"} for i in range(30)]
+    for split in ("validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"name": "qa", "kind": "lm", "answer_column": "answer"}
+    task = TaskConfig(**config, splits={"validation": "validation.jsonl", "test": "test.jsonl"}).load(base_dir=tmp_path)
+    search, held_out = split_holdout(task, 0.33, seed=0)
+    assert (len(search.validation), len(held_out.validation)) == (20, 10)
+    for part in (search.validation, held_out.validation, examples(task, "test", 7)):
+        assert part.answers is not None and len(part.answers) == len(part.texts)
+        expected = [(text.replace("question", "answer"),) for text in part.texts]
+        assert list(part.answers) == expected
+    assert sorted(search.validation.texts + held_out.validation.texts) == sorted(r["text"] for r in rows)

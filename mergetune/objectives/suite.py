@@ -179,14 +179,7 @@ def examples(task: TaskData, split: str, max_examples: int | None = None) -> Spl
     data = task.split(split)  # type: ignore[arg-type]
     if max_examples is None or max_examples >= len(data):
         return data
-    n = max_examples
-    return SplitData(
-        texts=data.texts[:n],
-        labels=None if data.labels is None else data.labels[:n],
-        text_pairs=None if data.text_pairs is None else data.text_pairs[:n],
-        choices=None if data.choices is None else data.choices[:n],
-        answers=None if data.answers is None else data.answers[:n],
-    )
+    return data.take(slice(max_examples))
 
 
 def build_evaluator(task: TaskData, data: SplitData, tokenizer: Any, **options: Any) -> Evaluator:

@@ -48,7 +48,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -403,6 +403,21 @@ class SplitData:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def take(self, rows: Sequence[int] | np.ndarray | slice) -> SplitData:
+        """The given rows of every per-row field (a new field is carried along: none is dropped by a subset)."""
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                picked[f.name] = None
+            elif isinstance(value, np.ndarray):
+                picked[f.name] = value[rows]
+            elif isinstance(rows, slice):
+                picked[f.name] = tuple(value[rows])
+            else:
+                picked[f.name] = tuple(value[int(i)] for i in rows)
+        return SplitData(**picked)
 
 
 @dataclass(frozen=True, eq=False)

@@ -77,6 +77,8 @@ def _examples(task: TaskData, split: SplitData) -> list[str]:
             text += f" -> choice {int(split.labels[i])} of {list(split.choices[i])}"
         elif split.labels is not None and task.label_names:
             text += f" -> {task.label_names[int(split.labels[i])]}"
+        if split.answers is not None:
+            text += f" -> answer {' | '.join(repr(a) for a in split.answers[i])}"
         shown.append(text)
     return shown
 

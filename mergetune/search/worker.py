@@ -36,7 +36,7 @@ from mergetune.merging.residency import MemoryBudget
 from mergetune.objectives.experts import load_for_expert
 from mergetune.objectives.models import load_task_model
 from mergetune.objectives.suite import ValidationSuite
-from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData
+from mergetune.objectives.tasks import TaskConfig, TaskData
 from mergetune.recipe import Recipe
 from mergetune.search.dynamic import DynamicRunner
 from mergetune.search.evaluation import Evaluation, evaluation_from_scores
@@ -239,15 +239,9 @@ def split_holdout(task: TaskData, fraction: float, seed: int) -> tuple[TaskData,
     hold = np.sort(order[:n_hold])
     keep = np.sort(order[n_hold:])
     return (
-        dataclasses.replace(task, validation=_subset(task.validation, keep)),
-        dataclasses.replace(task, validation=_subset(task.validation, hold)),
+        dataclasses.replace(task, validation=task.validation.take(keep)),
+        dataclasses.replace(task, validation=task.validation.take(hold)),
     )
-
-
-def _subset(split: SplitData, rows: np.ndarray) -> SplitData:
-    pick = lambda seq: None if seq is None else tuple(seq[i] for i in rows)  # noqa: E731
-    labels = None if split.labels is None else split.labels[rows]
-    return SplitData(pick(split.texts), labels, pick(split.text_pairs), pick(split.choices))
 
 
 def _quiet_transformers() -> None:
