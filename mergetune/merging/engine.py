@@ -138,8 +138,9 @@ class Merger:
         for dest, src in zip(self.output_buffers(target), self.output_buffers(source), strict=True):
             dest.copy_(src)
 
-    def views(self, buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each merged tensor as a view of the buffer of the part that holds it."""
+    def views(self, buffers: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each merged tensor as a view of the buffer of the part that holds it (one tensor: the only part's)."""
+        buffers = [buffers] if isinstance(buffers, torch.Tensor) else buffers
         parts, out = self.parts(), {}
         for i, seg in enumerate(self.modelset.segments):
             part, buffer = next((p, b) for p, b in zip(parts, buffers, strict=True) if p.holds(i))

@@ -222,7 +222,8 @@ class ResourcesConfig(_Section):
 
     The store is chosen into a tier: on the merge device when it fits ``device_memory`` (on a CPU: ``memory``),
     else in host memory when it fits ``memory`` (streamed to the device chunk by chunk), else memory-mapped from a
-    file written once under ``disk_dir`` (default: the run folder's ``cache/store``).
+    file written once under ``disk_dir`` (default: the run folder's ``cache/store``). With ``devices`` the layer
+    groups are split over several devices (``mergetune.merging.placement``) and ``device_memory`` is per device.
     """
 
     storage_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -232,7 +233,9 @@ class ResourcesConfig(_Section):
     )
     memory: int | str | None = Field(None, description="Host memory the store may take: bytes or e.g. '24GB'.")
     device_memory: int | str | None = Field(
-        None, description="Memory of the merge device (an accelerator) the store may take: bytes or e.g. '80GB'."
+        None,
+        description="Memory of the merge device (an accelerator) the store may take: bytes or e.g. '80GB'; "
+        "with devices, per device.",
     )
     tier: Literal["device", "host", "disk"] | None = Field(None, description="Force a tier (default: by the budgets).")
     disk_dir: str | None = Field(None, description="Folder of a disk-tier store file (local disk; default: run cache).")
