@@ -88,13 +88,9 @@ def main() -> None:
         one = host.placed(args.device)
         groups = host.layer_groups(1)
         placement = plan_placement(group_store_bytes(host, groups), devices)
-        params = host.numel
-        print(
-            f"llama {args.layers} layers × {args.hidden}: {params / 1e6:.1f} M merged parameters, {args.experts} experts"
-        )
-        print(
-            f"load average {os.getloadavg()[0]:.2f}; one torch thread; compile {os.environ.get('MERGETUNE_COMPILE', '1')}"
-        )
+        compiled = os.environ.get("MERGETUNE_COMPILE", "1")
+        print(f"llama {args.layers} layers × {args.hidden}: {host.numel / 1e6:.1f} M merged parameters, ", end="")
+        print(f"{args.experts} experts; load average {os.getloadavg()[0]:.2f}; one torch thread; compile {compiled}")
         print(placement.describe())
         single, placed = Merger(one), Merger(host, placement=placement)
         print(f"{'method':<18}{'one device s':>14}{'placed s':>12}{'ratio':>8}  equal")
