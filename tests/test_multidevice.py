@@ -16,7 +16,6 @@ import pytest
 import torch
 from conftest import tiny_llama_config, trials_by_state, write_search_config
 from optuna.trial import TrialState
-from test_ray import candidates, ray_runtime, tiny_setup  # noqa: F401 (the Ray runtime and tiny-zoo setup fixtures)
 
 from mergetune.errors import MergetuneError
 from mergetune.forward import best_prefix
@@ -33,10 +32,9 @@ from mergetune.merging.placement import (
 from mergetune.merging.residency import MemoryBudget
 from mergetune.recipe import Expert, Recipe
 from mergetune.search.config import SearchConfig, SearchConfigError
-from mergetune.search.executor import JobResult, LocalExecutor
 from mergetune.search.loop import open_search, resolve_models, worker_setup
 from mergetune.search.ray_executor import RayExecutor, RayOptions
-from mergetune.search.worker import Worker, WorkerSetup
+from mergetune.search.worker import Worker
 
 Dirs = tuple[Path, dict[str, Path]]
 SIZES = {"embed": 10, "blocks.0": 30, "blocks.1": 30, "blocks.2": 30, "head": 20}
@@ -350,26 +348,6 @@ def test_a_ray_worker_reserves_all_its_devices_on_one_actor(tmp_path: Path) -> N
     assert setup.devices == ("cuda:0", "cuda:1", "cuda:2") and executor._gpus_per_worker() == 3.0
     executor.options = RayOptions(gpus_per_worker=4)
     assert executor._gpus_per_worker() == 4
-
-
-def test_a_ray_worker_over_two_devices_scores_like_a_local_one_device_worker(tiny_setup: WorkerSetup) -> None:  # noqa: F811
-    """The placed worker in a Ray actor: the driver's shared store is split there; the scores are the plain ones."""
-    recipes = candidates(tiny_setup)[:3]
-    plain = LocalExecutor(tiny_setup)
-    expected = [plain.worker.evaluate(r) for r in recipes]
-    executor = RayExecutor(dataclasses.replace(tiny_setup, devices=("cpu", "cpu")), RayOptions(workers=1))
-    try:
-        for job, recipe in enumerate(recipes):
-            executor.submit(job, recipe)
-        results: list[JobResult] = []
-        while len(results) < len(recipes):
-            results += executor.results()
-        for result in results:
-            assert result.evaluation is not None, result.error
-            assert result.evaluation.scores == expected[result.job].scores
-        assert "device map: 0:cpu ← embed" in executor.describe()
-    finally:
-        executor.close()
 
 
 def _models_stub() -> Any:
