@@ -4,6 +4,7 @@
 - that driver killed with SIGKILL mid-search: within 10 s no process of its Ray runtime is left
   (mergetune.search.ray_watchdog); restarted: exactly its budget of candidates;
 - two Ray workers give the same scores as the in-process LocalExecutor for the same candidates;
+- a worker over two devices (``resources.devices``, CPU entries here) in one actor scores like a one-device one;
 - a worker killed (SIGKILL to its PID) while it holds a candidate: the candidate is retried on
   another worker, the worker replaced, and the search stores exactly its budget of candidates;
   with ``max_attempts=1`` the candidate is failed with the reason instead;
@@ -194,6 +195,26 @@ def test_two_ray_workers_score_like_the_local_executor(tiny_setup: WorkerSetup) 
         assert executor.reference("search") == local.reference("search")
         finalists = executor.score(recipes[:2], "holdout")
         assert [e.scores for e in finalists] == [local.worker.evaluate(r, "holdout").scores for r in recipes[:2]]
+    finally:
+        executor.close()
+
+
+def test_a_ray_worker_over_two_devices_scores_like_a_local_one_device_worker(tiny_setup: WorkerSetup) -> None:
+    """The placed worker in a Ray actor: the driver's shared store is split there; the scores are the plain ones."""
+    recipes = candidates(tiny_setup)[:3]
+    plain = LocalExecutor(tiny_setup)
+    expected = [plain.worker.evaluate(r) for r in recipes]
+    executor = RayExecutor(dataclasses.replace(tiny_setup, devices=("cpu", "cpu")), RayOptions(workers=1))
+    try:
+        for job, recipe in enumerate(recipes):
+            executor.submit(job, recipe)
+        results: list[JobResult] = []
+        while len(results) < len(recipes):
+            results += executor.results()
+        for result in results:
+            assert result.evaluation is not None, result.error
+            assert result.evaluation.scores == expected[result.job].scores
+        assert "device map: 0:cpu ← embed" in executor.describe()
     finally:
         executor.close()
 

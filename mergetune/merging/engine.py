@@ -10,7 +10,10 @@ Per candidate, the engine
 The store may be float32, bfloat16 or float16 (``ModelSet.storage_dtype``): each chunk is widened to
 float32 before the kernel, so the merge always computes in float32 and writes the recipe's dtype. A
 store that is not on the merge device (host or disk tier, see ``residency.py``) is streamed to it
-chunk by chunk (``ChunkStream``); a device-tier store is read in place.
+chunk by chunk (``ChunkStream``); a device-tier store is read in place. With a ``Placement`` (several
+devices, see ``placement.py``) the store is split into one part per device and each work item merges
+from its part, on its device, into that device's output buffer; without one, the whole store is the
+single part (the same loop).
 
 Kernels run through ``torch.compile`` when it is usable (a C++ compiler on CPU, Triton on CUDA):
 one fused pass per chunk instead of a dozen. ``compile=False`` runs the same functions eagerly.
@@ -29,11 +32,12 @@ from typing import Any
 
 import torch
 
-from mergetune.errors import RecipeError
+from mergetune.errors import MergetuneError, RecipeError
 from mergetune.forward import best_prefix
 from mergetune.merging.context import Layout, MergeContext, item_args
 from mergetune.merging.methods import ChunkMethod, TensorMethod, check_recipe, get_method, method_options
 from mergetune.merging.modelset import ModelSet
+from mergetune.merging.placement import Placement, StorePart, split_store, whole_store
 from mergetune.merging.streaming import ChunkStream, to_device
 from mergetune.recipe import Recipe, resolve_parameter
 
@@ -66,9 +70,12 @@ class Merger:
         compile: bool | None = None,
         chunk_size: int = DEFAULT_CHUNK,
         naive: bool = False,
+        placement: Placement | None = None,
     ) -> None:
+        """``placement``: layer groups on several devices; the store is copied into one part per device."""
         self.modelset = modelset
         self.device = modelset.merge_device
+        self._placed = None if placement is None else split_store(modelset, placement)
         self.compile = compile_available(self.device) if compile is None else compile
         self.chunk_size = chunk_size
         self.naive = naive
@@ -80,7 +87,7 @@ class Merger:
     def merge(self, recipe: Recipe) -> dict[str, torch.Tensor]:
         """Merge one candidate; returns {tensor name: merged tensor} for every merged tensor."""
         ctx, method = self.context(recipe)
-        out = self.output_buffer(DTYPES[recipe.dtype])
+        out = self.output_buffers(DTYPES[recipe.dtype])
         if isinstance(method, TensorMethod):
             self._run_tensor_method(method, ctx, out)
         else:
@@ -106,13 +113,40 @@ class Merger:
             self._layouts[granularity] = Layout(self.modelset, granularity, self.chunk_size, self.naive)
         return self._layouts[granularity]
 
-    def output_buffer(self, dtype: torch.dtype) -> torch.Tensor:
+    def parts(self) -> list[StorePart]:
+        """Where the store is merged from: one part per device of the placement, else the whole store."""
+        return self._placed if self._placed is not None else [whole_store(self.modelset)]
+
+    def output_buffers(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """One merge buffer per part, on its device (one buffer without a placement)."""
         if dtype not in self._out:
-            self._out[dtype] = torch.empty(self.modelset.numel, dtype=dtype, device=self.device)
+            self._out[dtype] = [torch.empty(p.numel, dtype=dtype, device=p.device) for p in self.parts()]
         return self._out[dtype]
 
-    def views(self, out: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {s.name: out[s.offset : s.end].view(s.shape) for s in self.modelset.segments}
+    def output_buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        """The merge buffer, flat in the store's layout: for callers that need one tensor (gradient tuning)."""
+        buffers = self.output_buffers(dtype)
+        if len(buffers) != 1:
+            raise MergetuneError(
+                "this feature needs the merged model in one buffer; it is not available with several devices "
+                "(resources.devices): run it on one device"
+            )
+        return buffers[0]
+
+    def copy_output(self, source: torch.dtype, target: torch.dtype) -> None:
+        """Copy the merge of dtype ``source`` into the buffers of dtype ``target`` (e.g. bf16 -> the bound float32)."""
+        for dest, src in zip(self.output_buffers(target), self.output_buffers(source), strict=True):
+            dest.copy_(src)
+
+    def views(self, buffers: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each merged tensor as a view of the buffer of the part that holds it (one tensor: the only part's)."""
+        buffers = [buffers] if isinstance(buffers, torch.Tensor) else buffers
+        parts, out = self.parts(), {}
+        for i, seg in enumerate(self.modelset.segments):
+            part, buffer = next((p, b) for p, b in zip(parts, buffers, strict=True) if p.holds(i))
+            start = part.start(i, seg)
+            out[seg.name] = buffer[start : start + seg.numel].view(seg.shape)
+        return out
 
     def bind(self, module: torch.nn.Module, dtype: str = "float32") -> None:
         """Point the module's merged parameters at the output buffer (no copy per candidate).
@@ -120,7 +154,7 @@ class Merger:
         The module may wrap the base (a task model's ``bert.`` prefix is matched). Every merged
         tensor must find its parameter: binding half a model would evaluate unmerged weights.
         """
-        views = self.views(self.output_buffer(DTYPES[dtype]))
+        views = self.views(self.output_buffers(DTYPES[dtype]))
         params = dict(module.named_parameters())
         prefix = best_prefix(params, views)
         unbound = [n for n in views if prefix + n not in params]
@@ -141,7 +175,7 @@ class Merger:
     def extra_bytes(self) -> int:
         """Memory held by precomputed statistics and output buffers, beyond the ModelSet."""
         stats = sum(layout.stats.extra_bytes() for layout in self._layouts.values())
-        return stats + sum(b.numel() * b.element_size() for b in self._out.values())
+        return stats + sum(b.numel() * b.element_size() for bs in self._out.values() for b in bs)
 
     # ---- internals -------------------------------------------------------------------------------
     def _check_tasks(self, recipe: Recipe) -> None:
@@ -165,29 +199,37 @@ class Merger:
             self._kernels[method.name] = fn
         return self._kernels[method.name]
 
-    def _run_chunk_method(self, method: ChunkMethod, ctx: MergeContext, out: torch.Tensor) -> None:
+    def _run_chunk_method(self, method: ChunkMethod, ctx: MergeContext, out: list[torch.Tensor]) -> None:
         prepared = method.prepare(ctx)
         kernel = self._kernel(method)
-        # the args were prepared beside the store; the kernels run on the merge device
-        row_args = to_device(prepared.row_args, self.device)
-        element_args = to_device(prepared.element_args, self.device)
-        items = ctx.layout.items
-        args_per_item = item_args(items, row_args, element_args, to_device(prepared.static, self.device))
-        ms, T = self.modelset, self.modelset.n_tasks
-        stream = ChunkStream(ms.tau, ms.base_flat, items, self.device)
-        with torch.inference_mode():
-            for (it, args), (tau, base) in zip(args_per_item, stream, strict=True):
-                R, L = it.rows, it.row_length
-                merged = kernel(tau.view(T, R, L), base.view(R, L), **args)
-                out[it.start : it.stop].copy_(merged.reshape(-1))
+        parts, segments, T = self.parts(), self.modelset.segments, self.modelset.n_tasks
+        for part, buffer in zip(parts, out, strict=True):
+            # the args were prepared beside the store; the kernels run on the part's device. Per-entry args
+            # go whole to a lone part's device, else item by item (each device gets only its slices)
+            row_args = to_device(prepared.row_args, part.device)
+            whole = len(parts) == 1
+            element_args = to_device(prepared.element_args, part.device) if whole else prepared.element_args
+            items = [it for it in ctx.layout.items if part.holds(it.segment)]
+            args_per_item = item_args(items, row_args, element_args, to_device(prepared.static, part.device))
+            local = [part.local(it, segments[it.segment]) for it in items]
+            stream = ChunkStream(part.tau, part.base, local, part.device)
+            with torch.inference_mode():
+                for (it, args), here, (tau, base) in zip(args_per_item, local, stream, strict=True):
+                    R, L = it.rows, it.row_length
+                    args = args if whole else to_device(args, part.device)
+                    merged = kernel(tau.view(T, R, L), base.view(R, L), **args)
+                    buffer[here.start : here.stop].copy_(merged.reshape(-1))
 
-    def _run_tensor_method(self, method: TensorMethod, ctx: MergeContext, out: torch.Tensor) -> None:
-        base = self.modelset.base_flat
+    def _run_tensor_method(self, method: TensorMethod, ctx: MergeContext, out: list[torch.Tensor]) -> None:
+        parts = self.parts()
         with torch.inference_mode():
             for i, seg in enumerate(self.modelset.segments):
-                delta = method.merge_tensor(ctx, i).reshape(-1).to(self.device)
-                b = base[seg.offset : seg.end].to(self.device, torch.float32)
-                out[seg.offset : seg.end].copy_(b + delta)
+                part, buffer = next((p, b) for p, b in zip(parts, out, strict=True) if p.holds(i))
+                start = part.start(i, seg)
+                # a whole-tensor method (SVD, ...) computes from the ModelSet's store; its result goes to the part
+                delta = method.merge_tensor(ctx, i).reshape(-1).to(part.device)
+                b = part.base[start : start + seg.numel].to(part.device, torch.float32)
+                buffer[start : start + seg.numel].copy_(b + delta)
 
 
 def _with_base(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -222,7 +222,8 @@ class ResourcesConfig(_Section):
 
     The store is chosen into a tier: on the merge device when it fits ``device_memory`` (on a CPU: ``memory``),
     else in host memory when it fits ``memory`` (streamed to the device chunk by chunk), else memory-mapped from a
-    file written once under ``disk_dir`` (default: the run folder's ``cache/store``).
+    file written once under ``disk_dir`` (default: the run folder's ``cache/store``). With ``devices`` the layer
+    groups are split over several devices (``mergetune.merging.placement``) and ``device_memory`` is per device.
     """
 
     storage_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -232,10 +233,31 @@ class ResourcesConfig(_Section):
     )
     memory: int | str | None = Field(None, description="Host memory the store may take: bytes or e.g. '24GB'.")
     device_memory: int | str | None = Field(
-        None, description="Memory of the merge device (an accelerator) the store may take: bytes or e.g. '80GB'."
+        None,
+        description="Memory of the merge device (an accelerator) the store may take: bytes or e.g. '80GB'; "
+        "with devices, per device.",
     )
     tier: Literal["device", "host", "disk"] | None = Field(None, description="Force a tier (default: by the budgets).")
     disk_dir: str | None = Field(None, description="Folder of a disk-tier store file (local disk; default: run cache).")
+    devices: list[str] | Literal["auto"] | None = Field(
+        None,
+        description="Several devices in one worker: layer groups split over these (e.g. [cuda:0, cuda:1]; 'auto': "
+        "every visible accelerator); each group merged and evaluated where it lives; device_memory is per device. "
+        "Default: one device (evaluation.device). Checked on CPU only ([cpu, cpu]).",
+    )
+    device_map: Literal["auto", "balanced"] | dict[str, str | int] = Field(
+        "auto",
+        description="With devices: 'auto'/'balanced' (contiguous groups, the largest part as small as possible) or "
+        "{layer group or module prefix: device name or position in devices} (accelerate's convention).",
+    )
+
+    @model_validator(mode="after")
+    def _map_needs_devices(self) -> ResourcesConfig:
+        if self.devices is None and isinstance(self.device_map, dict):
+            raise ValueError("resources.device_map applies with resources.devices; list the devices it maps to")
+        if isinstance(self.devices, list) and not self.devices:
+            raise ValueError("resources.devices: the list is empty; omit it for one device")
+        return self
 
     @field_validator("memory", "device_memory")
     @classmethod
@@ -305,6 +327,27 @@ class SearchConfig(_Section):
             if task.seed >= SEED_LIMIT:  # numpy's split generator refuses it, after the models are loaded
                 raise ValueError(f"task '{task.name}': seed {task.seed} must be below 2**32")
         return tasks
+
+    @model_validator(mode="after")
+    def _devices_match(self) -> SearchConfig:
+        """resources.devices are of evaluation.device's kind; a Ray worker gets as many GPUs as it spreads over."""
+        devices, kind = self.resources.devices, self.evaluation.device.split(":")[0]
+        if devices is None:
+            return self
+        if devices == "auto" and kind == "cpu":
+            raise ValueError("resources.devices: auto takes every accelerator; set evaluation.device (e.g. cuda) too")
+        other = [d for d in (devices if isinstance(devices, list) else []) if d.split(":")[0] != kind]
+        if other:
+            raise ValueError(f"resources.devices {other} are not of the kind of evaluation.device {kind}")
+        gpus = self.execution.gpus_per_worker
+        if self.execution.executor == "ray" and kind == "cuda":
+            if devices == "auto" and gpus is None:
+                raise ValueError("resources.devices: auto under Ray needs execution.gpus_per_worker (GPUs per worker)")
+            if isinstance(devices, list) and gpus is not None and gpus < len(devices):
+                raise ValueError(
+                    f"execution.gpus_per_worker {gpus:g} is fewer than the {len(devices)} resources.devices of a worker"
+                )
+        return self
 
     @model_validator(mode="after")
     def _tasks_given(self) -> SearchConfig:

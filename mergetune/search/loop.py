@@ -191,8 +191,15 @@ def worker_setup(config: SearchConfig, models: ResolvedModels) -> WorkerSetup:
         device_memory=config.resources.device_memory_bytes,
         store_dir=str(Path(config.resources.disk_dir or config.output_dir / "cache" / "store").resolve()),
         tier=config.resources.tier,
+        devices=_devices(config.resources.devices),
+        device_map=config.resources.device_map,
         fidelity=fidelity_settings(config),
     )
+
+
+def _devices(devices: list[str] | str | None) -> tuple[str, ...] | str | None:
+    """resources.devices as the worker setup keeps them (a tuple: the setup is frozen and hashable)."""
+    return tuple(devices) if isinstance(devices, list) else devices
 
 
 def ray_executor(config: SearchConfig, setup: WorkerSetup) -> Executor:

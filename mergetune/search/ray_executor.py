@@ -79,7 +79,7 @@ class RayOptions:
 
     address: str | None = None  # None: a local runtime; "auto" / "HOST:PORT" / "ray://HOST:PORT": join
     workers: int | None = None  # None: one per GPU, else one per `threads` CPUs of the cluster
-    gpus_per_worker: float | None = None  # None: 1 when evaluating on cuda, else 0
+    gpus_per_worker: float | None = None  # None: one per device (resources.devices) on cuda, else 0
     max_attempts: int = 3  # tries of a candidate whose worker died, in all
     share_modelset: bool = True  # load base + task vectors once, share them through the object store
     num_cpus: int | None = None  # CPUs of a local runtime (default: all)
@@ -208,9 +208,13 @@ class RayExecutor:
             )
 
     def _gpus_per_worker(self) -> float:
+        """GPUs reserved per actor: all of a worker's devices go to one actor, so Ray gives them together on one node
+        (an actor is one process) and makes them its visible cuda:0..k-1 (what resources.devices then name)."""
         if self.options.gpus_per_worker is not None:
             return self.options.gpus_per_worker
-        return 1.0 if self.setup.device.startswith("cuda") else 0.0
+        if not self.setup.device.startswith("cuda"):
+            return 0.0
+        return float(len(self.setup.devices)) if isinstance(self.setup.devices, tuple) else 1.0
 
     def _per_worker(self) -> str:
         return f"{self.setup.threads} CPU" + (f" + {self._gpus:g} GPU" if self._gpus else "") + " per worker"

@@ -32,6 +32,7 @@ from mergetune.errors import MergetuneError
 from mergetune.merging.engine import DTYPES, Merger
 from mergetune.merging.methods import get_method
 from mergetune.merging.modelset import STORAGE_DTYPES, ModelSet
+from mergetune.merging.placement import Placement, dispatch, group_store_bytes, plan_placement, resolve_devices
 from mergetune.merging.residency import MemoryBudget
 from mergetune.objectives.experts import load_for_expert
 from mergetune.objectives.models import load_task_model
@@ -68,6 +69,8 @@ class WorkerSetup:
     device_memory: int | None = None  # bytes of the merge device's memory the store may take
     store_dir: str | None = None  # where a disk-tier store file is written
     tier: str | None = None  # a tier forced by the config (resources.tier); None: chosen from the budgets
+    devices: tuple[str, ...] | str | None = None  # several devices in one worker (resources.devices); None: one
+    device_map: str | dict[str, str | int] = "auto"  # how layer groups are placed on them (resources.device_map)
     fidelity: FidelitySettings | None = None  # multi-fidelity: search candidates raced on growing slices
 
     @property
@@ -76,11 +79,15 @@ class WorkerSetup:
         return MemoryBudget(self.memory, self.device_memory, self.store_dir, self.tier)  # type: ignore[arg-type]
 
     def load_modelset(self, *, stage_on_host: bool = False) -> ModelSet:
-        """The setup's base and experts, streamed into a store of its dtype in the tier its budget allows."""
+        """The setup's base and experts, streamed into a store of its dtype in the tier its budget allows.
+
+        With several devices the store is filled on the host (in memory, or on disk past ``memory``): the
+        worker copies each layer group to its device and computes the candidate-independent statistics here.
+        """
         return ModelSet.load(
             self.base,
             list(self.experts.items()),
-            device=self.device,
+            device=self.device if self.devices is None else "cpu",
             storage_dtype=STORAGE_DTYPES[self.storage_dtype],
             budget=self.budget,
             stage_on_host=stage_on_host,
@@ -91,6 +98,19 @@ class WorkerSetup:
     def tokenizer_mismatch(self) -> Literal["error", "warn"]:
         """What ModelSet does when an expert's tokenizer differs from the base's."""
         return "warn" if self.allow_tokenizer_mismatch else "error"
+
+    def placement(self, modelset: ModelSet) -> Placement | None:
+        """Which device holds each layer group of ``modelset`` (None: one device, no placement)."""
+        if self.devices is None:
+            return None
+        groups = modelset.layer_groups(1)
+        return plan_placement(
+            group_store_bytes(modelset, groups),
+            resolve_devices(self.devices),
+            self.device_map,
+            self.device_memory,
+            {g: groups.members(g) for g in groups.names},
+        )
 
     def expert_of(self, task: TaskConfig) -> str | None:
         """The task's expert: its ``expert``, else the expert of its name (setups from older versions), else None."""
@@ -122,8 +142,10 @@ class Worker:
             modelset = setup.load_modelset()
         elif modelset.task_names != list(setup.experts):
             raise MergetuneError(f"the given ModelSet holds tasks {modelset.task_names}, not {list(setup.experts)}")
-        self.modelset = modelset.placed(setup.device)
-        self.merger = Merger(self.modelset, compile=setup.compile)
+        self.placement = setup.placement(modelset)
+        # several devices: the store stays on the host, the merger copies each group to its device
+        self.modelset = modelset.placed(setup.device) if self.placement is None else modelset
+        self.merger = Merger(self.modelset, compile=setup.compile, placement=self.placement)
         self.tokenizer = setup_tokenizer(setup)
         self.models = self._task_models(tasks)
         self._suites: dict[str, ValidationSuite] = {}
@@ -134,13 +156,8 @@ class Worker:
         experts = self.setup.task_experts()
         models = {}
         for task in tasks:
-            model = load_task_model(
-                task,
-                experts.get(task.name, self.setup.base),
-                trust_remote_code=self.setup.trust_remote_code,
-                device=self.setup.device,
-            )
-            self.merger.bind(model)
+            model = self._load_model(task, experts.get(task.name, self.setup.base))
+            self.merger.bind(model)  # after the dispatch: it moves weights, binding must not be undone
             models[task.name] = model
         return models
 
@@ -161,8 +178,16 @@ class Worker:
             self._suites[split] = suite
         return self._suites[split]
 
+    def _load_model(self, task: TaskData, folder: str | os.PathLike[str]) -> torch.nn.Module:
+        """A task's model on the worker's device, or dispatched along its placement (activations move, not weights)."""
+        trust = self.setup.trust_remote_code
+        if self.placement is None:
+            return load_task_model(task, folder, trust_remote_code=trust, device=self.setup.device)
+        model = load_task_model(task, folder, trust_remote_code=trust, device="cpu")
+        return dispatch(model, self.placement, self.modelset.layer_groups(1))
+
     def _load_expert(self, task: TaskData, folder: str | os.PathLike[str]) -> torch.nn.Module:
-        return load_task_model(task, folder, trust_remote_code=self.setup.trust_remote_code, device=self.setup.device)
+        return self._load_model(task, folder)
 
     def evaluate(
         self, recipe: Recipe | Mapping[str, Any], split: Split = "search", incumbent: Incumbent | None = None
@@ -177,12 +202,13 @@ class Worker:
         recipe = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
         self._check_storage(recipe)
         if get_method(recipe.method).dynamic:
+            self._one_device("dynamic (Twin-Merging) recipes")
             run = self.dynamic.run(recipe, self.suite(split))
             return run.annotate(evaluation_from_scores(run.scores, run.build_seconds, run.eval_seconds, self.name))
         start = time.perf_counter()
         self.merger.merge(recipe)
         if recipe.dtype != "float32":  # the task models are bound to the float32 buffer: give them these weights
-            self.merger.output_buffer(torch.float32).copy_(self.merger.output_buffer(DTYPES[recipe.dtype]))
+            self.merger.copy_output(DTYPES[recipe.dtype], torch.float32)
         merged = time.perf_counter()
         suite = self.suite(split)
         if split == "search" and self.setup.fidelity is not None:
@@ -201,10 +227,15 @@ class Worker:
                 f"({self.modelset.storage_dtype}); set resources.storage_dtype: {recipe.storage_dtype}"
             )
 
+    def _one_device(self, what: str) -> None:
+        if self.placement is not None:
+            raise MergetuneError(f"{what} run on one device; remove resources.devices to use them")
+
     @property
     def residency(self) -> str:
-        """Where this worker's store is (tier, size, why), for the search's report."""
-        return self.modelset.residency.describe()
+        """Where this worker's store is (tier, size, why) and, with several devices, its device map."""
+        where = self.modelset.residency.describe()
+        return where if self.placement is None else f"{where}; {self.placement.describe()}"
 
     @functools.cached_property
     def dynamic(self) -> DynamicRunner:
@@ -221,6 +252,7 @@ class Worker:
 
     def tune(self, recipe: Recipe, settings: GradientSettings, tasks: list[str] | None = None) -> TunedWeights:
         """Tune the recipe's λ by gradient descent on the search split (``search.gradient``)."""
+        self._one_device("gradient tuning")
         return WeightTuner(self.merger, self.models, self.suite("search")).tune(recipe, settings, tasks)
 
     def ping(self) -> str:
