@@ -5,13 +5,16 @@ Splitting a (context, continuation) pair into tokens follows lm-evaluation-harne
 computes the vocabulary logits only at the positions a score needs (a causal LM's logits over a
 50k vocabulary are most of a forward's memory); :func:`attention_bias` turns a per-row
 ``[L, L]`` "may attend" matrix into the 4-D mask the model's attention implementation takes, for
-sequences that pack several continuations behind one shared context.
+sequences that pack several continuations behind one shared context. A prefix that every sequence
+shares is run once (:func:`prefix_cache`) and continued by a batch of rows through broadcast views
+of its KV cache (:func:`expanded_cache`); :func:`token_logprobs` takes log-probabilities as logit
+minus logsumexp, once per position however many targets it predicts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from copy import deepcopy
+from copy import copy, deepcopy
 from typing import Any
 
 import torch
@@ -112,13 +115,19 @@ def logits_at(model: nn.Module, inputs: Inputs, positions: torch.Tensor, cache: 
     return torch.take_along_dim(logits, positions.unsqueeze(-1), dim=1)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log p(target)`` in float32 from ``[..., V]`` logits: the target's logit minus the row's logsumexp.
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` float32 ``log p(target)``: the target's logit minus its position's logsumexp over the vocabulary.
 
-    Equal to gathering from ``log_softmax`` without writing a second ``[..., V]`` tensor.
+    ``logits`` is ``[B, U, V]``; target ``t`` of row ``b`` is predicted at position ``which[b, t]``
+    (default: ``t``, so ``U == T``). Equal to gathering from ``log_softmax`` without writing a second
+    ``[B, U, V]`` tensor, and each position's logsumexp is computed once however many targets it predicts.
     """
     logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    if which is None:
+        which = torch.arange(targets.shape[1], device=targets.device).expand_as(targets)
+    rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
+    normaliser = torch.logsumexp(logits, dim=-1)
+    return logits[rows, which, targets] - normaliser.gather(1, which)
 
 
 #: The names under which Hugging Face causal LMs take a KV cache (transformers 5 renamed it ``cache``).
@@ -153,10 +162,23 @@ def prefix_cache(model: nn.Module, prefix: torch.Tensor) -> Any:
 
 
 def expanded_cache(cache: Any, batch_size: int) -> Any:
-    """A copy of a one-row cache repeated ``batch_size`` times (the copy grows; the prefix's cache does not)."""
-    copy = deepcopy(cache)
-    copy.batch_repeat_interleave(batch_size)
-    return copy
+    """A cache of ``batch_size`` rows that all continue the one-row ``cache``, which stays as it is.
+
+    Transformers' caches keep per-layer ``keys``/``values`` and grow them by concatenation (a new
+    tensor), so the copy's layers hold broadcast views of the prefix's tensors: no prefix data is
+    copied per batch. A cache of another structure is deep-copied and repeated instead.
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers):
+        repeated = deepcopy(cache)
+        repeated.batch_repeat_interleave(batch_size)
+        return repeated
+    out = copy(cache)
+    out.layers = [copy(layer) for layer in layers]
+    for layer in out.layers:
+        layer.keys = layer.keys.expand(batch_size, *layer.keys.shape[1:])
+        layer.values = layer.values.expand(batch_size, *layer.values.shape[1:])
+    return out
 
 
 def attention_bias(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:

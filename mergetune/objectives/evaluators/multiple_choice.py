@@ -174,7 +174,7 @@ class MultipleChoiceEvaluator(SlicedEvaluator):
                 inputs["attention_mask"] = attention_bias(model, batch.extra["allowed"])
             cache = None if shared is None else expanded_cache(shared, len(batch.rows))
             logits = logits_at(model, inputs, batch.extra["positions"], cache)
-            token_logp = token_logprobs(logits, batch.extra["targets"]) * batch.extra["mask"]
+            token_logp = token_logprobs(logits, batch.extra["targets"], batch.extra["which"]) * batch.extra["mask"]
             out.index_add_(0, batch.extra["pairs"].flatten().cpu(), token_logp.flatten().double().cpu())
 
     def per_question(self, loglik: np.ndarray) -> list[np.ndarray]:
@@ -204,9 +204,17 @@ class MultipleChoiceEvaluator(SlicedEvaluator):
 
 
 def _targets_extra(rows: list[tuple[list[int], list[int], list[int]]]) -> dict[str, torch.Tensor]:
-    """Per row (positions, target tokens, pair ids) padded to one width: positions, targets, pairs and a mask."""
+    """Per row (prediction position of each target, target tokens, pair ids) padded to one width.
+
+    ``positions`` holds each row's distinct prediction positions (the first token of every option is
+    predicted from the same position: its logits are computed once) and ``which`` indexes into them
+    for each target; ``targets``, ``pairs`` and ``mask`` are per target.
+    """
+    distinct = [sorted(set(p)) for p, _, _ in rows]
+    which = [[d.index(x) for x in p] for d, (p, _, _) in zip(distinct, rows, strict=True)]
     return {
-        "positions": pad([p for p, _, _ in rows], 0),
+        "positions": pad(distinct, 0),
+        "which": pad(which, 0),
         "targets": pad([t for _, t, _ in rows], 0),
         "pairs": pad([q for _, _, q in rows], 0),
         "mask": pad([[1] * len(t) for _, t, _ in rows], 0).float(),
