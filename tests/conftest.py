@@ -6,9 +6,10 @@ Every model is a few thousand parameters, built once per test session and saved 
 - ``tiny_bert_dir``: a ``BertModel`` base and ``BertForSequenceClassification`` experts with
   different numbers of labels (the encoder under the ``bert.`` prefix, a per-task classifier);
 - ``tiny_llama_dir``: a ``LlamaForCausalLM`` base and experts of the same class;
-- ``zoo_env``: environment variables pointing at a private cache holding the real tiny zoo
-  (MiniLM experts, built once per session), with kernel compilation off for speed; ``run_cli``
-  and ``trials_by_state`` run ``mergetune`` in a subprocess and read a search's storage back;
+- ``tiny_zoo`` and ``zoo_env``: the real tiny zoo, built once per test run into a cache that both
+  pytest-xdist workers share, and environment variables pointing at that cache with kernel compilation
+  off for speed; ``run_cli`` and ``trials_by_state`` run ``mergetune`` in a subprocess and read a
+  search's storage back;
 - ``make_models``, ``make_recipe`` and ``merge``: in-memory state dicts, recipes over them and
   their merge, shared by the merge-method tests (import them with ``from conftest import ...``).
 
@@ -32,12 +33,13 @@ import optuna
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 from optuna.trial import TrialState
 
 from mergetune.merging.engine import Merger
 from mergetune.merging.methods import parse_recipe
 from mergetune.merging.modelset import ModelSet
-from mergetune.objectives.zoo import build_zoo
+from mergetune.objectives.zoo import Zoo, build_zoo
 from mergetune.recipe import Recipe
 from mergetune.search.config import SearchConfig
 from mergetune.search.loop import resolve_models, worker_setup
@@ -157,10 +159,41 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDirs:
     return build_llama_models(tmp_path_factory.mktemp("tiny_llama"))
 
 
+def run_wide_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder shared by every pytest-xdist worker of this run (``<basetemp>/<name>``), private to the run.
+
+    Each worker's ``tmp_path_factory`` lives under ``<basetemp>/popen-gwN``; one level up is the run's
+    own base folder, so what is built there once serves both workers instead of being built per worker.
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def built_once(cache: Path, zoo: str) -> Zoo:
+    """``build_zoo(zoo)`` into ``cache``, trained by whichever worker takes the lock first; the other reads it back.
+
+    Concurrent builds of one zoo are safe without the lock (experts are published by atomic renames) but
+    would train every expert twice on the run's two cores.
+    """
+    with FileLock(cache / f".{zoo}.lock"):
+        return build_zoo(zoo, cache_dir=cache, progress=False)
+
+
 @pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
-    """The real tiny zoo (3 experts of a random 2-layer BERT trained on real corpora), built once in a private cache."""
-    return build_zoo("tiny", cache_dir=tmp_path_factory.mktemp("zoo-cache"), progress=False)
+def shared_zoo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's zoo cache holding the real tiny zoo, shared by every worker (it is only read, never changed)."""
+    cache = run_wide_folder(tmp_path_factory, "zoo-cache")
+    built_once(cache, "tiny")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(shared_zoo_cache: Path) -> Zoo:
+    """The real tiny zoo (3 experts of a random 2-layer BERT trained on real corpora), from the run's zoo cache."""
+    return built_once(shared_zoo_cache, "tiny")
 
 
 @pytest.fixture
@@ -180,11 +213,9 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def zoo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment with a private zoo cache holding the tiny zoo (built once, seconds)."""
-    cache = tmp_path_factory.mktemp("cache")
-    build_zoo("tiny", cache_dir=cache, progress=False)
-    return {"MERGETUNE_CACHE": str(cache), "MERGETUNE_COMPILE": "0"}
+def zoo_env(shared_zoo_cache: Path) -> dict[str, str]:
+    """Environment pointing at the run's zoo cache (the tiny zoo built), with kernel compilation off."""
+    return {"MERGETUNE_CACHE": str(shared_zoo_cache), "MERGETUNE_COMPILE": "0"}
 
 
 def write_search_config(path: Path, **overrides: Any) -> Path:

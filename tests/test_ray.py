@@ -113,7 +113,7 @@ def test_cli_search_on_a_local_ray_runtime_leaves_no_process_behind(tmp_path: Pa
 
 
 def test_a_killed_ray_driver_resumes_from_storage(tmp_path: Path, zoo_env: dict[str, str]) -> None:
-    budget = 24
+    budget = 12  # killed after 4 results, two workers: 8 candidates are left for the resumed driver
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(search_config(tmp_path, budget={"candidates": budget})))
     args = ["search", str(path), "--executor", "ray", "--workers", "2"]
