@@ -37,11 +37,20 @@ skipped (its results are read back); an unfinished one is resumed (the search lo
 its storage). ``benchmark.json`` in each folder records the settings and the wall time; a folder
 holding another zoo or seed is refused rather than mixed.
 
+Several seeds (``--seeds 0,1,2``; each seed in ``<out>/seed<N>/``, resumable like one): the results
+add a protocol × seed table of test scores, the mean ± sd over seeds of the held-out and test scores
+and of the cost to the chosen recipe (candidates, merge + evaluation time, and validation examples
+where racing counted them, spent up to the trial that was chosen), and a paired bootstrap between
+the default and the best peer (highest mean test): per seed, the difference of the two chosen
+recipes' mean normalised test score, resampling each task's test examples with the same indices
+for both (``test_examples.json``, written by finalisation), with its 95% interval.
+
 The table is printed and written to ``benchmarks/results/search_quality.md`` (for another zoo:
 ``search_quality-<zoo>.md``) with the zoo, the budget, the seed and the date.
 
 Run from the repository root (the zoo cache is ``.cache/`` unless ``$MERGETUNE_CACHE``):
     python benchmarks/search_quality.py [--zoo text8] [--budget 100] [--protocols default,grid] [--seed 0]
+    python benchmarks/search_quality.py --budget 50 --seeds 0,1,2 --protocols default,ngopt_pcb,random
 Evaluation under bf16 autocast (the session-sized run; the setting is part of the stamp):
     python benchmarks/search_quality.py --autocast bfloat16
 Smoke run (seconds per candidate): MERGETUNE_COMPILE=0 python benchmarks/search_quality.py --zoo tiny --budget 12
