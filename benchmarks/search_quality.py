@@ -17,6 +17,8 @@ default space come from ``configs/text8.yaml`` whatever the zoo (only ``models.z
 - ``cmaes_ties``: the mergekit-evolve protocol: pycma CMA-ES over one weight and one density per
   layer group (``per: group`` for both, no anchors) for TIES.
 - ``random``: random search over the default space.
+- ``default_per_task``: the candidate default: TPE over the default methods with one λ per task and
+  one shared density (no depth anchors, granularity unused), i.e. the size of the PCB+ES space.
 
 Warm starts (the papers' default recipe of each method) are on for every protocol except
 ``grid``, as in the default config; they count against the budget.
@@ -141,6 +143,13 @@ def _pymoo_ga_ties(base: dict[str, Any], budget: int) -> dict[str, Any]:
     return base
 
 
+def _default_per_task(base: dict[str, Any], budget: int) -> dict[str, Any]:
+    """The candidate default (issue 15 item 2): TPE over the default methods with one λ per task and
+    one shared density, the low-dimensional space that generalised in the PCB+ES protocol."""
+    base["space"] = {**base["space"], "weight": {"per": "task"}, "density": {"per": "shared"}}
+    return base
+
+
 def _random(base: dict[str, Any], budget: int) -> dict[str, Any]:
     base["optimizer"] = {"name": "random"}
     return base
@@ -153,6 +162,7 @@ PROTOCOLS: dict[str, tuple[str, Callable[[dict[str, Any], int], dict[str, Any]]]
     "cmaes_ties": ("CMA-ES: TIES, per-group λ + density", _cmaes_ties),
     "pymoo_ga_ties": ("pymoo GA: TIES, per-task λ + density (Mergenetic)", _pymoo_ga_ties),
     "random": ("random, default space", _random),
+    "default_per_task": ("TPE, default methods, λ per task + shared density (candidate default)", _default_per_task),
 }
 
 
