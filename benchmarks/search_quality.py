@@ -17,6 +17,8 @@ default space come from ``configs/text8.yaml`` whatever the zoo (only ``models.z
 - ``cmaes_ties``: the mergekit-evolve protocol: pycma CMA-ES over one weight and one density per
   layer group (``per: group`` for both, no anchors) for TIES.
 - ``random``: random search over the default space.
+- ``default_per_task``: the candidate default: TPE over the default methods with one λ per task and
+  one shared density (no depth anchors, granularity unused), i.e. the size of the PCB+ES space.
 
 Warm starts (the papers' default recipe of each method) are on for every protocol except
 ``grid``, as in the default config; they count against the budget.
@@ -37,11 +39,20 @@ skipped (its results are read back); an unfinished one is resumed (the search lo
 its storage). ``benchmark.json`` in each folder records the settings and the wall time; a folder
 holding another zoo or seed is refused rather than mixed.
 
+Several seeds (``--seeds 0,1,2``; each seed in ``<out>/seed<N>/``, resumable like one): the results
+add a protocol × seed table of test scores, the mean ± sd over seeds of the held-out and test scores
+and of the cost to the chosen recipe (candidates, merge + evaluation time, and validation examples
+where racing counted them, spent up to the trial that was chosen), and a paired bootstrap between
+the default and the best peer (highest mean test): per seed, the difference of the two chosen
+recipes' mean normalised test score, resampling each task's test examples with the same indices
+for both (``test_examples.json``, written by finalisation), with its 95% interval.
+
 The table is printed and written to ``benchmarks/results/search_quality.md`` (for another zoo:
 ``search_quality-<zoo>.md``) with the zoo, the budget, the seed and the date.
 
 Run from the repository root (the zoo cache is ``.cache/`` unless ``$MERGETUNE_CACHE``):
     python benchmarks/search_quality.py [--zoo text8] [--budget 100] [--protocols default,grid] [--seed 0]
+    python benchmarks/search_quality.py --budget 50 --seeds 0,1,2 --protocols default,ngopt_pcb,random
 Evaluation under bf16 autocast (the session-sized run; the setting is part of the stamp):
     python benchmarks/search_quality.py --autocast bfloat16
 Smoke run (seconds per candidate): MERGETUNE_COMPILE=0 python benchmarks/search_quality.py --zoo tiny --budget 12
@@ -61,6 +72,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 
@@ -131,6 +143,13 @@ def _pymoo_ga_ties(base: dict[str, Any], budget: int) -> dict[str, Any]:
     return base
 
 
+def _default_per_task(base: dict[str, Any], budget: int) -> dict[str, Any]:
+    """The candidate default (issue 15 item 2): TPE over the default methods with one λ per task and
+    one shared density, the low-dimensional space that generalised in the PCB+ES protocol."""
+    base["space"] = {**base["space"], "weight": {"per": "task"}, "density": {"per": "shared"}}
+    return base
+
+
 def _random(base: dict[str, Any], budget: int) -> dict[str, Any]:
     base["optimizer"] = {"name": "random"}
     return base
@@ -143,6 +162,7 @@ PROTOCOLS: dict[str, tuple[str, Callable[[dict[str, Any], int], dict[str, Any]]]
     "cmaes_ties": ("CMA-ES: TIES, per-group λ + density", _cmaes_ties),
     "pymoo_ga_ties": ("pymoo GA: TIES, per-task λ + density (Mergenetic)", _pymoo_ga_ties),
     "random": ("random, default space", _random),
+    "default_per_task": ("TPE, default methods, λ per task + shared density (candidate default)", _default_per_task),
 }
 
 
@@ -256,12 +276,161 @@ def row_of(protocol: str, result: dict[str, Any], folder: Path) -> dict[str, Any
         "to99": needed,
         "overhead": meta.get("overhead_fraction"),
         "wall_s": result.get("wall_s"),
+        **cost_to_chosen(candidates, chosen_number(summary)),
+        "summary": summary,
     }
+
+
+# ---- statistics over seeds ----------------------------------------------------------------------
+TEST_EXAMPLES = "test_examples.json"  # the chosen recipe's per-example test outcomes (search.finalize)
+RESAMPLES = 2000
+
+
+def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1) of the finite values; sd None under two values."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None, None
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else None
+
+
+def paired_bootstrap(
+    a: dict[str, Sequence[float]],
+    b: dict[str, Sequence[float]],
+    scale: dict[str, float],
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(observed, 2.5%, 97.5%) of mean normalised score a − b over a bootstrap of the test examples.
+
+    Each resample draws every task's examples with replacement, the same indices for both runs (a
+    paired comparison: both chosen recipes scored the same examples); the task difference is
+    ``scale[task]`` × (mean of a − mean of b) on those examples, then averaged over tasks, as the mean
+    normalised score is. ``scale`` is the task's normalisation slope (1 / expert score for
+    ``merged / expert``).
+    """
+    tasks = sorted(scale)
+    rng = np.random.default_rng(seed)
+    observed, draws = 0.0, np.zeros(resamples)
+    for task in tasks:
+        x, y = np.asarray(a[task], dtype=float), np.asarray(b[task], dtype=float)
+        if x.shape != y.shape:
+            raise ValueError(f"task {task}: {x.size} vs {y.size} test examples; the runs scored different test sets")
+        diff = scale[task] * (x - y)
+        observed += diff.mean() / len(tasks)
+        idx = rng.integers(0, diff.size, size=(resamples, diff.size))
+        draws += diff[idx].mean(axis=1) / len(tasks)
+    low, high = np.quantile(draws, [0.025, 0.975])
+    return float(observed), float(low), float(high)
+
+
+def test_outcomes(folder: Path, summary: dict[str, Any]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """The chosen recipe's per-example test outcomes and each task's normalisation slope (normalised / score)."""
+    path = folder / TEST_EXAMPLES
+    if not path.exists():
+        raise SystemExit(f"{path} missing: the run predates per-example test outcomes; delete {folder} and rerun")
+    examples = json.loads(path.read_text())
+    test = (summary.get("chosen") or {}).get("test") or {}
+    scale = {}
+    for task, value in (test.get("normalized") or {}).items():
+        score = test["scores"][task]
+        if task not in examples or not score:
+            continue  # no per-example values, or a zero score whose slope is undefined: left out of the test
+        if abs(float(np.mean(examples[task])) - score) > 1e-6 * max(1.0, abs(score)):
+            raise SystemExit(f"{path}: task {task}'s per-example mean is not its score {score}; not a mean metric")
+        scale[task] = value / score
+    return examples, scale
+
+
+def cost_to_chosen(candidates: Sequence[dict[str, Any]], chosen: int | None) -> dict[str, Any]:
+    """Candidates, evaluation wall time and validation examples spent until the chosen recipe was evaluated.
+
+    The search can report the chosen recipe's test score only once it has evaluated it: what it spent
+    up to that trial (in trial order, interrupted trials left out) is its cost to reach that score.
+    Examples are counted from the fidelity records (racing on); None when a candidate has none.
+    """
+    if chosen is None:
+        return {"cands_to": None, "wall_to": None, "examples_to": None}
+    spent = [
+        c
+        for c in candidates
+        if c["number"] <= chosen and not str(c.get("error") or "").startswith(INTERRUPTED) and c.get("timing")
+    ]
+    examples = [sum(((c.get("fidelity") or {}).get("examples") or {}).values()) or None for c in spent]
+    return {
+        "cands_to": len(spent),
+        "wall_to": sum(c["timing"].get("merge", 0) + c["timing"].get("eval", 0) for c in spent),
+        "examples_to": None if any(e is None for e in examples) else sum(examples),
+    }
+
+
+def chosen_number(summary: dict[str, Any]) -> int | None:
+    return next((f["trial"] for f in summary.get("finalists", []) if f.get("chosen")), None)
+
+
+def seed_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per protocol, mean ± sd over seeds of held-out and test scores and of the cost to the chosen recipe."""
+    out = []
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        mine = [r for r in rows if r["protocol"] == protocol]
+        entry: dict[str, Any] = {"protocol": protocol, "seeds": len(mine)}
+        for key in ("heldout", "test", "cands_to", "wall_to", "examples_to"):
+            entry[key] = mean_sd([r.get(key) for r in mine])
+        out.append(entry)
+    return out
+
+
+def best_peer(summary: Sequence[dict[str, Any]], default: str = "default") -> str | None:
+    """The protocol other than ``default`` with the highest mean test score over seeds."""
+    peers = [s for s in summary if s["protocol"] != default and s["test"][0] is not None]
+    return max(peers, key=lambda s: s["test"][0])["protocol"] if peers else None
+
+
+def pm(value: tuple[float | None, float | None], digits: int = 4) -> str:
+    mean, sd = value
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def statistics_lines(rows: Sequence[dict[str, Any]], folders: dict[tuple[str, int], Path]) -> list[str]:
+    """Markdown: protocol × seed, mean ± sd, and the paired bootstrap of default against the best peer."""
+    seeds = sorted({r["seed"] for r in rows})
+    by = {(r["protocol"], r["seed"]): r for r in rows}
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    lines = ["## Test score, protocol × seed", "", "| protocol | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
+    lines.append("|---" * (len(seeds) + 1) + "|")
+    for protocol in protocols:
+        cells = [fmt("test", by[(protocol, s)]["test"]) if (protocol, s) in by else "–" for s in seeds]
+        lines.append(f"| {protocol} | " + " | ".join(cells) + " |")
+    summary = seed_summary(rows)
+    lines += ["", "## Mean ± sd over seeds", ""]
+    lines += ["| protocol | seeds | held-out | test | cands to chosen | eval time to chosen | examples to chosen |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(
+            f"| {s['protocol']} | {s['seeds']} | {pm(s['heldout'])} | {pm(s['test'])} | {pm(s['cands_to'], 1)} | "
+            f"{pm(s['wall_to'], 0)} s | {pm(s['examples_to'], 0)} |"
+        )
+    peer = best_peer(summary)
+    if "default" in protocols and peer is not None:
+        lines += ["", f"## Paired bootstrap: default − {peer} (test, {RESAMPLES} resamples of the test examples)", ""]
+        lines += ["| seed | difference | 95% interval | significant |", "|---|---|---|---|"]
+        for seed in seeds:
+            if ("default", seed) not in folders or (peer, seed) not in folders:
+                continue
+            a, scale = test_outcomes(folders[("default", seed)], by[("default", seed)]["summary"])
+            b, _ = test_outcomes(folders[(peer, seed)], by[(peer, seed)]["summary"])
+            diff, low, high = paired_bootstrap(a, b, scale, seed=seed)
+            verdict = "default better" if low > 0 else f"{peer} better" if high < 0 else "no"
+            lines.append(f"| {seed} | {diff:+.4f} | [{low:+.4f}, {high:+.4f}] | {verdict} |")
+    return lines
 
 
 # ---- the table ----------------------------------------------------------------------------------
 COLUMNS = [
     ("protocol", "protocol"),
+    ("seed", "seed"),
     ("method", "chosen"),
     ("search", "search"),
     ("heldout", "held-out"),
@@ -303,9 +472,10 @@ def write_markdown(path: Path, rows: Sequence[dict[str, Any]], args: argparse.Na
     lines = [
         "# Search quality at equal budget",
         "",
-        f"Zoo `{args.zoo}`, budget {args.budget} candidates per protocol, seed {args.seed}, {now}.",
-        f"Command: `python benchmarks/search_quality.py --zoo {args.zoo} --budget {args.budget} --seed {args.seed} "
-        f"--protocols {','.join(r['protocol'] for r in rows)}"
+        f"Zoo `{args.zoo}`, budget {args.budget} candidates per protocol, seed(s) {args.seeds or args.seed}, {now}.",
+        f"Command: `python benchmarks/search_quality.py --zoo {args.zoo} --budget {args.budget} "
+        + (f"--seeds {args.seeds} " if args.seeds else f"--seed {args.seed} ")
+        + f"--protocols {','.join(dict.fromkeys(r['protocol'] for r in rows))}"
         + (f" --autocast {args.autocast}`" if args.autocast else "`"),
         "",
         "Scores are the chosen recipe's mean normalised accuracy (merged / expert, averaged over tasks) on the",
@@ -328,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=100, help="candidates per protocol")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma list of {', '.join(PROTOCOLS)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", default=None, help="comma list of seeds (each in <out>/seed<N>/): adds the statistics over seeds"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default runs/search_quality[-<zoo>]")
     parser.add_argument(
         "--autocast",
@@ -348,23 +521,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     started = time.perf_counter()
-    rows, notes = [], []
-    for protocol in protocols:
-        config = protocol_config(protocol, args.zoo, args.budget, args.seed, out, args.autocast)
-        settings = {
-            "zoo": args.zoo,
-            "budget": args.budget,
-            "seed": args.seed,
-            "config": config.model_dump(mode="json", exclude={"budget"}),
-        }
-        result = run_protocol(protocol, config, settings)
-        rows.append(row_of(protocol, result, config.output_dir))
-        if protocol == "grid":
-            points = config.optimizer.options["points"]
-            notes.append(f"grid: {points} points per axis (the largest grid within the budget).")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    rows, notes, folders = [], [], {}
+    for seed in seeds:
+        for protocol in protocols:
+            where = out / f"seed{seed}" if args.seeds else out
+            config = protocol_config(protocol, args.zoo, args.budget, seed, where, args.autocast)
+            settings = {
+                "zoo": args.zoo,
+                "budget": args.budget,
+                "seed": seed,
+                "config": config.model_dump(mode="json", exclude={"budget"}),
+            }
+            result = run_protocol(protocol, config, settings)
+            rows.append({"seed": seed, **row_of(protocol, result, config.output_dir)})
+            folders[(protocol, seed)] = config.output_dir
+            if protocol == "grid" and seed == seeds[0]:
+                points = config.optimizer.options["points"]
+                notes.append(f"grid: {points} points per axis (the largest grid within the budget).")
     print()
     for line in table_lines(rows, markdown=False):
         print(line)
+    if args.seeds:
+        notes = [*statistics_lines(rows, folders), "", *notes]
+        print("\n".join(notes))
     name = "search_quality.md" if args.zoo == DEFAULT_ZOO else f"search_quality-{args.zoo}.md"
     write_markdown(RESULTS / name, rows, args, notes)
     print(f"\nwritten {RESULTS / name}; total {time.perf_counter() - started:.1f} s")

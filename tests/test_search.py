@@ -94,6 +94,12 @@ def test_search_writes_results_and_improves_on_its_warm_starts(tmp_path: Path, z
     chosen = Recipe.load(run / "chosen" / "recipe.yaml")
     scores = json.loads((run / "chosen" / "scores.json").read_text())
     assert chosen.method in {"task_arithmetic", "ties"} and "test" in json.dumps(scores)
+    # the chosen recipe's per-example test outcomes (for paired comparisons of runs) average to its test scores
+    examples = json.loads((run / "test_examples.json").read_text())
+    test_scores = json.loads((run / "summary.json").read_text())["chosen"]["test"]["scores"]
+    assert set(examples) == set(test_scores)
+    for task, score in test_scores.items():
+        assert sum(examples[task]) / len(examples[task]) == pytest.approx(score), task
     states = trials_by_state(run / "search.journal")
     complete = states[TrialState.COMPLETE]
     assert len(complete) == 14 and TrialState.RUNNING not in states

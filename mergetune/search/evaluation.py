@@ -54,11 +54,13 @@ def evaluation_from_scores(
     worker: str,
     *,
     fidelity: dict[str, Any] | None = None,
+    keep_examples: bool = False,
 ) -> Evaluation:
     """A suite's scores as an Evaluation; a non-finite score is an error (the merged model produced NaN/inf).
 
     With ``fidelity`` (a raced candidate), the evaluation keeps the per-example values of a candidate
-    that was scored in full, so that it can serve as the incumbent of later races.
+    that was scored in full, so that it can serve as the incumbent of later races. ``keep_examples``
+    keeps them whatever the fidelity (the chosen recipe's test outcomes, for paired comparisons of runs).
     """
     bad = [name for name, value in scores.scores.items() if not math.isfinite(value)]
     if bad:
@@ -70,7 +72,9 @@ def evaluation_from_scores(
         merge_seconds=merge_s,
         eval_seconds=eval_s,
         worker=worker,
-        per_example=_per_example(scores) if fidelity is not None and not fidelity.get("stopped") else None,
+        per_example=_per_example(scores)
+        if keep_examples or (fidelity is not None and not fidelity.get("stopped"))
+        else None,
         fidelity=fidelity,
     )
 

@@ -8,11 +8,13 @@
    ``selection.holdout_fraction``), so the choice does not reward overfitting to the search's noise.
 4. Choose: the rule applied to the re-scored results (``pareto.choose``).
 5. Test: the chosen recipe, once, on the held-out test split. Nothing in the search saw it.
-6. Write: ``results.write_results`` (chosen recipe, front recipes, all candidates, summary).
+6. Write: ``results.write_results`` (chosen recipe, front recipes, all candidates, summary), and
+   the chosen recipe's per-example test outcomes (``test_examples.json``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +25,7 @@ from mergetune.errors import MergetuneError
 from mergetune.objectives.normalization import Normalization
 from mergetune.recipe import Recipe
 from mergetune.search import pareto, results
+from mergetune.search.atomic import write_atomic
 from mergetune.search.config import SearchConfig
 from mergetune.search.executor import Executor
 from mergetune.search.normalizations import describe, normalized_tasks, task_normalizations
@@ -73,7 +76,9 @@ def finalize(loop: FinishedSearch) -> dict[str, Any]:
     if config.selection.holdout_fraction > 0:
         rescored = [_scores(e) for e in loop.executor.score(recipes, "holdout")]
     chosen = pareto.choose(finalists, [r["normalized"] for r in rescored] if rescored else None, config.selection.rule)
-    test = _scores(loop.executor.score([recipes[chosen]], "test")[0])
+    test_evaluation = loop.executor.score([recipes[chosen]], "test")[0]
+    test = _scores(test_evaluation)
+    _write_test_examples(loop.out, test_evaluation)
     meta = {
         "name": config.name,
         "optimizer": loop.optimizer.describe(),
@@ -102,6 +107,19 @@ def finalize(loop: FinishedSearch) -> dict[str, Any]:
         test_scores=test,
         meta=meta,
     )
+
+
+TEST_EXAMPLES = "test_examples.json"
+
+
+def _write_test_examples(out: Path, ev: Evaluation) -> None:
+    """The chosen recipe's per-example test outcomes, {task: [value per example, row order]}.
+
+    What a paired comparison of two runs on the same test examples needs (a bootstrap over examples:
+    ``benchmarks/search_quality.py``); tasks whose evaluator has no per-example values are left out.
+    """
+    if ev.per_example:
+        write_atomic(out / TEST_EXAMPLES, json.dumps(ev.per_example))
 
 
 def _fidelity(loop: FinishedSearch, records: list[TrialRecord]) -> dict[str, Any]:

@@ -217,7 +217,10 @@ class Worker:
         else:
             scores, fidelity = suite.score(self.models), None
         done = time.perf_counter()
-        return evaluation_from_scores(scores, merged - start, done - merged, self.name, fidelity=fidelity)
+        # test: each example's outcome is kept, so that two runs' chosen recipes can be compared paired
+        return evaluation_from_scores(
+            scores, merged - start, done - merged, self.name, fidelity=fidelity, keep_examples=split == "test"
+        )
 
     def _check_storage(self, recipe: Recipe) -> None:
         """A recipe records the store's dtype: scoring it on another store would score other weights."""
