@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import shutil
 import statistics
@@ -77,6 +78,7 @@ ONESHOT = {
 GPU_BYTES = 141e9
 HBM_BW, PCIE_BW, NVME_BW = 4.8e12, 50e9, 7e9
 HOST_BYTES = 2e12  # an 8×H200 node's host RAM (DGX H200: 2 TB)
+EVAL_BYTES_PER_PARAM = 2.0  # the evaluation model in bf16 (the merged weights it holds)
 
 out_lines: list[str] = []
 
@@ -303,11 +305,13 @@ def projection(n_params: int, tiers: dict[str, dict]) -> None:
     """7B / 70B, 4 and 8 experts, one and eight 141 GB GPUs: bytes per parameter from the measured run."""
     device = tiers.get("device") or next(iter(tiers.values()))
     per_param_store = device["store"] / n_params / (N_EXPERTS + 1)  # one bf16 slot (base or one τ)
-    output = max(m["output"] for m in device["methods"].values()) / n_params  # the merged weights = eval model
+    measured_output = max(m["output"] for m in device["methods"].values()) / n_params  # float32 merged weights here
+    output = EVAL_BYTES_PER_PARAM
     emit("\n### Projection (7B / 70B)\n")
     emit(
         f"Measured: {per_param_store:.2f} bytes per parameter per store slot (bf16; T task vectors + base = T + 1 "
-        f"slots), {output:.2f} bytes per parameter for the merged weights the evaluation model holds. Device need = "
+        f"slots); merged weights measured at {measured_output:.2f} bytes per parameter (float32 output), projected "
+        f"with a bf16 evaluation model ({output:.2f}: recipe dtype bfloat16). Device need = "
         f"(T + 1)·{per_param_store:.2f} + {output:.2f} bytes per parameter, plus activations (not counted). "
         f"Assumed (not measured): {GPU_BYTES / 1e9:.0f} GB per H200, HBM {HBM_BW / 1e12:.1f} TB/s, PCIe 5 host→device "
         f"{PCIE_BW / 1e9:.0f} GB/s per GPU, NVMe {NVME_BW / 1e9:.0f} GB/s, {HOST_BYTES / 1e12:.0f} TB host RAM; "
@@ -351,6 +355,7 @@ def main() -> None:
         build_s = time.perf_counter() - start
         print(f"{size}: {n_params / 1e9:.3f} B parameters, models ready in {build_s:.0f} s", flush=True)
         tiers = {tier: measure_tier(tier, base, experts, work, args) for tier in args.tiers.split(",")}
+        (work / "measured.json").write_text(json.dumps(tiers, indent=1))  # kept if the report below fails
         shots = [] if args.no_mergekit else oneshot(base, experts, work, args.threads)
         report_size(size, n_params, build_s, tiers, shots)
         projection(n_params, tiers)
