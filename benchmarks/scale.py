@@ -78,6 +78,7 @@ ONESHOT = {
 GPU_BYTES = 141e9
 HBM_BW, PCIE_BW, NVME_BW = 4.8e12, 50e9, 7e9
 HOST_BYTES = 2e12  # an 8×H200 node's host RAM (DGX H200: 2 TB)
+HEADROOM = 0.10  # of each GPU kept for activations and the merge's chunk buffers
 EVAL_BYTES_PER_PARAM = 2.0  # the evaluation model in bf16 (the merged weights it holds)
 
 out_lines: list[str] = []
@@ -316,7 +317,8 @@ def projection(n_params: int, tiers: dict[str, dict]) -> None:
         f"Assumed (not measured): {GPU_BYTES / 1e9:.0f} GB per H200, HBM {HBM_BW / 1e12:.1f} TB/s, PCIe 5 host→device "
         f"{PCIE_BW / 1e9:.0f} GB/s per GPU, NVMe {NVME_BW / 1e9:.0f} GB/s, {HOST_BYTES / 1e12:.0f} TB host RAM; "
         "a merge reads the store once (TA; TIES/PCB measured above at their ×TA). 8 GPUs: the store split by layer "
-        "groups along the device map, each GPU merging its share in parallel.\n"
+        "groups along the device map, each GPU merging its share in parallel; 10% of each GPU is kept "
+        "for activations and chunk buffers.\n"
     )
     emit("| model | experts | GPUs | store | store + eval model | tier | per candidate (store read) |")
     emit("|---|---|---|---|---|---|---|")
@@ -325,13 +327,16 @@ def projection(n_params: int, tiers: dict[str, dict]) -> None:
             store = (t + 1) * per_param_store * p
             need = store + output * p
             for gpus in (1, 8):
-                if need <= gpus * GPU_BYTES:
-                    tier, seconds = "device", store / gpus / HBM_BW
-                elif store <= HOST_BYTES and output * p <= gpus * GPU_BYTES:
-                    tier, seconds = "host (pinned, streamed)", store / gpus / PCIE_BW
+                room = gpus * GPU_BYTES * (1 - HEADROOM)
+                if need <= room:
+                    tier, time_s = "device", f"{store / gpus / HBM_BW * 1e3:.0f} ms"
+                elif output * p > room:
+                    tier, time_s = "does not fit (the evaluation model alone)", "-"
+                elif store <= HOST_BYTES:
+                    tier, time_s = "host (pinned, streamed)", f"{store / gpus / PCIE_BW:.1f} s"
                 else:
-                    tier, seconds = "disk (NVMe)", store / NVME_BW
-                emit(f"| {p / 1e9:.0f}B | {t} | {gpus} | {gb(store)} | {gb(need)} | {tier} | {seconds * 1e3:.0f} ms |")
+                    tier, time_s = "disk (NVMe)", f"{store / NVME_BW:.0f} s"
+                emit(f"| {p / 1e9:.0f}B | {t} | {gpus} | {gb(store)} | {gb(need)} | {tier} | {time_s} |")
 
 
 def main() -> None:
