@@ -26,19 +26,27 @@ The genome: ``ties`` (the method of the ``cmaes_ties`` protocol, among mergekit-
 task_arithmetic / ties / dare_ties / slerp), one weight and one density per expert per layer slice,
 ``layer_granularity`` = the config's blocks per layer group. Embeddings, final norm and output layer
 take the first / last slice's parameters (mergekit's slices), where mergetune gives them groups of
-their own. CMA-ES's population is forced to a divisor of the budget (pycma stops only after a whole
-generation, so its default population of 4 + 3 ln(dimensions) would overshoot a small budget).
+their own. ``--force-population-size`` and ``--max-fevals`` are chosen so that mergekit-evolve makes
+exactly the budget's evaluations (``cma_schedule``: pycma stops only after a whole generation and then
+evaluates the final mean once more, so its default population of 4 + 3 ln(dimensions) and
+``--max-fevals budget`` would overshoot a small budget: budget 4 gave 9 evaluations on llm-tiny).
 
 How it runs on CPU: mergekit-evolve schedules every merge and evaluation as a Ray task or actor that
 requests one GPU (``num_gpus=1``), so on a machine without one nothing would ever be scheduled. The
 launcher starts Ray with one *logical* GPU (Ray's GPU count is a scheduling resource; torch here is a
 CPU build, so nothing uses CUDA) and ``--num-gpus 1``, merges on the CPU (``--no-merge-cuda``) and
-evaluates with lm-eval's HF backend (``--no-vllm``: vLLM needs a GPU). Two CPU-only faults of
-mergekit 0.1.5 are worked around in every Ray worker by a setup hook, and nothing else is changed:
-the ``pool`` strategy's actor calls ``torch.cpu.empty_cache()``, which does not exist (so the
-``buffered`` strategy, which merges and evaluates in Ray tasks, is used), and lm-eval's HF model
-defaults to ``device="cuda"`` (mergekit passes no device), which a CPU torch cannot use: the hook
-makes lm-eval's default ``cpu``.
+evaluates with lm-eval's HF backend (``--no-vllm``). Three faults of mergekit 0.1.5 without a GPU are
+worked around, in the launcher and in every Ray worker (a setup hook), and nothing else is changed:
+
+- it cannot be imported without vLLM: ``mergekit/evo/actors.py`` names
+  ``lm_eval.models.vllm_causallms.VLLM`` in a class annotation and ``monkeypatch_lmeval_vllm`` imports
+  that module before every evaluation, and lm-eval 0.4.13's module imports ``vllm``. vLLM cannot be
+  added here (``pip install --dry-run vllm`` wants ``torch==2.14.0`` in place of the installed CPU
+  build), so an empty stand-in module is registered (never used: ``--no-vllm``);
+- lm-eval's HF model defaults to ``device="cuda"`` and mergekit passes no device: the hook makes the
+  default ``cpu``;
+- the default ``pool`` strategy's actor calls ``torch.cpu.empty_cache()``, which does not exist: the
+  ``buffered`` strategy (merges and evaluations as Ray tasks, one at a time with one GPU) is used.
 
 Resumable: ``<out>/mergekit_evolve/`` keeps the task files, the references, mergekit-evolve's
 storage (its ``best_config.yaml`` and ``final_model``) and ``result.json``; a finished run with the
