@@ -19,6 +19,9 @@ default space come from ``configs/text8.yaml`` whatever the zoo (only ``models.z
 - ``random``: random search over the default space.
 - ``default_per_task``: the candidate default: TPE over the default methods with one λ per task and
   one shared density (no depth anchors, granularity unused), i.e. the size of the PCB+ES space.
+- ``mergekit_evolve`` (causal-LM zoos; not in the default list): mergekit-evolve itself, run as a
+  subprocess at the same number of evaluations, its merge scored by mergetune on the same splits
+  (``benchmarks/evolve_peer.py`` says how tasks, weights and the genome map and how it runs on CPU).
 
 Warm starts (the papers' default recipe of each method) are on for every protocol except
 ``grid``, as in the default config; they count against the budget.
@@ -75,6 +78,9 @@ from typing import Any
 import numpy as np
 import optuna
 import yaml
+from evolve_peer import PROTOCOL as EVOLVE
+from evolve_peer import TITLE as EVOLVE_TITLE
+from evolve_peer import evolve_row
 
 from mergetune.merging.methods import METHODS
 from mergetune.search.config import SearchConfig
@@ -163,7 +169,10 @@ PROTOCOLS: dict[str, tuple[str, Callable[[dict[str, Any], int], dict[str, Any]]]
     "pymoo_ga_ties": ("pymoo GA: TIES, per-task λ + density (Mergenetic)", _pymoo_ga_ties),
     "random": ("random, default space", _random),
     "default_per_task": ("TPE, default methods, λ per task + shared density (candidate default)", _default_per_task),
+    # Not a mergetune search: main() hands it to evolve_peer, which reads zoo, tasks, splits and seed from this config.
+    EVOLVE: (EVOLVE_TITLE, _default),
 }
+DEFAULT_PROTOCOLS = [p for p in PROTOCOLS if p != EVOLVE]  # mergekit-evolve needs a causal-LM zoo
 
 
 def protocol_config(
@@ -496,7 +505,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", default=DEFAULT_ZOO)
     parser.add_argument("--budget", type=int, default=100, help="candidates per protocol")
-    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma list of {', '.join(PROTOCOLS)}")
+    parser.add_argument(
+        "--protocols", default=",".join(DEFAULT_PROTOCOLS), help=f"comma list of {', '.join(PROTOCOLS)}"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--seeds", default=None, help="comma list of seeds (each in <out>/seed<N>/): adds the statistics over seeds"
@@ -533,6 +544,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "seed": seed,
                 "config": config.model_dump(mode="json", exclude={"budget"}),
             }
+            if protocol == EVOLVE:  # not a mergetune search; no per-example test results for the bootstrap
+                rows.append({"seed": seed, **evolve_row(config, args.budget, settings)})
+                continue
             result = run_protocol(protocol, config, settings)
             rows.append({"seed": seed, **row_of(protocol, result, config.output_dir)})
             folders[(protocol, seed)] = config.output_dir
