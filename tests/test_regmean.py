@@ -229,3 +229,28 @@ def test_a_search_over_regmean_computes_the_grams_once_and_its_recipe_merges_bac
     lhs = sum(c * g for c, g in zip(lam, grams, strict=True))
     rhs = sum(c * g @ w.T for c, g, w in zip(lam, grams, experts, strict=True))
     torch.testing.assert_close(weights[name].double(), torch.linalg.solve(lhs, rhs).T, rtol=1e-4, atol=1e-5)
+
+
+def test_gram_files_are_reused_only_for_the_same_expert_and_examples(
+    zoo_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recipes name the files: one computed from another expert or example count is refused, never overwritten."""
+    import dataclasses
+
+    from mergetune.errors import MergetuneError
+    from mergetune.search.grams import ensure_grams
+    from tests.conftest import zoo_setup
+
+    setup = zoo_setup(zoo_env, tmp_path / "c.yaml", monkeypatch)
+    first = ensure_grams(setup, tmp_path / "grams", examples=8)
+    assert sorted(first.computed) == sorted(first.paths) and set(first.sequences.values()) == {8}
+    written = {t: Path(p).read_bytes() for t, p in first.paths.items()}
+    again = ensure_grams(setup, tmp_path / "grams")  # no count asked: whatever was computed is reused
+    assert again.computed == [] and again.seconds == first.seconds
+    with pytest.raises(MergetuneError, match="from 8 examples, not 16"):
+        ensure_grams(setup, tmp_path / "grams", examples=16)
+    names = list(setup.experts)
+    swapped = dict(zip(names, [setup.experts[n] for n in names[1:] + names[:1]], strict=True))
+    with pytest.raises(MergetuneError, match="another expert"):
+        ensure_grams(dataclasses.replace(setup, experts=swapped), tmp_path / "grams")
+    assert {t: Path(p).read_bytes() for t, p in first.paths.items()} == written
