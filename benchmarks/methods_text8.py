@@ -9,7 +9,8 @@ executor), evaluation under bf16 autocast as ``search_quality.py`` does (``--aut
   split. LiNeS is Task Arithmetic with λ_ℓ = α + β·ℓ/(L−1) over the blocks, α = 1/T (the
   average's λ at the input side) and β = 0.5: the paper sets α from task-vector norms and tunes β,
   so this row is our untuned choice, not the paper's. RegMean's Gram statistics are computed (or
-  reused) under ``<out>/grams`` from 512 training examples per task; their compute time is stated.
+  reused) under ``<out>/grams`` from ``--gram-examples`` (default 256) training examples per task, and
+  the RegMean search reuses them; their compute time is stated.
   Methods defined on one or two experts only (SLERP, NuSLERP, NearSwap, Arcee Fusion, passthrough)
   and the dynamic Twin-Merging (a router per input: ``benchmarks/twin.py``) are listed as skipped.
 - ``search``: one search per method family with the same budget (``--budget``, default 16 candidates,
@@ -41,6 +42,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -70,18 +72,18 @@ PARTS = ("defaults", "search", "gradient")
 SPLITS = ("search", "holdout", "test")
 LINES_BETA = 0.5
 # One search per family: (space methods, weight range spec); the first word names the family in the table.
-FAMILIES: dict[str, dict[str, Any]] = {
+FAMILIES: dict[str, dict[str, Any]] = {  # the ones the newer methods are compared with first (CPU is scarce)
     "task_arithmetic": {"methods": ["task_arithmetic"]},
-    "lines": {"methods": ["task_arithmetic"], "weight": {"per": "shared", "schedule": "lines"}},
     "ties": {"methods": ["ties"]},
-    "dare_ties": {"methods": ["dare_ties"]},
-    "breadcrumbs": {"methods": ["breadcrumbs"]},
-    "della": {"methods": ["della"]},
     "pcb": {"methods": ["pcb"]},
     "tsv": {"methods": ["tsv"]},
     "iso_c": {"methods": ["iso_c"]},
     "iso_cts": {"methods": ["iso_cts"]},
     "regmean": {"methods": ["regmean"]},
+    "lines": {"methods": ["task_arithmetic"], "weight": {"per": "shared", "schedule": "lines"}},
+    "dare_ties": {"methods": ["dare_ties"]},
+    "della": {"methods": ["della"]},
+    "breadcrumbs": {"methods": ["breadcrumbs"]},
 }
 
 
@@ -131,8 +133,10 @@ def family_config(args: argparse.Namespace, family: str) -> SearchConfig:
 
 
 def settings_of(args: argparse.Namespace, config: SearchConfig) -> dict[str, Any]:
+    """What ``run_protocol`` compares with a run folder's stamp: the budget may grow on resume, as there."""
     budget = config.budget.candidates or config.budget.seconds
-    return {"zoo": args.zoo, "budget": budget, "seed": args.seed, "config": config.model_dump(mode="json")}
+    config_data = config.model_dump(mode="json", exclude={"budget"})
+    return {"zoo": args.zoo, "budget": budget, "seed": args.seed, "config": config_data}
 
 
 # ---- scoring -------------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def default_recipes(worker: Worker, args: argparse.Namespace) -> tuple[dict[str,
         start = method.warm_start
         options = dict(start.options)
         if method.needs_data:
-            files = ensure_grams(setup, args.out / GRAMS_DIR)
+            files = ensure_grams(setup, args.out / GRAMS_DIR, args.gram_examples)
             options["grams"] = files.paths
             grams_info = files.describe()
         density = start.density if method.density_used(options) else 1.0
@@ -200,16 +204,27 @@ def run_defaults(worker: Worker, rows: Rows, args: argparse.Namespace) -> dict[s
 
 
 def run_searches(executor: LocalExecutor, rows: Rows, args: argparse.Namespace) -> None:
-    for family in FAMILIES:
+    for family in args.families:
         if rows.get("search", family) is not None:
             continue
         config = family_config(args, family)
+        share_grams(args.out / GRAMS_DIR, config.output_dir / GRAMS_DIR)
         result = run_protocol(family, config, settings_of(args, config), executor)
         row = row_of(family, result, config.output_dir)
         chosen = result["summary"].get("chosen") or {}
         row["per_task"] = (chosen.get("test") or {}).get("normalized")
         row["setup"] = result["summary"].get("meta", {}).get("setup")
         rows.put("search", family, row)
+
+
+def share_grams(source: Path, target: Path) -> None:
+    """Give a search the Gram files the defaults computed (it reuses them: same experts and tasks), not its own."""
+    if not source.is_dir():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.glob("*.safetensors"):
+        if not (target / path.name).exists():
+            shutil.copy2(path, target / path.name)
 
 
 def run_gradient(executor: LocalExecutor, rows: Rows, args: argparse.Namespace) -> None:
@@ -365,10 +380,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", default=DEFAULT_ZOO)
     parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--families", default=",".join(FAMILIES), help="family searches to run, in this order")
     parser.add_argument("--budget", type=int, default=16, help="candidates per family search")
     parser.add_argument("--steps", type=int, default=100, help="gradient tuning steps")
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gram-examples", type=int, default=256, help="RegMean: training examples per task")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
     parser.add_argument("--out", type=Path, default=None, help="default runs/methods_text8[-<zoo>]")
@@ -376,6 +393,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     suffix = "" if args.zoo == DEFAULT_ZOO else f"-{args.zoo}"
     args.out = (args.out or Path(f"runs/methods_text8{suffix}")).resolve()
     parts = [p for p in args.parts.split(",") if p]
+    args.families = [f for f in args.families.split(",") if f]
+    unknown = sorted(set(args.families) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown famil(ies) {unknown}; choose from {', '.join(FAMILIES)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
