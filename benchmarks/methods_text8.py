@@ -45,7 +45,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,9 @@ from mergetune.search.worker import Worker
 
 DEFAULT_ZOO = "text8"
 PARTS = ("defaults", "search", "gradient")
-SPLITS = ("search", "holdout", "test")
+SPLITS = ("holdout", "test")  # the gradient part's start and tuned recipes (the search split is what it tunes on)
+# Defaults scored first (the methods the newer ones are compared with, then the newer ones), the rest after.
+FIRST = ["task_arithmetic", "ties", "pcb", "tsv", "iso_c", "iso_cts", "regmean", "lines", "dare_ties", "della"]
 LINES_BETA = 0.5
 # One search per family: (space methods, weight range spec); the first word names the family in the table.
 FAMILIES: dict[str, dict[str, Any]] = {  # the ones the newer methods are compared with first (CPU is scarce)
@@ -195,7 +197,9 @@ def default_recipes(worker: Worker, args: argparse.Namespace) -> tuple[dict[str,
 # ---- parts ---------------------------------------------------------------------------------------
 def run_defaults(worker: Worker, rows: Rows, args: argparse.Namespace) -> dict[str, Any]:
     recipes, skipped, grams_info = default_recipes(worker, args)
-    for label, recipe in recipes.items():
+    order = [m for m in FIRST if m in recipes] + [m for m in recipes if m not in FIRST]
+    for label in order[: args.defaults]:
+        recipe = recipes[label]
         if rows.get("defaults", label) is not None:
             continue
         print(f"[defaults] {label}", flush=True)
@@ -203,8 +207,10 @@ def run_defaults(worker: Worker, rows: Rows, args: argparse.Namespace) -> dict[s
     return {"skipped": skipped, "regmean_grams": grams_info}
 
 
-def run_searches(executor: LocalExecutor, rows: Rows, args: argparse.Namespace) -> None:
-    for family in args.families:
+def run_searches(
+    executor: LocalExecutor, rows: Rows, args: argparse.Namespace, families: Sequence[str] | None = None
+) -> None:
+    for family in families or args.families:
         if rows.get("search", family) is not None:
             continue
         config = family_config(args, family)
@@ -228,37 +234,12 @@ def share_grams(source: Path, target: Path) -> None:
 
 
 def run_gradient(executor: LocalExecutor, rows: Rows, args: argparse.Namespace) -> None:
-    worker = executor.worker
-    setup = worker.setup
+    """(a) tuning from AdaMerging's start, the default search given (a)'s tuning time, then (b) tuning from the
+    best Task Arithmetic candidate of a black-box search (that family's search is run first if it has not been)."""
+    setup = executor.worker.setup
     experts = [{"name": t, "model": p} for t, p in setup.experts.items()]
     adamerging = Recipe(base=setup.base, experts=experts, method="task_arithmetic", weight=0.3)
-    ta_search = args.out / "search" / "task_arithmetic" / "chosen" / "recipe.yaml"
-    starts: dict[str, Callable[[], Recipe]] = {
-        "tune_from_default": lambda: adamerging,
-        "tune_from_best_blackbox": lambda: Recipe.load(ta_search),
-    }
-    settings = GradientSettings(steps=args.steps, learning_rate=args.learning_rate, objective="entropy")
-    for label, start in starts.items():
-        if rows.get("gradient", label) is not None:
-            continue
-        print(f"[gradient] {label}", flush=True)
-        recipe = start()
-        assert METHODS[recipe.method].linear_in_weight(method_options(recipe))
-        tuned = worker.tune(recipe, settings)
-        row = {
-            "start": {split: v for split, v in scored(worker, recipe, SPLITS).items() if split in SPLITS},
-            **scored(worker, tuned.recipe, SPLITS),
-            "wall_s": tuned.seconds,
-            "steps": len(tuned.losses),
-            "evaluations": len(tuned.losses) * len(tuned.tasks),  # forward + backward passes, one batch each
-            "loss": [tuned.losses[0], tuned.losses[-1]],
-            "gradient_bytes": tuned.gradient_bytes,
-            "peak_rss_increase_bytes": tuned.peak_rss_increase_bytes,
-            "settings": tuned.settings,
-        }
-        if label == "tune_from_best_blackbox":
-            row["blackbox_wall_s"] = (rows.get("search", "task_arithmetic") or {}).get("wall_s")
-        rows.put("gradient", label, row)
+    tune_row(executor.worker, rows, args, "tune_from_default", adamerging)
     if rows.get("gradient", "default_search_equal_time") is None:
         seconds = rows.get("gradient", "tune_from_default")["wall_s"]
         data = base_config(args, "default_equal_time", args.out / "gradient" / "default_equal_time")
@@ -270,6 +251,30 @@ def run_gradient(executor: LocalExecutor, rows: Rows, args: argparse.Namespace) 
         row["per_task"] = (chosen.get("test") or {}).get("normalized")
         row["budget_s"] = seconds
         rows.put("gradient", "default_search_equal_time", row)
+    run_searches(executor, rows, args, ["task_arithmetic"])
+    best = Recipe.load(args.out / "search" / "task_arithmetic" / "chosen" / "recipe.yaml")
+    tune_row(executor.worker, rows, args, "tune_from_best_blackbox", best)
+
+
+def tune_row(worker: Worker, rows: Rows, args: argparse.Namespace, label: str, start: Recipe) -> None:
+    """Tune ``start``'s λ per task × block on the search split's inputs (entropy) and store its scores and cost."""
+    if rows.get("gradient", label) is not None:
+        return
+    print(f"[gradient] {label}", flush=True)
+    assert METHODS[start.method].linear_in_weight(method_options(start))
+    settings = GradientSettings(steps=args.steps, learning_rate=args.learning_rate, objective="entropy")
+    tuned = worker.tune(start, settings)
+    row = {
+        "start": {split: v for split, v in scored(worker, start, SPLITS).items() if split in SPLITS},
+        **scored(worker, tuned.recipe, SPLITS),
+        "wall_s": tuned.seconds,
+        "steps": len(tuned.losses),
+        "loss": [tuned.losses[0], tuned.losses[-1]],
+        "gradient_bytes": tuned.gradient_bytes,
+        "peak_rss_increase_bytes": tuned.peak_rss_increase_bytes,
+        "settings": tuned.settings,
+    }
+    rows.put("gradient", label, row)
 
 
 # ---- the table -----------------------------------------------------------------------------------
@@ -332,35 +337,25 @@ def markdown(rows: Rows, args: argparse.Namespace, notes: dict[str, Any], load: 
         for label in ("tune_from_default", "tune_from_best_blackbox"):
             g = gradient.get(label)
             if g:
-                start = g["start"]
-                body.append(
-                    [label, "start", f4(start.get("search")), f4(start.get("holdout")), f4(start.get("test")), "–", "–"]
-                )
-                body.append(
-                    [
-                        label,
-                        "tuned",
-                        f4(g["search"]),
-                        f4(g["holdout"]),
-                        f4(g["test"]),
-                        f"{g['wall_s']:.0f} s",
-                        f"{g['steps']} steps",
-                    ]
-                )
+                body.append([label, "start", "–", *(f4(g["start"].get(k)) for k in SPLITS), "–", "–"])
+                entropy = f"entropy {g['loss'][0]:.3f} → {g['loss'][1]:.3f}"
+                wall = f"{g['wall_s']:.0f} s"
+                body.append([label, "tuned", entropy, *(f4(g.get(k)) for k in SPLITS), wall, f"{g['steps']} steps"])
         g = gradient.get("default_search_equal_time")
         if g:
+            method, cands = str(g.get("method")), f"{g['candidates']} candidates"
             body.append(
                 [
                     "default search",
-                    str(g.get("method")),
+                    method,
                     f4(g["search"]),
                     f4(g["heldout"]),
                     f4(g["test"]),
                     f"{g['wall_s']:.0f} s",
-                    f"{g['candidates']} cands",
+                    cands,
                 ]
             )
-        lines += table(["run", "recipe", "search", "held-out", "test", "wall", "evaluations"], body)
+        lines += table(["run", "recipe", "search split", "held-out", "test", "wall", "evaluations"], body)
         tuned = gradient.get("tune_from_default")
         if tuned:
             lines += [
@@ -381,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--zoo", default=DEFAULT_ZOO)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--families", default=",".join(FAMILIES), help="family searches to run, in this order")
+    parser.add_argument("--defaults", type=int, default=None, help="score only the first N defaults (priority order)")
     parser.add_argument("--budget", type=int, default=16, help="candidates per family search")
     parser.add_argument("--steps", type=int, default=100, help="gradient tuning steps")
     parser.add_argument("--learning-rate", type=float, default=1e-2)
@@ -393,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     suffix = "" if args.zoo == DEFAULT_ZOO else f"-{args.zoo}"
     args.out = (args.out or Path(f"runs/methods_text8{suffix}")).resolve()
     parts = [p for p in args.parts.split(",") if p]
+    if sorted(set(parts) - set(PARTS)):
+        parser.error(f"unknown part(s) in {parts}; choose from {', '.join(PARTS)}")
     args.families = [f for f in args.families.split(",") if f]
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown:
@@ -406,11 +404,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     first = SearchConfig.model_validate({**base_config(args, "defaults", args.out), "budget": {"candidates": 1}})
     worker = Worker(worker_setup(first, resolve_models(first)))
     executor = LocalExecutor(worker=worker)
-    notes = run_defaults(worker, rows, args) if "defaults" in parts else {}
-    if "search" in parts:
-        run_searches(executor, rows, args)
-    if "gradient" in parts:
-        run_gradient(executor, rows, args)
+    notes: dict[str, Any] = {}
+    for part in parts:  # in the order given
+        if part == "defaults":
+            notes = run_defaults(worker, rows, args)
+        elif part == "search":
+            run_searches(executor, rows, args)
+        else:
+            run_gradient(executor, rows, args)
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     if not notes:
         notes = {"skipped": default_recipes(worker, args)[1]}
