@@ -18,19 +18,21 @@ executor), evaluation under bf16 autocast as ``search_quality.py`` does (``--aut
   layer groups of one block, seed 0, TPE, the objectives, floors and selection of
   ``configs/text8.yaml``; the chosen recipe's search / held-out / test means.
 - ``gradient``: ``mergetune tune``'s optimizer (entropy objective on the search split's inputs,
-  Adam, λ per task × block) started (a) from AdaMerging's start (TA, λ = 0.3 everywhere) and (b)
-  from the best black-box candidate it can tune (the chosen recipe of the Task Arithmetic search
-  above: TIES with weights before the election, the search's default, is not linear in λ); then
-  the default search (``configs/text8.yaml``'s space) given (a)'s tuning time as its budget
-  (``budget.seconds``). Scores on the search, held-out and test splits, wall time, evaluations,
-  and the tuner's memory: the flat gradient buffer and the measured peak RSS increase.
+  Adam, λ per task × block, ``--steps``, ``--learning-rate``) started (a) from AdaMerging's start
+  (TA, λ = 0.3 everywhere); then the default search (``configs/text8.yaml``'s space) given (a)'s
+  tuning time as its budget (``budget.seconds``); then (b) from the best black-box candidate it can
+  tune: the chosen recipe of the Task Arithmetic family search (run first if it has not been; TIES
+  with weights before the election, the default search's usual choice, is not linear in λ). Held-out
+  and test scores of each start and tuned recipe (the search split is what the tuner fits: its
+  entropy before and after is shown), wall time, steps or candidates, and the tuner's memory: the
+  flat gradient buffer and the measured peak RSS increase during tuning.
 
 Resumable: each row is stored in ``benchmarks/results/methods_text8.json`` (``-<zoo>`` for another zoo)
 as soon as it is measured, and a row already there is not measured again; searches resume from their
 run folders under ``--out``. The markdown table is rewritten from the stored rows at the end.
 
 Run from the repository root (zoo cache: ``$MERGETUNE_CACHE``):
-    nice -n 5 python benchmarks/methods_text8.py [--parts defaults,search,gradient] [--budget 16]
+    nice -n 5 python benchmarks/methods_text8.py [--parts defaults,gradient,search] [--budget 16]
 Smoke run: MERGETUNE_COMPILE=0 python benchmarks/methods_text8.py --zoo tiny --budget 4 --steps 3
 """
 
@@ -60,12 +62,13 @@ from mergetune.merging.lines import lines_weights
 from mergetune.merging.loading import tensor_names
 from mergetune.merging.methods import METHODS, method_options
 from mergetune.recipe import Grouping, Recipe
+from mergetune.search.atomic import write_atomic
 from mergetune.search.config import SearchConfig
 from mergetune.search.executor import LocalExecutor
 from mergetune.search.gradient import GradientSettings
 from mergetune.search.grams import GRAMS_DIR, ensure_grams
 from mergetune.search.loop import resolve_models, worker_setup
-from mergetune.search.worker import Worker
+from mergetune.search.worker import Worker, WorkerSetup
 
 DEFAULT_ZOO = "text8"
 PARTS = ("defaults", "search", "gradient")
@@ -101,9 +104,10 @@ class Rows:
         return self.rows.get(f"{part}/{label}")
 
     def put(self, part: str, label: str, row: dict[str, Any]) -> None:
-        self.rows[f"{part}/{label}"] = {"part": part, "label": label, **row}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.rows, indent=2) + "\n")
+        """Store one row, with the rows another process may have written to the file meanwhile."""
+        on_disk = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.rows = {**on_disk, **self.rows, f"{part}/{label}": {"part": part, "label": label, **row}}
+        write_atomic(self.path, json.dumps(self.rows, indent=2) + "\n")
 
     def part(self, part: str) -> list[dict[str, Any]]:
         return [r for r in self.rows.values() if r["part"] == part]
@@ -159,9 +163,8 @@ def group_names(base: str, granularity: int = 1) -> list[str]:
     return build_layer_groups(names, model_type, granularity).names
 
 
-def default_recipes(worker: Worker, args: argparse.Namespace) -> tuple[dict[str, Recipe], dict[str, str], dict]:
+def default_recipes(setup: WorkerSetup, args: argparse.Namespace) -> tuple[dict[str, Recipe], dict[str, str], dict]:
     """Each method's paper-default recipe on the zoo's experts, the methods skipped (and why), RegMean's setup."""
-    setup = worker.setup
     experts = [{"name": t, "model": p} for t, p in setup.experts.items()]
     recipes: dict[str, Recipe] = {}
     skipped: dict[str, str] = {}
@@ -195,8 +198,8 @@ def default_recipes(worker: Worker, args: argparse.Namespace) -> tuple[dict[str,
 
 
 # ---- parts ---------------------------------------------------------------------------------------
-def run_defaults(worker: Worker, rows: Rows, args: argparse.Namespace) -> dict[str, Any]:
-    recipes, skipped, grams_info = default_recipes(worker, args)
+def run_defaults(worker: Worker, rows: Rows, args: argparse.Namespace) -> None:
+    recipes, _, _ = default_recipes(worker.setup, args)
     order = [m for m in FIRST if m in recipes] + [m for m in recipes if m not in FIRST]
     for label in order[: args.defaults]:
         recipe = recipes[label]
@@ -204,7 +207,6 @@ def run_defaults(worker: Worker, rows: Rows, args: argparse.Namespace) -> dict[s
             continue
         print(f"[defaults] {label}", flush=True)
         rows.put("defaults", label, {"method": recipe.method, **scored(worker, recipe)})
-    return {"skipped": skipped, "regmean_grams": grams_info}
 
 
 def run_searches(
@@ -385,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
     parser.add_argument("--out", type=Path, default=None, help="default runs/methods_text8[-<zoo>]")
+    parser.add_argument("--rows", type=Path, default=None, help="rows file (default benchmarks/results/...json)")
     args = parser.parse_args(argv)
     suffix = "" if args.zoo == DEFAULT_ZOO else f"-{args.zoo}"
     args.out = (args.out or Path(f"runs/methods_text8{suffix}")).resolve()
@@ -400,21 +403,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     torch.set_num_threads(args.threads)
 
-    rows = Rows(RESULTS / f"methods_text8{suffix}.json")
+    rows = Rows(args.rows or RESULTS / f"methods_text8{suffix}.json")
     first = SearchConfig.model_validate({**base_config(args, "defaults", args.out), "budget": {"candidates": 1}})
-    worker = Worker(worker_setup(first, resolve_models(first)))
-    executor = LocalExecutor(worker=worker)
-    notes: dict[str, Any] = {}
+    setup = worker_setup(first, resolve_models(first))
+    executor = LocalExecutor(worker=Worker(setup)) if parts else None  # none: only the table is written
     for part in parts:  # in the order given
+        assert executor is not None
         if part == "defaults":
-            notes = run_defaults(worker, rows, args)
+            run_defaults(executor.worker, rows, args)
         elif part == "search":
             run_searches(executor, rows, args)
         else:
             run_gradient(executor, rows, args)
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    if not notes:
-        notes = {"skipped": default_recipes(worker, args)[1]}
+    _, skipped, grams_info = default_recipes(setup, args)  # the Gram files are reused: nothing is computed
+    notes = {"skipped": skipped, "regmean_grams": grams_info}
     path = RESULTS / f"methods_text8{suffix}.md"
     path.write_text("\n".join(markdown(rows, args, notes, load)).rstrip() + "\n")
     print(path.read_text())
