@@ -84,6 +84,7 @@ from evolve_peer import evolve_row
 
 from mergetune.merging.methods import METHODS
 from mergetune.search.config import SearchConfig
+from mergetune.search.executor import Executor
 from mergetune.search.loop import open_search
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,8 +205,14 @@ def comparable(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "config": config}
 
 
-def run_protocol(protocol: str, config: SearchConfig, settings: dict[str, Any]) -> dict[str, Any]:
-    """Run (or resume, or read back) one protocol; returns its summary dict and wall time."""
+def run_protocol(
+    protocol: str, config: SearchConfig, settings: dict[str, Any], executor: Executor | None = None
+) -> dict[str, Any]:
+    """Run (or resume, or read back) one protocol; returns its summary dict and wall time.
+
+    ``executor``: a worker already holding the zoo's models (benchmarks that run many searches on one zoo
+    share it: loading 8 experts and scoring their references is paid once), else the search starts its own.
+    """
     folder = config.output_dir
     stamp_path = folder / STAMP
     stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
@@ -227,7 +234,7 @@ def run_protocol(protocol: str, config: SearchConfig, settings: dict[str, Any]) 
     previous_wall = float(stamp.get("wall_s") or 0.0) if stamp else 0.0
     stamp_path.write_text(json.dumps({"settings": settings, "finished": False, "wall_s": previous_wall}, indent=2))
     started = time.perf_counter()
-    loop = open_search(config)
+    loop = open_search(config, executor=executor)
     try:
         summary = loop.run()
     finally:

@@ -196,19 +196,24 @@ def grams(
 ) -> None:
     """Compute RegMean's statistics: each expert's input Gram matrices on its task's training split.
 
-    Writes <run>/grams/<task>.safetensors and prints the `options.grams` a regmean recipe names.
+    Writes <run>/grams/<task>.safetensors (files computed from the same expert, task and examples are
+    reused) and prints the `options.grams` a regmean recipe names. A search whose space names regmean
+    computes or reuses them itself.
     """
     import yaml
 
     from mergetune.search.config import SearchConfig
-    from mergetune.search.grams import compute_grams
+    from mergetune.search.grams import GRAMS_DIR, ensure_grams
+    from mergetune.search.loop import resolve_models, worker_setup
 
     with _errors():
         config = SearchConfig.load(config_path)
-        files = compute_grams(config, examples, console)
+        setup = worker_setup(config, resolve_models(config, console))
+        files = ensure_grams(setup, config.output_dir / GRAMS_DIR, examples)
         for task, path in files.paths.items():
-            console.print(f"{task}: {files.sequences[task]} training sequences -> [green]{escape(path)}[/]")
-        console.print(f"computed in {files.seconds:.1f}s; a regmean recipe's options:")
+            how = "reused" if task in files.reused else "computed"
+            console.print(f"{task}: {files.sequences[task]} training sequences, {how} -> [green]{escape(path)}[/]")
+        console.print(f"computed in {files.total_seconds:.1f}s; a regmean recipe's options:")
         console.print(escape(yaml.safe_dump({"options": {"grams": files.paths}}, sort_keys=False)), end="")
 
 

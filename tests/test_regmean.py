@@ -173,3 +173,84 @@ def test_an_input_feature_no_example_uses_keeps_the_base_weights(modelset: Model
     assert torch.isfinite(merged["layers.0.w"]).all()
     torch.testing.assert_close(merged["layers.0.w"][:, 3], modelset.base_tensor("layers.0.w")[:, 3], rtol=0, atol=1e-5)
     assert not torch.allclose(merged["layers.0.w"][:, 0], modelset.base_tensor("layers.0.w")[:, 0])
+
+
+def test_a_search_over_regmean_computes_the_grams_once_and_its_recipe_merges_back(
+    zoo_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search computes each expert's Gram file before its first candidate and counts it in the setup cost;
+    a resumed search reuses the files (not rewritten); the chosen recipe names them, and `mergetune merge`
+    of it solves each linear layer from them (the closed form computed here from the files themselves)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from mergetune.cli import app
+    from mergetune.merging.methods import load_recipe
+    from mergetune.search.config import SearchConfig
+    from mergetune.search.loop import open_search
+
+    for key, value in zoo_env.items():
+        monkeypatch.setenv(key, value)
+    space = {"methods": {"regmean": {"options": {"alpha": [0.5, 0.9]}}}, "weight": {"per": "task"}}
+    config = SearchConfig.load(write_search_config(tmp_path / "c.yaml", space=space, budget={"candidates": 3}))
+
+    def run(candidates: int) -> dict:
+        loop = open_search(config.updated("budget", candidates=candidates))
+        try:
+            return loop.run()
+        finally:
+            loop.close()
+
+    first = run(3)["meta"]["setup"]["regmean_grams"]
+    tasks = ["sms_spam", "trec6", "vader_tweets"]
+    assert sorted(first["computed"]) == tasks and first["reused"] == [] and first["seconds"] > 0
+    written = {task: Path(path).stat().st_mtime_ns for task, path in first["files"].items()}
+    second = run(5)["meta"]["setup"]["regmean_grams"]
+    assert second["computed"] == [] and sorted(second["reused"]) == tasks
+    assert second["seconds"] == first["seconds"]  # the stored compute time: the setup cost RegMean adds
+    assert {task: Path(path).stat().st_mtime_ns for task, path in second["files"].items()} == written
+    candidates = json.loads((tmp_path / "run" / "candidates.json").read_text())
+    assert len(candidates) == 5 and all(c["state"] == "COMPLETE" for c in candidates)
+
+    recipe = load_recipe(tmp_path / "run" / "chosen" / "recipe.yaml")
+    assert recipe.method == "regmean" and recipe.options["grams"] == first["files"]
+    merged = CliRunner().invoke(app, ["merge", str(tmp_path / "run" / "chosen" / "recipe.yaml"), str(tmp_path / "m")])
+    assert merged.exit_code == 0, merged.output
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    name = "encoder.layer.1.attention.self.query.weight"
+    modelset = ModelSet.load(recipe.base, {e.name: e.model for e in recipe.experts})
+    lam = [float(recipe.weight[t]) for t in modelset.task_names]
+    grams = []
+    for task in modelset.task_names:
+        with safe_open(first["files"][task], framework="pt") as f:
+            grams.append(reduce_off_diagonal(f.get_tensor(name).double().unsqueeze(0), recipe.options["alpha"])[0])
+    experts = [(modelset.base_tensor(name) + modelset.task_vector(t, name)).double() for t in modelset.task_names]
+    lhs = sum(c * g for c, g in zip(lam, grams, strict=True))
+    rhs = sum(c * g @ w.T for c, g, w in zip(lam, grams, experts, strict=True))
+    torch.testing.assert_close(weights[name].double(), torch.linalg.solve(lhs, rhs).T, rtol=1e-4, atol=1e-5)
+
+
+def test_gram_files_are_reused_only_for_the_same_expert_and_examples(
+    zoo_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recipes name the files: one computed from another expert or example count is refused, never overwritten."""
+    import dataclasses
+
+    from mergetune.errors import MergetuneError
+    from mergetune.search.grams import ensure_grams
+    from tests.conftest import zoo_setup
+
+    setup = zoo_setup(zoo_env, tmp_path / "c.yaml", monkeypatch)
+    first = ensure_grams(setup, tmp_path / "grams", examples=8)
+    assert sorted(first.computed) == sorted(first.paths) and set(first.sequences.values()) == {8}
+    written = {t: Path(p).read_bytes() for t, p in first.paths.items()}
+    again = ensure_grams(setup, tmp_path / "grams")  # no count asked: whatever was computed is reused
+    assert again.computed == [] and again.seconds == first.seconds
+    with pytest.raises(MergetuneError, match="from 8 examples, not 16"):
+        ensure_grams(setup, tmp_path / "grams", examples=16)
+    names = list(setup.experts)
+    swapped = dict(zip(names, [setup.experts[n] for n in names[1:] + names[:1]], strict=True))
+    with pytest.raises(MergetuneError, match="another expert"):
+        ensure_grams(dataclasses.replace(setup, experts=swapped), tmp_path / "grams")
+    assert {t: Path(p).read_bytes() for t, p in first.paths.items()} == written

@@ -53,6 +53,7 @@ class FinishedSearch(Protocol):
     storage_url: str
     setup: WorkerSetup
     overheads: list[float]  # the loop's own seconds per candidate (ask + tell)
+    setup_costs: dict[str, Any]  # what preparing the candidates cost before the first one (RegMean's Grams)
 
     def records(self) -> list[TrialRecord]: ...
 
@@ -94,6 +95,7 @@ def finalize(loop: FinishedSearch) -> dict[str, Any]:
         "floors": floors,
         **_references(loop, normalizations),
         **overhead_summary(loop),
+        **({"setup": loop.setup_costs} if loop.setup_costs else {}),
     }
     return results.write_results(
         loop.out,

@@ -59,6 +59,7 @@ from mergetune.search.drivers import DRIVER_ATTR, DriverConflictError, Heartbeat
 from mergetune.search.executor import Executor, JobResult, LocalExecutor
 from mergetune.search.fidelity import FidelitySettings, Incumbent
 from mergetune.search.finalize import finalize
+from mergetune.search.grams import GRAMS_DIR, search_grams
 from mergetune.search.normalizations import check_resume, task_normalizations
 from mergetune.search.normalizations import stamp as stamp_normalizations
 from mergetune.search.optimizers import Optimizer, Outcome, Proposal, make_optimizer
@@ -214,7 +215,10 @@ def ray_executor(config: SearchConfig, setup: WorkerSetup) -> Executor:
     return RayExecutor(setup, options)
 
 
-def build_space(config: SearchConfig, models: ResolvedModels) -> SearchSpace:
+def build_space(
+    config: SearchConfig, models: ResolvedModels, fixed_options: dict[str, dict[str, Any]] | None = None
+) -> SearchSpace:
+    """The config's space over the resolved models; ``fixed_options``: see ``SearchSpace``."""
     names, model_type = tensor_names(models.base)
     groups = build_layer_groups(names, model_type, config.space.granularity).names
     return SearchSpace(
@@ -230,6 +234,7 @@ def build_space(config: SearchConfig, models: ResolvedModels) -> SearchSpace:
         allow_tokenizer_mismatch=config.models.allow_tokenizer_mismatch,
         dtype=common_dtype([models.base, *models.experts.values()]),
         storage_dtype=config.resources.storage_dtype,
+        fixed_options=fixed_options,
     )
 
 
@@ -253,10 +258,13 @@ def open_search(
     check_binding(storage_url, config)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     models = resolve_models(config, console)
-    space = build_space(config, models)
     setup = worker_setup(config, models)
     normalizations = task_normalizations(setup)
     check_resume(storage_url, config.name, normalizations)  # before any worker starts: one line, nothing loaded
+    # RegMean's statistics, once per expert before the first candidate (reused from the run folder on resume)
+    grams = search_grams(config.space.methods, setup, config.output_dir / GRAMS_DIR, console)
+    space = build_space(config, models, grams.as_options() if grams else None)
+    setup_costs = {"regmean_grams": grams.describe()} if grams else {}
     started = executor is None
     if executor is None:
         executor = ray_executor(config, setup) if config.execution.executor == "ray" else LocalExecutor(setup)
@@ -268,7 +276,7 @@ def open_search(
         if started:
             executor.close()
         raise
-    parts = SearchParts(models, space, setup, optimizer, executor, study, storage_url)
+    parts = SearchParts(models, space, setup, optimizer, executor, study, storage_url, setup_costs)
     return SearchLoop(config, parts, progress=progress)
 
 
@@ -327,6 +335,7 @@ class SearchParts:
     executor: Executor
     study: optuna.Study
     storage_url: str
+    setup_costs: dict[str, Any] = field(default_factory=dict)  # what preparing the candidates cost (RegMean's Grams)
 
 
 class SearchLoop:
@@ -343,6 +352,7 @@ class SearchLoop:
         self.executor = parts.executor
         self.study = parts.study
         self.storage_url = parts.storage_url
+        self.setup_costs = parts.setup_costs
         self.progress = progress
         self.overheads: list[float] = []
         self._best_mean: float | None = None

@@ -185,7 +185,10 @@ class SearchSpace:
         allow_tokenizer_mismatch: bool = False,
         dtype: DType = "float32",
         storage_dtype: DType = "float32",
+        fixed_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        """``fixed_options``: per method, options every recipe of it carries and no one searches (the data
+        files a method reads, e.g. RegMean's ``grams``, computed by the search before the first candidate)."""
         if not methods:
             raise ValueError("the search space needs at least one method")
         for name, spec in methods.items():
@@ -200,6 +203,7 @@ class SearchSpace:
         self.methods = dict(methods)
         self.granularity = granularity
         self.seed = seed
+        self.fixed_options = {m: dict(o) for m, o in (fixed_options or {}).items()}
         # carried into every recipe, so that the chosen one merges and exports as the search loaded it
         self.model_flags = {
             "trust_remote_code": trust_remote_code,
@@ -360,7 +364,7 @@ class SearchSpace:
         return {t: per_group(f"{SEP}{t}") for t in self.tasks}
 
     def _options(self, params: Mapping[str, Any], method: str) -> dict[str, Any]:
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = dict(self.fixed_options.get(method, {}))
         for option, spec in self.methods[method].options.items():
             name = f"{method}{SEP}opt{SEP}{option}"
             options[option] = params.get(name, spec)
