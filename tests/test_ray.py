@@ -172,17 +172,23 @@ def candidates(setup: WorkerSetup) -> list[Recipe]:
     ]
 
 
+def run_all(executor: RayExecutor, recipes: list[Any]) -> list[JobResult]:
+    """Submit every recipe (job = its index) and wait for all their results."""
+    for job, recipe in enumerate(recipes):
+        executor.submit(job, recipe)
+    results: list[JobResult] = []
+    while len(results) < len(recipes):
+        results += executor.results()
+    return results
+
+
 def test_two_ray_workers_score_like_the_local_executor(tiny_setup: WorkerSetup) -> None:
     recipes = candidates(tiny_setup)
     local = LocalExecutor(tiny_setup)
     expected = [local.worker.evaluate(r) for r in recipes]
     executor = RayExecutor(tiny_setup, RayOptions(workers=2))
     try:
-        for job, recipe in enumerate(recipes):
-            executor.submit(job, recipe)
-        results: list[JobResult] = []
-        while len(results) < len(recipes):
-            results += executor.results()
+        results = run_all(executor, recipes)
         assert executor.results() == []  # nothing in flight: returns at once
         by_job = {r.job: r for r in results}
         for job, want in enumerate(expected):
@@ -204,11 +210,7 @@ def test_a_ray_worker_over_two_devices_scores_like_a_local_one_device_worker(tin
     expected = [plain.worker.evaluate(r) for r in recipes]
     executor = RayExecutor(dataclasses.replace(tiny_setup, devices=("cpu", "cpu")), RayOptions(workers=1))
     try:
-        for job, recipe in enumerate(recipes):
-            executor.submit(job, recipe)
-        results: list[JobResult] = []
-        while len(results) < len(recipes):
-            results += executor.results()
+        results = run_all(executor, recipes)
         for result in results:
             assert result.evaluation is not None, result.error
             assert result.evaluation.scores == expected[result.job].scores
