@@ -131,7 +131,7 @@ def add_expert_level_trial(loop: SearchLoop) -> None:
 
 def expert_scores(worker: Worker) -> SuiteScores:
     """Each task's expert scored on the worker's search suite, with its per-example values."""
-    experts = {t.name: worker._load_expert(t, worker.setup.task_experts()[t.name]) for t in worker._search_tasks}
+    experts = {t.name: worker._load_model(t, worker.setup.task_experts()[t.name]) for t in worker._search_tasks}
     return worker.suite("search").score(experts)
 
 

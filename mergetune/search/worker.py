@@ -174,7 +174,7 @@ class Worker:
                 if split == "search" and self.setup.fidelity is not None:  # only the search's part is raced
                     options.update(slices=self.setup.fidelity.fractions, slice_seed=self.setup.seed)
                 suite = ValidationSuite(list(tasks), self.tokenizer, **options)
-            suite.reference_scores(self.setup.task_experts(), base=self.setup.base, loader=self._load_expert)
+            suite.reference_scores(self.setup.task_experts(), base=self.setup.base, loader=self._load_model)
             self._suites[split] = suite
         return self._suites[split]
 
@@ -185,9 +185,6 @@ class Worker:
             return load_task_model(task, folder, trust_remote_code=trust, device=self.setup.device)
         model = load_task_model(task, folder, trust_remote_code=trust, device="cpu")
         return dispatch(model, self.placement, self.modelset.layer_groups(1))
-
-    def _load_expert(self, task: TaskData, folder: str | os.PathLike[str]) -> torch.nn.Module:
-        return self._load_model(task, folder)
 
     def evaluate(
         self, recipe: Recipe | Mapping[str, Any], split: Split = "search", incumbent: Incumbent | None = None
