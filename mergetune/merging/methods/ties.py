@@ -57,7 +57,7 @@ from mergetune.merging.mergekit_spec import (
     topk_mismatch,
 )
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
-from mergetune.merging.ops import agreeing, disjoint_merge, elect_sign, elected_signs, trim
+from mergetune.merging.ops import consensus_trim, disjoint_merge, elected_signs, sign_agreement, trim
 from mergetune.merging.stats import Scope, keep_counts, official_keep_counts, order_thresholds, sort_order_scores
 
 Disjoint = Literal["mean", "sum", "weighted_mean"]
@@ -96,9 +96,12 @@ class TiesOptions(ConsensusOptions):
 def ties_values(
     tau: torch.Tensor, threshold: torch.Tensor, score: torch.Tensor | None = None, **_: Any
 ) -> list[torch.Tensor]:
-    """Per task, τ_t where its ranking score (|τ_t|, or ``score``, a sort-order rank) reaches the threshold."""
+    """Per task, τ_t where its ranking score (|τ_t|, or ``score``, a sort-order rank) reaches the threshold.
+
+    Read only through the sign consensus (and the model-wide majority's signs): ``consensus_trim``.
+    """
     scores = [None] * tau.shape[0] if score is None else score.unbind(0)
-    return [trim(t, thr, s) for t, thr, s in zip(tau.unbind(0), threshold.unbind(0), scores, strict=True)]
+    return [consensus_trim(t, thr, s) for t, thr, s in zip(tau.unbind(0), threshold.unbind(0), scores, strict=True)]
 
 
 def ties_kernel(
@@ -127,7 +130,7 @@ def sign_consensus(
     """TIES steps 2-3 on sparsified per-task values: elect the sign, merge the agreeing entries."""
     weights = weight.unbind(0)
     voted = [v * e for v, e in zip(values, election_weight.unbind(0), strict=True)]
-    masks = agreeing(voted, elect_sign(voted, cancel, majority))
+    masks = sign_agreement(voted, cancel, majority)
     return disjoint_merge(values, weights, masks, disjoint)
 
 
