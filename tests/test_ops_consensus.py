@@ -16,7 +16,16 @@ CANCEL = ["entry_majority", "model_majority", "plus_one"]
 DISJOINT = ["mean", "sum", "weighted_mean"]
 
 
-def reference_kernel(tau, weight, election_weight, threshold, scale, disjoint, cancel, majority):  # noqa: ANN001, ANN201
+def reference_kernel(
+    tau: torch.Tensor,
+    weight: torch.Tensor,
+    election_weight: torch.Tensor,
+    threshold: torch.Tensor,
+    scale: torch.Tensor,
+    disjoint: str,
+    cancel: str,
+    majority: int,
+) -> torch.Tensor:
     values = [torch.where(t.abs() >= thr, t, torch.zeros_like(t)) for t, thr in zip(tau, threshold, strict=True)]
     voted = [v * e for v, e in zip(values, election_weight, strict=True)]
     total = sum(voted[1:], voted[0])

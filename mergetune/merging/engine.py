@@ -53,6 +53,8 @@ CPU_CHUNK = 1 << 18
 def default_chunk(device: torch.device) -> int:
     """Entries per work item: fewer on CPU (cache, allocator), more on an accelerator (fewer launches)."""
     return CPU_CHUNK if device.type == "cpu" else DEFAULT_CHUNK
+
+
 RECOMPILE_LIMIT = 64
 
 

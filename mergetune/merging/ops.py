@@ -111,16 +111,6 @@ def fresh_sum(xs: Tensors) -> torch.Tensor:
     return total
 
 
-def trim(tau: torch.Tensor, threshold: torch.Tensor, magnitude: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the entries whose magnitude (default |tau|) reaches the threshold (ties kept); zero the rest.
-
-    ``magnitude`` may be any per-entry ranking score, e.g. an entry's position in a sort order
-    (``stats.OrderStatistics.order_scores``), whose threshold then selects exactly k entries.
-    """
-    magnitude = tau.abs() if magnitude is None else magnitude
-    return torch.where(magnitude >= threshold, tau, torch.zeros_like(tau))
-
-
 def consensus_trim(tau: torch.Tensor, threshold: torch.Tensor, magnitude: torch.Tensor | None = None) -> torch.Tensor:
     """``trim`` for the sign consensus: τ · keep, whose dropped entries may be −0 instead of +0.
 
@@ -132,23 +122,6 @@ def consensus_trim(tau: torch.Tensor, threshold: torch.Tensor, magnitude: torch.
     keep = tau.abs().sub_(threshold) if magnitude is None else magnitude - threshold
     # an integer score (a sort-order rank) subtracts exactly; its sign is -1/0/1, exact in float
     return keep.sign_().to(tau.dtype).add_(1.0).clamp_(max=1.0).mul_(tau)
-
-
-def elect_sign(voted: Tensors, cancel: str = "entry_majority", majority: int = 0) -> torch.Tensor:
-    """TIES sign election: γ = sign(Σ_t v_t), with a rule for the entries where the sum is exactly 0.
-
-    ``voted`` holds the trimmed task vectors, multiplied by their weights when weights are applied
-    before the election. Where Σ_t v_t cancels exactly (frequent with bf16-rounded weights), ``cancel``:
-
-    - ``entry_majority``: the majority of the entry's signs Σ_t sign(v_t), 0 (dropped) where they tie too;
-    - ``model_majority``: ``majority``, the model-wide majority of the elected signs (official TIES code,
-      ``resolve_zero_signs``), computed by the caller over the whole model;
-    - ``plus_one``: +1, as mergekit's ``get_mask`` (``sign_weight >= 0``).
-
-    Returns γ in {-1, 0, +1} (a 0 may be −0). Computed as sign(sign(Σ v)·(T + 1) + fallback): where the
-    sum is non-zero its sign outweighs any fallback (|fallback| ≤ T), where it is 0 the fallback decides.
-    """
-    return _elect(fresh_sum(voted), [torch.sign(v) for v in voted], cancel, majority)
 
 
 def _elect(total: torch.Tensor, signs: Tensors, cancel: str, majority: int) -> torch.Tensor:
@@ -169,13 +142,21 @@ def elected_signs(voted: Tensors) -> torch.Tensor:
     return torch.sign(task_sum(voted))
 
 
-def agreeing(voted: Tensors, gamma: torch.Tensor) -> list[torch.Tensor]:
-    """Per task, 1.0 where the entry is non-zero with the elected sign, else ±0.0: (v·γ > 0) as a float."""
-    return [torch.sign(v).mul_(gamma).clamp_(min=0.0) for v in voted]
-
-
 def sign_agreement(voted: Tensors, cancel: str = "entry_majority", majority: int = 0) -> list[torch.Tensor]:
-    """``agreeing(voted, elect_sign(voted, ...))``, computing each task's sign once."""
+    """TIES sign election: γ = sign(Σ_t v_t), with a rule for the entries where the sum is exactly 0.
+
+    ``voted`` holds the trimmed task vectors, multiplied by their weights when weights are applied
+    before the election. Where Σ_t v_t cancels exactly (frequent with bf16-rounded weights), ``cancel``:
+
+    - ``entry_majority``: the majority of the entry's signs Σ_t sign(v_t), 0 (dropped) where they tie too;
+    - ``model_majority``: ``majority``, the model-wide majority of the elected signs (official TIES code,
+      ``resolve_zero_signs``), computed by the caller over the whole model;
+    - ``plus_one``: +1, as mergekit's ``get_mask`` (``sign_weight >= 0``).
+
+    Returns per task the agreement mask: 1.0 where v·γ > 0, else ±0.0. γ = sign(sign(Σ v)·(T + 1) + fallback):
+    where the sum is non-zero its sign outweighs any fallback (|fallback| ≤ T), where it is 0 the fallback
+    decides; the mask is max(sign(v)·γ, 0), computing each task's sign once.
+    """
     signs = [torch.sign(v) for v in voted]
     gamma = _elect(fresh_sum(voted), signs, cancel, majority)
     return [s.mul_(gamma).clamp_(min=0.0) for s in signs]
@@ -184,7 +165,7 @@ def sign_agreement(voted: Tensors, cancel: str = "entry_majority", majority: int
 def disjoint_merge(values: Tensors, weights: Tensors, masks: Tensors, how: str) -> torch.Tensor:
     """Combine the agreeing entries: ``sum``, ``mean`` (over agreeing tasks) or ``weighted_mean``.
 
-    ``masks`` are 1.0 (agrees) or ±0.0 per task and entry (``agreeing``).
+    ``masks`` are 1.0 (agrees) or ±0.0 per task and entry (``sign_agreement``).
 
     - ``sum``: Σ_t λ_t τ_t m_t (FusionBench/AdaMerging "dis-sum");
     - ``mean``: Σ_t λ_t τ_t m_t / max(1, Σ_t m_t) (official TIES "dis-mean", λ_t per task);

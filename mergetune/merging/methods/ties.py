@@ -6,7 +6,7 @@
    official code (int(d·n) + 1 entries plus ties), ``mergekit`` keeps exactly ⌊d·n⌋, the tied ones
    in mergekit 0.1.5's order (torch's CPU sort, see ``stats.sort_order_scores``).
 2. Elect: γ = sign(Σ_t v_t) with v_t = τ̂_t (official) or λ_t τ̂_t (``weights: before_election``,
-   mergekit); where the sum is exactly 0, ``sign_cancel`` (``ops.elect_sign``): the entry's
+   mergekit); where the sum is exactly 0, ``sign_cancel`` (``ops.sign_agreement``): the entry's
    majority sign (``entry_majority``, default), the model-wide majority of the elected signs
    (``model_majority``, the official code; one more pass over the store per candidate) or +1
    (``plus_one``, mergekit).
