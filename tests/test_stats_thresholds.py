@@ -240,15 +240,3 @@ def test_bfloat16_store_thresholds_are_lookups(scope):
     with patch.object(stats.ScoreSource, "prefixes", side_effect=AssertionError("scores were read again")):
         got = statistics.kth_largest("abs", scope, k)
     assert torch.equal(got, NaiveStatistics(ms, rows).kth_largest("abs", scope, k))
-
-
-@settings(max_examples=200, deadline=None)
-@given(bits=st.lists(st.booleans(), min_size=0, max_size=70), offset=st.integers(0, 9), sparse=st.booleans())
-def test_true_indices_are_nonzero_of_the_mask(bits: list[bool], offset: int, sparse: bool) -> None:
-    """The word-wise search gives ``nonzero``'s indices, in order, for any length and alignment."""
-    mask = torch.tensor(
-        [False] * offset + [b and (not sparse or i % 13 == 0) for i, b in enumerate(bits)], dtype=torch.bool
-    )[offset:]
-    assert torch.equal(stats.true_indices(mask), mask.nonzero().squeeze(1))
-    two_d = torch.tensor(bits + [False] * (-len(bits) % 8), dtype=torch.bool).view(-1, 8)
-    assert torch.equal(stats.true_indices(two_d), two_d.view(-1).nonzero().squeeze(1))

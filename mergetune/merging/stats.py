@@ -398,20 +398,6 @@ def _in_prefixes(prefix: torch.Tensor, wanted: list[int]) -> torch.Tensor:
     return table[prefix.to(torch.int64) + N_BUCKETS // 2]
 
 
-def true_indices(mask: torch.Tensor) -> torch.Tensor:
-    """Ascending flat indices of the True entries of a contiguous bool mask (``mask.view(-1).nonzero()``).
-
-    A cut bucket's mask is sparse (well under 1% of the entries): ``nonzero`` over the 8-byte words finds
-    the few words holding a True, 8x fewer steps than over the entries, then only their entries are read.
-    """
-    flat = mask.reshape(-1)
-    if flat.numel() % 8 or flat.storage_offset() % 8 or not flat.is_contiguous():
-        return flat.nonzero().squeeze(1)
-    words = flat.view(torch.int64).nonzero().squeeze(1)
-    candidates = (words.unsqueeze(1) * 8 + torch.arange(8, device=flat.device)).reshape(-1)
-    return candidates[flat[candidates]]
-
-
 def search_block(source: ScoreSource, t: int, fam: Family, c: BlockCounts, cut: Cut, where: str) -> torch.Tensor:
     """Keys of the unknown cuts of one block: one pass keeps the entries of the cut buckets, then a selection."""
     todo = (~cut.known).nonzero().flatten()
@@ -423,7 +409,7 @@ def search_block(source: ScoreSource, t: int, fam: Family, c: BlockCounts, cut: 
     kept = []
     for a, b in fam.chunks():
         raw, prefix = source.prefixes(t, a, b, (b - a,), non_negative)
-        kept.append(source.keys(raw[true_indices(_in_prefixes(prefix, wanted))]))
+        kept.append(source.keys(raw[_in_prefixes(prefix, wanted)]))
     pool = torch.cat(kept)
     for i in todo.tolist():
         inside = pool[(pool >= cut.lo[i]) & (pool <= cut.hi[i])]
@@ -449,7 +435,7 @@ def search_rows(source: ScoreSource, t: int, fam: Family, c: RowCounts, cut: Cut
         inside = (prefix >= lo[:, None]) & (prefix <= hi[:, None])
         if not bool(todo.all()):  # rows whose cut is known take no part
             inside &= todo[:, None]
-        flat = true_indices(inside)  # one index pass serves both the rows and the values
+        flat = inside.view(-1).nonzero().squeeze(1)  # one index pass serves both the rows and the values
         row_of = flat // L
         count = torch.bincount(row_of, minlength=raw.shape[0])
         if not torch.equal(count[todo], cut.size[rows][todo]):
