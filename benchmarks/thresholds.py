@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", default=",".join(VARIANTS))
+    parser.add_argument("--forms", default="new,sorted", help="new (bucket counts) and/or sorted (the baseline)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -188,7 +189,7 @@ def main() -> None:
     print(HEADER, flush=True)
     rows: dict[tuple[str, str], dict[str, float]] = {}
     for label in [m for m in args.methods.split(",") if m in VARIANTS]:
-        forms = ["new", "sorted"] if VARIANTS[label][2] else ["new"]
+        forms = [f for f in args.forms.split(",") if f == "new" or VARIANTS[label][2]]
         for form in forms:
             rows[(label, form)] = r = measure(ms, label, args.reps, sorted_copy=form == "sorted")
             ta = rows.get(("task_arithmetic", "new"), r)["per"]

@@ -93,8 +93,56 @@ def trim(tau: torch.Tensor, threshold: torch.Tensor, magnitude: torch.Tensor | N
 
 SIGN_CANCEL_RULES = ("entry_majority", "model_majority", "plus_one")
 
+# The consensus below is written in float arithmetic (sign, multiply, add, clamp), in place on its own
+# temporaries. On CPU, eager comparisons and ``torch.where`` (bool tensors) cost several float adds per
+# entry, and every fresh chunk-sized temporary costs page faults (glibc maps large blocks anew): the two
+# were most of a TIES candidate's time. Every formula gives the bits of the comparison form it replaces
+# for finite task vectors (argued at each step; tested against it in tests/test_ops_consensus.py).
+# In-place updates touch only tensors created here, never the caller's (``tau`` may view the store).
 
-def elect_sign(voted: Tensors, cancel: str = "entry_majority", majority: int = 0) -> torch.Tensor:
+
+def fresh_sum(xs: Tensors) -> torch.Tensor:
+    """Σ_t x_t in ``task_sum``'s order, into a new tensor that the caller may update in place."""
+    if len(xs) == 1:
+        return xs[0].clone()
+    total = xs[0] + xs[1]
+    for x in xs[2:]:
+        total.add_(x)
+    return total
+
+
+def consensus_trim(tau: torch.Tensor, threshold: torch.Tensor, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """``trim`` for the sign consensus: τ · keep, whose dropped entries may be −0 instead of +0.
+
+    keep = min(sign(m − t) + 1, 1) is 1.0 exactly where m ≥ t: IEEE subtraction of finite floats is 0
+    only when they are equal, and t = +inf gives −inf. The −0 is harmless there: the consensus reads a
+    value through its sign (±0 vote 0 and never agree) and ``disjoint_merge`` restores +0 where a task
+    is masked out.
+    """
+    keep = tau.abs().sub_(threshold) if magnitude is None else magnitude - threshold
+    # an integer score (a sort-order rank) subtracts exactly; its sign is -1/0/1, exact in float
+    return keep.sign_().to(tau.dtype).add_(1.0).clamp_(max=1.0).mul_(tau)
+
+
+def _elect(total: torch.Tensor, signs: Tensors, cancel: str, majority: int) -> torch.Tensor:
+    """γ, computed in place in ``total`` (a fresh sum)."""
+    total.sign_().mul_(float(len(signs) + 1))
+    if cancel == "plus_one":
+        total.add_(1.0)
+    elif cancel == "model_majority":
+        total.add_(float(majority))
+    else:
+        for s in signs:
+            total.add_(s)  # |Σ sign| ≤ T: small integers, exact in any order
+    return total.sign_()
+
+
+def elected_signs(voted: Tensors) -> torch.Tensor:
+    """sign(Σ_t v_t), 0 where the sum cancels: what the official code sums to get the model-wide majority."""
+    return torch.sign(task_sum(voted))
+
+
+def sign_agreement(voted: Tensors, cancel: str = "entry_majority", majority: int = 0) -> list[torch.Tensor]:
     """TIES sign election: γ = sign(Σ_t v_t), with a rule for the entries where the sum is exactly 0.
 
     ``voted`` holds the trimmed task vectors, multiplied by their weights when weights are applied
@@ -105,41 +153,40 @@ def elect_sign(voted: Tensors, cancel: str = "entry_majority", majority: int = 0
       ``resolve_zero_signs``), computed by the caller over the whole model;
     - ``plus_one``: +1, as mergekit's ``get_mask`` (``sign_weight >= 0``).
 
-    Returns γ in {-1, 0, +1}.
+    Returns per task the agreement mask: 1.0 where v·γ > 0, else ±0.0. γ = sign(sign(Σ v)·(T + 1) + fallback):
+    where the sum is non-zero its sign outweighs any fallback (|fallback| ≤ T), where it is 0 the fallback
+    decides; the mask is max(sign(v)·γ, 0), computing each task's sign once.
     """
-    total = task_sum(voted)
-    if cancel == "plus_one":
-        return torch.where(total < 0, -torch.ones_like(total), torch.ones_like(total))
-    if cancel == "model_majority":
-        fallback = torch.full_like(total, float(majority))
-    else:
-        fallback = torch.sign(task_sum([torch.sign(v) for v in voted]))
-    return torch.where(total != 0, torch.sign(total), fallback)
-
-
-def elected_signs(voted: Tensors) -> torch.Tensor:
-    """sign(Σ_t v_t), 0 where the sum cancels: what the official code sums to get the model-wide majority."""
-    return torch.sign(task_sum(voted))
-
-
-def agreeing(voted: Tensors, gamma: torch.Tensor) -> list[torch.Tensor]:
-    """Per task, the mask of non-zero entries whose sign matches the elected sign."""
-    return [(v * gamma) > 0 for v in voted]
+    signs = [torch.sign(v) for v in voted]
+    gamma = _elect(fresh_sum(voted), signs, cancel, majority)
+    return [s.mul_(gamma).clamp_(min=0.0) for s in signs]
 
 
 def disjoint_merge(values: Tensors, weights: Tensors, masks: Tensors, how: str) -> torch.Tensor:
     """Combine the agreeing entries: ``sum``, ``mean`` (over agreeing tasks) or ``weighted_mean``.
 
+    ``masks`` are 1.0 (agrees) or ±0.0 per task and entry (``sign_agreement``).
+
     - ``sum``: Σ_t λ_t τ_t m_t (FusionBench/AdaMerging "dis-sum");
     - ``mean``: Σ_t λ_t τ_t m_t / max(1, Σ_t m_t) (official TIES "dis-mean", λ_t per task);
     - ``weighted_mean``: Σ_t λ_t τ_t m_t / Σ_t λ_t m_t, 0/0 -> 0 (mergekit ``normalize: true``, DELLA).
     """
-    zero = torch.zeros_like(values[0])
-    num = task_sum([torch.where(m, v * w, zero) for v, w, m in zip(values, weights, masks, strict=True)])
+    count = fresh_sum(masks)
+    num = fresh_sum([(v * w).mul_(m) for v, w, m in zip(values, weights, masks, strict=True)])
+    num.add_(_zero_sign(count, len(masks)))
     if how == "sum":
         return num
     if how == "mean":
-        count = task_sum([m.to(values[0].dtype) for m in masks])
-        return num / count.clamp(min=1.0)
-    den = task_sum([torch.where(m, w.expand_as(v), zero) for v, w, m in zip(values, weights, masks, strict=True)])
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), zero)
+        return num.div_(count.clamp_(min=1.0))
+    den = fresh_sum([w * m for w, m in zip(weights, masks, strict=True)])
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _zero_sign(count: torch.Tensor, n_tasks: int) -> torch.Tensor:
+    """The zero that gives Σ_t (λ_t τ_t)·m_t the sign of the masked form Σ_t where(m_t, λ_t τ_t, +0).
+
+    A masked-out term is ±0 here, so only a zero sum can differ, in its sign: with a task masked out
+    the masked form is +0; with every task agreeing the terms are the same in both forms. Adding +0
+    (count < T) or −0 (count = T) gives exactly that: x + 0 = x for x ≠ 0, −0 + +0 = +0, −0 + −0 = −0.
+    """
+    return count.neg().add_(n_tasks - 0.5).mul_(0.0)

@@ -139,7 +139,7 @@ def della_kernel(
     pruned = della_values(tau, p_low, p_width, rank, key_lo, key_hi, row_offset)
     if elect:
         return sign_consensus(pruned, weight, election_weight, disjoint, cancel, majority) * scale
-    every_task = [torch.ones_like(v, dtype=torch.bool) for v in pruned]
+    every_task = [torch.ones_like(v) for v in pruned]  # masks are 1.0 / 0.0 (ops.sign_agreement)
     return disjoint_merge(pruned, weight.unbind(0), every_task, disjoint) * scale
 
 

@@ -6,7 +6,7 @@
    official code (int(d·n) + 1 entries plus ties), ``mergekit`` keeps exactly ⌊d·n⌋, the tied ones
    in mergekit 0.1.5's order (torch's CPU sort, see ``stats.sort_order_scores``).
 2. Elect: γ = sign(Σ_t v_t) with v_t = τ̂_t (official) or λ_t τ̂_t (``weights: before_election``,
-   mergekit); where the sum is exactly 0, ``sign_cancel`` (``ops.elect_sign``): the entry's
+   mergekit); where the sum is exactly 0, ``sign_cancel`` (``ops.sign_agreement``): the entry's
    majority sign (``entry_majority``, default), the model-wide majority of the elected signs
    (``model_majority``, the official code; one more pass over the store per candidate) or +1
    (``plus_one``, mergekit).
@@ -57,7 +57,7 @@ from mergetune.merging.mergekit_spec import (
     topk_mismatch,
 )
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
-from mergetune.merging.ops import agreeing, disjoint_merge, elect_sign, elected_signs, trim
+from mergetune.merging.ops import consensus_trim, disjoint_merge, elected_signs, sign_agreement, trim
 from mergetune.merging.stats import Scope, keep_counts, official_keep_counts, order_thresholds, sort_order_scores
 
 Disjoint = Literal["mean", "sum", "weighted_mean"]
@@ -96,9 +96,12 @@ class TiesOptions(ConsensusOptions):
 def ties_values(
     tau: torch.Tensor, threshold: torch.Tensor, score: torch.Tensor | None = None, **_: Any
 ) -> list[torch.Tensor]:
-    """Per task, τ_t where its ranking score (|τ_t|, or ``score``, a sort-order rank) reaches the threshold."""
+    """Per task, τ_t where its ranking score (|τ_t|, or ``score``, a sort-order rank) reaches the threshold.
+
+    Read only through the sign consensus (and the model-wide majority's signs): ``consensus_trim``.
+    """
     scores = [None] * tau.shape[0] if score is None else score.unbind(0)
-    return [trim(t, thr, s) for t, thr, s in zip(tau.unbind(0), threshold.unbind(0), scores, strict=True)]
+    return [consensus_trim(t, thr, s) for t, thr, s in zip(tau.unbind(0), threshold.unbind(0), scores, strict=True)]
 
 
 def ties_kernel(
@@ -127,7 +130,7 @@ def sign_consensus(
     """TIES steps 2-3 on sparsified per-task values: elect the sign, merge the agreeing entries."""
     weights = weight.unbind(0)
     voted = [v * e for v, e in zip(values, election_weight.unbind(0), strict=True)]
-    masks = agreeing(voted, elect_sign(voted, cancel, majority))
+    masks = sign_agreement(voted, cancel, majority)
     return disjoint_merge(values, weights, masks, disjoint)
 
 
