@@ -4,7 +4,10 @@ Every protocol is its own search (a ``SearchConfig``) on the same zoo, with the 
 floors, selection rule and candidate budget (default 100); objectives, floors, selection and the
 default space come from ``configs/text8.yaml`` whatever the zoo (only ``models.zoo`` is replaced):
 
-- ``default``: the text8 config as is: TPE over task_arithmetic / ties / dare_ties / pcb /
+- ``default``: the text8 config as is: TPE over tsv / ties / pcb / task_arithmetic with one λ per
+  task and one shared density (the default since stop 21, chosen from the measurements in
+  ``benchmarks/results/search_quality.md`` and ``methods_text8.md``).
+- ``per_group``: the default until stop 21: TPE over task_arithmetic / ties / dare_ties / pcb /
   breadcrumbs, per-task × per-layer-group weights through 3 depth anchors, per-task densities.
 - ``grid``: the merging papers' protocol: Task Arithmetic and TIES with one shared λ (and, for
   TIES, one shared density) on a grid. ``points`` per axis is the largest p with p + p² ≤ budget
@@ -17,8 +20,6 @@ default space come from ``configs/text8.yaml`` whatever the zoo (only ``models.z
 - ``cmaes_ties``: the mergekit-evolve protocol: pycma CMA-ES over one weight and one density per
   layer group (``per: group`` for both, no anchors) for TIES.
 - ``random``: random search over the default space.
-- ``default_per_task``: the candidate default: TPE over the default methods with one λ per task and
-  one shared density (no depth anchors, granularity unused), i.e. the size of the PCB+ES space.
 - ``mergekit_evolve`` (causal-LM zoos; not in the default list): mergekit-evolve itself, run as a
   subprocess at the same number of evaluations, its merge scored by mergetune on the same splits
   (``benchmarks/evolve_peer.py`` says how tasks, weights and the genome map and how it runs on CPU).
@@ -150,10 +151,15 @@ def _pymoo_ga_ties(base: dict[str, Any], budget: int) -> dict[str, Any]:
     return base
 
 
-def _default_per_task(base: dict[str, Any], budget: int) -> dict[str, Any]:
-    """The candidate default (issue 15 item 2): TPE over the default methods with one λ per task and
-    one shared density, the low-dimensional space that generalised in the PCB+ES protocol."""
-    base["space"] = {**base["space"], "weight": {"per": "task"}, "density": {"per": "shared"}}
+def _per_group(base: dict[str, Any], budget: int) -> dict[str, Any]:
+    """The previous default space: five methods, λ per task × layer group through 3 depth anchors,
+    density per task (153 parameters on text8); it fitted the search split's noise (issue 15)."""
+    base["space"] = {
+        "methods": ["task_arithmetic", "ties", "dare_ties", "pcb", "breadcrumbs"],
+        "weight": {"per": "task_group", "anchors": 3},
+        "density": {"per": "task"},
+        "granularity": 2,
+    }
     return base
 
 
@@ -163,13 +169,13 @@ def _random(base: dict[str, Any], budget: int) -> dict[str, Any]:
 
 
 PROTOCOLS: dict[str, tuple[str, Callable[[dict[str, Any], int], dict[str, Any]]]] = {
-    "default": ("TPE, default space (text8 config)", _default),
+    "default": ("TPE, default space (text8 config): 4 methods, λ per task, shared density", _default),
+    "per_group": ("TPE, 5 methods, λ per task × group (3 anchors), density per task (previous default)", _per_group),
     "grid": ("grid: TA + TIES, shared λ / density", _grid),
     "ngopt_pcb": ("NGOpt: PCB, per-task λ", _ngopt_pcb),
     "cmaes_ties": ("CMA-ES: TIES, per-group λ + density", _cmaes_ties),
     "pymoo_ga_ties": ("pymoo GA: TIES, per-task λ + density (Mergenetic)", _pymoo_ga_ties),
     "random": ("random, default space", _random),
-    "default_per_task": ("TPE, default methods, λ per task + shared density (candidate default)", _default_per_task),
     # Not a mergetune search: main() hands it to evolve_peer, which reads zoo, tasks, splits and seed from this config.
     EVOLVE: (EVOLVE_TITLE, _default),
 }
