@@ -265,7 +265,10 @@ def rdb_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def test_two_drivers_share_one_rdb_study_losing_and_repeating_nothing(
     rdb_url: str, tmp_path: Path, zoo_env: dict[str, str]
 ) -> None:
-    budget = 40  # the second driver joins seconds later (imports, zoo): enough is left for it to take a share
+    # The second driver joins seconds later (imports, zoo): enough must be left for it to take a share. With 40,
+    # the first driver once finished them all before the second evaluated one (a run with a third CPU-bound
+    # process on the 2 cores, which slows the second's start-up); 100 leaves a wider margin.
+    budget = 100
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", budget, rdb_url)
     first = run_cli(["search", str(cfg)], driver_env(zoo_env), tmp_path)
     # The second starts once the first has created the study (and queued its warm starts).
