@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "search_quality.py"
+# search_quality imports its sibling benchmark modules (evolve_peer) by name, as it does when run as a script;
+# without this the file passed only when another test had put benchmarks/ on the path first.
+if str(_PATH.parent) not in sys.path:
+    sys.path.insert(0, str(_PATH.parent))
 _SPEC = importlib.util.spec_from_file_location("search_quality", _PATH)
 sq = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(sq)
