@@ -74,10 +74,11 @@ def weighted_task_sum(values: Tensors, weight: torch.Tensor) -> torch.Tensor:
 
 
 def task_sum(xs: Tensors) -> torch.Tensor:
-    """Σ_t x_t, unrolled over the (static) number of tasks."""
-    total = xs[0]
-    for x in xs[1:]:
-        total = total + x
+    """Σ_t x_t in task order, unrolled over the (static) number of tasks, always into a new tensor: the
+    sign consensus below updates it in place, and accumulating in place saves a temporary per task."""
+    total = xs[0].clone() if len(xs) == 1 else xs[0] + xs[1]
+    for x in xs[2:]:
+        total.add_(x)
     return total
 
 
@@ -99,16 +100,6 @@ SIGN_CANCEL_RULES = ("entry_majority", "model_majority", "plus_one")
 # were most of a TIES candidate's time. Every formula gives the bits of the comparison form it replaces
 # for finite task vectors (argued at each step; tested against it in tests/test_ops_consensus.py).
 # In-place updates touch only tensors created here, never the caller's (``tau`` may view the store).
-
-
-def fresh_sum(xs: Tensors) -> torch.Tensor:
-    """Σ_t x_t in ``task_sum``'s order, into a new tensor that the caller may update in place."""
-    if len(xs) == 1:
-        return xs[0].clone()
-    total = xs[0] + xs[1]
-    for x in xs[2:]:
-        total.add_(x)
-    return total
 
 
 def consensus_trim(tau: torch.Tensor, threshold: torch.Tensor, magnitude: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,7 +149,7 @@ def sign_agreement(voted: Tensors, cancel: str = "entry_majority", majority: int
     decides; the mask is max(sign(v)·γ, 0), computing each task's sign once.
     """
     signs = [torch.sign(v) for v in voted]
-    gamma = _elect(fresh_sum(voted), signs, cancel, majority)
+    gamma = _elect(task_sum(voted), signs, cancel, majority)
     return [s.mul_(gamma).clamp_(min=0.0) for s in signs]
 
 
@@ -171,14 +162,14 @@ def disjoint_merge(values: Tensors, weights: Tensors, masks: Tensors, how: str) 
     - ``mean``: Σ_t λ_t τ_t m_t / max(1, Σ_t m_t) (official TIES "dis-mean", λ_t per task);
     - ``weighted_mean``: Σ_t λ_t τ_t m_t / Σ_t λ_t m_t, 0/0 -> 0 (mergekit ``normalize: true``, DELLA).
     """
-    count = fresh_sum(masks)
-    num = fresh_sum([(v * w).mul_(m) for v, w, m in zip(values, weights, masks, strict=True)])
+    count = task_sum(masks)
+    num = task_sum([(v * w).mul_(m) for v, w, m in zip(values, weights, masks, strict=True)])
     num.add_(_zero_sign(count, len(masks)))
     if how == "sum":
         return num
     if how == "mean":
         return num.div_(count.clamp_(min=1.0))
-    den = fresh_sum([w * m for w, m in zip(weights, masks, strict=True)])
+    den = task_sum([w * m for w, m in zip(weights, masks, strict=True)])
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
