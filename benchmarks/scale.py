@@ -9,13 +9,16 @@ so |τ| ties heavily, as in real checkpoints. Shapes (Llama layout, tied embeddi
 - ``1.5b``: Qwen2.5-1.5B's shape (hidden 1536, 28 layers, MLP 8960, 12 heads / 2 KV heads, vocab 151936);
 - ``tiny``: a smoke size (hidden 256, 4 layers) to check the script.
 
-Per size, in one process (one ``--threads``, eager kernels, bf16 store): for each tier (``device``;
-on a CPU merge device ``host`` is the same memory, so it is not run twice; ``disk``: memory-mapped file,
-forced by a budget smaller than the store), load time and peak RSS, store bytes, then per method the
-first candidate (setup) and the median of the next ``--reps`` candidates, with the peak RSS of each.
-The disk tier is compared with a cold-ish sequential read of its file (pages dropped from the page
-cache with ``posix_fadvise(DONTNEED)`` first). Then ``mergetune merge`` and ``mergekit-yaml`` one-shot
-on the same folders (TA, TIES with mergekit's rules, DARE), wall time and peak RSS (``/usr/bin/time``).
+Per size, in one process (one ``--threads``; ``--kernels``: compiled, the engine's default, or eager;
+bf16 store): for each tier (``device``; on a CPU merge device ``host`` is the same memory, so it is not
+run twice; ``disk``: memory-mapped file, forced by a budget smaller than the store), load time and peak
+RSS, store bytes, then per method the kernels' compilation (compiled only), the first candidate (setup)
+and the median of the next ``--reps`` candidates, with the peak RSS of each. The disk tier is compared
+with a cold-ish sequential read of its file (pages dropped from the page cache with
+``posix_fadvise(DONTNEED)`` first); its candidates are timed cold-ish too (the store's pages released
+from the map and dropped before each one, as a store larger than the RAM would be read). Then
+``mergetune merge`` and ``mergekit-yaml`` one-shot on the same folders (TA, TIES with mergekit's rules,
+DARE), wall time and peak RSS (``/usr/bin/time``).
 Finally a projection for 7B / 70B with 4 and 8 experts on one and eight 141 GB GPUs, from the
 measured bytes per parameter and stated (assumed, not measured) bandwidths.
 
@@ -27,14 +30,16 @@ Usage: python benchmarks/scale.py [--sizes 0.5b,1.5b] [--reps 2] [--threads 2] [
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
+import math
 import os
 import shutil
-import statistics
 import sys
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,11 +47,10 @@ from merge_speed import peak_rss_bytes, peak_rss_reset
 from oneshot import MERGEKIT_TIES, max_difference
 from oneshot import timed as timed_command
 from safetensors.torch import save_file
-from thresholds import candidates
+from thresholds import KERNELS, candidates, time_candidates, use_compile
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mergetune.export.mergekit import export_mergekit
-from mergetune.merging.engine import Merger
 from mergetune.merging.methods import parse_recipe
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.residency import MemoryBudget
@@ -146,10 +150,29 @@ def _write(config: LlamaConfig, state: dict[str, torch.Tensor], dest: Path) -> N
 
 
 # ---- in-process: load, tiers, per-candidate merges ----------------------------------------------------------
-def cold_read_seconds(path: Path) -> float:
-    """Sequential read of a file after dropping its pages from the page cache (as cold as a non-root user can)."""
+MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def drop_cached_pages(path: Path, mapped: torch.Tensor | None = None) -> None:
+    """Drop a file's pages from the page cache, as cold as a non-root user can make it.
+
+    The page cache keeps a page that a process maps, so ``mapped`` (a tensor over this process's map
+    of the whole file) is first released from the map with ``madvise(MADV_DONTNEED)``: a read-only
+    file map reloads its pages from the file on the next access, so nothing is lost.
+    """
+    if mapped is not None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = ctypes.c_void_p(mapped.untyped_storage().data_ptr())
+        if libc.madvise(start, ctypes.c_size_t(path.stat().st_size), MADV_DONTNEED) != 0:
+            raise OSError(ctypes.get_errno(), f"madvise on the map of {path}")
     with open(path, "rb") as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def cold_read_seconds(path: Path) -> float:
+    """Sequential read of a file after dropping its pages from the page cache."""
+    drop_cached_pages(path)
+    with open(path, "rb") as f:
         start = time.perf_counter()
         while f.readinto(buf := bytearray(64 << 20)):
             pass
@@ -166,39 +189,18 @@ def measure_tier(tier: str, base: Path, experts: dict[str, Path], work: Path, ar
     row = {"load": time.perf_counter() - start, "load_peak": peak_rss_bytes(), "store": ms.resident_bytes()}
     row["tier"] = ms.residency.tier
     row["numel"] = ms.numel
+    drop_pages = lambda: None  # noqa: E731
     if tier == "disk":
         row["read"] = cold_read_seconds(Path(ms.residency.path))
+        # every timed candidate starts with the store's pages out of the page cache, as a store larger than
+        # the RAM would be read: a candidate's time is then compared with one cold read of the file
+        drop_pages = partial(drop_cached_pages, Path(ms.residency.path), ms.tau)
     row["methods"] = {}
     for label in args.methods:
         method, options = METHODS[label]
         recipes = candidates(ms, method, options, args.reps + 1, seed=7)
-        gc.collect()
-        if tier == "disk":  # each method starts cold-ish, as a store larger than RAM would
-            with open(ms.residency.path, "rb") as f:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        peak_rss_reset()
-        merger = Merger(ms, compile=False)
-        t0 = time.perf_counter()
-        merged = merger.merge(recipes[0])
-        setup = time.perf_counter() - t0
-        setup_peak = peak_rss_bytes()
-        output_bytes = sum(v.numel() * v.element_size() for v in merged.values())
-        del merged
-        peak_rss_reset()
-        per = []
-        for recipe in recipes[1:]:
-            t0 = time.perf_counter()
-            merger.merge(recipe)
-            per.append(time.perf_counter() - t0)
-        row["methods"][label] = {
-            "setup": setup,
-            "per": statistics.median(per),
-            "setup_peak": setup_peak,
-            "peak": peak_rss_bytes(),
-            "output": output_bytes,
-        }
-        print(f"  [{tier}] {label}: setup {setup:.2f} s, per {statistics.median(per):.2f} s", flush=True)
-        del merger
+        row["methods"][label] = m = time_candidates(ms, recipes, args.compile, before_each=drop_pages)
+        print(f"  [{tier}] {label}: setup {m['setup']:.2f} s, per {m['per']:.2f} s", flush=True)
     if tier == "disk":
         shutil.rmtree(work / "store", ignore_errors=True)
     del ms
@@ -239,7 +241,9 @@ def gb(x: float) -> str:
     return f"{x / 1e9:.2f} GB"
 
 
-def report_size(size: str, n_params: int, build_s: float, tiers: dict[str, dict], shots: list[tuple]) -> None:
+def report_size(
+    size: str, n_params: int, build_s: float, tiers: dict[str, dict], shots: list[tuple], kernels: str
+) -> None:
     hidden, layers, inter, heads, kv, vocab = SHAPES[size]
     store = next(iter(tiers.values()))["store"]
     emit(f"\n### {size}: {n_params / 1e9:.3f} B parameters, {N_EXPERTS} experts\n")
@@ -248,7 +252,7 @@ def report_size(size: str, n_params: int, build_s: float, tiers: dict[str, dict]
         "embeddings; "
         f"bf16 files ({gb(2 * n_params)} each, built in {build_s:.0f} s), bf16 store {gb(store)} "
         f"({store / n_params:.2f} bytes per parameter = {N_EXPERTS} task vectors + base). "
-        f"Load avg at end: {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()}; eager kernels; CPU.\n"
+        f"Load avg at end: {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()}; {kernels} kernels; CPU.\n"
     )
     emit("| tier | load s | load peak RSS | store bytes | disk read s (cold-ish) |")
     emit("|---|---|---|---|---|")
@@ -257,16 +261,18 @@ def report_size(size: str, n_params: int, build_s: float, tiers: dict[str, dict]
         emit(f"| {r['tier']} | {r['load']:.1f} | {gb(r['load_peak'])} | {gb(r['store'])} | {read} |")
     emit("\n(On a CPU merge device the host tier is the device tier: same memory, not run twice.)\n")
     emit(
-        "| tier | method | first candidate s | per candidate s | ×TA | setup/cand | peak RSS setup "
-        "| peak RSS per cand |"
+        "| tier | method | compile + first s | first candidate s | per candidate s | ×TA | setup/cand "
+        "| peak RSS setup | peak RSS per cand |"
     )
-    emit("|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|---|")
     for r in tiers.values():
         ta = r["methods"].get("ta", {}).get("per")
         for label, m in r["methods"].items():
             x_ta = f"{m['per'] / ta:.2f}" if ta else "-"
+            compiling = "-" if math.isnan(m.get("compile_setup", math.nan)) else f"{m['compile_setup']:.2f}"
             emit(
-                f"| {r['tier']} | {label} | {m['setup']:.2f} | {m['per']:.2f} | {x_ta} | {m['setup'] / m['per']:.1f} "
+                f"| {r['tier']} | {label} | {compiling} | {m['setup']:.2f} | {m['per']:.2f} | {x_ta} "
+                f"| {m['setup'] / m['per']:.1f} "
                 f"| {gb(m['setup_peak'])} | {gb(m['peak'])} |"
             )
     emit("\nTargets:")
@@ -345,6 +351,7 @@ def main() -> None:
     parser.add_argument("--tiers", default="device,disk", help="device and/or disk (host = device on CPU)")
     parser.add_argument("--reps", type=int, default=2, help="candidates timed after the first")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kernels", choices=KERNELS, default="compiled", help="as the engine's default, or eager")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--work", default="/work/scratch/scale")
@@ -352,6 +359,7 @@ def main() -> None:
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m in METHODS]
     torch.set_num_threads(args.threads)
+    args.compile = use_compile(args.kernels)
     emit(f"\n## Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, sizes {args.sizes}, torch {torch.__version__}")
     for size in args.sizes.split(","):
         work = Path(args.work) / size
@@ -362,7 +370,7 @@ def main() -> None:
         tiers = {tier: measure_tier(tier, base, experts, work, args) for tier in args.tiers.split(",")}
         (work / "measured.json").write_text(json.dumps(tiers, indent=1))  # kept if the report below fails
         shots = [] if args.no_mergekit else oneshot(base, experts, work, args.threads)
-        report_size(size, n_params, build_s, tiers, shots)
+        report_size(size, n_params, build_s, tiers, shots, args.kernels if args.compile else "eager")
         projection(n_params, tiers)
         if not args.keep:
             shutil.rmtree(work / "models", ignore_errors=True)

@@ -3,7 +3,9 @@
 A random Llama built from a config (nothing downloaded; ``--layers``/``--hidden`` size it, the
 default is about 100 M parameters) with bfloat16-rounded weights, and ``--tasks`` experts: each the
 base plus seeded Gaussian noise, rounded to bfloat16 again, so that |τ| ties as real checkpoints do.
-Eager kernels (no torch.compile: both forms run the same kernels), ``--threads`` torch threads.
+``--kernels compiled`` (the default: as the engine runs them wherever a C++ compiler is usable; the
+compilation is timed apart, see ``time_candidates``) or ``eager``; both forms run the same kernels;
+``--threads`` torch threads.
 
 For Task Arithmetic, TIES (global, tensor), Breadcrumbs (row), PCB (global) and DELLA, in one run,
 side by side: the bucket counts (``new``: ``OrderStatistics``) and the previous implementation
@@ -18,6 +20,7 @@ Targets (issue 14): extra memory ≤ 10% of the store for global and tensor scop
 scope; first-candidate setup ≤ 10× one candidate; TIES / Breadcrumbs / PCB per candidate ≤ 3× TA.
 
 Usage: python benchmarks/thresholds.py [--tasks 3] [--reps 3] [--layers 20] [--hidden 576] [--threads 1]
+       [--kernels compiled|eager] [--forms new,sorted] [--methods ...]
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import gc
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from merge_speed import peak_rss_bytes, peak_rss_reset, timed
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mergetune.merging.engine import Merger
+from mergetune.merging.engine import Merger, compile_available
 from mergetune.merging.methods import METHODS
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.stats import OrderStatistics, Scope, ScoreFn, abs_scores
@@ -139,29 +143,79 @@ def candidates(ms: ModelSet, method: str, options: dict, n: int, seed: int) -> l
     return out
 
 
-def measure(ms: ModelSet, label: str, reps: int, sorted_copy: bool) -> dict[str, float]:
-    method, options, _ = VARIANTS[label]
-    recipes = candidates(ms, method, options, reps + 1, seed=7)
+KERNELS = ("compiled", "eager")
+
+
+def use_compile(kernels: str) -> bool:
+    """``compiled``: the engine's own default (torch.compile where a C++ compiler is usable), else eager."""
+    return kernels == "compiled" and compile_available(torch.device("cpu"))
+
+
+def time_candidates(
+    ms: ModelSet,
+    recipes: list[Recipe],
+    compile: bool,
+    sorted_copy: bool = False,
+    before_each: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """The first candidate (setup) and the median of the others, with peak RSS and held bytes.
+
+    ``before_each`` runs (untimed) before every timed merge: e.g. dropping a disk store's pages
+    from the page cache, so each candidate reads it as a store larger than RAM would be read.
+
+    Compiled: a first Merger compiles the kernels (its first candidate, statistics included, is
+    ``compile_setup``); a second one reuses those compiled functions, so ``setup`` is what the
+    statistics cost, as in a process whose kernels torch has already compiled and cached.
+    """
     gc.collect()
+    compiled: dict | None = None
+    compile_setup = math.nan
+    if compile:
+        warm = Merger(ms, compile=True)
+        compile_setup = timed(lambda: warm.merge(recipes[0]))
+        compiled = warm._kernels  # the engine keeps its compiled kernels per method in this dict
+        del warm
+        gc.collect()
     peak_rss_reset()
-    merger = Merger(ms, compile=False)
-    layout = merger.layout(1)
+    merger = Merger(ms, compile=compile)
+    if compiled is not None:
+        merger._kernels = compiled
+    layout = merger.layout(recipes[0].grouping.granularity)
     if sorted_copy:
         layout.stats = SortedStatistics(ms, layout.rows)
-    setup = timed(lambda: merger.merge(recipes[0]))
-    per = [timed(lambda r=r: merger.merge(r)) for r in recipes[1:]]
+    before_each()
+    t0 = time.perf_counter()
+    merged = merger.merge(recipes[0])
+    setup = time.perf_counter() - t0
+    output = sum(v.numel() * v.element_size() for v in merged.values())
+    del merged
+    setup_peak = peak_rss_bytes()
+    peak_rss_reset()
+    per = []
+    for recipe in recipes[1:]:
+        before_each()
+        per.append(timed(lambda r=recipe: merger.merge(r)))
     result = {
         "setup": setup,
+        "compile_setup": compile_setup,
         "per": statistics.median(per),
-        **layout.stats.held_bytes(),
+        "setup_peak": setup_peak,
         "peak": peak_rss_bytes(),
+        "output": output,
+        **layout.stats.held_bytes(),
     }
     gc.collect()
     return result
 
 
+def measure(ms: ModelSet, label: str, reps: int, sorted_copy: bool, compile: bool) -> dict[str, float]:
+    method, options, _ = VARIANTS[label]
+    recipes = candidates(ms, method, options, reps + 1, seed=7)
+    return time_candidates(ms, recipes, compile, sorted_copy)
+
+
 HEADER = (
-    f"{'method':<20}{'stats':<8}{'setup s':>9}{'per cand ms':>13}{'x TA':>7}{'setup/cand':>12}"
+    f"{'method':<20}{'stats':<8}{'compile s':>10}{'setup s':>9}{'per cand ms':>13}{'x TA':>7}{'setup/cand':>12}"
     f"{'thresh MiB':>11}{'% store':>9}{'scores MiB':>11}{'peak RSS MiB':>14}"
 )
 
@@ -175,8 +229,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", default=",".join(VARIANTS))
     parser.add_argument("--forms", default="new,sorted", help="new (bucket counts) and/or sorted (the baseline)")
+    parser.add_argument("--kernels", choices=KERNELS, default="compiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    compile = use_compile(args.kernels)
 
     t0 = time.perf_counter()
     ms = build_modelset(args.tasks, args.layers, args.hidden)
@@ -184,20 +240,22 @@ def main() -> None:
     print(
         f"random Llama, {args.layers} layers, hidden {args.hidden}: {ms.numel / 1e6:.1f} M merged parameters, "
         f"{args.tasks} experts (bf16-rounded), store {store / 2**20:.0f} MiB float32, built in "
-        f"{time.perf_counter() - t0:.0f} s; {args.threads} thread(s), eager kernels, torch {torch.__version__}\n"
+        f"{time.perf_counter() - t0:.0f} s; {args.threads} thread(s), "
+        f"{'compiled' if compile else 'eager'} kernels, torch {torch.__version__}\n"
     )
     print(HEADER, flush=True)
     rows: dict[tuple[str, str], dict[str, float]] = {}
     for label in [m for m in args.methods.split(",") if m in VARIANTS]:
         forms = [f for f in args.forms.split(",") if f == "new" or VARIANTS[label][2]]
         for form in forms:
-            rows[(label, form)] = r = measure(ms, label, args.reps, sorted_copy=form == "sorted")
+            rows[(label, form)] = r = measure(ms, label, args.reps, form == "sorted", compile)
             ta = rows.get(("task_arithmetic", "new"), r)["per"]
             print(
-                f"{label:<20}{form:<8}{r['setup']:>9.2f}{r['per'] * 1e3:>13.0f}{r['per'] / ta:>7.2f}"
+                f"{label:<20}{form:<8}{r['compile_setup']:>10.2f}{r['setup']:>9.2f}"
+                f"{r['per'] * 1e3:>13.0f}{r['per'] / ta:>7.2f}"
                 f"{r['setup'] / r['per']:>12.1f}{r['thresholds'] / 2**20:>11.1f}{100 * r['thresholds'] / store:>8.1f}%"
                 f"{r['scores'] / 2**20:>11.0f}"
-                f"{r['peak'] / 2**20:>14.0f}",
+                f"{max(r['peak'], r['setup_peak']) / 2**20:>14.0f}",
                 flush=True,
             )
     print_verdicts(rows, store)
