@@ -81,6 +81,7 @@ PROTOCOL = "mergekit_evolve"
 TITLE = "mergekit-evolve 0.1.5: CMA-ES, TIES, per-slice weight + density (lm-eval, HF backend, CPU)"
 METHOD = "ties"
 RESULT = "result.json"
+TEST_EXAMPLES = "test_examples.json"  # the merge's per-example test outcomes, as a search writes them
 SPLITS: tuple[Split, ...] = ("search", "holdout", "test")
 LM_EVAL_DTYPE = "bfloat16"  # what mergekit-evolve evaluates its merges in (mergekit.evo.helpers.evaluate_model)
 
@@ -372,8 +373,12 @@ def run_evolve(
 
 
 # ---- scoring its merge with mergetune's evaluators ----------------------------------------------------
-def score_folder(worker: Worker, folder: Path) -> dict[str, dict[str, Any]]:
-    """Scores of the model in ``folder`` (mergekit's merged output) on each split, through the worker's suites.
+def score_folder(
+    worker: Worker, folder: Path, splits: Sequence[Split] = SPLITS
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
+    """Scores of the model in ``folder`` (mergekit's merged output) on each split, through the worker's suites,
+    and its per-example test outcomes (``{task: [value per example]}`` averaging to the task's score, as a
+    search's ``test_examples.json``).
 
     The merged tensors are written into the worker's merge buffer (which every task model's shared
     weights view); a merged tensor the folder lacks, or a shape that differs, is an error.
@@ -397,11 +402,39 @@ def score_folder(worker: Worker, folder: Path) -> dict[str, dict[str, Any]]:
                     f"{folder}: '{name}' has shape {tuple(tensors[name].shape)}, expected {tuple(view.shape)}"
                 )
             view.copy_(tensors[name].to(torch.float32))
-    out = {}
-    for split in SPLITS:
+    out, examples = {}, {}
+    for split in splits:
         scores = worker.suite(split).score(worker.models)
         out[split] = {"mean_normalized": scores.mean_normalized, "normalized": scores.normalized}
-    return out
+        out[split]["scores"] = scores.scores
+        if split == "test":
+            # in the score's units, as a search writes them: each task's values average to its score
+            kept = {n: t for n, t in scores.tasks.items() if t.per_example is not None}
+            examples = {n: (t.per_example * t.example_scale).tolist() for n, t in kept.items()}
+    return out, examples
+
+
+def chosen_summary(scored: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The part of a search's summary that the paired bootstrap reads: the chosen merge's test scores."""
+    return {"chosen": {"test": scored["test"]}}
+
+
+def backfill_test_examples(config: SearchConfig, result: dict[str, Any]) -> dict[str, Any]:
+    """A run finished before per-example test outcomes were kept: score its final merge on test again."""
+    folder = config.output_dir
+    print(f"[{PROTOCOL}] scoring {folder / 'storage' / 'final_model'} on test again for its per-example outcomes")
+    worker = Worker(worker_setup(config, resolve_models(config)))
+    test, examples = score_folder(worker, folder / "storage" / "final_model", ("test",))
+    if abs(test["test"]["mean_normalized"] - result["row"]["test"]) > 1e-9:
+        raise SystemExit(f"{folder}: its final merge now scores {test['test']} on test, not {result['row']['test']}")
+    result["scores"]["test"] = test["test"]
+    write_test_examples(folder, examples)
+    (folder / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def write_test_examples(folder: Path, examples: dict[str, list[float]]) -> None:
+    (folder / TEST_EXAMPLES).write_text(json.dumps(examples))
 
 
 # ---- the protocol -----------------------------------------------------------------------------------
@@ -413,7 +446,9 @@ def evolve_row(config: SearchConfig, budget: int, settings: dict[str, Any], batc
         result = json.loads(result_path.read_text())
         if result["settings"] == settings:
             print(f"[{PROTOCOL}] finished earlier: reading {result_path}")
-            return result["row"]
+            if not (folder / TEST_EXAMPLES).exists():
+                result = backfill_test_examples(config, result)
+            return {**result["row"], "summary": chosen_summary(result["scores"])}
         raise SystemExit(f"{folder} holds a {PROTOCOL} run with other settings ({result['settings']}); delete it")
     print(f"[{PROTOCOL}] starting in {folder}")
     models = resolve_models(config)
@@ -435,7 +470,8 @@ def evolve_row(config: SearchConfig, budget: int, settings: dict[str, Any], batc
     print(f"[{PROTOCOL}] mergekit-evolve: {evaluations} evaluations in {wall:.1f} s (references {refs_s:.1f} s)")
 
     worker = Worker(setup)
-    scored = score_folder(worker, folder / "storage" / "final_model")
+    scored, examples = score_folder(worker, folder / "storage" / "final_model")
+    write_test_examples(folder, examples)
     row = {
         "protocol": PROTOCOL,
         "optimizer": "mergekit-evolve (pycma CMA-ES)",
@@ -451,7 +487,7 @@ def evolve_row(config: SearchConfig, budget: int, settings: dict[str, Any], batc
     }
     details = {"references": refs, "popsize": popsize, "evolve_wall_s": wall, "references_wall_s": refs_s}
     result_path.write_text(json.dumps({"settings": settings, "row": row, "scores": scored, **details}, indent=2) + "\n")
-    return row
+    return {**row, "summary": chosen_summary(scored)}
 
 
 def _num_layers(base: str) -> int:

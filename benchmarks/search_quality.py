@@ -346,22 +346,59 @@ def paired_bootstrap(
     return float(observed), float(low), float(high)
 
 
-def test_outcomes(folder: Path, summary: dict[str, Any]) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """The chosen recipe's per-example test outcomes and each task's normalisation slope (normalised / score)."""
+# d(normalised score) / d(score) of the normalisations that are affine in the score, from the task's
+# test references (expert, base); a bootstrap of score differences times this slope is exact for them
+AFFINE_SLOPES: dict[str, Callable[[float, float | None], float | None]] = {
+    "merged/expert": lambda expert, base: 1.0 / expert,
+    "gain_kept": lambda expert, base: 1.0 / (expert - base) if expert != base else None,  # negated losses
+    "merged/base": lambda expert, base: 1.0 / base if base else None,
+}
+LOSS_RULES = ("gain_kept", "perplexity/base", "base/merged")
+
+
+def test_values(folder: Path, summary: dict[str, Any]) -> dict[str, list[float]]:
+    """The chosen recipe's per-example test outcomes in its score's units: each task's values average to its score.
+
+    Runs before the file was written in score units kept a token-weighted loss's per-example sums: for a
+    loss task (the summary's normalisation says so) they are rescaled by score / mean, the evaluator's
+    ``example_scale``. Any other mismatch (a metric that is not a mean of per-example values, such as
+    macro-F1, or a file from another run) is an error.
+    """
     path = folder / TEST_EXAMPLES
     if not path.exists():
         raise SystemExit(f"{path} missing: the run predates per-example test outcomes; delete {folder} and rerun")
     examples = json.loads(path.read_text())
-    test = (summary.get("chosen") or {}).get("test") or {}
-    scale = {}
-    for task, value in (test.get("normalized") or {}).items():
-        score = test["scores"][task]
-        if task not in examples or not score:
-            continue  # no per-example values, or a zero score whose slope is undefined: left out of the test
-        if abs(float(np.mean(examples[task])) - score) > 1e-6 * max(1.0, abs(score)):
-            raise SystemExit(f"{path}: task {task}'s per-example mean is not its score {score}; not a mean metric")
-        scale[task] = value / score
-    return examples, scale
+    scores = ((summary.get("chosen") or {}).get("test") or {}).get("scores") or {}
+    rules = {t: n.get("rule") for t, n in ((summary.get("meta") or {}).get("normalization") or {}).items()}
+    out = {}
+    for task, values in examples.items():
+        score, mean = scores.get(task), float(np.mean(values))
+        if score is None:
+            continue
+        if abs(mean - score) <= 1e-6 * max(1.0, abs(score)):
+            out[task] = values
+        elif rules.get(task) in LOSS_RULES and mean * score > 0:
+            out[task] = [v * score / mean for v in values]
+        else:
+            raise SystemExit(f"{path}: task {task}'s per-example mean {mean} is not its score {score} (not a mean)")
+    return out
+
+
+def score_slopes(summary: dict[str, Any]) -> dict[str, float]:
+    """Per task, the slope of its normalised test score in its score (``AFFINE_SLOPES``), from the summary's
+    normalisation rules and test references. A task normalised otherwise (a perplexity ratio) is an error."""
+    meta = summary.get("meta") or {}
+    slopes = {}
+    for task in ((summary.get("chosen") or {}).get("test") or {}).get("normalized") or {}:
+        rule = (meta.get("normalization") or {}).get(task, {}).get("rule")
+        if rule not in AFFINE_SLOPES:
+            raise SystemExit(f"task {task}: normalisation '{rule}' is not affine in the score; no paired bootstrap")
+        expert = (meta.get("references") or {}).get(task, {}).get("test")
+        base = (meta.get("base_references") or {}).get(task, {}).get("test")
+        slope = AFFINE_SLOPES[rule](expert, base) if expert else None
+        if slope:  # a zero reference leaves the slope undefined: the task is left out of the test
+            slopes[task] = slope
+    return slopes
 
 
 def cost_to_chosen(candidates: Sequence[dict[str, Any]], chosen: int | None) -> dict[str, Any]:
@@ -441,8 +478,11 @@ def statistics_lines(rows: Sequence[dict[str, Any]], folders: dict[tuple[str, in
         for seed in seeds:
             if ("default", seed) not in folders or (peer, seed) not in folders:
                 continue
-            a, scale = test_outcomes(folders[("default", seed)], by[("default", seed)]["summary"])
-            b, _ = test_outcomes(folders[(peer, seed)], by[(peer, seed)]["summary"])
+            a = test_values(folders[("default", seed)], by[("default", seed)]["summary"])
+            b = test_values(folders[(peer, seed)], by[(peer, seed)]["summary"])
+            # both scored the same test examples against the same references: the default's slopes serve both
+            slopes = score_slopes(by[("default", seed)]["summary"])
+            scale = {t: v for t, v in slopes.items() if t in a and t in b}
             diff, low, high = paired_bootstrap(a, b, scale, seed=seed)
             verdict = "default better" if low > 0 else f"{peer} better" if high < 0 else "no"
             lines.append(f"| {seed} | {diff:+.4f} | [{low:+.4f}, {high:+.4f}] | {verdict} |")
@@ -557,8 +597,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "seed": seed,
                 "config": config.model_dump(mode="json", exclude={"budget"}),
             }
-            if protocol == EVOLVE:  # not a mergetune search; no per-example test results for the bootstrap
+            if protocol == EVOLVE:  # not a mergetune search: its own runner, the same per-example test outcomes
                 rows.append({"seed": seed, **evolve_row(config, args.budget, settings)})
+                folders[(protocol, seed)] = config.output_dir
                 continue
             result = run_protocol(protocol, config, settings)
             rows.append({"seed": seed, **row_of(protocol, result, config.output_dir)})

@@ -100,14 +100,18 @@ def test_lm_eval_task_files_score_what_mergetune_scores(tiny_worker: Worker, tmp
 
 @pytest.mark.slow
 def test_score_folder_scores_the_folder_it_is_given(tiny_worker: Worker) -> None:
-    """The base's folder keeps none of an LM expert's gain (0); an expert's folder is that expert (1 on its task)."""
+    """The base's folder keeps none of an LM expert's gain (0); an expert's folder is that expert (1 on its task).
+    Its per-example test outcomes average to each task's test score (what the paired bootstrap reads)."""
     setup = tiny_worker.setup
-    base = evolve_peer.score_folder(tiny_worker, Path(setup.base))
+    base, examples = evolve_peer.score_folder(tiny_worker, Path(setup.base))
+    assert examples, "no per-example test outcomes"
+    for task, values in examples.items():
+        assert np.mean(values) == pytest.approx(base["test"]["scores"][task], rel=1e-9)
     lm_tasks = [t["name"] for t in setup.tasks if t["kind"] == "lm"]
     for split in evolve_peer.SPLITS:
         for task in lm_tasks:
             assert base[split]["normalized"][task] == pytest.approx(0.0, abs=1e-5)
     task, folder = next(iter(setup.task_experts().items()))
-    expert = evolve_peer.score_folder(tiny_worker, Path(folder))
+    expert, _ = evolve_peer.score_folder(tiny_worker, Path(folder))
     for split in evolve_peer.SPLITS:
         assert expert[split]["normalized"][task] == pytest.approx(1.0, abs=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -91,3 +92,46 @@ def test_best_peer_is_the_highest_mean_test_other_than_default() -> None:
     assert [s["protocol"] for s in summary] == ["default", "random", "ngopt_pcb"]
     assert summary[1]["test"][0] == pytest.approx(0.93)
     assert sq.best_peer(summary) == "ngopt_pcb"  # 0.94 beats random's mean 0.93
+
+
+# ---- per-example test outcomes and the slopes of the normalised score ---------------------------------------
+def _summary(scores: dict, rules: dict, expert: dict, base: dict | None = None) -> dict:
+    normalized = {t: 0.0 for t in scores}  # only the task names are read
+    return {
+        "chosen": {"test": {"scores": scores, "normalized": normalized}},
+        "meta": {
+            "normalization": {t: {"rule": r} for t, r in rules.items()},
+            "references": {t: {"test": v} for t, v in expert.items()},
+            "base_references": {t: {"test": v} for t, v in (base or {}).items()},
+        },
+    }
+
+
+def test_values_in_score_units_and_older_loss_sums_rescaled(tmp_path: Path) -> None:
+    # acc: a mean of 0/1; loss: older files kept per-example −NLL sums, score = −Σ NLL / Σ tokens
+    (tmp_path / sq.TEST_EXAMPLES).write_text(json.dumps({"acc": [1, 0, 1, 1], "loss": [-20.0, -40.0]}))
+    summary = _summary({"acc": 0.75, "loss": -3.0}, {"acc": "merged/expert", "loss": "gain_kept"}, {})
+    values = sq.test_values(tmp_path, summary)
+    assert values["acc"] == [1, 0, 1, 1]
+    assert values["loss"] == pytest.approx([-2.0, -4.0])  # scaled by score / mean = −3 / −30
+    # an accuracy-normalised task whose mean is not its score (a macro-F1's correctness proxy) is refused
+    summary["chosen"]["test"]["scores"]["acc"] = 0.7
+    with pytest.raises(SystemExit, match="acc"):
+        sq.test_values(tmp_path, summary)
+
+
+def test_score_slopes_give_the_normalised_difference_of_two_scores() -> None:
+    """slope × (score a − score b) = normalised a − normalised b, with mergetune's own normalisation."""
+    from mergetune.objectives.normalization import Normalization
+
+    expert, base = {"acc": 0.785, "loss": -5.26}, {"loss": -5.7566}
+    rules = {"acc": "merged/expert", "loss": "gain_kept"}
+    slopes = sq.score_slopes(_summary({"acc": 0.7, "loss": -5.4}, rules, expert, base))
+    norms = {"acc": Normalization("acc", "accuracy", "expert"), "loss": Normalization("loss", "neg_loss", "expert")}
+    for task, (a, b) in {"acc": (0.745, 0.70), "loss": (-5.41, -5.50)}.items():
+        assert norms[task].rule == rules[task]
+        na = norms[task].apply(a, expert=expert[task], base=base.get(task))
+        nb = norms[task].apply(b, expert=expert[task], base=base.get(task))
+        assert slopes[task] * (a - b) == pytest.approx(na - nb, rel=1e-12)
+    with pytest.raises(SystemExit, match="perplexity/base"):
+        sq.score_slopes(_summary({"ppl": -3.0}, {"ppl": "perplexity/base"}, {"ppl": 1.0}))

@@ -32,6 +32,9 @@ class Evaluation:
     # candidate scored in full, and what its race found (stopped or not, examples used, evidence)
     per_example: dict[str, list[float]] | None = None
     fidelity: dict[str, Any] | None = None
+    # with ``per_example``: each task's score = example_scale × the mean of its per-example values (1 for a
+    # mean metric; a token-weighted loss's values are per-example sums, scaled by examples / tokens)
+    example_scale: dict[str, float] | None = None
 
     @property
     def stopped(self) -> bool:
@@ -65,6 +68,7 @@ def evaluation_from_scores(
     bad = [name for name, value in scores.scores.items() if not math.isfinite(value)]
     if bad:
         raise MergetuneError(f"non-finite score on task(s) {bad}: the merged model produced NaN/inf")
+    keep = keep_examples or (fidelity is not None and not fidelity.get("stopped"))
     return Evaluation(
         scores=scores.scores,
         normalized={k: float(v) for k, v in scores.normalized.items()},
@@ -72,10 +76,9 @@ def evaluation_from_scores(
         merge_seconds=merge_s,
         eval_seconds=eval_s,
         worker=worker,
-        per_example=_per_example(scores)
-        if keep_examples or (fidelity is not None and not fidelity.get("stopped"))
-        else None,
+        per_example=_per_example(scores) if keep else None,
         fidelity=fidelity,
+        example_scale={name: float(t.example_scale) for name, t in scores.tasks.items()} if keep else None,
     )
 
 

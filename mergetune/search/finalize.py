@@ -115,13 +115,17 @@ TEST_EXAMPLES = "test_examples.json"
 
 
 def _write_test_examples(out: Path, ev: Evaluation) -> None:
-    """The chosen recipe's per-example test outcomes, {task: [value per example, row order]}.
+    """The chosen recipe's per-example test outcomes, {task: [value per example, row order]}, in the score's
+    units: each task's values average to its test score (a token-weighted loss's per-example sums are
+    scaled by examples / tokens).
 
     What a paired comparison of two runs on the same test examples needs (a bootstrap over examples:
     ``benchmarks/search_quality.py``); tasks whose evaluator has no per-example values are left out.
     """
     if ev.per_example:
-        write_atomic(out / TEST_EXAMPLES, json.dumps(ev.per_example))
+        scale = ev.example_scale or {}
+        values = {task: [v * scale.get(task, 1.0) for v in vs] for task, vs in ev.per_example.items()}
+        write_atomic(out / TEST_EXAMPLES, json.dumps(values))
 
 
 def _fidelity(loop: FinishedSearch, records: list[TrialRecord]) -> dict[str, Any]:
