@@ -7,6 +7,8 @@ default space come from ``configs/text8.yaml`` whatever the zoo (only ``models.z
 - ``default``: the text8 config as is: TPE over tsv / ties / pcb / task_arithmetic with one λ per
   task and one shared density (the default since stop 21, chosen from the measurements in
   ``benchmarks/results/search_quality.md`` and ``methods_text8.md``).
+- ``racing``: the default with multi-fidelity racing on (``evaluation.fidelity.enabled``): the same
+  search, hopeless candidates stopped on a slice of the examples; it measures what racing saves.
 - ``per_group``: the default until stop 21: TPE over task_arithmetic / ties / dare_ties / pcb /
   breadcrumbs, per-task × per-layer-group weights through 3 depth anchors, per-task densities.
 - ``grid``: the merging papers' protocol: Task Arithmetic and TIES with one shared λ (and, for
@@ -114,6 +116,12 @@ def _default(base: dict[str, Any], budget: int) -> dict[str, Any]:
     return base
 
 
+def _racing(base: dict[str, Any], budget: int) -> dict[str, Any]:
+    """The default with multi-fidelity racing on (``evaluation.fidelity``): what turning it on saves."""
+    base.setdefault("evaluation", {})["fidelity"] = {"enabled": True}
+    return base
+
+
 def _grid(base: dict[str, Any], budget: int) -> dict[str, Any]:
     methods = ["task_arithmetic", "ties"]
     points = grid_points(methods, budget)
@@ -170,6 +178,7 @@ def _random(base: dict[str, Any], budget: int) -> dict[str, Any]:
 
 PROTOCOLS: dict[str, tuple[str, Callable[[dict[str, Any], int], dict[str, Any]]]] = {
     "default": ("TPE, default space (text8 config): 4 methods, λ per task, shared density", _default),
+    "racing": ("the default with multi-fidelity racing (Wilcoxon, slices 1/8 .. 1)", _racing),
     "per_group": ("TPE, 5 methods, λ per task × group (3 anchors), density per task (previous default)", _per_group),
     "grid": ("grid: TA + TIES, shared λ / density", _grid),
     "ngopt_pcb": ("NGOpt: PCB, per-task λ", _ngopt_pcb),

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergetune.merging.methods.ties import ties_kernel
+from mergetune.merging.ops import disjoint_merge, unmasked_merge
 
 CANCEL = ["entry_majority", "model_majority", "plus_one"]
 DISJOINT = ["mean", "sum", "weighted_mean"]
@@ -96,3 +97,32 @@ def test_a_masked_out_negative_term_leaves_plus_zero() -> None:
         got = ties_kernel(tau, weight, ones, thr, scale, disjoint)
         want = reference_kernel(tau, weight, ones, thr, scale, disjoint, "entry_majority", 0)
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), disjoint
+
+
+@settings(max_examples=200, deadline=None)
+@given(n_tasks=st.integers(1, 4), data=st.data(), disjoint=st.sampled_from(DISJOINT))
+def test_unmasked_merge_is_the_all_agreeing_disjoint_merge_bit_for_bit(
+    n_tasks: int, data: st.DataObject, disjoint: str
+) -> None:
+    """DELLA without election: the mask-free merge against the comparison form with every mask True."""
+    rows, length = 3, 5
+    tau = torch.tensor(data.draw(st.lists(entries, min_size=n_tasks * rows * length, max_size=n_tasks * rows * length)))
+    values = list(tau.view(n_tasks, rows, length))
+    weight = list(
+        torch.tensor(data.draw(st.lists(weights, min_size=n_tasks * rows, max_size=n_tasks * rows))).view(
+            n_tasks, rows, 1
+        )
+    )
+    zero = torch.zeros_like(values[0])
+    num = sum([v * w for v, w in zip(values[1:], weight[1:], strict=True)], values[0] * weight[0])
+    if disjoint == "sum":
+        want = num
+    elif disjoint == "mean":
+        want = num / torch.full_like(num, float(n_tasks))
+    else:
+        den = sum([w.expand_as(v) for v, w in zip(values[1:], weight[1:], strict=True)], weight[0].expand_as(values[0]))
+        want = torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), zero)
+    got = unmasked_merge(values, weight, disjoint)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (got, want)
+    every = [torch.ones_like(v) for v in values]
+    assert torch.equal(got.view(torch.int32), disjoint_merge(values, weight, every, disjoint).view(torch.int32))

@@ -72,7 +72,7 @@ from mergetune.merging.methods.ties import (
     sign_consensus,
 )
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.ops import disjoint_merge, per_task, row_uniform
+from mergetune.merging.ops import per_task, row_uniform, unmasked_merge
 
 RANK_KIND = "della_rank"
 _RANK_CHUNK = 1 << 20  # entries ranked at a time (bounds the int64 temporaries)
@@ -139,8 +139,7 @@ def della_kernel(
     pruned = della_values(tau, p_low, p_width, rank, key_lo, key_hi, row_offset)
     if elect:
         return sign_consensus(pruned, weight, election_weight, disjoint, cancel, majority) * scale
-    every_task = [torch.ones_like(v) for v in pruned]  # masks are 1.0 / 0.0 (ops.sign_agreement)
-    return disjoint_merge(pruned, weight.unbind(0), every_task, disjoint) * scale
+    return unmasked_merge(pruned, weight.unbind(0), disjoint) * scale
 
 
 def della_values(
