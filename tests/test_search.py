@@ -188,3 +188,26 @@ def test_a_low_precision_recipe_is_scored_with_its_own_weights(
     assert torch.equal(fp32, bf16.float())
     worker.merger.merge(recipe.model_copy(update={"dtype": "float32"}))
     assert not torch.equal(bf16.float(), fp32)  # bf16 rounding is visible: the check above is not vacuous
+
+
+def test_test_examples_are_written_in_the_score_units(tmp_path: Path) -> None:
+    """A token-weighted loss keeps per-example −NLL sums; the file holds them × examples / tokens, so that
+    each task's values average to its score (what a paired bootstrap of two runs reads)."""
+    from mergetune.search.evaluation import Evaluation
+    from mergetune.search.finalize import TEST_EXAMPLES, _write_test_examples
+
+    # 2 texts of 10 and 20 tokens, NLL sums 20 and 40: score = −60 / 30 = −2, example_scale = 2 / 30
+    ev = Evaluation(
+        scores={"lm": -2.0, "acc": 0.5},
+        normalized={},
+        metrics={},
+        merge_seconds=0.0,
+        eval_seconds=0.0,
+        worker="w",
+        per_example={"lm": [-20.0, -40.0], "acc": [1.0, 0.0]},
+        example_scale={"lm": 2 / 30, "acc": 1.0},
+    )
+    _write_test_examples(tmp_path, ev)
+    written = json.loads((tmp_path / TEST_EXAMPLES).read_text())
+    assert written["lm"] == pytest.approx([-4 / 3, -8 / 3]) and sum(written["lm"]) / 2 == pytest.approx(-2.0)
+    assert written["acc"] == [1.0, 0.0]
