@@ -38,10 +38,12 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from merge_speed import peak_rss_bytes, peak_rss_reset
 from oneshot import MERGEKIT_TIES, max_difference
@@ -172,12 +174,29 @@ def drop_cached_pages(path: Path, mapped: torch.Tensor | None = None) -> None:
 def cold_read_seconds(path: Path) -> float:
     """Sequential read of a file after dropping its pages from the page cache."""
     drop_cached_pages(path)
-    with open(path, "rb") as f:
+    buf = bytearray(64 << 20)  # one buffer: a fresh one per read would time its page faults, not the disk
+    with open(path, "rb", buffering=0) as f:
         start = time.perf_counter()
-        while f.readinto(buf := bytearray(64 << 20)):
+        while f.readinto(buf):
             pass
-        del buf
         return time.perf_counter() - start
+
+
+def mapped_read_seconds(path: Path, mapped: torch.Tensor) -> float:
+    """A cold pass over the whole file through a map of its own (page faults with the kernel's readahead),
+    the way a merge reads a disk store; faster than ``read()`` into a buffer on this machine."""
+    drop_cached_pages(path, mapped)
+    with warnings.catch_warnings():  # read-only map: only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r"))
+    step = 256 << 20
+    start = time.perf_counter()
+    for a in range(0, data.numel(), step):
+        part = data[a : a + step]
+        (part.view(torch.int64) if part.numel() % 8 == 0 else part).sum()  # touch every byte
+    seconds = time.perf_counter() - start
+    drop_cached_pages(path, data)
+    return seconds
 
 
 def measure_tier(tier: str, base: Path, experts: dict[str, Path], work: Path, args: argparse.Namespace) -> dict:
@@ -191,7 +210,9 @@ def measure_tier(tier: str, base: Path, experts: dict[str, Path], work: Path, ar
     row["numel"] = ms.numel
     drop_pages = lambda: None  # noqa: E731
     if tier == "disk":
-        row["read"] = cold_read_seconds(Path(ms.residency.path))
+        row["read_call"] = cold_read_seconds(Path(ms.residency.path))
+        row["read_map"] = mapped_read_seconds(Path(ms.residency.path), ms.tau)
+        row["read"] = min(row["read_call"], row["read_map"])  # the target's reference: the faster way to read it
         # every timed candidate starts with the store's pages out of the page cache, as a store larger than
         # the RAM would be read: a candidate's time is then compared with one cold read of the file
         drop_pages = partial(drop_cached_pages, Path(ms.residency.path), ms.tau)
@@ -254,10 +275,10 @@ def report_size(
         f"({store / n_params:.2f} bytes per parameter = {N_EXPERTS} task vectors + base). "
         f"Load avg at end: {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()}; {kernels} kernels; CPU.\n"
     )
-    emit("| tier | load s | load peak RSS | store bytes | disk read s (cold-ish) |")
+    emit("| tier | load s | load peak RSS | store bytes | cold read of the store s: read() / through a map |")
     emit("|---|---|---|---|---|")
     for r in tiers.values():
-        read = f"{r['read']:.1f}" if "read" in r else "-"
+        read = f"{r['read_call']:.1f} / {r['read_map']:.1f}" if "read_map" in r else "-"
         emit(f"| {r['tier']} | {r['load']:.1f} | {gb(r['load_peak'])} | {gb(r['store'])} | {read} |")
     emit("\n(On a CPU merge device the host tier is the device tier: same memory, not run twice.)\n")
     emit(
@@ -287,7 +308,8 @@ def report_size(
                 emit(f"- [{r['tier']}] {label}: per candidate ≤ 3× TA: {x:.2f}× -> {'met' if x <= 3 else 'MISSED'}")
             if r["tier"] == "disk":
                 x = m["per"] / r["read"]
-                emit(f"- [disk] {label}: per candidate ≤ 1.5× cold read: {x:.2f}× -> {'met' if x <= 1.5 else 'MISSED'}")
+                verdict = "met" if x <= 1.5 else "MISSED"
+                emit(f"- [disk] {label}: per candidate ≤ 1.5× the faster cold read: {x:.2f}× -> {verdict}")
     if shots:
         emit("\nOne-shot, same bf16 folders (`mergetune merge --engine eager` vs `mergekit-yaml --lazy-unpickle`):\n")
         emit(
