@@ -170,6 +170,11 @@ def disjoint_merge(values: Tensors, weights: Tensors, masks: Tensors, how: str) 
     if how == "mean":
         return num.div_(count.clamp_(min=1.0))
     den = task_sum([w * m for w, m in zip(weights, masks, strict=True)])
+    return divide_or_zero(num, den)
+
+
+def divide_or_zero(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, 0 where den is 0 (the weighted mean's 0/0 -> 0); den never divides where it is 0."""
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
@@ -185,7 +190,7 @@ def unmasked_merge(values: Tensors, weights: Tensors, how: str) -> torch.Tensor:
     if how == "mean":
         return num.div_(float(len(values)))
     den = task_sum(weights)
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    return divide_or_zero(num, den)
 
 
 def _zero_sign(count: torch.Tensor, n_tasks: int) -> torch.Tensor:
