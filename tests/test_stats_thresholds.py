@@ -130,11 +130,17 @@ def signed_scores(ms: ModelSet) -> torch.Tensor:
     seed=st.integers(0, 2**16),
     density=st.floats(0.0, 1.0),
     scope=st.sampled_from(list(Scope)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
 )
-def test_signed_scores_equal_kthvalue(shapes, seed, density, scope):
-    """Scores of any sign order exactly (−0 and +0 compare equal, so either is the same threshold)."""
-    ms = make_modelset(shapes, ["ties", "one_bucket", "continuous"], 2, seed, torch.float32)
+def test_signed_scores_equal_kthvalue(shapes, seed, density, scope, dtype):
+    """Scores of any sign order exactly (−0 and +0 compare equal, so either is the same threshold).
+
+    −0 and the tiniest negatives (subnormals) share the top half of their bits but not their bucket:
+    the selection pass must keep both apart."""
+    ms = make_modelset(shapes, ["ties", "one_bucket", "continuous"], 2, seed, dtype)
     ms.tau[0, ::3] = -0.0
+    ms.tau[1, ::4] = -torch.finfo(dtype).smallest_normal / 4  # a subnormal: top bits of −0, bucket below it
+    ms.tau[1, 1::5] = -0.0
     rows = build_row_layout(ms, [0] * len(shapes))
     _, length = rows.blocks(scope, ms)
     k = keep_counts(torch.full((2, 1), density, dtype=torch.float64), length, rows.group)
@@ -240,3 +246,25 @@ def test_bfloat16_store_thresholds_are_lookups(scope):
     with patch.object(stats.ScoreSource, "prefixes", side_effect=AssertionError("scores were read again")):
         got = statistics.kth_largest("abs", scope, k)
     assert torch.equal(got, NaiveStatistics(ms, rows).kth_largest("abs", scope, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_cut_of_signed_values_sharing_buckets(dtype):
+    """Every k of one block whose buckets each hold several values: ±0 with the tiniest positive subnormals
+    (one bucket), the tiniest negative ones (the bucket below, whose raw top bits are −0's), and near-equal
+    values of both signs."""
+    tiny = torch.finfo(dtype).smallest_normal
+    deep = [tiny * 2.0**-20, tiny * 2.0**-21]  # float32: raw bits < 2¹⁶, so in +0's bucket (0 in narrower dtypes)
+    values = [-0.0, -0.0, 0.0, *deep, *(-d for d in deep), tiny / 4, -tiny / 4]
+    values += [s * (1.0 + j * 2.0**-20) for s in (1.0, -1.0) for j in range(3)]  # one float32 bucket per sign
+    tau = torch.tensor(values, dtype=torch.float32)
+    ms = ModelSet.load({"w": torch.zeros(len(values))}, {"t0": {"w": tau}}, storage_dtype=dtype)
+    rows = build_row_layout(ms, [0])
+    n = len(values)
+    fast, naive = OrderStatistics(ms, rows), NaiveStatistics(ms, rows)
+    for scope in (Scope.GLOBAL, Scope.TENSOR, Scope.ROW):
+        for k in range(1, n + 1):
+            kk = torch.full((1, 1), k)
+            got = fast.kth_largest("signed", scope, kk, signed_scores)
+            want = naive.kth_largest("signed", scope, kk, signed_scores)
+            assert torch.equal(got, want), (scope, k, got, want)

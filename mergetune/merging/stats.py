@@ -5,9 +5,10 @@ top fraction ``density`` of a *block*: the whole model (scope ``global``), one t
 or one row (``row``). The scores do not depend on the candidate, only the density does, so each
 block's bucket counts (a histogram on the top 16 bits of the scores' float32 order keys) are
 built once; the k-th largest score is then a lookup of the bucket that holds it plus, unless it is
-that bucket's largest or smallest value, one streaming pass that selects within that bucket only
-(``OrderStatistics``). The result is bit for bit the k-th largest of the block (tested against
-``NaiveStatistics``, a ``kthvalue`` per block and query); extra memory is a few percent of the store.
+that bucket's largest or smallest value, one streaming pass that counts the low 16 bits of that
+bucket's entries (global and tensor scope) or sorts them (row scope) (``OrderStatistics``). The
+result is bit for bit the k-th largest of the block (tested against ``NaiveStatistics``, a
+``kthvalue`` per block and query); extra memory is a few percent of the store.
 
 Thresholds are always returned **per row** (``[T, n_rows]``) whatever the scope, so that every
 merge kernel sees the same shapes: a global or per-tensor threshold is simply repeated over rows.
@@ -385,37 +386,74 @@ class ScoreSource(NamedTuple):
             return x, half & 0x7FFF
         return x, self.keys(x) >> BUCKET_BITS
 
+    # A bucket *label* is a cheap relabelling of the buckets (0 ≤ label < N_BUCKETS), not in score order:
+    # for float32 and bfloat16 values the top 16 bits of the raw bits (sign cleared for |τ|), so that finding
+    # the entries of a few buckets costs a shift and a table lookup per entry instead of an order key.
+    def bucket_labels(self, raw: torch.Tensor) -> torch.Tensor:
+        """int32 bucket label of each raw value read from ``values`` (flat)."""
+        raw = raw.reshape(-1)
+        if raw.dtype == torch.float32:
+            top = raw.view(torch.int32) >> BUCKET_BITS
+        elif raw.dtype == torch.bfloat16:
+            top = raw.view(torch.int16).to(torch.int32)
+        else:  # other dtypes: the order key's prefix itself
+            return (self.keys(raw) >> BUCKET_BITS).add_(N_BUCKETS // 2)
+        return top & 0x7FFF if self.magnitude else top.add_(N_BUCKETS // 2)
 
-def _in_prefixes(prefix: torch.Tensor, wanted: list[int]) -> torch.Tensor:
-    """Mask of the entries whose prefix is one of ``wanted`` (a few compares, or one table lookup for many)."""
-    if len(wanted) <= 4:
-        mask = prefix == wanted[0]
-        for w in wanted[1:]:
-            mask |= prefix == w
-        return mask
-    table = torch.zeros(N_BUCKETS, dtype=torch.bool, device=prefix.device)
-    table[torch.tensor(wanted, device=prefix.device) + N_BUCKETS // 2] = True
-    return table[prefix.to(torch.int64) + N_BUCKETS // 2]
+    def labels_of(self, dtype: torch.dtype, prefix: int) -> list[int]:
+        """The labels (``bucket_labels``) of the values whose order-key prefix is ``prefix``."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            return [prefix + N_BUCKETS // 2]
+        if self.magnitude:
+            return [prefix]  # |τ| ≥ 0: key = raw bits, sign cleared
+        # negative values: key = bits ^ 0x7FFFFFFF, so the top halves differ by ^ 0x7FFF; −0 (raw top half
+        # −32768) has the key of +0 and shares its label with the tiniest negatives (filtered by key later)
+        raw = prefix if prefix >= 0 else prefix ^ 0x7FFF
+        labels = [raw + N_BUCKETS // 2]
+        return [*labels, 0] if prefix == 0 else labels
+
+
+def bucket_table(source: ScoreSource, dtype: torch.dtype, prefixes: list[int]) -> torch.Tensor:
+    """``[N_BUCKETS]`` bool, True at the labels (``ScoreSource.bucket_labels``) of the buckets ``prefixes``."""
+    labels = set()
+    for p in prefixes:
+        labels.update(source.labels_of(dtype, p))
+    table = torch.zeros(N_BUCKETS, dtype=torch.bool, device=source.values.device)
+    table[torch.tensor(sorted(labels), dtype=torch.int64, device=table.device)] = True
+    return table
 
 
 def search_block(source: ScoreSource, t: int, fam: Family, c: BlockCounts, cut: Cut, where: str) -> torch.Tensor:
-    """Keys of the unknown cuts of one block: one pass keeps the entries of the cut buckets, then a selection."""
+    """Keys of the unknown cuts of one block: one pass counts the low 16 bits of the cut buckets' entries.
+
+    A key is its bucket (top 16 bits) and 16 low bits, so per cut bucket a ``[N_BUCKETS]`` histogram of the low
+    halves locates the r-th largest key exactly: no entry is kept, and every query is a cumulative sum.
+    """
     todo = (~cut.known).nonzero().flatten()
     key = cut.key.clone()
     if todo.numel() == 0:
         return key
-    wanted = torch.unique(cut.lo[todo] >> BUCKET_BITS).tolist()
-    non_negative = int(c.low[-1]) >= 0
-    kept = []
+    buckets = torch.unique(cut.lo[todo] >> BUCKET_BITS)  # key prefixes of the cut buckets, ascending
+    table = bucket_table(source, source.values.dtype, buckets.tolist())
+    slot_of = torch.full((N_BUCKETS,), len(buckets), dtype=torch.int64, device=table.device)
+    slot_of[buckets + N_BUCKETS // 2] = torch.arange(len(buckets), device=table.device)
+    counts = torch.zeros(len(buckets) * N_BUCKETS, dtype=torch.int64, device=table.device)
     for a, b in fam.chunks():
-        raw, prefix = source.prefixes(t, a, b, (b - a,), non_negative)
-        kept.append(source.keys(raw[_in_prefixes(prefix, wanted)]))
-    pool = torch.cat(kept)
+        raw = source.values[t, a:b]
+        keys = source.keys(raw[table.index_select(0, source.bucket_labels(raw))])
+        # a label may hold a key of another bucket (−0's raw bits are those of the tiniest negatives): skip it
+        slot = slot_of[(keys >> BUCKET_BITS).long() + N_BUCKETS // 2]
+        inside = slot < len(buckets)
+        counts += torch.bincount((slot * N_BUCKETS + (keys & 0xFFFF))[inside], minlength=counts.numel())
+    counts = counts.view(len(buckets), N_BUCKETS)
+    from_top = counts.flip(1).cumsum(1)  # [W, N_BUCKETS]: entries at or above each low half, highest first
     for i in todo.tolist():
-        inside = pool[(pool >= cut.lo[i]) & (pool <= cut.hi[i])]
-        if inside.numel() != int(cut.size[i]):
+        prefix = int(cut.lo[i]) >> BUCKET_BITS
+        w = int(torch.searchsorted(buckets, torch.tensor(prefix, device=buckets.device)))
+        if int(from_top[w, -1]) != int(cut.size[i]):
             raise _stale(where)
-        key[i] = torch.kthvalue(inside, inside.numel() - int(cut.rank[i]) + 1).values
+        low = N_BUCKETS - 1 - int(torch.searchsorted(from_top[w], int(cut.rank[i])))
+        key[i] = (prefix << BUCKET_BITS) | low
     return key
 
 
@@ -454,7 +492,9 @@ class OrderStatistics:
     buckets (the top half of a float's bits), with each bucket's extreme values; row scope shares
     coarser buckets over a tensor (``RowCounts``). A threshold is then a lookup of the bucket holding
     the k-th largest, and when it is not that bucket's largest or smallest value, one streaming pass
-    that keeps only that bucket's entries and selects among them. No sorted copy of the store is
+    over the block: a block's cut buckets are found by a table lookup on each entry's top bits, and a
+    histogram of their entries' low 16 bits gives the exact key (``search_block``; rows sort their
+    bucket's few entries, ``search_rows``). No sorted copy of the store is
     made: extra memory is a few bytes per non-empty bucket, and ``ROW_BUCKET_ENTRIES``-th of a count
     per row entry for row scope. The last few results per (kind, scope) are kept, so a threshold that
     does not depend on the candidate (Breadcrumbs' upper cut at a fixed γ) costs nothing after the first.
