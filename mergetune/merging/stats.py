@@ -257,23 +257,40 @@ def bucket_histogram(scores: TaskScores, t: int, fam: Family) -> torch.Tensor:
 
 
 def block_counts(scores: TaskScores, t: int, fam: Family, where: str) -> BlockCounts:
-    """Non-empty buckets of one block with their counts and extreme keys (one pass)."""
-    counts, low, high = None, None, None
+    """Non-empty buckets of one block with their counts and extreme keys (one pass).
+
+    bfloat16 scores (|τ| of a bfloat16 store) hold one value per bucket: its key follows from the bucket,
+    so only the counts are taken (the per-bucket minimum and maximum are two scattered passes)."""
+    counts, low, high, one_value = None, None, None, False
     for a, b in fam.chunks():
-        keys = order_keys(scores(t, a, b))
+        x = scores(t, a, b)
+        keys = order_keys(x)
         idx = bucket_of(keys).long()
         if counts is None:
             counts = torch.zeros(N_BUCKETS, dtype=torch.int64, device=keys.device)
             low = torch.full((N_BUCKETS,), _INT32_MAX, dtype=torch.int32, device=keys.device)
             high = torch.full((N_BUCKETS,), _INT32_MIN, dtype=torch.int32, device=keys.device)
+            one_value = x.dtype == torch.bfloat16  # every chunk of a block has the scores' dtype
         counts += torch.bincount(idx, minlength=N_BUCKETS)
-        low.scatter_reduce_(0, idx, keys, "amin")
-        high.scatter_reduce_(0, idx, keys, "amax")
+        if not one_value:
+            low.scatter_reduce_(0, idx, keys, "amin")
+            high.scatter_reduce_(0, idx, keys, "amax")
     assert counts is not None and low is not None and high is not None
     used = counts.nonzero().flatten().flip(0)
-    out = BlockCounts(counts[used].cumsum(0), low[used], high[used])
+    if one_value:
+        low = high = bfloat16_bucket_key(used)
+    else:
+        low, high = low[used], high[used]
+    out = BlockCounts(counts[used].cumsum(0), low, high)
     _check_keys(int(out.low[-1]), int(out.high[0]), where)
     return out
+
+
+def bfloat16_bucket_key(buckets: torch.Tensor) -> torch.Tensor:
+    """The one order key of a bfloat16 value in each bucket: its bits, then 16 zero bits (positive) or, since a
+    negative key flips the low 31 bits, 16 one bits."""
+    first = bucket_first_key(buckets)
+    return torch.where(first < 0, first | 0xFFFF, first).to(torch.int32)
 
 
 def row_bucket_starts(histogram: torch.Tensor, n_buckets: int) -> torch.Tensor:
