@@ -11,9 +11,11 @@ as in the official code; or ``tensor``):
    it, then β_t is min-max normalised: β'_t = (β_t − thr) / (max β_t − thr) where β_t > thr, else 0.
 5. τ_m = Σ_t β'_t ⊙ λ_t τ̄_t / max(Σ_t β'_t, 1e-12); Δ = scale · τ_m.
 
-The candidate only sets r = density[t, g] and λ_t = weight[t, g]: β, the clip bounds and β's
-sorted order are candidate-independent and computed once (``stats.scores`` / ``kth_largest``); a
-candidate costs two threshold lookups per row and one streaming pass. τ̄ is rebuilt in the kernel
+The candidate only sets r = density[t, g] and λ_t = weight[t, g]: β, the clip bounds (|τ|'s order
+statistics) and β's bucket counts are candidate-independent and computed once (``stats.scores`` /
+``kth_largest``); a candidate costs its drop thresholds (a lookup, and a counting pass over β where
+the cut's bucket holds several float32 values) and one streaming merge pass. Reading the float32 β
+twice beside a 16-bit store is most of a candidate's cost: about 6× Task Arithmetic's (README, Scale). τ̄ is rebuilt in the kernel
 from per-row clip bounds, so no clipped copy of the task vectors is stored.
 
 Order-statistic conventions (n = entries in the block; the official code indexes an ascending
@@ -53,7 +55,7 @@ from mergetune.merging.mergekit_spec import APPROXIMATE, ExportTables, MergekitS
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import per_task, task_sum
-from mergetune.merging.stats import Scope, keep_counts
+from mergetune.merging.stats import OrderStatistics, RowLayout, Scope, keep_counts
 
 Inter = Literal["product", "es"]
 _SLICE = 1 << 22  # entries per slice when computing β (bounds the temporaries)
@@ -67,13 +69,6 @@ class PcbOptions(MethodOptions):
 
 
 # ---- candidate-independent precomputation --------------------------------------------------------
-def _blocks(ms: ModelSet, scope: Scope) -> list[tuple[int, int]]:
-    """Flat [start, stop) range of each ranking block."""
-    if scope is Scope.GLOBAL:
-        return [(0, ms.numel)]
-    return [(s.offset, s.end) for s in ms.segments]
-
-
 def clip_ranks(n: int, q: float) -> tuple[int, int]:
     """1-based ascending ranks (k_lo, k_hi) of the clip bounds in a block of n magnitudes."""
     k_lo = math.floor(q * n + 1e-9) + 1
@@ -82,20 +77,23 @@ def clip_ranks(n: int, q: float) -> tuple[int, int]:
     return min(k_lo, n), min(k_hi, n)
 
 
-def clip_bounds(ms: ModelSet, scope: Scope, q: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-segment clip bounds (lo, hi) of |τ_t|, each ``[T, n_segments]`` (repeated for global scope)."""
-    cols_lo, cols_hi = [], []
-    for a, b in _blocks(ms, scope):
-        k_lo, k_hi = clip_ranks(b - a, q)
-        lo = torch.stack([torch.kthvalue(ms.tau[t, a:b].abs(), k_lo).values for t in range(ms.n_tasks)])
-        hi = torch.stack([torch.kthvalue(ms.tau[t, a:b].abs(), k_hi).values for t in range(ms.n_tasks)])
-        cols_lo.append(lo)
-        cols_hi.append(hi)
-    lo, hi = torch.stack(cols_lo, 1), torch.stack(cols_hi, 1)
-    if scope is Scope.GLOBAL:
-        n_seg = len(ms.segments)
-        return lo.expand(-1, n_seg).contiguous(), hi.expand(-1, n_seg).contiguous()
-    return lo, hi
+def clip_bounds(stats: OrderStatistics, rows: RowLayout, scope: Scope, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment clip bounds (lo, hi) of |τ_t|, each ``[T, n_segments]`` (repeated for global scope).
+
+    Read from the |τ| order statistics (``stats.kth_largest``, shared with TIES' thresholds): exact, with
+    no copy or selection of a whole block (``kthvalue`` copied each block once per task and bound)."""
+    ms = stats.modelset
+    n_seg = len(ms.segments)
+    lengths = [ms.numel if scope is Scope.GLOBAL else s.numel for s in ms.segments]
+    ranks = [clip_ranks(n, q) for n in lengths]
+    first_row = torch.searchsorted(rows.segment, torch.arange(n_seg, device=rows.segment.device))
+
+    def kth_smallest(rank_of_segment: list[int]) -> torch.Tensor:
+        largest = torch.tensor([n - k + 1 for n, k in zip(lengths, rank_of_segment, strict=True)])
+        k = largest.to(rows.segment.device)[rows.segment].expand(ms.n_tasks, -1)
+        return stats.kth_largest("abs", scope, k)[:, first_row]
+
+    return kth_smallest([lo for lo, _ in ranks]), kth_smallest([hi for _, hi in ranks])
 
 
 def normalized_magnitude(tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -194,7 +192,7 @@ class Pcb(ChunkMethod):
         scope = Scope(opts.scope)
         lo_seg, hi_seg = ctx.stats.cached(
             f"pcb.clip:{scope.value}:{opts.clip_quantile!r}",
-            lambda ms: clip_bounds(ms, scope, opts.clip_quantile),
+            lambda ms: clip_bounds(ctx.stats, ctx.rows, scope, opts.clip_quantile),
         )
         kind = f"pcb:{scope.value}:{opts.inter}:{opts.clip_quantile!r}"
 
