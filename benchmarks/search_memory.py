@@ -125,7 +125,7 @@ def random_llama_inputs(work: Path, size: str, examples: int) -> tuple[dict, lis
             "test_size": examples,
             "train_size": 0,
             "seed": i,
-            "normalize": "none",  # a random expert's loss need not be below the base's: raw scores
+            "normalize": "base",  # a random expert's loss need not be below the base's: against the base only
         }
         for i, name in enumerate(experts)
     ]
