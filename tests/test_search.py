@@ -168,8 +168,8 @@ def test_floors_on_some_tasks_name_their_own_constraints() -> None:
 def test_a_low_precision_recipe_is_scored_with_its_own_weights(
     zoo_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Task models are bound to the float32 merge buffer; a bfloat16 recipe merges into its own buffer,
-    whose weights the scored models must then hold (not the previous candidate's)."""
+    """Task models are bound to the float32 merge buffer; a bfloat16 recipe's values are written there rounded
+    to bfloat16 (no bf16 buffer beside it), and the scored models must hold them (not the previous candidate's)."""
     import torch
 
     from mergetune.search.loop import resolve_models, worker_setup
@@ -184,10 +184,13 @@ def test_a_low_precision_recipe_is_scored_with_its_own_weights(
     recipe = Recipe(base=setup.base, experts=experts, method="task_arithmetic", weight=0.37, dtype="bfloat16")
     worker.evaluate(recipe.model_copy(update={"dtype": "float32", "weight": 0.9}))  # something else first
     worker.evaluate(recipe)
-    fp32, bf16 = worker.merger.output_buffer(torch.float32), worker.merger.output_buffer(torch.bfloat16)
-    assert torch.equal(fp32, bf16.float())
+    fp32 = worker.merger.output_buffer(torch.float32).clone()
+    bf16 = worker.merger.merge(recipe)  # the bf16 merge itself, into a bf16 buffer of its own
+    assert all(v.dtype == torch.bfloat16 for v in bf16.values())
+    assert torch.equal(fp32, torch.cat([v.reshape(-1) for v in bf16.values()]).float())
     worker.merger.merge(recipe.model_copy(update={"dtype": "float32"}))
-    assert not torch.equal(bf16.float(), fp32)  # bf16 rounding is visible: the check above is not vacuous
+    unrounded = worker.merger.output_buffer(torch.float32)
+    assert not torch.equal(fp32, unrounded)  # bf16 rounding is visible: the check above is not vacuous
 
 
 def test_test_examples_are_written_in_the_score_units(tmp_path: Path) -> None:

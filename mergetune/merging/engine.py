@@ -95,15 +95,21 @@ class Merger:
         self._out: dict[torch.dtype, torch.Tensor] = {}
 
     # ---- public API ------------------------------------------------------------------------------
-    def merge(self, recipe: Recipe) -> dict[str, torch.Tensor]:
-        """Merge one candidate; returns {tensor name: merged tensor} for every merged tensor."""
+    def merge(self, recipe: Recipe, into: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Merge one candidate; returns {tensor name: merged tensor} for every merged tensor.
+
+        ``into``: write into the buffers of this dtype instead of the recipe's, each value rounded to the
+        recipe's dtype first: e.g. a bf16 recipe into the float32 buffer that evaluation models are bound
+        to, holding exactly the bf16 merge's values without a bf16 buffer beside it.
+        """
         ctx, method = self.context(recipe)
-        out = self.output_buffers(DTYPES[recipe.dtype])
+        rounding = DTYPES[recipe.dtype]
+        out = self.output_buffers(rounding if into is None else into)
         if isinstance(method, TensorMethod):
-            self._run_tensor_method(method, ctx, out)
+            self._run_tensor_method(method, ctx, out, rounding)
         else:
             assert isinstance(method, ChunkMethod)
-            self._run_chunk_method(method, ctx, out)
+            self._run_chunk_method(method, ctx, out, rounding)
         return self.views(out)
 
     def context(self, recipe: Recipe) -> tuple[MergeContext, Any]:
@@ -143,11 +149,6 @@ class Merger:
                 "(resources.devices): run it on one device"
             )
         return buffers[0]
-
-    def copy_output(self, source: torch.dtype, target: torch.dtype) -> None:
-        """Copy the merge of dtype ``source`` into the buffers of dtype ``target`` (e.g. bf16 -> the bound float32)."""
-        for dest, src in zip(self.output_buffers(target), self.output_buffers(source), strict=True):
-            dest.copy_(src)
 
     def views(self, buffers: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each merged tensor as a view of the buffer of the part that holds it (one tensor: the only part's)."""
@@ -210,7 +211,9 @@ class Merger:
             self._kernels[method.name] = fn
         return self._kernels[method.name]
 
-    def _run_chunk_method(self, method: ChunkMethod, ctx: MergeContext, out: list[torch.Tensor]) -> None:
+    def _run_chunk_method(
+        self, method: ChunkMethod, ctx: MergeContext, out: list[torch.Tensor], rounding: torch.dtype
+    ) -> None:
         prepared = method.prepare(ctx)
         kernel = self._kernel(method)
         parts, segments, T = self.parts(), self.modelset.segments, self.modelset.n_tasks
@@ -229,9 +232,11 @@ class Merger:
                     R, L = it.rows, it.row_length
                     args = args if whole else to_device(args, part.device)
                     merged = kernel(tau.view(T, R, L), base.view(R, L), **args)
-                    buffer[here.start : here.stop].copy_(merged.reshape(-1))
+                    buffer[here.start : here.stop].copy_(_rounded(merged.reshape(-1), rounding))
 
-    def _run_tensor_method(self, method: TensorMethod, ctx: MergeContext, out: list[torch.Tensor]) -> None:
+    def _run_tensor_method(
+        self, method: TensorMethod, ctx: MergeContext, out: list[torch.Tensor], rounding: torch.dtype
+    ) -> None:
         parts = self.parts()
         with torch.inference_mode():
             for i, seg in enumerate(self.modelset.segments):
@@ -240,7 +245,12 @@ class Merger:
                 # a whole-tensor method (SVD, ...) computes from the ModelSet's store; its result goes to the part
                 delta = method.merge_tensor(ctx, i).reshape(-1).to(part.device)
                 b = part.base[start : start + seg.numel].to(part.device, torch.float32)
-                buffer[start : start + seg.numel].copy_(b + delta)
+                buffer[start : start + seg.numel].copy_(_rounded(b + delta, rounding))
+
+
+def _rounded(merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float32 merge rounded to ``dtype`` (as writing it into a buffer of that dtype would)."""
+    return merged if merged.dtype == dtype else merged.to(dtype)
 
 
 def _with_base(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

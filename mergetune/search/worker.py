@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mergetune.errors import MergetuneError
-from mergetune.merging.engine import DTYPES, Merger
+from mergetune.merging.engine import Merger
 from mergetune.merging.methods import get_method
 from mergetune.merging.modelset import STORAGE_DTYPES, ModelSet
 from mergetune.merging.placement import Placement, dispatch, group_store_bytes, plan_placement, resolve_devices
@@ -203,9 +203,8 @@ class Worker:
             run = self.dynamic.run(recipe, self.suite(split))
             return run.annotate(evaluation_from_scores(run.scores, run.build_seconds, run.eval_seconds, self.name))
         start = time.perf_counter()
-        self.merger.merge(recipe)
-        if recipe.dtype != "float32":  # the task models are bound to the float32 buffer: give them these weights
-            self.merger.copy_output(DTYPES[recipe.dtype], torch.float32)
+        # the task models are bound to the float32 buffer: a bf16 recipe's values are written there, rounded
+        self.merger.merge(recipe, into=torch.float32)
         merged = time.perf_counter()
         suite = self.suite(split)
         if split == "search" and self.setup.fidelity is not None:

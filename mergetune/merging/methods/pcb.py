@@ -15,8 +15,8 @@ The candidate only sets r = density[t, g] and λ_t = weight[t, g]: β, the clip 
 statistics) and β's bucket counts are candidate-independent and computed once (``stats.scores`` /
 ``kth_largest``); a candidate costs its drop thresholds (a lookup, and a counting pass over β where
 the cut's bucket holds several float32 values) and one streaming merge pass. Reading the float32 β
-twice beside a 16-bit store is most of a candidate's cost: about 6× Task Arithmetic's (README, Scale). τ̄ is rebuilt in the kernel
-from per-row clip bounds, so no clipped copy of the task vectors is stored.
+twice beside a 16-bit store is most of a candidate's cost: about 6× Task Arithmetic's (README, Scale).
+τ̄ is rebuilt in the kernel from per-row clip bounds, so no clipped copy of the task vectors is stored.
 
 Order-statistic conventions (n = entries in the block; the official code indexes an ascending
 sort at ``int(n·q)`` and ``int(n·(1−q) − 1)`` for the clip, ``int(n·(1−r))`` for the drop):
