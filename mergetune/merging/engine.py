@@ -103,8 +103,9 @@ class Merger:
         to, holding exactly the bf16 merge's values without a bf16 buffer beside it.
         """
         ctx, method = self.context(recipe)
-        rounding = DTYPES[recipe.dtype]
-        out = self.output_buffers(rounding if into is None else into)
+        dtype = DTYPES[recipe.dtype]
+        out = self.output_buffers(dtype if into is None else into)
+        rounding = None if into in (None, dtype) else dtype  # a buffer of the recipe's dtype rounds as it is written
         if isinstance(method, TensorMethod):
             self._run_tensor_method(method, ctx, out, rounding)
         else:
@@ -212,7 +213,7 @@ class Merger:
         return self._kernels[method.name]
 
     def _run_chunk_method(
-        self, method: ChunkMethod, ctx: MergeContext, out: list[torch.Tensor], rounding: torch.dtype
+        self, method: ChunkMethod, ctx: MergeContext, out: list[torch.Tensor], rounding: torch.dtype | None
     ) -> None:
         prepared = method.prepare(ctx)
         kernel = self._kernel(method)
@@ -235,7 +236,7 @@ class Merger:
                     buffer[here.start : here.stop].copy_(_rounded(merged.reshape(-1), rounding))
 
     def _run_tensor_method(
-        self, method: TensorMethod, ctx: MergeContext, out: list[torch.Tensor], rounding: torch.dtype
+        self, method: TensorMethod, ctx: MergeContext, out: list[torch.Tensor], rounding: torch.dtype | None
     ) -> None:
         parts = self.parts()
         with torch.inference_mode():
@@ -248,9 +249,9 @@ class Merger:
                 buffer[start : start + seg.numel].copy_(_rounded(b + delta, rounding))
 
 
-def _rounded(merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float32 merge rounded to ``dtype`` (as writing it into a buffer of that dtype would)."""
-    return merged if merged.dtype == dtype else merged.to(dtype)
+def _rounded(merged: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The float32 merge rounded to ``dtype`` (as writing it into a buffer of that dtype would); None: as is."""
+    return merged if dtype is None else merged.to(dtype)
 
 
 def _with_base(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

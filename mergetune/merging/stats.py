@@ -413,13 +413,13 @@ class ScoreSource(NamedTuple):
             top = raw.view(torch.int32) >> BUCKET_BITS
         elif raw.dtype == torch.bfloat16:
             top = raw.view(torch.int16).to(torch.int32)
-        else:  # other dtypes: the order key's prefix itself
-            return (self.keys(raw) >> BUCKET_BITS).add_(N_BUCKETS // 2)
+        else:  # other dtypes: the order key's bucket itself
+            return bucket_of(self.keys(raw))
         return top & 0x7FFF if self.magnitude else top.add_(N_BUCKETS // 2)
 
-    def labels_of(self, dtype: torch.dtype, prefix: int) -> list[int]:
+    def labels_of(self, prefix: int) -> list[int]:
         """The labels (``bucket_labels``) of the values whose order-key prefix is ``prefix``."""
-        if dtype not in (torch.float32, torch.bfloat16):
+        if self.values.dtype not in (torch.float32, torch.bfloat16):
             return [prefix + N_BUCKETS // 2]
         if self.magnitude:
             return [prefix]  # |τ| ≥ 0: key = raw bits, sign cleared
@@ -430,17 +430,17 @@ class ScoreSource(NamedTuple):
         return [*labels, 0] if prefix == 0 else labels
 
 
-def bucket_table(source: ScoreSource, dtype: torch.dtype, prefixes: list[int]) -> torch.Tensor:
+def bucket_table(source: ScoreSource, prefixes: list[int]) -> torch.Tensor:
     """``[N_BUCKETS]`` bool, True at the labels (``ScoreSource.bucket_labels``) of the buckets ``prefixes``."""
     labels = set()
     for p in prefixes:
-        labels.update(source.labels_of(dtype, p))
+        labels.update(source.labels_of(p))
     table = torch.zeros(N_BUCKETS, dtype=torch.bool, device=source.values.device)
     table[torch.tensor(sorted(labels), dtype=torch.int64, device=table.device)] = True
     return table
 
 
-def search_block(source: ScoreSource, t: int, fam: Family, c: BlockCounts, cut: Cut, where: str) -> torch.Tensor:
+def search_block(source: ScoreSource, t: int, fam: Family, cut: Cut, where: str) -> torch.Tensor:
     """Keys of the unknown cuts of one block: one pass counts the low 16 bits of the cut buckets' entries.
 
     A key is its bucket (top 16 bits) and 16 low bits, so per cut bucket a ``[N_BUCKETS]`` histogram of the low
@@ -451,15 +451,15 @@ def search_block(source: ScoreSource, t: int, fam: Family, c: BlockCounts, cut: 
     if todo.numel() == 0:
         return key
     buckets = torch.unique(cut.lo[todo] >> BUCKET_BITS)  # key prefixes of the cut buckets, ascending
-    table = bucket_table(source, source.values.dtype, buckets.tolist())
+    table = bucket_table(source, buckets.tolist())
     slot_of = torch.full((N_BUCKETS,), len(buckets), dtype=torch.int64, device=table.device)
-    slot_of[buckets + N_BUCKETS // 2] = torch.arange(len(buckets), device=table.device)
+    slot_of[buckets + N_BUCKETS // 2] = torch.arange(len(buckets), device=table.device)  # bucket index of a prefix
     counts = torch.zeros(len(buckets) * N_BUCKETS, dtype=torch.int64, device=table.device)
     for a, b in fam.chunks():
         raw = source.values[t, a:b]
         keys = source.keys(raw[table.index_select(0, source.bucket_labels(raw))])
         # a label may hold a key of another bucket (−0's raw bits are those of the tiniest negatives): skip it
-        slot = slot_of[(keys >> BUCKET_BITS).long() + N_BUCKETS // 2]
+        slot = slot_of[bucket_of(keys).long()]
         inside = slot < len(buckets)
         counts += torch.bincount((slot * N_BUCKETS + (keys & 0xFFFF))[inside], minlength=counts.numel())
     counts = counts.view(len(buckets), N_BUCKETS)
@@ -570,7 +570,7 @@ class OrderStatistics:
                     keys[t, fam.rows] = search_rows(source, t, fam, c, row_cut(c, kk), where)
                     continue
                 distinct, inverse = torch.unique(kk, return_inverse=True)
-                keys[t, fam.rows] = search_block(source, t, fam, c, block_cut(c, distinct), where)[inverse]
+                keys[t, fam.rows] = search_block(source, t, fam, block_cut(c, distinct), where)[inverse]
         values = key_values(keys).to(source.values.dtype)
         return torch.where(k > 0, values, torch.full_like(values, math.inf))
 
