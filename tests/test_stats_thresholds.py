@@ -268,3 +268,25 @@ def test_every_cut_of_signed_values_sharing_buckets(dtype):
             got = fast.kth_largest("signed", scope, kk, signed_scores)
             want = naive.kth_largest("signed", scope, kk, signed_scores)
             assert torch.equal(got, want), (scope, k, got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("magnitude", [True, False])
+def test_histogram_counts_the_buckets_of_the_order_keys(dtype, magnitude):
+    """``ScoreSource.histogram`` (raw top bits for |τ| of float32 / bfloat16) counts each value in the bucket of its
+    order key: ±0, subnormals of both signs, ±inf, and values whose top bits differ only below the bucket."""
+    info = torch.finfo(dtype)
+    special = [-0.0, 0.0, info.smallest_normal / 4, -info.smallest_normal / 4, info.tiny, -info.max, info.max]
+    special += [math.inf, -math.inf, 1.0 + 2.0**-20, -(1.0 + 2.0**-20), 1.0, -1.0]
+    gen = torch.Generator().manual_seed(3)
+    values = torch.cat(
+        [
+            torch.tensor(special),
+            torch.randn(5000, generator=gen) * 10.0 ** torch.randint(-30, 30, (5000,), generator=gen),
+        ]
+    )
+    raw = values.to(dtype)
+    source = stats.ScoreSource(raw.unsqueeze(0), magnitude=magnitude)
+    scores = raw.abs() if magnitude else raw
+    want = torch.bincount(stats.bucket_of(stats.order_keys(scores)).long(), minlength=stats.N_BUCKETS)
+    assert torch.equal(source.histogram(raw), want)

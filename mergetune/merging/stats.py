@@ -135,7 +135,6 @@ def sort_order_scores(magnitude: torch.Tensor, descending: bool) -> torch.Tensor
 
 
 ScoreFn = Callable[[ModelSet], torch.Tensor]  # -> [T, D] scores, same layout as the store
-TaskScores = Callable[[int, int, int], torch.Tensor]  # (task, start, stop) -> that flat range's scores
 
 
 def abs_scores(modelset: ModelSet) -> torch.Tensor:
@@ -246,36 +245,35 @@ def _check_keys(low: int, high: int, where: str) -> None:
         raise ValueError(f"{where} holds NaN scores: top-k thresholds need every score to be a number")
 
 
-def bucket_histogram(scores: TaskScores, t: int, fam: Family) -> torch.Tensor:
+def bucket_histogram(source: ScoreSource, t: int, fam: Family) -> torch.Tensor:
     """``[N_BUCKETS]`` int64 counts of one task's scores in a family."""
     counts: torch.Tensor | None = None
     for a, b in fam.chunks():
-        part = torch.bincount(bucket_of(order_keys(scores(t, a, b))).long(), minlength=N_BUCKETS)
+        part = source.histogram(source.values[t, a:b])
         counts = part if counts is None else counts + part
     assert counts is not None
     return counts
 
 
-def block_counts(scores: TaskScores, t: int, fam: Family, where: str) -> BlockCounts:
+def block_counts(source: ScoreSource, t: int, fam: Family, where: str) -> BlockCounts:
     """Non-empty buckets of one block with their counts and extreme keys (one pass).
 
     bfloat16 scores (|τ| of a bfloat16 store) hold one value per bucket: its key follows from the bucket,
     so only the counts are taken (the per-bucket minimum and maximum are two scattered passes)."""
-    counts, low, high, one_value = None, None, None, False
+    one_value = source.values.dtype == torch.bfloat16
+    counts = torch.zeros(N_BUCKETS, dtype=torch.int64, device=source.values.device)
+    low = torch.full((N_BUCKETS,), _INT32_MAX, dtype=torch.int32, device=counts.device)
+    high = torch.full((N_BUCKETS,), _INT32_MIN, dtype=torch.int32, device=counts.device)
     for a, b in fam.chunks():
-        x = scores(t, a, b)
-        keys = order_keys(x)
-        idx = bucket_of(keys).long()
-        if counts is None:
-            counts = torch.zeros(N_BUCKETS, dtype=torch.int64, device=keys.device)
-            low = torch.full((N_BUCKETS,), _INT32_MAX, dtype=torch.int32, device=keys.device)
-            high = torch.full((N_BUCKETS,), _INT32_MIN, dtype=torch.int32, device=keys.device)
-            one_value = x.dtype == torch.bfloat16  # every chunk of a block has the scores' dtype
+        raw = source.values[t, a:b]
+        if one_value:
+            counts += source.histogram(raw)
+            continue
+        keys = source.keys(raw)
+        idx = bucket_of(keys).long()  # scatter_reduce_ indexes with int64
         counts += torch.bincount(idx, minlength=N_BUCKETS)
-        if not one_value:
-            low.scatter_reduce_(0, idx, keys, "amin")
-            high.scatter_reduce_(0, idx, keys, "amax")
-    assert counts is not None and low is not None and high is not None
+        low.scatter_reduce_(0, idx, keys, "amin")
+        high.scatter_reduce_(0, idx, keys, "amax")
     used = counts.nonzero().flatten().flip(0)
     if one_value:
         low = high = bfloat16_bucket_key(used)
@@ -302,15 +300,15 @@ def row_bucket_starts(histogram: torch.Tensor, n_buckets: int) -> torch.Tensor:
     return torch.unique(torch.cat([cuts, torch.zeros(1, dtype=cuts.dtype, device=cuts.device)])).flip(0).to(torch.int32)
 
 
-def row_counts(scores: TaskScores, t: int, fam: Family, where: str) -> RowCounts:
+def row_counts(source: ScoreSource, t: int, fam: Family, where: str) -> RowCounts:
     """Per-row cumulative counts over the tensor's shared row buckets (two passes over the tensor)."""
     L = fam.block_length
-    start = row_bucket_starts(bucket_histogram(scores, t, fam), max(1, L // ROW_BUCKET_ENTRIES))
+    start = row_bucket_starts(bucket_histogram(source, t, fam), max(1, L // ROW_BUCKET_ENTRIES))
     ascending, S = start.flip(0), start.numel()
     cum_dtype = torch.int16 if L < 2**15 else torch.int32
     cums, lows, highs = [], [], []
     for a, b in fam.chunks():
-        keys = order_keys(scores(t, a, b)).view(-1, L)
+        keys = source.keys(source.values[t, a:b]).view(-1, L)
         q = (S - torch.searchsorted(ascending, bucket_of(keys), right=True)).long()
         counts = torch.zeros(keys.shape[0], S, dtype=torch.int32, device=keys.device).scatter_add_(
             1, q, torch.ones_like(q, dtype=torch.int32)
@@ -377,14 +375,21 @@ class ScoreSource(NamedTuple):
     values: torch.Tensor  # [T, D]
     magnitude: bool  # rank |values| (the store's τ) rather than the values
 
-    def read(self, t: int, a: int, b: int) -> torch.Tensor:
-        """Scores of task t over the flat range [a, b) (|τ| computed for that range only)."""
-        x = self.values[t, a:b]
-        return x.abs() if self.magnitude else x
-
     def keys(self, raw: torch.Tensor) -> torch.Tensor:
         """Order keys of raw values read from ``values``."""
         return order_keys(raw.abs() if self.magnitude else raw)
+
+    def histogram(self, raw: torch.Tensor) -> torch.Tensor:
+        """``[N_BUCKETS]`` int64 counts of the buckets of raw values read from ``values``.
+
+        |τ| of a float32 or bfloat16 store is counted on its raw top 16 bits with the sign cleared (a
+        non-negative key's bucket is those bits + N/2), as int16 or int32: building an int64 key or
+        index per entry costs several times the count itself."""
+        if self.magnitude and raw.dtype in (torch.float32, torch.bfloat16):
+            top = raw.view(torch.int16) if raw.dtype == torch.bfloat16 else raw.view(torch.int32) >> BUCKET_BITS
+            upper = torch.bincount((top & 0x7FFF).reshape(-1), minlength=N_BUCKETS // 2)
+            return torch.cat([torch.zeros_like(upper), upper])
+        return torch.bincount(bucket_of(self.keys(raw)).reshape(-1), minlength=N_BUCKETS)
 
     def prefixes(
         self, t: int, a: int, b: int, shape: tuple[int, ...], non_negative: bool
@@ -560,7 +565,7 @@ class OrderStatistics:
 
     def _kth_largest(self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn) -> torch.Tensor:
         source = self._source(kind, compute)
-        counts = self._histograms(kind, scope, source.read)
+        counts = self._histograms(kind, scope, source)
         keys = torch.zeros(k.shape, dtype=torch.int32, device=k.device)
         for t in range(k.shape[0]):
             for i, (fam, c) in enumerate(zip(families(scope, self.modelset), counts[t], strict=True)):
@@ -580,13 +585,13 @@ class OrderStatistics:
             return ScoreSource(self.modelset.tau, magnitude=True)
         return ScoreSource(self.scores(kind, compute), magnitude=False)
 
-    def _histograms(self, kind: str, scope: Scope, scores: TaskScores) -> list[list[BlockCounts | RowCounts]]:
+    def _histograms(self, kind: str, scope: Scope, source: ScoreSource) -> list[list[BlockCounts | RowCounts]]:
         key = (kind, scope)
         if key not in self._counts:
             build = row_counts if scope is Scope.ROW else block_counts
             fams = families(scope, self.modelset)
             self._counts[key] = [
-                [build(scores, t, f, f"score '{kind}', task {t}, {scope.value} block {i}") for i, f in enumerate(fams)]
+                [build(source, t, f, f"score '{kind}', task {t}, {scope.value} block {i}") for i, f in enumerate(fams)]
                 for t in range(self.modelset.n_tasks)
             ]
         return self._counts[key]
