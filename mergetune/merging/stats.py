@@ -402,10 +402,7 @@ class ScoreSource(NamedTuple):
         """
         x = self.values[t, a:b].view(shape)
         if (self.magnitude or non_negative) and x.dtype in (torch.float32, torch.bfloat16):
-            half = x.view(torch.int16)
-            if x.dtype == torch.float32:  # the high half of each 32-bit word
-                half = half[..., 1::2] if sys.byteorder == "little" else half[..., 0::2]
-            return x, half & 0x7FFF
+            return x, top_halves(x) & 0x7FFF
         return x, self.keys(x) >> BUCKET_BITS
 
     # A bucket *label* is a cheap relabelling of the buckets (0 ≤ label < N_BUCKETS), not in score order:
@@ -435,14 +432,62 @@ class ScoreSource(NamedTuple):
         return [*labels, 0] if prefix == 0 else labels
 
 
-def bucket_table(source: ScoreSource, prefixes: list[int]) -> torch.Tensor:
-    """``[N_BUCKETS]`` bool, True at the labels (``ScoreSource.bucket_labels``) of the buckets ``prefixes``."""
-    labels = set()
-    for p in prefixes:
-        labels.update(source.labels_of(p))
-    table = torch.zeros(N_BUCKETS, dtype=torch.bool, device=source.values.device)
-    table[torch.tensor(sorted(labels), dtype=torch.int64, device=table.device)] = True
-    return table
+def top_halves(x: torch.Tensor) -> torch.Tensor:
+    """int16 view of the top 16 bits of each float32 (a strided view, no copy) or bfloat16 value."""
+    half = x.view(torch.int16)
+    if x.dtype == torch.float32:  # the high half of each 32-bit word
+        half = half[..., 1::2] if sys.byteorder == "little" else half[..., 0::2]
+    return half
+
+
+class BucketFinder:
+    """The entries of a chunk that lie in a few buckets (``prefixes``), for the pass that searches cut buckets.
+
+    A float32 block (the only dtype whose buckets hold several values, bar float16) matches the raw top
+    16 bits of its values: against each wanted pattern when there are few (one compare per pattern on a
+    view of the bits), else by a table lookup on them; both write into buffers reused across chunks, since
+    a fresh multi-MB temporary per chunk costs more in page faults than the compare itself. Other dtypes
+    look their bucket labels up (``ScoreSource.bucket_labels``). A label may hold a key of another bucket
+    (−0's raw bits are those of the tiniest negatives): callers filter the entries by key.
+    """
+
+    COMPARE_LIMIT = 4  # patterns matched by compares; more go through the table
+
+    def __init__(self, source: ScoreSource, prefixes: list[int]) -> None:
+        self.source = source
+        labels = sorted({label for p in prefixes for label in source.labels_of(p)})
+        self.table = torch.zeros(N_BUCKETS, dtype=torch.bool, device=source.values.device)
+        self.raw_bits = source.values.dtype == torch.float32
+        if self.raw_bits:
+            # label → raw top halves: |τ| clears the sign (both signs match), signed scores offset by N/2
+            half = N_BUCKETS // 2
+            self.patterns = [x for lb in labels for x in ((lb, lb - half) if source.magnitude else (lb - half,))]
+            self.table[torch.tensor(self.patterns, dtype=torch.int64, device=self.table.device) + half] = True
+        else:
+            self.table[torch.tensor(labels, dtype=torch.int64, device=self.table.device)] = True
+        self._mask = self._spare = self._index = torch.empty(0, device=self.table.device)
+
+    def entries(self, raw: torch.Tensor) -> torch.Tensor:
+        """The values of ``raw`` (flat) whose bucket label is wanted."""
+        if not self.raw_bits:
+            return raw[self.table.index_select(0, self.source.bucket_labels(raw))]
+        n = raw.numel()
+        if self._mask.numel() < n:
+            self._mask = torch.empty(n, dtype=torch.bool, device=raw.device)
+        mask = self._mask[:n]
+        if len(self.patterns) <= self.COMPARE_LIMIT:
+            top = top_halves(raw)
+            torch.eq(top, self.patterns[0], out=mask)
+            for pattern in self.patterns[1:]:
+                if self._spare.numel() < n:
+                    self._spare = torch.empty(n, dtype=torch.bool, device=raw.device)
+                mask.logical_or_(torch.eq(top, pattern, out=self._spare[:n]))
+        else:
+            if self._index.numel() < n:
+                self._index = torch.empty(n, dtype=torch.int32, device=raw.device)
+            index = torch.bitwise_right_shift(raw.view(torch.int32), BUCKET_BITS, out=self._index[:n])
+            torch.index_select(self.table, 0, index.add_(N_BUCKETS // 2), out=mask)
+        return raw[mask]
 
 
 def search_block(source: ScoreSource, t: int, fam: Family, cut: Cut, where: str) -> torch.Tensor:
@@ -456,13 +501,13 @@ def search_block(source: ScoreSource, t: int, fam: Family, cut: Cut, where: str)
     if todo.numel() == 0:
         return key
     buckets = torch.unique(cut.lo[todo] >> BUCKET_BITS)  # key prefixes of the cut buckets, ascending
-    table = bucket_table(source, buckets.tolist())
-    slot_of = torch.full((N_BUCKETS,), len(buckets), dtype=torch.int64, device=table.device)
-    slot_of[buckets + N_BUCKETS // 2] = torch.arange(len(buckets), device=table.device)  # bucket index of a prefix
-    counts = torch.zeros(len(buckets) * N_BUCKETS, dtype=torch.int64, device=table.device)
+    finder = BucketFinder(source, buckets.tolist())
+    device = source.values.device
+    slot_of = torch.full((N_BUCKETS,), len(buckets), dtype=torch.int64, device=device)
+    slot_of[buckets + N_BUCKETS // 2] = torch.arange(len(buckets), device=device)  # bucket index of a prefix
+    counts = torch.zeros(len(buckets) * N_BUCKETS, dtype=torch.int64, device=device)
     for a, b in fam.chunks():
-        raw = source.values[t, a:b]
-        keys = source.keys(raw[table.index_select(0, source.bucket_labels(raw))])
+        keys = source.keys(finder.entries(source.values[t, a:b]))
         # a label may hold a key of another bucket (−0's raw bits are those of the tiniest negatives): skip it
         slot = slot_of[bucket_of(keys).long()]
         inside = slot < len(buckets)
