@@ -220,7 +220,9 @@ def families(scope: Scope, modelset: ModelSet) -> list[Family]:
 
 
 class BlockCounts(NamedTuple):
-    """One block's non-empty buckets, highest first: cumulative counts from the top, each bucket's extreme keys."""
+    """One block's non-empty buckets, highest first: cumulative counts from the top, and bounds of each bucket's
+    keys: exact (its smallest and largest key) for the block's minimum and maximum and for a bucket that holds one
+    value (every bucket of a bfloat16 block); the bucket's key range otherwise."""
 
     cum: torch.Tensor  # [S] int64
     low: torch.Tensor  # [S] int32
@@ -256,29 +258,30 @@ def bucket_histogram(source: ScoreSource, t: int, fam: Family) -> torch.Tensor:
 
 
 def block_counts(source: ScoreSource, t: int, fam: Family, where: str) -> BlockCounts:
-    """Non-empty buckets of one block with their counts and extreme keys (one pass).
+    """Non-empty buckets of one block with their counts and key bounds (one pass).
 
-    bfloat16 scores (|τ| of a bfloat16 store) hold one value per bucket: its key follows from the bucket,
-    so only the counts are taken (the per-bucket minimum and maximum are two scattered passes)."""
+    bfloat16 scores (|τ| of a bfloat16 store) hold one value per bucket: its key follows from the bucket. Other
+    dtypes keep only the block's minimum and maximum key: a cut is rarely its bucket's extreme value, and the
+    per-bucket minimum and maximum were two scattered passes with an int64 index per entry (most of the pass)."""
     one_value = source.values.dtype == torch.bfloat16
     counts = torch.zeros(N_BUCKETS, dtype=torch.int64, device=source.values.device)
-    low = torch.full((N_BUCKETS,), _INT32_MAX, dtype=torch.int32, device=counts.device)
-    high = torch.full((N_BUCKETS,), _INT32_MIN, dtype=torch.int32, device=counts.device)
+    lowest, highest = _INT32_MAX, _INT32_MIN
     for a, b in fam.chunks():
         raw = source.values[t, a:b]
         if one_value:
             counts += source.histogram(raw)
             continue
         keys = source.keys(raw)
-        idx = bucket_of(keys).long()  # scatter_reduce_ indexes with int64
-        counts += torch.bincount(idx, minlength=N_BUCKETS)
-        low.scatter_reduce_(0, idx, keys, "amin")
-        high.scatter_reduce_(0, idx, keys, "amax")
+        counts += torch.bincount(bucket_of(keys), minlength=N_BUCKETS)
+        low, high = torch.aminmax(keys)
+        lowest, highest = min(lowest, int(low)), max(highest, int(high))
     used = counts.nonzero().flatten().flip(0)
     if one_value:
         low = high = bfloat16_bucket_key(used)
     else:
-        low, high = low[used], high[used]
+        low = bucket_first_key(used).to(torch.int32)
+        high = (bucket_first_key(used + 1) - 1).to(torch.int32)
+        low[-1], high[0] = lowest, highest
     out = BlockCounts(counts[used].cumsum(0), low, high)
     _check_keys(int(out.low[-1]), int(out.high[0]), where)
     return out
@@ -344,13 +347,14 @@ def _locate(cum: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def block_cut(c: BlockCounts, k: torch.Tensor) -> Cut:
-    """Cuts of queries ``k`` (1 ≤ k ≤ n) in one block: known when the k-th is its bucket's largest or smallest
-    value, or the bucket holds one value."""
+    """Cuts of queries ``k`` (1 ≤ k ≤ n) in one block: known when the k-th is the block's maximum or minimum, or
+    its bucket holds one value (always so on a bfloat16 store)."""
     q, above, size = _locate(c.cum.unsqueeze(0), k.unsqueeze(0))
     rank = k - above
     high, low = c.high[q], c.low[q]
-    key = torch.where(rank == 1, high, low)
-    known = (rank == 1) | (rank == size) | (low == high)  # one value in the bucket: always so on a bfloat16 store
+    at_max, at_min = (rank == 1) & (q == 0), (rank == size) & (q == c.cum.numel() - 1)
+    key = torch.where(at_max, high, low)
+    known = at_max | at_min | (low == high)
     return Cut(key, known, low.to(torch.int64), high.to(torch.int64), rank, size)
 
 
