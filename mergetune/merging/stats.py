@@ -390,8 +390,7 @@ class ScoreSource(NamedTuple):
         non-negative key's bucket is those bits + N/2), as int16 or int32: building an int64 key or
         index per entry costs several times the count itself."""
         if self.magnitude and raw.dtype in (torch.float32, torch.bfloat16):
-            top = raw.view(torch.int16) if raw.dtype == torch.bfloat16 else raw.view(torch.int32) >> BUCKET_BITS
-            upper = torch.bincount((top & 0x7FFF).reshape(-1), minlength=N_BUCKETS // 2)
+            upper = torch.bincount((top_halves(raw) & 0x7FFF).reshape(-1), minlength=N_BUCKETS // 2)
             return torch.cat([torch.zeros_like(upper), upper])
         return torch.bincount(bucket_of(self.keys(raw)).reshape(-1), minlength=N_BUCKETS)
 
@@ -409,31 +408,16 @@ class ScoreSource(NamedTuple):
             return x, top_halves(x) & 0x7FFF
         return x, self.keys(x) >> BUCKET_BITS
 
-    # A bucket *label* is a cheap relabelling of the buckets (0 ≤ label < N_BUCKETS), not in score order:
-    # for float32 and bfloat16 values the top 16 bits of the raw bits (sign cleared for |τ|), so that finding
-    # the entries of a few buckets costs a shift and a table lookup per entry instead of an order key.
-    def bucket_labels(self, raw: torch.Tensor) -> torch.Tensor:
-        """int32 bucket label of each raw value read from ``values`` (flat)."""
-        raw = raw.reshape(-1)
-        if raw.dtype == torch.float32:
-            top = raw.view(torch.int32) >> BUCKET_BITS
-        elif raw.dtype == torch.bfloat16:
-            top = raw.view(torch.int16).to(torch.int32)
-        else:  # other dtypes: the order key's bucket itself
-            return bucket_of(self.keys(raw))
-        return top & 0x7FFF if self.magnitude else top.add_(N_BUCKETS // 2)
-
-    def labels_of(self, prefix: int) -> list[int]:
-        """The labels (``bucket_labels``) of the values whose order-key prefix is ``prefix``."""
-        if self.values.dtype not in (torch.float32, torch.bfloat16):
-            return [prefix + N_BUCKETS // 2]
+    def top_patterns(self, prefix: int) -> list[int]:
+        """The raw top 16 bits (int16, as ``top_halves`` reads them) of the float32 values whose order-key prefix
+        is ``prefix``: matching them finds a bucket's entries without an order key per entry. A pattern may also
+        match values of another bucket (−0's raw top half is the tiniest negatives'): filter by key after."""
         if self.magnitude:
-            return [prefix]  # |τ| ≥ 0: key = raw bits, sign cleared
+            return [prefix, prefix - N_BUCKETS // 2]  # |τ| ≥ 0: key = raw bits with the sign cleared, either sign
         # negative values: key = bits ^ 0x7FFFFFFF, so the top halves differ by ^ 0x7FFF; −0 (raw top half
-        # −32768) has the key of +0 and shares its label with the tiniest negatives (filtered by key later)
+        # −32768) has the key of +0
         raw = prefix if prefix >= 0 else prefix ^ 0x7FFF
-        labels = [raw + N_BUCKETS // 2]
-        return [*labels, 0] if prefix == 0 else labels
+        return [raw, -(N_BUCKETS // 2)] if prefix == 0 else [raw]
 
 
 def top_halves(x: torch.Tensor) -> torch.Tensor:
@@ -448,33 +432,31 @@ class BucketFinder:
     """The entries of a chunk that lie in a few buckets (``prefixes``), for the pass that searches cut buckets.
 
     A float32 block (the only dtype whose buckets hold several values, bar float16) matches the raw top
-    16 bits of its values: against each wanted pattern when there are few (one compare per pattern on a
-    view of the bits), else by a table lookup on them; both write into buffers reused across chunks, since
-    a fresh multi-MB temporary per chunk costs more in page faults than the compare itself. Other dtypes
-    look their bucket labels up (``ScoreSource.bucket_labels``). A label may hold a key of another bucket
-    (−0's raw bits are those of the tiniest negatives): callers filter the entries by key.
+    16 bits of its values (``ScoreSource.top_patterns``): against each pattern when there are few (one compare
+    per pattern on a view of the bits), else by a table lookup on them; both write into buffers reused across
+    chunks, since a fresh multi-MB temporary per chunk costs more in page faults than the compare itself. Other
+    dtypes look up their order keys' buckets. Callers filter the entries by key (a pattern may match another
+    bucket's values).
     """
 
     COMPARE_LIMIT = 4  # patterns matched by compares; more go through the table
 
     def __init__(self, source: ScoreSource, prefixes: list[int]) -> None:
         self.source = source
-        labels = sorted({label for p in prefixes for label in source.labels_of(p)})
         self.table = torch.zeros(N_BUCKETS, dtype=torch.bool, device=source.values.device)
         self.raw_bits = source.values.dtype == torch.float32
         if self.raw_bits:
-            # label → raw top halves: |τ| clears the sign (both signs match), signed scores offset by N/2
-            half = N_BUCKETS // 2
-            self.patterns = [x for lb in labels for x in ((lb, lb - half) if source.magnitude else (lb - half,))]
-            self.table[torch.tensor(self.patterns, dtype=torch.int64, device=self.table.device) + half] = True
+            self.patterns = sorted({x for p in prefixes for x in source.top_patterns(p)})
+            wanted = self.patterns
         else:
-            self.table[torch.tensor(labels, dtype=torch.int64, device=self.table.device)] = True
+            wanted = prefixes
+        self.table[torch.tensor(wanted, dtype=torch.int64, device=self.table.device) + N_BUCKETS // 2] = True
         self._mask = self._spare = self._index = torch.empty(0, device=self.table.device)
 
     def entries(self, raw: torch.Tensor) -> torch.Tensor:
-        """The values of ``raw`` (flat) whose bucket label is wanted."""
+        """The values of ``raw`` (flat) in the wanted buckets (and, for float32, any sharing their top bits)."""
         if not self.raw_bits:
-            return raw[self.table.index_select(0, self.source.bucket_labels(raw))]
+            return raw[self.table.index_select(0, bucket_of(self.source.keys(raw)))]
         n = raw.numel()
         if self._mask.numel() < n:
             self._mask = torch.empty(n, dtype=torch.bool, device=raw.device)
@@ -512,7 +494,7 @@ def search_block(source: ScoreSource, t: int, fam: Family, cut: Cut, where: str)
     counts = torch.zeros(len(buckets) * N_BUCKETS, dtype=torch.int64, device=device)
     for a, b in fam.chunks():
         keys = source.keys(finder.entries(source.values[t, a:b]))
-        # a label may hold a key of another bucket (−0's raw bits are those of the tiniest negatives): skip it
+        # a pattern may match a key of another bucket (−0's raw top half is the tiniest negatives'): skip it
         slot = slot_of[bucket_of(keys).long()]
         inside = slot < len(buckets)
         counts += torch.bincount((slot * N_BUCKETS + (keys & 0xFFFF))[inside], minlength=counts.numel())
