@@ -16,6 +16,7 @@ import torch
 from conftest import State, make_models, make_recipe, merge
 
 from mergetune.errors import RecipeError
+from mergetune.merging import ops
 from mergetune.merging.engine import Merger
 from mergetune.merging.methods.della import RANK_KIND, della_ranks
 from mergetune.merging.modelset import ModelSet
@@ -212,6 +213,31 @@ def test_dare_masks_differ_between_tasks_and_tensors() -> None:
     w_b = merge(ms, recipe("dare_linear", weight={"a": 0.0, "b": 1.0}, density=0.5, tasks=["a", "b"]))
     assert not torch.equal(w_a["layers.0.w"] != 0, w_b["layers.0.w"] != 0)
     assert not torch.equal(w_a["layers.0.w"] != 0, w_a["layers.1.w"] != 0)
+
+
+def _mix32_python(x: int) -> int:
+    """The hash's mixer in Python integers (reference for both implementations)."""
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x6A09E667 | 1), (13, 0x5BD1E995)):
+        x = ((x ^ (x >> shift)) * mult) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize(
+    ("rows", "length"),
+    [(3, 5), (2, 40_000), (70, 577), (1, 1), (4, 16_384), (2, 16_385), (3, 0)],
+)
+def test_eager_cpu_uniforms_equal_the_int64_hash(rows: int, length: int) -> None:
+    """The eager CPU path (uint32 blocks in numpy) draws the same bits as the int64 ``uniform`` on any
+    row length (shorter or longer than its blocks), with indices past 2**32 (the hash keeps 32 bits)."""
+    g = torch.Generator().manual_seed(rows * 100_003 + length)
+    lo, hi = (torch.randint(0, 2**32, (rows, 1), generator=g) for _ in range(2))
+    offset = torch.randint(0, 2**34, (rows, 1), generator=g)
+    got = ops.row_uniform(lo, hi, offset, length)
+    assert torch.equal(got, uniform(lo, hi, offset + torch.arange(length)))
+    for r, c in [(0, 0), (rows - 1, length - 1), (rows // 2, length // 2)] if length else []:
+        index = int(offset[r, 0]) + c
+        x = _mix32_python(_mix32_python((index ^ int(lo[r, 0])) & 0xFFFFFFFF) ^ int(hi[r, 0]))
+        assert got[r, c].item() == (x >> 8) / 2**24
 
 
 @pytest.mark.parametrize(

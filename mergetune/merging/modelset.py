@@ -128,7 +128,8 @@ class ModelSet:
         )
         self.device = self.tau.device
         try:
-            self._fill(base, experts, expert_states, check_finite)
+            if self.device.type != "meta":  # a header ModelSet has no values to fill (and arithmetic on meta
+                self._fill(base, experts, expert_states, check_finite)  # tensors would import torch's compiler)
         except BaseException:
             discard_disk_store(self.residency)
             raise

@@ -30,6 +30,7 @@ SPECIAL_KEYS = (
 )
 NORMALISER_KEYS = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "do_basic_tokenize")
 VOCAB_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", *VOCAB_FILES)
 MAX_EXAMPLES = 3
 
 
@@ -106,8 +107,19 @@ def _field_differences(part: str, base: dict[str, Any], other: dict[str, Any]) -
             yield f"{part} '{key}': {_short(base.get(key))} vs {_short(other.get(key))}"
 
 
+def _same_files(a: Path, b: Path) -> bool:
+    """Whether two folders hold byte-identical tokenizer files (the usual case: parsing them is then moot)."""
+    for name in TOKENIZER_FILES:
+        pa, pb = a / name, b / name
+        if pa.is_file() != pb.is_file() or (pa.is_file() and pa.read_bytes() != pb.read_bytes()):
+            return False
+    return True
+
+
 def tokenizer_differences(base_folder: Path, expert_folder: Path) -> list[str]:
     """Human-readable differences between two folders' tokenisation (empty: same, or nothing to compare)."""
+    if _same_files(base_folder, expert_folder):
+        return []
     base, other = fingerprint(base_folder), fingerprint(expert_folder)
     if base is None or other is None:
         return []

@@ -96,7 +96,7 @@ def breadcrumbs_mask(
 ) -> torch.Tensor:
     """τ where lower ≤ score < upper (per-row thresholds; score |τ| by default), 0 elsewhere."""
     a = tau.abs() if score is None else score
-    return torch.where((a >= lower) & (a < upper), tau, torch.zeros_like(tau))
+    return torch.where((a >= lower) & (a < upper), tau, 0.0)
 
 
 def band_values(

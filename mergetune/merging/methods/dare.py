@@ -88,8 +88,8 @@ def drop_and_rescale(
     """τ̃ = 1[u < p] · τ / p, with p per row (``[T, R, 1]``); p = 0 keeps nothing (no division by 0)."""
     u = row_uniform(key_lo, key_hi, row_offset, tau.shape[-1])
     keep = u < keep_prob
-    safe = torch.where(keep_prob > 0, keep_prob, torch.ones_like(keep_prob))
-    return torch.where(keep, tau / safe, torch.zeros_like(tau))
+    safe = torch.where(keep_prob > 0, keep_prob, 1.0)
+    return torch.where(keep, tau / safe, 0.0)  # a scalar 0: no zero-filled temporary
 
 
 def dare_linear_kernel(

@@ -168,7 +168,7 @@ def magprune(
     """One task's MagPrune: keep with p = p_low + p_width · rank, divide kept entries by their p."""
     p = p_low + p_width * rank
     keep = row_uniform(key_lo, key_hi, row_offset, tau.shape[-1]) < p
-    return torch.where(keep, tau / torch.where(keep, p, torch.ones_like(p)), torch.zeros_like(tau))
+    return torch.where(keep, tau / torch.where(keep, p, 1.0), 0.0)
 
 
 def della_to_mergekit(t: ExportTables) -> Translation:

@@ -155,7 +155,7 @@ def pcb_kernel(
 
 def dropped_beta(beta: torch.Tensor, threshold: torch.Tensor, inv_range: torch.Tensor) -> torch.Tensor:
     """β' = (β − thr)/(max − thr) above the threshold, 0 below (drop + min-max)."""
-    return torch.where(beta > threshold, (beta - threshold) * inv_range, torch.zeros_like(beta))
+    return torch.where(beta > threshold, (beta - threshold) * inv_range, 0.0)
 
 
 def clip_magnitude(tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
