@@ -290,3 +290,31 @@ def test_histogram_counts_the_buckets_of_the_order_keys(dtype, magnitude):
     scores = raw.abs() if magnitude else raw
     want = torch.bincount(stats.bucket_of(stats.order_keys(scores)).long(), minlength=stats.N_BUCKETS)
     assert torch.equal(source.histogram(raw), want)
+
+
+@pytest.mark.parametrize("scope", [Scope.TENSOR, Scope.ROW, Scope.GLOBAL])
+def test_order_scores_rank_each_block_as_one_sort_on_one_thread(scope):
+    """The ``mergekit`` tie rule's ranks: tensor-scope tasks sorted on two threads at once give, entry
+    for entry, the ranks of sorting each task's block alone on one thread (ties in the same order)."""
+    g = torch.Generator().manual_seed(5)
+    base = {"a.w": torch.zeros(40, 300), "b.w": torch.zeros(7000)}
+    experts = {  # few distinct magnitudes: most entries tie with many others
+        f"t{i}": {k: (torch.randint(-6, 7, v.shape, generator=g) * 0.125).float() for k, v in base.items()}
+        for i in range(3)
+    }
+    ms = ModelSet.load(base, experts)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = stats.order_scores(ms, scope, descending=True)
+        torch.set_num_threads(1)
+        for t in range(3):
+            for seg in ms.segments:
+                length = {Scope.TENSOR: seg.numel, Scope.ROW: seg.row_length, Scope.GLOBAL: ms.numel}[scope]
+                block = ms.tau[t].abs() if scope is Scope.GLOBAL else ms.tau[t, seg.offset : seg.end].abs()
+                order = torch.sort(block.view(-1, length), dim=-1, descending=True).indices
+                ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(length - 1, -1, -1).expand_as(order))
+                expected = ranks.reshape(-1)[seg.offset : seg.end] if scope is Scope.GLOBAL else ranks.reshape(-1)
+                assert torch.equal(got[t, seg.offset : seg.end].long(), expected), (t, seg.name)
+    finally:
+        torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -114,24 +115,24 @@ def order_thresholds(k: torch.Tensor, block_length: torch.Tensor) -> torch.Tenso
     return block_length.unsqueeze(0) - k
 
 
-def sort_order_scores(magnitude: torch.Tensor, descending: bool) -> torch.Tensor:
+def sort_order_scores(magnitude: torch.Tensor, descending: bool, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Each entry's rank in ``torch.sort`` order along the last dim, as a score (larger = ranked higher).
 
     The sort runs on the CPU in float32, as mergekit 0.1.5's ``sparsify`` does (``w.float()`` then
     ``torch.argsort(w, descending=True)`` for ``magnitude``, ``torch.sort(w).indices`` for
     ``magnitude_outliers``): torch's CPU sort is not stable, but it is deterministic for the same
-    values in the same order (any thread count), so tied magnitudes land in mergekit's order, bit for
-    bit. This is mergekit run on the CPU (``mergekit-yaml``'s default); with ``--cuda`` its sort is
-    CUDA's, whose order of ties differs. The scores are computed on the CPU whatever the store's device.
-    ``descending``: score = n − 1 − position in the descending order; else the ascending position.
+    values in the same order (any thread count, any calling thread), so tied magnitudes land in
+    mergekit's order, bit for bit. This is mergekit run on the CPU (``mergekit-yaml``'s default); with
+    ``--cuda`` its sort is CUDA's, whose order of ties differs. The scores are computed on the CPU
+    whatever the store's device. ``descending``: score = n − 1 − position in the descending order; else
+    the ascending position. ``dtype``: the scores' integer type (int32 halves the scatter's traffic).
     """
     w = magnitude.detach().to("cpu", torch.float32)
     order = torch.sort(w, dim=-1, descending=descending).indices
-    n = w.shape[-1]
-    positions = torch.arange(n, dtype=torch.int64).expand_as(order)
-    if descending:
-        positions = (n - 1) - positions
-    return torch.empty_like(order).scatter_(-1, order, positions)
+    del w  # held through the scatter, it would add a block of float32 to the peak
+    n = order.shape[-1]
+    positions = torch.arange(n - 1, -1, -1, dtype=dtype) if descending else torch.arange(n, dtype=dtype)
+    return torch.empty(order.shape, dtype=dtype).scatter_(-1, order, positions.expand_as(order))
 
 
 ScoreFn = Callable[[ModelSet], torch.Tensor]  # -> [T, D] scores, same layout as the store
@@ -662,17 +663,32 @@ def _tensors_in(values: Any) -> list[torch.Tensor]:
 
 
 def order_scores(modelset: ModelSet, scope: Scope, descending: bool) -> torch.Tensor:
-    """``sort_order_scores`` of |τ| for every block of a scope, task by task (see ``OrderStatistics.order_scores``)."""
+    """``sort_order_scores`` of |τ| for every block of a scope (see ``OrderStatistics.order_scores``).
+
+    A tensor-scope block is one sort, which torch runs on one thread: the tasks are sorted on torch's
+    number of threads at once (extra memory: one tensor's sort per thread). A global block (the whole
+    model) is sorted a task at a time, so that only one such sort is in memory; row-scope blocks too,
+    their rows spread over threads by torch.
+    """
     dtype = torch.int32 if modelset.numel < 2**31 else torch.int64  # scores < block length ≤ numel
     out = torch.empty(modelset.n_tasks, modelset.numel, dtype=dtype, device=modelset.device)
     if scope is Scope.GLOBAL:
         blocks = [(0, modelset.numel, modelset.numel)]
     else:
         blocks = [(s.offset, s.end, s.row_length if scope is Scope.ROW else s.numel) for s in modelset.segments]
-    for t in range(modelset.n_tasks):
+
+    def score_task(t: int) -> None:
         for a, b, length in blocks:
-            scores = sort_order_scores(modelset.tau[t, a:b].abs().view(-1, length), descending)
-            out[t, a:b] = scores.reshape(-1).to(out.device, dtype)
+            scores = sort_order_scores(modelset.tau[t, a:b].abs().view(-1, length), descending, dtype)
+            out[t, a:b] = scores.reshape(-1).to(out.device)
+
+    workers = min(modelset.n_tasks, torch.get_num_threads()) if scope is Scope.TENSOR else 1
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="mergetune-sort") as pool:
+            list(pool.map(score_task, range(modelset.n_tasks)))
+    else:
+        for t in range(modelset.n_tasks):
+            score_task(t)
     return out
 
 
