@@ -55,9 +55,14 @@ def merge(
         str, typer.Option(help="With a search folder: 'chosen', a front position (1, 2, ...) or 'trial:N'.")
     ] = "chosen",
     device: Annotated[str, typer.Option(help="Device to merge on: cpu, cuda, cuda:1, ...")] = "cpu",
-    engine: Annotated[Engine, typer.Option(help="Kernel backend; the same backend reproduces the same bits.")] = (
-        Engine.auto
-    ),
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="Kernel backend; the same backend reproduces the same bits. auto: a search point merges on the "
+            "search's backend (compiled where a compiler is found), a recipe file compiles only a merge of 8 G "
+            "task-vector entries or more (eager is faster below)."
+        ),
+    ] = Engine.auto,
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads for the merge (default: torch's, one per core).")
     ] = None,
@@ -90,13 +95,14 @@ def merge(
 
 def _merge_timing(result: MergedFolder) -> str:
     """How the merge ran: streamed (passes over the weights) or resident, and why."""
+    kernels = "compiled" if result.compiled else "eager"
     if result.streamed:
         return (
-            f"streamed in {result.passes} {'pass' if result.passes == 1 else 'passes'}: "
+            f"streamed in {result.passes} {'pass' if result.passes == 1 else 'passes'}, {kernels} kernels: "
             f"setup {result.load_seconds:.1f}s, merge {result.merge_seconds:.1f}s"
         )
     return (
-        f"resident, since {escape(result.resident_reason or '')}: "
+        f"resident, since {escape(result.resident_reason or '')}, {kernels} kernels: "
         f"load {result.load_seconds:.1f}s, merge {result.merge_seconds:.1f}s"
     )
 

@@ -246,3 +246,22 @@ def test_cli_merge_says_it_streamed(tiny_llama_dir, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "streamed" in result.output and "3 passes" in result.output
     assert_same_bits(written(tmp_path / "out"), resident(recipe))
+
+
+def test_auto_engine_compiles_a_one_shot_merge_only_when_it_is_large(tiny_llama_dir, tmp_path, monkeypatch) -> None:
+    """``--engine auto``: a small recipe merges eager (compiling costs more than one pass saves), a merge of
+    ``AUTO_COMPILE_ENTRIES`` or more compiles where a compiler is found; the CLI says which ran."""
+    from mergetune.merging import oneshot
+    from mergetune.merging.engine import compile_available
+
+    recipe = recipe_of(tiny_llama_dir, "task_arithmetic", weight=0.5)
+    path = tmp_path / "recipe.yaml"
+    recipe.save(path)
+    result = CliRunner().invoke(app, ["merge", str(path), str(tmp_path / "small"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "eager kernels" in result.output
+    monkeypatch.setattr(oneshot, "AUTO_COMPILE_ENTRIES", 1)
+    done = merge_to_folder(recipe, tmp_path / "large")
+    assert done.compiled is compile_available(torch.device("cpu"))
+    assert merge_to_folder(recipe, tmp_path / "forced", compile=False).compiled is False
+    torch.testing.assert_close(written(tmp_path / "large"), written(tmp_path / "small"), atol=0, rtol=1e-6)

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergetune.errors import MergetuneError
+from mergetune.merging.engine import compile_available
 from mergetune.merging.save import MergedFolder, ScoreTable, merge_to_folder
 from mergetune.recipe import Recipe
 
@@ -135,6 +138,8 @@ def merge_point(
         "metric on the validation examples the search scored, on the held-out ones it never saw, and on test (the "
         f"chosen recipe only); {normalization_note(summary)}"
     )
+    if compile is None:  # the search's backend (compiled where available), so the bits are those it scored
+        compile = compile_available(torch.device(device))
     folder = merge_to_folder(found.recipe, out_dir, device=device, compile=compile, scores=found.scores, about=about)
     payload = {"search": name, "trial": found.trial, "point": found.label, "scores": found.scores}
     (folder.folder / "scores.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -71,6 +71,7 @@ class MergedFolder:
     streamed: bool = False
     passes: int = 1  # passes over the models' weights
     resident_reason: str | None = None
+    compiled: bool = False  # kernels compiled or eager (``--engine``): the same backend gives the same bits
 
 
 def merge_to_folder(
@@ -85,16 +86,18 @@ def merge_to_folder(
 ) -> MergedFolder:
     """Merge the models a recipe names tensor by tensor and write the folder (``mergetune merge``).
 
-    Streams (``streaming.stream_merge``): the weights are never all in memory, and the result is the
-    resident merge's bit for bit. ``scores`` and ``about`` go into the model card (a search's scores
-    of the recipe, where it came from).
+    Streams (``oneshot.stream_merge``): the weights are never all in memory, and the result is the
+    resident merge's bit for bit. ``compile=None`` compiles only a large merge (``oneshot.auto_compile``).
+    ``scores`` and ``about`` go into the model card (a search's scores of the recipe, where it came from).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = stream_merge(recipe, out, device=device, compile=compile, max_shard_bytes=max_shard_bytes)
     _write_metadata(done.modelset, recipe, out, scores, about)
     streamed = done.resident_reason is None
-    return MergedFolder(out, done.setup_seconds, done.merge_seconds, streamed, done.passes, done.resident_reason)
+    return MergedFolder(
+        out, done.setup_seconds, done.merge_seconds, streamed, done.passes, done.resident_reason, done.compiled
+    )
 
 
 def write_weights(state: Mapping[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:

@@ -30,7 +30,12 @@ SPECIAL_KEYS = (
 )
 NORMALISER_KEYS = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "do_basic_tokenize")
 VOCAB_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", *VOCAB_FILES)
+FINGERPRINT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    *VOCAB_FILES,
+)  # what it reads
 MAX_EXAMPLES = 3
 
 
@@ -109,7 +114,7 @@ def _field_differences(part: str, base: dict[str, Any], other: dict[str, Any]) -
 
 def _same_files(a: Path, b: Path) -> bool:
     """Whether two folders hold byte-identical tokenizer files (the usual case: parsing them is then moot)."""
-    for name in TOKENIZER_FILES:
+    for name in FINGERPRINT_FILES:
         pa, pb = a / name, b / name
         if pa.is_file() != pb.is_file() or (pa.is_file() and pa.read_bytes() != pb.read_bytes()):
             return False
