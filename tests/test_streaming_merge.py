@@ -140,11 +140,17 @@ def test_a_recipe_found_on_a_rounded_store_streams_the_same_bits(bf16_llama, tmp
     )
 
 
-def test_global_scope_counts_two_passes_and_ties_at_the_cut_are_kept_like_the_sort(bf16_llama, tmp_path) -> None:
-    """bf16 task vectors tie at the cut; the counted threshold is the sorted k-th largest, so all ties stay."""
-    recipe = recipe_of(bf16_llama, "ties", density=0.37, dtype="float32")
+@pytest.mark.parametrize(("storage", "passes"), [("float32", 3), ("bfloat16", 2)])
+def test_global_scope_counts_and_ties_at_the_cut_are_kept_like_the_sort(
+    bf16_llama, tmp_path, storage: str, passes: int
+) -> None:
+    """bf16 task vectors tie at the cut; the counted threshold is the sorted k-th largest, so all ties stay.
+
+    Count, refine the cut buckets' low bits, merge; task vectors stored in bf16 hold one value per bucket, so
+    the counting pass finds every cut and the refining pass is skipped."""
+    recipe = recipe_of(bf16_llama, "ties", density=0.37, dtype="float32", storage_dtype=storage)
     done = merge_to_folder(recipe, tmp_path / "out", compile=False)
-    assert done.streamed and done.passes == 3  # count, refine, merge
+    assert done.streamed and done.passes == passes
     expected = resident(recipe)
     assert_same_bits(written(tmp_path / "out"), expected)
 
@@ -193,7 +199,32 @@ def test_global_thresholds_equal_the_sorted_kth_largest_with_heavy_ties() -> Non
     for t in range(2):
         for j, k in enumerate(ks):
             assert got[t, j].item() == srt[t, n - k].item()
+    bf16 = GlobalThresholds(2)  # the values are bf16: one pass, the same thresholds
+    bf16.lookup(torch.tensor([ks, ks]))
+    assert bf16.count(lambda: iter([tau]), bf16_values=True) == 1
+    assert torch.equal(bf16.lookup(torch.tensor([ks, ks])), got)
     assert math.isinf(thresholds.lookup(torch.tensor([[0], [0]]))[0, 0].item())
+
+
+@pytest.mark.parametrize("spread", ["one_bucket", "many"])
+def test_global_thresholds_refine_buckets_of_several_values_in_a_second_pass(spread: str) -> None:
+    """float32 |τ| whose cut buckets hold several values (all in one bucket, or spread): the second pass counts
+    the low bits; every k-th largest equals the sort's."""
+    gen = torch.Generator().manual_seed(1)
+    tau = torch.randn(3, 6000, generator=gen) * 1e-3
+    if spread == "one_bucket":  # all values share their top 16 bits: every cut is in one many-valued bucket
+        tau = torch.full((3, 6000), 1.5e-3) + torch.rand(3, 6000, generator=gen) * 1e-8
+    tau[0, :50] = -tau[0, :50]
+    n = tau.shape[1]
+    thresholds = GlobalThresholds(3)
+    ks = [1, 7, 3001, n - 1, n]
+    thresholds.lookup(torch.tensor([ks] * 3))
+    assert thresholds.count(lambda: iter([tau[:, :2500], tau[:, 2500:]])) == 2
+    got = thresholds.lookup(torch.tensor([ks] * 3))
+    srt = tau.abs().sort(dim=1).values
+    for t in range(3):
+        for j, k in enumerate(ks):
+            assert got[t, j].item() == srt[t, n - k].item(), (t, k)
 
 
 def test_a_truncated_expert_file_is_one_clear_error_naming_it_and_nothing_is_left_half_written(

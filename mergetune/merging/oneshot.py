@@ -59,7 +59,19 @@ from mergetune.merging.loading import (
 from mergetune.merging.modelset import STORAGE_DTYPES, ModelSet, Segment, _align_prefix, _check_finite
 from mergetune.merging.residency import Residency
 from mergetune.merging.shards import SAFETENSORS_DTYPES, ShardWriter, TensorSpec
-from mergetune.merging.stats import NaiveStatistics, OrderStatistics, RowLayout, Scope, ScoreFn, abs_scores
+from mergetune.merging.stats import (
+    BUCKET_BITS,
+    N_BUCKETS,
+    LowHalfCounts,
+    NaiveStatistics,
+    OrderStatistics,
+    RowLayout,
+    Scope,
+    ScoreFn,
+    ScoreSource,
+    abs_scores,
+    key_values,
+)
 from mergetune.recipe import Recipe
 
 _DTYPE_OF_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
@@ -315,38 +327,41 @@ class GlobalThresholds:
                     out[t][k[t] == kk] = self.values[(t, kk)].to(out.device)
         return out
 
-    def count(self, taus: Callable[[], Iterator[torch.Tensor]]) -> int:
-        """Find every wanted value in two passes over ``taus()`` (each yields ``[T, n]`` float32). Returns 2."""
-        high = torch.zeros(self.n_tasks << 16, dtype=torch.int64)
+    def count(self, taus: Callable[[], Iterator[torch.Tensor]], bf16_values: bool = False) -> int:
+        """Find every wanted value in two passes over ``taus()`` (each yields ``[T, n]`` float32), or one
+        when ``bf16_values`` (τ rounded to bfloat16: each bucket holds one value). Returns the passes taken.
+
+        Pass 1 counts each task's |τ| by bucket (the top 16 bits of its order key); pass 2 counts the low
+        16 bits inside the buckets that hold the cuts (``stats.LowHalfCounts``). The k-th largest is exact,
+        with nothing kept but counts."""
+        source = ScoreSource(torch.empty(0, 0), magnitude=True)  # |τ| of float32 values, read chunk by chunk
+        high = torch.zeros(self.n_tasks, N_BUCKETS, dtype=torch.int64)
         for tau in taus():
-            high += torch.bincount(_task_buckets(tau)[0].reshape(-1), minlength=self.n_tasks << 16).cpu()
-        per_task = high.view(self.n_tasks, 1 << 16)
-        cuts = {(t, k): _from_top(per_task[t], k) for t, k in self.wanted}  # -> (bucket, rank inside it)
-        keys = torch.tensor(sorted({(t << 16) | b for (t, _), (b, _) in cuts.items()}), dtype=torch.int32)
-        low = torch.zeros(keys.numel() << 16, dtype=torch.int64)
-        for tau in taus():
-            bucket, bits = _task_buckets(tau)
-            inside = torch.isin(bucket, keys.to(bucket.device))
-            which = torch.searchsorted(keys.to(bucket.device), bucket[inside])  # index of the (task, bucket) pair
-            low += torch.bincount((which << 16) | (bits[inside] & 0xFFFF), minlength=keys.numel() << 16).cpu()
-        rows = low.view(keys.numel(), 1 << 16)
-        for (t, k), (b, rank) in cuts.items():
-            lo, _ = _from_top(rows[int(torch.searchsorted(keys, (t << 16) | b))], rank)
-            self.values[(t, k)] = torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32)[0]
+            for t in range(self.n_tasks):
+                high[t] += source.histogram(tau[t]).cpu()
+        cuts = {(t, k): _from_top(high[t], k) for t, k in self.wanted}  # -> (bucket, rank inside it)
         self.recording = False
+        if bf16_values:
+            for (t, k), (b, _) in cuts.items():
+                self.values[(t, k)] = _value((b - N_BUCKETS // 2) << BUCKET_BITS)
+            return 1
+        prefixes = {t: sorted({b - N_BUCKETS // 2 for (u, _), (b, _) in cuts.items() if u == t}) for t, _ in cuts}
+        counters: dict[int, LowHalfCounts] = {}
+        for tau in taus():
+            for t, wanted in prefixes.items():
+                if t not in counters:  # on the device the task vectors are read to
+                    counters[t] = LowHalfCounts(source._replace(values=tau[:0]), torch.tensor(wanted))
+                counters[t].add(tau[t])
+        for (t, k), (b, rank) in cuts.items():
+            prefix = b - N_BUCKETS // 2
+            low, _ = _from_top(counters[t].counts[prefixes[t].index(prefix)].cpu(), rank)
+            self.values[(t, k)] = _value((prefix << BUCKET_BITS) | low)
         return 2
 
 
-def _task_buckets(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(task << 16 | upper 16 bits of |τ|, the bits of |τ|), both ``[T, n]`` int32: one histogram for all tasks."""
-    bits = _magnitude_bits(tau)
-    task = torch.arange(tau.shape[0], dtype=torch.int32, device=tau.device).unsqueeze(1) << 16
-    return (bits >> 16) | task, bits
-
-
-def _magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
-    """|τ| as int32 bit patterns: for non-negative floats, integer order is value order (+0 is 0)."""
-    return tau.abs().view(torch.int32)
+def _value(key: int) -> torch.Tensor:
+    """The float32 value of an order key."""
+    return key_values(torch.tensor([key], dtype=torch.int32))[0]
 
 
 def _from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -519,7 +534,7 @@ def _count_global_thresholds(inputs: StreamInputs, recipe: Recipe, merger: Slice
         for _, (_, tau) in _prefetched(header.segments, lambda s: inputs.read_tau(s, device)):
             yield tau
 
-    return merger.thresholds.count(taus)
+    return merger.thresholds.count(taus, bf16_values=inputs.storage == torch.bfloat16)
 
 
 def _prefetched(

@@ -477,6 +477,33 @@ class BucketFinder:
         return raw[mask]
 
 
+class LowHalfCounts:
+    """Per wanted bucket (``buckets``: ascending key prefixes), the counts of its keys' low 16 bits, added chunk
+    by chunk: the r-th largest key of a bucket is then a cumulative sum away, with no entry kept."""
+
+    def __init__(self, source: ScoreSource, buckets: torch.Tensor) -> None:
+        device = source.values.device
+        self.source = source
+        self.finder = BucketFinder(source, buckets.tolist())
+        self.n = len(buckets)
+        self.slot_of = torch.full((N_BUCKETS,), self.n, dtype=torch.int64, device=device)
+        self.slot_of[buckets.to(device) + N_BUCKETS // 2] = torch.arange(self.n, device=device)  # prefix -> row
+        self.flat = torch.zeros(self.n * N_BUCKETS, dtype=torch.int64, device=device)
+
+    def add(self, raw: torch.Tensor) -> None:
+        """Count the entries of ``raw`` (values as ``source`` reads them) that lie in the wanted buckets."""
+        keys = self.source.keys(self.finder.entries(raw.reshape(-1)))
+        # a pattern may match a key of another bucket (−0's raw top half is the tiniest negatives'): skip it
+        slot = self.slot_of[bucket_of(keys).long()]
+        inside = slot < self.n
+        self.flat += torch.bincount((slot * N_BUCKETS + (keys & 0xFFFF))[inside], minlength=self.flat.numel())
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``[len(buckets), N_BUCKETS]`` counts, row i for bucket i, low halves ascending."""
+        return self.flat.view(self.n, N_BUCKETS)
+
+
 def search_block(source: ScoreSource, t: int, fam: Family, cut: Cut, where: str) -> torch.Tensor:
     """Keys of the unknown cuts of one block: one pass counts the low 16 bits of the cut buckets' entries.
 
@@ -488,19 +515,10 @@ def search_block(source: ScoreSource, t: int, fam: Family, cut: Cut, where: str)
     if todo.numel() == 0:
         return key
     buckets = torch.unique(cut.lo[todo] >> BUCKET_BITS)  # key prefixes of the cut buckets, ascending
-    finder = BucketFinder(source, buckets.tolist())
-    device = source.values.device
-    slot_of = torch.full((N_BUCKETS,), len(buckets), dtype=torch.int64, device=device)
-    slot_of[buckets + N_BUCKETS // 2] = torch.arange(len(buckets), device=device)  # bucket index of a prefix
-    counts = torch.zeros(len(buckets) * N_BUCKETS, dtype=torch.int64, device=device)
+    counter = LowHalfCounts(source, buckets)
     for a, b in fam.chunks():
-        keys = source.keys(finder.entries(source.values[t, a:b]))
-        # a pattern may match a key of another bucket (−0's raw top half is the tiniest negatives'): skip it
-        slot = slot_of[bucket_of(keys).long()]
-        inside = slot < len(buckets)
-        counts += torch.bincount((slot * N_BUCKETS + (keys & 0xFFFF))[inside], minlength=counts.numel())
-    counts = counts.view(len(buckets), N_BUCKETS)
-    from_top = counts.flip(1).cumsum(1)  # [W, N_BUCKETS]: entries at or above each low half, highest first
+        counter.add(source.values[t, a:b])
+    from_top = counter.counts.flip(1).cumsum(1)  # [W, N_BUCKETS]: entries at or above each low half, highest first
     for i in todo.tolist():
         prefix = int(cut.lo[i]) >> BUCKET_BITS
         w = int(torch.searchsorted(buckets, torch.tensor(prefix, device=buckets.device)))
