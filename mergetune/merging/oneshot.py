@@ -19,8 +19,9 @@ What a method needs beyond one tensor:
 - ``scope: global`` thresholds (the model-wide k-th largest |τ_t|) are found exactly by counting
   before the merge pass (``GlobalThresholds``): a first pass builds, per task, a histogram of the
   upper 16 bits of |τ| (non-negative float32 values order like their bit patterns); a second pass
-  counts the lower 16 bits inside the one bucket that holds each cut. Which counts are needed is
-  learnt by running the method once per layer group on a one-entry tensor, recording its requests.
+  counts the lower 16 bits inside the one bucket that holds each cut (skipped for a bf16 store, whose
+  buckets hold one value each). Which counts are needed is learnt by running the method once per layer
+  group on a one-entry tensor, recording its requests.
 
 Three things need every entry of the model at once and are merged resident instead (``NotStreamable``,
 reported as the reason): ``sign_cancel: model_majority`` (the model-wide majority of the elected
