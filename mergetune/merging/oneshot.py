@@ -453,8 +453,9 @@ class StreamedMerge:
 
 
 # A one-shot merge runs each kernel once over the model. Compiling costs a fixed 4 s (warm kernel cache) to
-# 20-90 s (cold) and saves a few ns per task-vector entry (SmolLM2 x 3 experts, 0.4 G entries, TIES merge
-# pass: 6.8 s eager, 5.2 s compiled; TA and DARE no faster compiled): eager wins below some G entries.
+# 20-90 s (cold) and saves about 4 ns per task-vector entry (SmolLM2 x 3 experts, 0.4 G entries, TIES merge
+# pass: 6.8 s eager, 5.2 s compiled; TA and DARE no faster compiled). That repays a cold compile from about
+# 5-20 G entries: 8 G (a 2 B model with 4 experts) is the middle of that range, measured on CPU only.
 AUTO_COMPILE_ENTRIES = 8 * 10**9
 
 
