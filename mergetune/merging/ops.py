@@ -56,8 +56,8 @@ def row_uniform(key_lo: torch.Tensor, key_hi: torch.Tensor, row_offset: torch.Te
 # Eager CPU kernels run one operation at a time over the whole chunk; the hash is ~20 of them, each a pass
 # over int64 temporaries in memory, with 64-bit multiplies that AVX2 lacks. The same arithmetic modulo 2**32
 # in numpy's uint32 (whose products wrap by definition), in place, on blocks that stay in the L2 cache:
-# 6.3 M uniforms on one thread in 0.05 s instead of 1.3 s. (Two threads gained nothing measurable: numpy's calls on
-# cache-sized blocks are short, and the GIL serialises their dispatch.)
+# 6.3 M uniforms on one thread in 0.05 s instead of 1.3 s. (A chunk's rows split over two threads ran slower,
+# measured: the blocks of one chunk are too few to share.)
 _UNIT = np.float32(1.0 / (1 << 24))
 _HASH_BLOCK = 1 << 16  # 256 KiB of uint32, twice (value and temporary): measured best of 2**12..2**18
 
@@ -72,13 +72,14 @@ def _cpu_row_uniform(key_lo: torch.Tensor, key_hi: torch.Tensor, row_offset: tor
     width = min(length, _HASH_BLOCK)
     height = max(1, _HASH_BLOCK // width)
     x, tmp = np.empty(height * width, dtype=np.uint32), np.empty(height * width, dtype=np.uint32)
+    cols = np.arange(length, dtype=np.uint32)
     for r0 in range(0, flat_out.shape[0], height):
         r = slice(r0, min(r0 + height, flat_out.shape[0]))
         for c0 in range(0, length, width):
             c = slice(c0, min(c0 + width, length))
             n = (r.stop - r.start) * (c.stop - c.start)
             xb, tb = x[:n].reshape(r.stop - r.start, -1), tmp[:n].reshape(r.stop - r.start, -1)
-            np.add(off[r], np.arange(c.start, c.stop, dtype=np.uint32), out=xb)  # the index mod 2**32
+            np.add(off[r], cols[c], out=xb)  # the index mod 2**32
             xb ^= lo[r]
             _mix32_inplace(xb, tb)
             xb ^= hi[r]

@@ -129,7 +129,7 @@ def sort_order_scores(magnitude: torch.Tensor, descending: bool, dtype: torch.dt
     """
     w = magnitude.detach().to("cpu", torch.float32)
     order = torch.sort(w, dim=-1, descending=descending).indices
-    del w  # held through the scatter, it would add a block of float32 to the peak
+    del w  # a copy (input on another device or in another dtype) is not held through the scatter
     n = order.shape[-1]
     positions = torch.arange(n - 1, -1, -1, dtype=dtype) if descending else torch.arange(n, dtype=dtype)
     return torch.empty(order.shape, dtype=dtype).scatter_(-1, order, positions.expand_as(order))

@@ -30,12 +30,8 @@ SPECIAL_KEYS = (
 )
 NORMALISER_KEYS = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "do_basic_tokenize")
 VOCAB_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
-FINGERPRINT_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    *VOCAB_FILES,
-)  # what it reads
+# the files ``fingerprint`` reads: byte-identical ones need no parsing
+FINGERPRINT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", *VOCAB_FILES)
 MAX_EXAMPLES = 3
 
 
