@@ -8,6 +8,7 @@ downloaded; their vocabularies fit the tiny models' 99 embeddings.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -28,7 +29,7 @@ from mergetune.objectives.evaluators import (
     length_batches,
     pooled_head_logits,
 )
-from mergetune.objectives.models import load_task_model, read_state_dict
+from mergetune.objectives.models import load_task_model, overwrite_shared, read_state_dict
 from mergetune.objectives.normalization import normalization_of
 from mergetune.objectives.splits import DedupReport
 from mergetune.objectives.suite import SuiteScores, ValidationSuite
@@ -403,6 +404,65 @@ def test_load_task_model_classes_and_shared_base(tiny_bert_dir, tiny_llama_dir):
     lm = load_task_model(lm_task, tiny_llama_dir[1]["code"], shared_from=llama(tiny_llama_dir, "math").state_dict())
     assert type(lm).__name__ == "LlamaForCausalLM"
     assert torch.equal(lm.lm_head.weight, llama(tiny_llama_dir, "math").lm_head.weight)
+
+
+def _mapped_files() -> set[str]:
+    with open("/proc/self/maps") as maps:
+        return {line.split(maxsplit=5)[5].strip() for line in maps if len(line.split(maxsplit=5)) == 6}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory maps (Linux /proc)")
+def test_a_sharded_base_folder_is_copied_one_tensor_at_a_time_with_no_file_mapped(tmp_path):
+    """The base reference model (the expert's model with the base's weights) must not hold the whole base
+    beside the model: on SmolLM2 the base's file stayed mapped and resident (0.5 GB) during the references."""
+    import tracemalloc
+
+    from safetensors.torch import save_file
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        expert_model, base_model = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    expert_model.save_pretrained(tmp_path / "expert")
+    base = {k: v.clone() for k, v in base_model.state_dict().items()}
+    names = sorted(base)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    (tmp_path / "base").mkdir()
+    for file, part in shards.items():
+        save_file({n: base[n] for n in part}, str(tmp_path / "base" / file), metadata={"format": "pt"})
+    weight_map = {n: file for file, part in shards.items() for n in part}
+    (tmp_path / "base" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    base_files = {str((tmp_path / "base" / file).resolve()) for file in shards}
+    sizes = [v.numel() * v.element_size() for v in base.values()]
+    slack = 128 * 1024  # the copy's own bookkeeping (state dict, headers, names): about 70 KiB measured
+    assert sum(sizes) - max(sizes) > 4 * slack  # holding the whole base would show
+
+    held, mapped = [], []
+
+    class OnCopy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default:
+                held.append((tracemalloc.get_traced_memory()[0] - start, args[1].numel() * args[1].element_size()))
+                mapped.append(base_files & _mapped_files())
+            return func(*args, **(kwargs or {}))
+
+    model = load_task_model(TaskConfig(name="wiki", source="wiki.csv", kind="lm"), tmp_path / "expert")
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    try:
+        with OnCopy():
+            overwrite_shared(model, tmp_path / "base", task_name="wiki")  # what shared_from= runs
+    finally:
+        tracemalloc.stop()
+    state = model.state_dict()
+    assert all(torch.equal(state[n], base[n]) for n in names)  # every tensor is the base's, from either shard
+    assert len(held) >= len(names) and not any(mapped)
+    assert all(now <= size + slack for now, size in held), held
 
 
 # ---- the suite -------------------------------------------------------------------------------

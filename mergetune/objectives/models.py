@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from mergetune.errors import TaskError
 from mergetune.objectives.evaluators.kinds import kind_spec
 from mergetune.objectives.tasks import TaskConfig, TaskData
+from mergetune.safetensors_io import LazyState
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +190,13 @@ def _best_prefixes(model_names: list[str], shared_names: list[str]) -> tuple[str
     return best
 
 
-def _shared_state(source: SharedSource) -> dict[str, torch.Tensor]:
+def _shared_state(source: SharedSource) -> StateDict:
+    """The shared tensors by name; a folder's safetensors are read one tensor at a time as they are copied."""
     if isinstance(source, nn.Module):
         return dict(source.state_dict())
     if isinstance(source, Mapping):
         return dict(source)
-    return read_state_dict(Path(source))
+    return lazy_state_dict(Path(source))
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -203,24 +204,37 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
     ``.bin`` files are read with ``weights_only=True`` (no pickled code runs).
     """
-    folder = Path(folder).expanduser()
+    return dict(_read_files(_weights_files(Path(folder).expanduser()), lazy=False))
+
+
+def lazy_state_dict(folder: Path) -> StateDict:
+    """``read_state_dict``'s tensors, each read from disk when asked for with no memory map kept (a
+    ``LazyState``) when every file is safetensors: copying a base into a task model then holds one of
+    its tensors at a time beside the model, not the whole base (a ``.bin`` checkpoint is read whole)."""
+    return _read_files(_weights_files(Path(folder).expanduser()), lazy=True)
+
+
+def _weights_files(folder: Path) -> list[Path]:
+    """The files holding a folder's weights (a shard index's shards first), or the one file given."""
     if folder.is_file():
-        return _read_file(folder, load_file)
+        return [folder]
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(_read_file(folder / shard, load_file))
-            return state
+            return [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     for file_name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / file_name).is_file():
-            return _read_file(folder / file_name, load_file)
+            return [folder / file_name]
     raise TaskError(f"no model weights (model.safetensors or pytorch_model.bin) in {folder}")
 
 
-def _read_file(path: Path, load_file: Any) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return dict(load_file(str(path)))
-    return dict(torch.load(path, map_location="cpu", weights_only=True))
+def _read_files(files: list[Path], *, lazy: bool) -> StateDict:
+    if lazy and all(f.suffix == ".safetensors" for f in files):
+        return LazyState.of_files(files)
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            state.update(LazyState.of_files([path]).items())
+        else:
+            state.update(torch.load(path, map_location="cpu", weights_only=True))
+    return state
