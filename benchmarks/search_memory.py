@@ -146,7 +146,9 @@ def tree_rss(proc: psutil.Process) -> int:
 def run_search(config: Path, code: Path, threads: int) -> tuple[int, int, float, str]:
     """Peak RSS of the search's process tree (sampled) before its first candidate's result is written (loading,
     task models and the experts' references) and over the whole run, its wall time and its output."""
+    # COLUMNS: the console wraps long lines at 80 columns, which split the store line this script reads
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env["COLUMNS"] = "250"
     out_dir = Path(yaml.safe_load(config.read_text())["output"])
     shutil.rmtree(out_dir, ignore_errors=True)
     start = time.perf_counter()

@@ -78,8 +78,10 @@ def ref_pcb(
     weight: dict[str, float] | float = 1.0,
     density: dict[str, dict[str, float]] | dict[str, float] | float = 1.0,
     scale: float = 1.0,
+    beta_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Expected Δ per tensor. ``density`` may be per task, or per task then per group."""
+    """Expected Δ per tensor. ``density`` may be per task, or per task then per group. ``beta_dtype``: β (divided
+    by e^T, which leaves the merge unchanged) rounded to that dtype before the drop."""
     taus = deltas(base, experts, tasks)
     names = list(taus)
     blocks = [names] if scope == "global" else [[k] for k in names]
@@ -89,6 +91,8 @@ def ref_pcb(
         flat = torch.cat([taus[k].reshape(len(tasks), -1) for k in block], dim=1)
         dens = torch.cat([_density_row(density, tasks, GROUP[k], taus[k][0].numel()) for k in block], dim=1)
         clipped, beta = ref_pcb_block(flat, q, inter)
+        if beta_dtype is not None:
+            beta = (beta * math.exp(-len(tasks))).to(beta_dtype).double()
         kept = ref_drop(beta, dens)
         merged = (kept * lam[:, None] * clipped).sum(0) / kept.sum(0).clamp(min=1e-12)
         for k, piece in zip(block, merged.split([taus[k][0].numel() for k in block]), strict=True):
@@ -184,6 +188,28 @@ def test_pcb_candidates_only_rescale_and_scores_are_computed_once(monkeypatch: p
     for k in base:
         torch.testing.assert_close(three[k] - base[k], 3.0 * (two[k] - base[k]), atol=1e-5, rtol=1e-5)
     assert any(not torch.equal(one[k], two[k]) for k in base)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_pcb_beside_a_16_bit_store_ranks_beta_rounded_to_bfloat16(storage: torch.dtype) -> None:
+    """A 16-bit store keeps β in bfloat16: the drop and β' follow β rounded to bfloat16, and nothing else changes.
+
+    Base zero and bfloat16-valued experts, so the store's own rounding is exact and only β's shows."""
+    shapes = {"layers.0.w": (24, 16), "layers.0.b": (16,), "layers.1.s": (8,)}
+    _, experts = make_models(shapes, TASKS, seed=4)
+    base = {k: torch.zeros(s) for k, s in shapes.items()}
+    experts = {t: {k: v.to(torch.bfloat16).float() for k, v in state.items()} for t, state in experts.items()}
+    weight, density = {"t0": 0.5, "t1": 1.0, "t2": 1.5}, {"t0": 0.2, "t1": 0.5, "t2": 0.8}
+    recipe = make_recipe("pcb", TASKS, weight=weight, density=density)
+    store = ModelSet.load(base, experts, storage_dtype=storage)
+    out = merge(store, recipe)
+    rounded = ref_pcb(base, experts, TASKS, weight=weight, density=density, beta_dtype=torch.bfloat16)
+    assert_delta(out, base, rounded, atol=1e-6)
+    exact = ref_pcb(base, experts, TASKS, weight=weight, density=density)
+    assert any(not torch.allclose(rounded[k], exact[k], atol=1e-5) for k in shapes)  # the rounding shows
+    ctx, method = Merger(store).context(recipe)  # β is cached in bfloat16: as many bytes as the task vectors
+    method.prepare(ctx)
+    assert ctx.stats.held_bytes()["scores"] == len(TASKS) * sum(math.prod(s) for s in shapes.values()) * 2
 
 
 @pytest.mark.skipif(not compile_available(torch.device("cpu")), reason="no C++ compiler for torch.compile")

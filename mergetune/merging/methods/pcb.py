@@ -13,10 +13,17 @@ as in the official code; or ``tensor``):
 
 The candidate only sets r = density[t, g] and λ_t = weight[t, g]: β, the clip bounds (|τ|'s order
 statistics) and β's bucket counts are candidate-independent and computed once (``stats.scores`` /
-``kth_largest``); a candidate costs its drop thresholds (a lookup, and a counting pass over β where
-the cut's bucket holds several float32 values) and one streaming merge pass. Reading the float32 β
-twice beside a 16-bit store is most of a candidate's cost: about 6× Task Arithmetic's (README, Scale).
+``kth_largest``); a candidate costs its drop thresholds and one streaming merge pass.
 τ̄ is rebuilt in the kernel from per-row clip bounds, so no clipped copy of the task vectors is stored.
+
+β's precision follows the store's (``score_dtype``): computed in float32, it is kept in float32 beside a
+float32 store and rounded to bfloat16 beside a 16-bit one, whose task vectors were rounded likewise. A
+float32 β cost twice the store's bytes beside a bf16 store, read once more per candidate to resolve the cut
+(a float32 bucket holds many values): 7.7× Task Arithmetic per candidate at 0.5 B. A bfloat16 β holds one
+value per bucket, so each threshold is a lookup in the counts, and a candidate reads β's bytes once, as
+many as the task vectors'. What it changes: the drop threshold ranks β to bfloat16's 8 significant bits
+(entries whose β rounds to the threshold's value are dropped with it, as ties are) and the weights β' move
+by at most bfloat16's relative rounding (2⁻⁹); the README reports the effect on a merge.
 
 Order-statistic conventions (n = entries in the block; the official code indexes an ascending
 sort at ``int(n·q)`` and ``int(n·(1−q) − 1)`` for the clip, ``int(n·(1−r))`` for the drop):
@@ -34,7 +41,8 @@ Numerics: β_intra is computed as exp(T · (m² − 1)), i.e. divided by the con
 invariant to a positive per-task constant, so the merge is unchanged, and β cannot overflow
 float32 for large T (exp(T) does for T ≥ 89).
 
-Memory: each (scope, inter, q) combination caches β ``[T, D]`` float32 (thresholds: bucket counts, ``stats``).
+Memory: each (scope, inter, q) combination caches β ``[T, D]`` in ``score_dtype`` (thresholds: bucket counts,
+``stats``).
 
 The paper's PCB+ES searches per-task λ_t with Nevergrad; the released NLP code computes that
 objective on the test split, which mergetune never does (its searches use validation splits only).
@@ -93,7 +101,10 @@ def clip_bounds(stats: OrderStatistics, rows: RowLayout, scope: Scope, q: float)
         k = largest.to(rows.segment.device)[rows.segment].expand(ms.n_tasks, -1)
         return stats.kth_largest("abs", scope, k)[:, first_row]
 
-    return kth_smallest([lo for lo, _ in ranks]), kth_smallest([hi for _, hi in ranks])
+    # float32: a 16-bit store's order statistics come in its dtype, and hi − lo and its inverse computed in
+    # bfloat16 moved m (and β) by up to 2⁻⁹ relative to the float32 store's on the same values
+    lo, hi = (kth_smallest([r[i] for r in ranks]).to(torch.float32) for i in (0, 1))
+    return lo, hi
 
 
 def normalized_magnitude(tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -123,9 +134,15 @@ def _slices(ms: ModelSet) -> Iterator[tuple[int, int, int]]:
             yield i, a, min(seg.end, a + _SLICE)
 
 
+def score_dtype(storage: torch.dtype) -> torch.dtype:
+    """The dtype β is kept in: float32 beside a float32 store, bfloat16 beside a 16-bit one (float16 would
+    flush the small β of large T, e^−T, to zero; bfloat16 has float32's range)."""
+    return torch.float32 if storage == torch.float32 else torch.bfloat16
+
+
 def compute_scores(ms: ModelSet, lo: torch.Tensor, hi: torch.Tensor, inter: str) -> torch.Tensor:
-    """β for the whole store, ``[T, D]`` float32, slice by slice."""
-    out = torch.empty(ms.n_tasks, ms.numel, dtype=torch.float32, device=ms.device)
+    """β for the whole store, ``[T, D]`` in ``score_dtype``, computed in float32 slice by slice."""
+    out = torch.empty(ms.n_tasks, ms.numel, dtype=score_dtype(ms.storage_dtype), device=ms.device)
     with torch.no_grad():
         for i, a, b in _slices(ms):
             tau = ms.tau[:, a:b].to(torch.float32)
@@ -222,7 +239,7 @@ class Pcb(ChunkMethod):
         k = torch.minimum(keep + 1, length.unsqueeze(0).expand_as(keep))
         threshold = ctx.stats.kth_largest(kind, scope, k, compute)
         top = ctx.stats.kth_largest(kind, scope, torch.ones_like(k), compute)
-        return threshold, top
+        return threshold.to(torch.float32), top.to(torch.float32)  # exact; max − thr is then float32 arithmetic
 
 
 METHODS = [Pcb]
