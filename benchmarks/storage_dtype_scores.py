@@ -2,7 +2,8 @@
 
 Two workers over the same zoo: one with a float32 store (today's default), one with the store in
 ``--dtype``. Both score the same recipes on the search split: Task Arithmetic at several λ, and
-TIES and DARE-TIES at several (λ, density). Printed per recipe: the normalised mean of each store
+TIES, DARE-TIES and PCB at several (λ, density) (beside a 16-bit store PCB also keeps its β in
+bfloat16). Printed per recipe: the normalised mean of each store
 and their difference; then the largest per-task difference of raw scores, and whether the ranking
 of the recipes by normalised mean changed.
 
@@ -30,6 +31,8 @@ GRID = [
     ("ties", 1.4, 0.8),
     ("dare_ties", 0.8, 0.3),
     ("dare_ties", 1.2, 0.6),
+    ("pcb", 1.0, 0.1),
+    ("pcb", 1.0, 0.3),
 ]
 
 

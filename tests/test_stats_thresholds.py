@@ -318,3 +318,16 @@ def test_order_scores_rank_each_block_as_one_sort_on_one_thread(scope):
                 assert torch.equal(got[t, seg.offset : seg.end].long(), expected), (t, seg.name)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_bfloat16_score_histogram_counts_every_bit_pattern_in_its_order_bucket() -> None:
+    """Signed bfloat16 scores (PCB's β beside a 16-bit store) are counted by raw bit pattern, then mapped to buckets:
+    the same counts as bucketing each value's order key, for every pattern (±0, subnormals, ±inf, NaNs)."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = torch.cat([every, every[::7], torch.tensor([-0.0, 0.0, -0.0], dtype=torch.bfloat16)]).unsqueeze(0)
+    got = stats.ScoreSource(values, magnitude=False).histogram(values[0])
+    keys = (values[0].float() + 0.0).view(torch.int32)  # order keys by hand: negative floats flip their low 31 bits
+    keys = torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys)
+    expected = torch.bincount(((keys >> 16) + 2**15).long(), minlength=2**16)
+    assert torch.equal(got, expected)
+    assert int(got[2**15]) == 6  # ±0 share +0's bucket: both in ``every``, one in ``every[::7]``, three more

@@ -393,6 +393,9 @@ class ScoreSource(NamedTuple):
         if self.magnitude and raw.dtype in (torch.float32, torch.bfloat16):
             upper = torch.bincount((top_halves(raw) & 0x7FFF).reshape(-1), minlength=N_BUCKETS // 2)
             return torch.cat([torch.zeros_like(upper), upper])
+        if raw.dtype == torch.bfloat16:  # signed scores (PCB's β): count the raw bit patterns, then map them
+            patterns = torch.bincount((raw.view(torch.int16).to(torch.int32) & 0xFFFF).reshape(-1), minlength=N_BUCKETS)
+            return torch.zeros_like(patterns).index_add_(0, bfloat16_pattern_buckets(patterns.device), patterns)
         return torch.bincount(bucket_of(self.keys(raw)).reshape(-1), minlength=N_BUCKETS)
 
     def prefixes(
@@ -419,6 +422,13 @@ class ScoreSource(NamedTuple):
         # −32768) has the key of +0
         raw = prefix if prefix >= 0 else prefix ^ 0x7FFF
         return [raw, -(N_BUCKETS // 2)] if prefix == 0 else [raw]
+
+
+def bfloat16_pattern_buckets(device: torch.device) -> torch.Tensor:
+    """``[N_BUCKETS]`` int64: the bucket of the bfloat16 value whose bits, read as uint16, are the index (−0 shares
+    +0's bucket, NaNs lie beyond ±inf's, as ``order_keys`` puts them)."""
+    bits = torch.arange(N_BUCKETS, dtype=torch.int32, device=device) << BUCKET_BITS
+    return bucket_of(order_keys(bits.view(torch.float32))).to(torch.int64)
 
 
 def top_halves(x: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ from mergetune.merging.ops import per_task, task_sum
 from mergetune.merging.stats import OrderStatistics, RowLayout, Scope, keep_counts
 
 Inter = Literal["product", "es"]
-_SLICE = 1 << 22  # entries per slice when computing β (bounds the temporaries)
+_SLICE = 1 << 16  # entries per slice when computing β (bounds the temporaries)
 
 
 class PcbOptions(MethodOptions):
@@ -111,20 +111,23 @@ def normalized_magnitude(tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) 
     """m = minmax(|τ̄|) = (clamp(|τ|, lo, hi) − lo) / (hi − lo); 0 where hi == lo."""
     span = hi - lo
     inv = torch.where(span > 0, 1.0 / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(span))
-    return (torch.minimum(torch.maximum(tau.abs(), lo), hi) - lo) * inv
+    m = tau.abs()  # a new tensor: the rest works in place on it (each temporary is a pass over memory)
+    torch.maximum(m, lo, out=m)
+    torch.minimum(m, hi, out=m)
+    return m.sub_(lo).mul_(inv)
 
 
 def balancing_scores(tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inter: str) -> torch.Tensor:
-    """β = β_intra ⊙ β_inter for a slice ``[T, n]`` of the task vectors (bounds ``[T, 1]``)."""
+    """β = β_intra ⊙ β_inter for a slice ``[T, n]`` of the task vectors (bounds ``[T, 1]``); ``tau`` is not changed."""
     T = tau.shape[0]
     m = normalized_magnitude(tau, lo, hi)
-    intra = torch.exp(T * (m * m - 1.0))  # exp(T·m²) / e^T: same merge, no overflow
     if inter == "product":
-        cross = torch.tanh(tau * tau.sum(0, keepdim=True))
+        cross = torch.mul(tau, tau.sum(0, keepdim=True)).tanh_()
     else:
         signed = torch.sign(tau) * m
         cross = torch.stack([torch.tanh(signed[t] * signed).sum(0) for t in range(T)])
-    return intra * cross
+    intra = m.mul_(m).sub_(1.0).mul_(T).exp_()  # exp(T·(m² − 1)) = exp(T·m²) / e^T: same merge, no overflow
+    return intra.mul_(cross)
 
 
 def _slices(ms: ModelSet) -> Iterator[tuple[int, int, int]]:
