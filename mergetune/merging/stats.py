@@ -23,6 +23,7 @@ the ``tie_rule`` option (``keep_ties``, ``official``, ``mergekit``).
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -249,13 +250,20 @@ def _check_keys(low: int, high: int, where: str) -> None:
 
 
 def bucket_histogram(source: ScoreSource, t: int, fam: Family) -> torch.Tensor:
-    """``[N_BUCKETS]`` int64 counts of one task's scores in a family."""
-    counts: torch.Tensor | None = None
-    for a, b in fam.chunks():
-        part = source.histogram(source.values[t, a:b])
-        counts = part if counts is None else counts + part
-    assert counts is not None
-    return counts
+    """``[N_BUCKETS]`` int64 counts of one task's scores in a family.
+
+    torch's CPU ``bincount`` runs on one thread, so on CPU the chunks are counted on torch's threads at once,
+    each into its own counts (summed: the same integers in any order)."""
+    chunks = list(fam.chunks())
+    workers = min(torch.get_num_threads(), len(chunks)) if source.values.device.type == "cpu" else 1
+
+    def count(chunk: tuple[int, int]) -> torch.Tensor:
+        return source.histogram(source.values[t, chunk[0] : chunk[1]])
+
+    if workers <= 1:
+        return functools.reduce(torch.add, map(count, chunks))
+    with ThreadPoolExecutor(workers, thread_name_prefix="mergetune-count") as pool:
+        return functools.reduce(torch.add, pool.map(count, chunks))
 
 
 def block_counts(source: ScoreSource, t: int, fam: Family, where: str) -> BlockCounts:
@@ -265,17 +273,10 @@ def block_counts(source: ScoreSource, t: int, fam: Family, where: str) -> BlockC
     dtypes keep only the block's minimum and maximum key: a cut is rarely its bucket's extreme value, and the
     per-bucket minimum and maximum were two scattered passes with an int64 index per entry (most of the pass)."""
     one_value = source.values.dtype == torch.bfloat16
-    counts = torch.zeros(N_BUCKETS, dtype=torch.int64, device=source.values.device)
-    lowest, highest = _INT32_MAX, _INT32_MIN
-    for a, b in fam.chunks():
-        raw = source.values[t, a:b]
-        if one_value:
-            counts += source.histogram(raw)
-            continue
-        keys = source.keys(raw)
-        counts += torch.bincount(bucket_of(keys), minlength=N_BUCKETS)
-        low, high = torch.aminmax(keys)
-        lowest, highest = min(lowest, int(low)), max(highest, int(high))
+    if one_value:
+        counts = bucket_histogram(source, t, fam)
+    else:
+        counts, lowest, highest = _key_counts(source, t, fam)
     used = counts.nonzero().flatten().flip(0)
     if one_value:
         low = high = bfloat16_bucket_key(used)
@@ -286,6 +287,18 @@ def block_counts(source: ScoreSource, t: int, fam: Family, where: str) -> BlockC
     out = BlockCounts(counts[used].cumsum(0), low, high)
     _check_keys(int(out.low[-1]), int(out.high[0]), where)
     return out
+
+
+def _key_counts(source: ScoreSource, t: int, fam: Family) -> tuple[torch.Tensor, int, int]:
+    """Bucket counts of a block's order keys, with its smallest and largest key."""
+    counts = torch.zeros(N_BUCKETS, dtype=torch.int64, device=source.values.device)
+    lowest, highest = _INT32_MAX, _INT32_MIN
+    for a, b in fam.chunks():
+        keys = source.keys(source.values[t, a:b])
+        counts += torch.bincount(bucket_of(keys), minlength=N_BUCKETS)
+        low, high = torch.aminmax(keys)
+        lowest, highest = min(lowest, int(low)), max(highest, int(high))
+    return counts, lowest, highest
 
 
 def bfloat16_bucket_key(buckets: torch.Tensor) -> torch.Tensor:
