@@ -146,6 +146,9 @@ def score_dtype(storage: torch.dtype) -> torch.dtype:
 def compute_scores(ms: ModelSet, lo: torch.Tensor, hi: torch.Tensor, inter: str) -> torch.Tensor:
     """β for the whole store, ``[T, D]`` in ``score_dtype``, computed in float32 slice by slice."""
     out = torch.empty(ms.n_tasks, ms.numel, dtype=score_dtype(ms.storage_dtype), device=ms.device)
+    # Touch every page first, in one pass on torch's threads: faulting them in through the slices' writes (T rows
+    # far apart, one thread) took 8.9 s of a 0.5 B store's 18.8 s; zero_() then the writes took 1.8 s.
+    out.zero_()
     with torch.no_grad():
         for i, a, b in _slices(ms):
             tau = ms.tau[:, a:b].to(torch.float32)
