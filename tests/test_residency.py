@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import pickle
 import weakref
 from pathlib import Path
@@ -21,7 +22,7 @@ from mergetune.errors import BadWeightsError, MergetuneError
 from mergetune.merging.engine import Merger
 from mergetune.merging.loading import LazyState, open_model
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.residency import MemoryBudget, parse_bytes
+from mergetune.merging.residency import MemoryBudget, format_bytes, parse_bytes
 from mergetune.objectives.models import load_task_model
 from mergetune.objectives.suite import ValidationSuite
 from mergetune.recipe import Expert, Recipe
@@ -127,6 +128,24 @@ def test_disk_tier_store_equals_the_resident_one(tiny_llama_dir: Dirs, tmp_path:
     )
     got, want = Merger(on_disk, compile=False).merge(recipe), Merger(resident, compile=False).merge(recipe)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_pcb_from_the_disk_tier_merges_like_the_resident_store_and_says_its_scores_are_in_memory(
+    tiny_llama_dir: Dirs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PCB's β is a [T, D] cache held in memory whatever the tier: the merge is the same, and the log says so."""
+    base, experts = tiny_llama_dir
+    on_disk = ModelSet.load(base, experts, budget=MemoryBudget(memory=1, disk_dir=str(tmp_path)))
+    resident = ModelSet.load(base, experts)
+    recipe = Recipe(
+        base=str(base), experts=[Expert(name=t, model=str(p)) for t, p in experts.items()], method="pcb", density=0.3
+    )
+    with caplog.at_level(logging.WARNING, logger="mergetune.merging.methods.pcb"):
+        got = Merger(on_disk, compile=False).merge(recipe)
+    want = Merger(resident, compile=False).merge(recipe)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    beta_bytes = len(experts) * resident.numel * 4
+    assert any("β in memory" in r.message and format_bytes(beta_bytes) in r.message for r in caplog.records)
 
 
 def test_a_forced_host_tier_merges_like_the_device_tier(tiny_llama_dir: Dirs) -> None:

@@ -50,6 +50,7 @@ objective on the test split, which mergetune never does (its searches use valida
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from typing import Literal
@@ -63,8 +64,10 @@ from mergetune.merging.mergekit_spec import APPROXIMATE, ExportTables, MergekitS
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import per_task, task_sum
+from mergetune.merging.residency import format_bytes
 from mergetune.merging.stats import OrderStatistics, RowLayout, Scope, keep_counts
 
+log = logging.getLogger(__name__)
 Inter = Literal["product", "es"]
 _SLICE = 1 << 16  # entries per slice when computing β (bounds the temporaries)
 
@@ -145,7 +148,15 @@ def score_dtype(storage: torch.dtype) -> torch.dtype:
 
 def compute_scores(ms: ModelSet, lo: torch.Tensor, hi: torch.Tensor, inter: str) -> torch.Tensor:
     """β for the whole store, ``[T, D]`` in ``score_dtype``, computed in float32 slice by slice."""
-    out = torch.empty(ms.n_tasks, ms.numel, dtype=score_dtype(ms.storage_dtype), device=ms.device)
+    dtype = score_dtype(ms.storage_dtype)
+    if ms.residency.tier == "disk":  # a cache as large as the task vectors, which the budget sent to disk
+        size = format_bytes(ms.n_tasks * ms.numel * dtype.itemsize)
+        log.warning(
+            "PCB holds its balancing scores β in memory, %s beside a store on disk: the memory budget does not "
+            "cover them; raise resources.memory, or leave pcb out of the space if that does not fit",
+            size,
+        )
+    out = torch.empty(ms.n_tasks, ms.numel, dtype=dtype, device=ms.device)
     # Touch every page first, in one pass on torch's threads: faulting them in through the slices' writes (T rows
     # far apart, one thread) took 8.9 s of a 0.5 B store's 18.8 s; zero_() then the writes took 1.8 s.
     out.zero_()
