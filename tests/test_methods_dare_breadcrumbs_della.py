@@ -18,6 +18,7 @@ from conftest import State, make_models, make_recipe, merge
 from mergetune.errors import RecipeError
 from mergetune.merging import ops
 from mergetune.merging.engine import Merger
+from mergetune.merging.methods.dare import drop_and_rescale
 from mergetune.merging.methods.della import RANK_KIND, della_ranks
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import tensor_keys, uniform
@@ -238,6 +239,28 @@ def test_eager_cpu_uniforms_equal_the_int64_hash(rows: int, length: int) -> None
         index = int(offset[r, 0]) + c
         x = _mix32_python(_mix32_python((index ^ int(lo[r, 0])) & 0xFFFFFFFF) ^ int(hi[r, 0]))
         assert got[r, c].item() == (x >> 8) / 2**24
+
+
+@pytest.mark.parametrize(("rows", "length"), [(7, 3), (3, 70_001)])
+def test_eager_cpu_drop_masks_select_as_the_uniforms_do(rows: int, length: int) -> None:
+    """The eager CPU drop ANDs the rescaled τ with int32 masks of (hash >> 8) < ⌈p·2²⁴⌉: the bits of
+    ``where(u < p, τ / p, 0.0)`` for p = 0, 1, 0.5 (p·2²⁴ an integer), the smallest p that keeps one draw, and
+    random p; −0.0 and +0.0 entries keep their sign when kept and become +0.0 when dropped."""
+    g = torch.Generator().manual_seed(rows + length)
+    lo, hi = (torch.randint(0, 2**32, (rows, 1), generator=g) for _ in range(2))
+    offset = torch.randint(0, 2**34, (rows, 1), generator=g)
+    u = uniform(lo, hi, offset + torch.arange(length))
+    keep = torch.rand(rows, 1, generator=g)
+    keep[:5, 0] = torch.tensor([0.0, 1.0, 0.5, 2.0**-24, 0.999])[: min(rows, 5)]
+    keep[-1, 0] = torch.nextafter(u[-1, 1], torch.tensor(1.0))  # just above a draw: that draw is kept
+    tau = torch.randn(rows, length, generator=g).to(torch.bfloat16)
+    tau[:, 0], tau[:, -1] = -0.0, 0.0
+    expected = torch.where(u < keep, tau / torch.where(keep > 0, keep, 1.0), 0.0)
+    got = drop_and_rescale(tau, keep, lo, hi, offset)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))  # sign bits of zeros too
+    assert 0 < int((got != 0).sum()) < got.numel() - 2 * rows  # both kept and dropped entries: not vacuous
+    masks = ops.row_keep_bits(lo, hi, offset, length, keep)
+    assert torch.equal(masks, torch.where(u < keep, -1, 0).to(torch.int32))
 
 
 @pytest.mark.parametrize(

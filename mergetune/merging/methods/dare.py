@@ -63,7 +63,7 @@ from mergetune.merging.mergekit_spec import (
 )
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.methods.ties import ConsensusOptions, consensus_args, consensus_static, sign_consensus
-from mergetune.merging.ops import per_task, row_uniform, trim, weighted_task_sum
+from mergetune.merging.ops import per_task, row_keep_bits, row_uniform, trim, weighted_task_sum
 from mergetune.merging.stats import Scope
 
 CITATION = "Yu et al. 2023, Language Models are Super Mario (DARE)"
@@ -86,10 +86,13 @@ def drop_and_rescale(
     row_offset: torch.Tensor,
 ) -> torch.Tensor:
     """τ̃ = 1[u < p] · τ / p, with p per row (``[T, R, 1]``); p = 0 keeps nothing (no division by 0)."""
-    u = row_uniform(key_lo, key_hi, row_offset, tau.shape[-1])
-    keep = u < keep_prob
-    safe = torch.where(keep_prob > 0, keep_prob, 1.0)
-    return torch.where(keep, tau / safe, 0.0)  # a scalar 0: no zero-filled temporary
+    scaled = tau / torch.where(keep_prob > 0, keep_prob, 1.0)
+    if scaled.dtype == torch.float32 and scaled.device.type == "cpu" and not torch.compiler.is_compiling():
+        # eager CPU: the same bits as the select below, without a branch per entry (see ``row_keep_bits``)
+        bits = row_keep_bits(key_lo, key_hi, row_offset, tau.shape[-1], keep_prob)
+        return scaled.view(torch.int32).bitwise_and_(bits).view(torch.float32)
+    keep = row_uniform(key_lo, key_hi, row_offset, tau.shape[-1]) < keep_prob
+    return torch.where(keep, scaled, 0.0)  # a scalar 0: no zero-filled temporary
 
 
 def dare_linear_kernel(
