@@ -260,10 +260,15 @@ def bucket_histogram(source: ScoreSource, t: int, fam: Family) -> torch.Tensor:
     def count(chunk: tuple[int, int]) -> torch.Tensor:
         return source.histogram(source.values[t, chunk[0] : chunk[1]])
 
+    return functools.reduce(torch.add, _map_on_threads(count, chunks, workers, "mergetune-count"))
+
+
+def _map_on_threads(fn: Callable[[Any], Any], items: list[Any], workers: int, name: str) -> list[Any]:
+    """``[fn(x) for x in items]``, on ``workers`` threads when more than one (for torch ops that run on one)."""
     if workers <= 1:
-        return functools.reduce(torch.add, map(count, chunks))
-    with ThreadPoolExecutor(workers, thread_name_prefix="mergetune-count") as pool:
-        return functools.reduce(torch.add, pool.map(count, chunks))
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        return list(pool.map(fn, items))
 
 
 def block_counts(source: ScoreSource, t: int, fam: Family, where: str) -> BlockCounts:
@@ -437,6 +442,7 @@ class ScoreSource(NamedTuple):
         return [raw, -(N_BUCKETS // 2)] if prefix == 0 else [raw]
 
 
+@functools.cache  # per device: read by every chunk's histogram
 def bfloat16_pattern_buckets(device: torch.device) -> torch.Tensor:
     """``[N_BUCKETS]`` int64: the bucket of the bfloat16 value whose bits, read as uint16, are the index (−0 shares
     +0's bucket, NaNs lie beyond ±inf's, as ``order_keys`` puts them)."""
@@ -724,12 +730,7 @@ def order_scores(modelset: ModelSet, scope: Scope, descending: bool) -> torch.Te
             out[t, a:b] = scores.reshape(-1).to(out.device)
 
     workers = min(modelset.n_tasks, torch.get_num_threads()) if scope is Scope.TENSOR else 1
-    if workers > 1:
-        with ThreadPoolExecutor(workers, thread_name_prefix="mergetune-sort") as pool:
-            list(pool.map(score_task, range(modelset.n_tasks)))
-    else:
-        for t in range(modelset.n_tasks):
-            score_task(t)
+    _map_on_threads(score_task, list(range(modelset.n_tasks)), workers, "mergetune-sort")
     return out
 
 

@@ -139,7 +139,7 @@ def balancing_scores(tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inte
 def _slices(ms: ModelSet) -> Iterator[tuple[int, int, int]]:
     """(segment index, start, stop) slices of at most ``_CPU_SLICE`` (CPU) or ``_SLICE`` entries, never across
     tensors."""
-    step = _CPU_SLICE if torch.device(ms.device).type == "cpu" else _SLICE
+    step = _CPU_SLICE if ms.device.type == "cpu" else _SLICE
     for i, seg in enumerate(ms.segments):
         for a in range(seg.offset, seg.end, step):
             yield i, a, min(seg.end, a + step)
