@@ -11,6 +11,8 @@ import itertools
 import json
 import math
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any, get_args
@@ -61,9 +63,22 @@ def recipe_of(models: tuple[Path, dict[str, Path]], method: str, **fields: Any) 
     return parse_recipe({"base": str(base), "experts": listed, "method": method, **fields})
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def resident(recipe: Recipe) -> dict[str, torch.Tensor]:
-    modelset = ModelSet.from_recipe(recipe)
-    merged = Merger(modelset, compile=False).merge(recipe)
+    """The in-memory merge on one torch thread: what an eager one-shot merge on CPU equals whatever its threads
+    (each tensor merges on one; matrix products and SVDs round by their thread count)."""
+    with torch_threads(1):
+        modelset = ModelSet.from_recipe(recipe)
+        merged = Merger(modelset, compile=False).merge(recipe)
     return {**{k: v.clone() for k, v in merged.items()}, **modelset.passthrough}
 
 
@@ -120,7 +135,9 @@ def needs_whole_model(method: str, options: dict[str, Any]) -> bool:
 @pytest.mark.parametrize(("method", "options"), variants(), ids=lambda v: v if isinstance(v, str) else str(v))
 def test_streamed_merge_equals_the_resident_merge_bit_for_bit(bf16_llama, tmp_path, method, options) -> None:
     recipe = recipe_of(bf16_llama, method, weight=WEIGHT, density=DENSITY, options=options, dtype="bfloat16", seed=7)
-    done = merge_to_folder(recipe, tmp_path / "out", compile=False)
+    with torch_threads(2):  # two tensors merge at once (streamed) or one per call, on two threads (resident)
+        done = merge_to_folder(recipe, tmp_path / "out", compile=False)
+        assert torch.get_num_threads() == 2  # restored after the streamed merge's one thread per tensor
     assert_same_bits(written(tmp_path / "out"), resident(recipe))
     assert done.streamed is not needs_whole_model(method, options), done.resident_reason
     if not done.streamed:

@@ -36,8 +36,10 @@ import json
 import math
 import os
 import struct
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,7 @@ from mergetune.merging.stats import (
     ScoreFn,
     ScoreSource,
     abs_scores,
+    cut_order_scores,
     key_values,
 )
 from mergetune.recipe import Recipe
@@ -397,9 +400,12 @@ class SliceStatistics(NaiveStatistics):
             raise NotStreamable(f"scores '{kind}' ranked over the whole model (scope: global)")
         return self.thresholds.lookup(k)
 
-    def order_scores(self, scope: Scope, descending: bool) -> torch.Tensor:
+    def order_scores(self, scope: Scope, descending: bool, cuts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Scores valid for the given cuts only (one candidate): a selection per cut, not a sort (tensor scope)."""
         if scope is Scope.GLOBAL:
             raise NotStreamable("tie_rule: mergekit with scope: global orders tied magnitudes by one sort of the model")
+        if scope is Scope.TENSOR and cuts:
+            return cut_order_scores(self.modelset.tau, [c[:, 0] for c in cuts], descending)
         return super().order_scores(scope, descending)
 
 
@@ -491,23 +497,77 @@ def stream_merge(
     dtype = DTYPES[recipe.dtype]
     specs = [TensorSpec(s.name, dtype, s.shape) for s in header.segments]
     specs += [TensorSpec.of(name, t) for name, t in header.passthrough.items()]
-    groups = header.layer_groups(recipe.grouping.granularity)
     with ShardWriter(out, specs, max_shard_bytes) as writer:
-        for segment, (base, tau) in _prefetched(header.segments, lambda s: inputs.read_tau(s, dev)):
-            merged = merger.merge_slice(TensorSlice(header, segment, groups, base, tau), recipe)
+        for segment, merged in _merged_slices(inputs, recipe, merger, dev, compile):
             writer.write(segment.name, merged)
         for name, tensor in header.passthrough.items():
             writer.write(name, tensor)
     return StreamedMerge(header, setup - start, time.perf_counter() - setup, passes + 1, compiled=compile)
 
 
-def _slice_merger(inputs: StreamInputs, recipe: Recipe, device: torch.device, compile: bool) -> SliceMerger:
+def _merged_slices(
+    inputs: StreamInputs, recipe: Recipe, merger: SliceMerger, device: torch.device, compile: bool
+) -> Iterator[tuple[Segment, torch.Tensor]]:
+    """Each tensor merged, in the header's order.
+
+    Eager kernels on CPU with several torch threads merge that many tensors at once, each on one torch
+    thread with its own ``SliceMerger`` (sharing the counted global thresholds): most of a one-shot merge
+    is small tensors, whose element-wise kernels, reads and numpy selections (``tie_rule: mergekit``) gain
+    little from torch's threads (measured, TIES with mergekit's rules on SmolLM2 x 3 on 2 cores: 16.6 s
+    with two threads per tensor, 12.8-13.2 s with one). One thread per tensor also makes the bits of
+    methods with matrix products or SVDs independent of ``--threads``: they equal a one-thread resident
+    merge, a search worker's default. Compiled kernels and accelerators merge one tensor at a time, the
+    next one read meanwhile.
+    """
+    header = inputs.header
+    groups = header.layer_groups(recipe.grouping.granularity)
+    workers = torch.get_num_threads()
+    if compile or device.type != "cpu" or workers == 1:
+        for segment, (base, tau) in _prefetched(header.segments, lambda s: inputs.read_tau(s, device)):
+            yield segment, merger.merge_slice(TensorSlice(header, segment, groups, base, tau), recipe)
+        return
+    own = threading.local()
+
+    def merge(segment: Segment) -> torch.Tensor:
+        if not hasattr(own, "merger"):
+            own.merger = _slice_merger(inputs, recipe, device, compile, merger.thresholds)
+        base, tau = inputs.read_tau(segment, device)
+        return own.merger.merge_slice(TensorSlice(header, segment, groups, base, tau), recipe)
+
+    # Tensors queued behind the one to be written next hold at most the largest tensor's entries: a long
+    # tensor (an embedding) does not idle the other workers, and what waits to be written stays bounded.
+    behind_limit = max(s.numel for s in header.segments)
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="mergetune-slice") as pool:
+            pending: deque[tuple[Segment, Future[torch.Tensor]]] = deque()
+            behind = 0
+            for segment in header.segments:
+                pending.append((segment, pool.submit(merge, segment)))
+                behind += segment.numel
+                while pending and behind - pending[0][0].numel >= behind_limit:
+                    done, result = pending.popleft()
+                    behind -= done.numel
+                    yield done, result.result()
+            for done, result in pending:
+                yield done, result.result()
+    finally:
+        torch.set_num_threads(workers)
+
+
+def _slice_merger(
+    inputs: StreamInputs,
+    recipe: Recipe,
+    device: torch.device,
+    compile: bool,
+    thresholds: GlobalThresholds | None = None,
+) -> SliceMerger:
     header = inputs.header
     first = header.segments[0] if header.segments else None
     if first is None:
         raise MergetuneError(f"base ({recipe.base}): no floating-point tensor to merge")
     dummy = _one_entry_slice(header, first, header.layer_groups(recipe.grouping.granularity), device)
-    return SliceMerger(dummy, GlobalThresholds(header.n_tasks), header.numel, compile)
+    return SliceMerger(dummy, thresholds or GlobalThresholds(header.n_tasks), header.numel, compile)
 
 
 def _one_entry_slice(header: ModelSet, segment: Segment, groups: LayerGroups, device: torch.device) -> TensorSlice:

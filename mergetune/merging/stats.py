@@ -26,14 +26,16 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
+from mergetune.merging import sort_select
 from mergetune.merging.modelset import ModelSet
 
 
@@ -134,6 +136,47 @@ def sort_order_scores(magnitude: torch.Tensor, descending: bool, dtype: torch.dt
     n = order.shape[-1]
     positions = torch.arange(n - 1, -1, -1, dtype=dtype) if descending else torch.arange(n, dtype=dtype)
     return torch.empty(order.shape, dtype=dtype).scatter_(-1, order, positions.expand_as(order))
+
+
+def cut_order_scores(tau: torch.Tensor, cuts: Sequence[torch.Tensor], descending: bool) -> torch.Tensor:
+    """``[T, n]`` int32 scores of one tensor-scope block of ``tau`` (ranked by |τ|) that compare with ``cuts``
+    as ``sort_order_scores`` do.
+
+    ``cuts``: thresholds on the order scores, ``[T]`` each (one per task). An entry's score is the largest
+    cut that its rank in torch's sort reaches (−1 if none), so ``score ≥ cut`` holds exactly where
+    ``rank ≥ cut`` does, for these cuts only. The entries ranked at or above a cut are the first n − cut
+    (descending) or all but the first ``cut`` (ascending) of the sort: ``sort_select.first_k`` finds them
+    without sorting (expected O(n) instead of a sort's O(n log n): 4-6× faster, measured on 0.9 M and 28 M
+    entries). A task whose sort it cannot follow (a heap-sort fallback, a non-finite value) is ranked
+    by ``sort_order_scores``; so is every task when this torch does not sort by introsort. Tasks run on
+    torch's threads at once, but one at a time in a block above ``sort_select.KEPT_ENTRIES`` entries, so
+    that one 18-byte-per-entry workspace is held (a 28 M-entry embedding: 0.5 GB).
+    """
+    w = tau.detach().to("cpu", torch.float32)
+    n = w.shape[-1]
+    if not sort_select.sort_is_introsort():
+        return sort_order_scores(w.abs(), descending, torch.int32).to(tau.device)
+    out = torch.full(w.shape, -1, dtype=torch.int32)
+
+    def score_task(t: int) -> None:
+        values, scores = w[t].numpy(), out[t].numpy()
+        keep = np.empty(n, np.bool_)
+        finite = n == 0 or bool(np.isfinite(np.max(values)) and np.isfinite(np.min(values)))
+        for cut in sorted({int(c[t]) for c in cuts}):
+            k = n - cut if descending else cut
+            if not (finite and sort_select.first_k(values, k, descending, keep, magnitude=True)):
+                out[t] = sort_order_scores(w[t : t + 1].abs(), descending, torch.int32)[0]
+                return
+            scores[keep if descending else ~keep] = cut  # ranked at or above it; a later (higher) cut overwrites
+
+    parallel = n <= sort_select.KEPT_ENTRIES
+    _map_on_threads(
+        score_task,
+        list(range(w.shape[0])),
+        min(w.shape[0], torch.get_num_threads()) if parallel else 1,
+        "mergetune-select",
+    )
+    return out.to(tau.device)
 
 
 ScoreFn = Callable[[ModelSet], torch.Tensor]  # -> [T, D] scores, same layout as the store
@@ -619,13 +662,17 @@ class OrderStatistics:
             self._scores[kind] = compute(self.modelset)
         return self._scores[kind]
 
-    def order_scores(self, scope: Scope, descending: bool) -> torch.Tensor:
+    def order_scores(self, scope: Scope, descending: bool, cuts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """``[T, D]`` integer scores: each entry's rank in torch's CPU sort of |τ| within its block.
 
         Used by the ``mergekit`` tie rule: thresholds on these scores (``order_thresholds``) keep
         exactly k entries per block, tied magnitudes in mergekit's order. The order of ties comes from
         torch's unstable sort of the whole block, so it cannot be derived from counts: computed once,
         4 bytes per entry (8 for blocks of 2³¹ entries or more), only when that rule is used.
+
+        ``cuts`` (``[T, n_rows]`` thresholds) are the comparisons the caller will make. These resident
+        statistics ignore them (the ranks serve every candidate); a one-shot merge's statistics may return
+        scores that compare like the ranks with these cuts only (``cut_order_scores``).
         """
         kind = f"order:{scope.value}:{'desc' if descending else 'asc'}"
         return self.scores(kind, lambda ms: order_scores(ms, scope, descending))

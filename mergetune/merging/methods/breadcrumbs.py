@@ -147,7 +147,7 @@ def band_thresholds(
     k_lo = torch.minimum(k_hi + keep_counts(density, length, ctx.rows.group), length.unsqueeze(0))
     if opts.tie_rule == "mergekit":
         bounds = {"lower": order_thresholds(k_lo, length), "upper": order_thresholds(k_hi, length)}
-        return bounds, {"score": ctx.stats.order_scores(opts.scope, descending=False)}
+        return bounds, {"score": ctx.stats.order_scores(opts.scope, descending=False, cuts=list(bounds.values()))}
     bounds = {
         "lower": ctx.stats.kth_largest("abs", opts.scope, k_lo),
         "upper": ctx.stats.kth_largest("abs", opts.scope, k_hi),

@@ -186,7 +186,8 @@ def trim_args(
         return ctx.stats.kth_largest("abs", scope, official_keep_counts(density, length, ctx.rows.group)), {}
     k = keep_counts(density, length, ctx.rows.group)
     if tie_rule == "mergekit":
-        return order_thresholds(k, length), {"score": ctx.stats.order_scores(scope, descending=True)}
+        cut = order_thresholds(k, length)
+        return cut, {"score": ctx.stats.order_scores(scope, descending=True, cuts=[cut])}
     return ctx.stats.kth_largest("abs", scope, k), {}
 
 
