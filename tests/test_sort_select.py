@@ -39,12 +39,16 @@ def test_this_torch_sorts_float32_by_the_introsort_that_first_k_follows() -> Non
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("bisect_from", [1 << 30, 64], ids=["flatnonzero", "block-bisection"])
-def test_first_k_keeps_the_entries_torch_sort_puts_first(kind: str, bisect_from: int, monkeypatch) -> None:
-    """Sizes around the insertion range and beyond, every k from 0 to n in a sample, both directions; the
-    partition point found from all stops or by bisection on block counts (small blocks: several per range)."""
+@pytest.mark.parametrize(
+    ("bisect_from", "kept"), [(1 << 30, 1 << 22), (64, 1000)], ids=["flatnonzero-int64", "block-bisection-int32"]
+)
+def test_first_k_keeps_the_entries_torch_sort_puts_first(kind: str, bisect_from: int, kept: int, monkeypatch) -> None:
+    """Sizes around the insertion range and beyond, a sample of k from 0 to n, both directions; the partition
+    point found from all stops or by bisection on block counts (small blocks: several per range); positions
+    held as int64, or as int32 above ``KEPT_ENTRIES``."""
     monkeypatch.setattr(sort_select, "_BISECT_FROM", bisect_from)
     monkeypatch.setattr(sort_select, "_BLOCK", 64)
+    monkeypatch.setattr(sort_select, "KEPT_ENTRIES", kept)
     rng = np.random.default_rng(sum(map(ord, kind)))
     for n in (1, 2, 16, 17, 18, 33, 257, 4099, 30_000):
         values = inputs(rng, n, kind)

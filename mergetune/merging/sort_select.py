@@ -73,31 +73,32 @@ class _Stops:
         return start + int(local[-1 - rank] if self.from_right else local[rank])
 
 
-def _crossing(lstop: np.ndarray, rstop: np.ndarray) -> tuple[int, int, int]:
-    """(swaps, partition point, lowest swapped right stop) of a Hoare partition with these stops.
+def _crossing(lstop: np.ndarray, rstop: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(partition point, swapped left stops, swapped right stops) of a Hoare partition with these stops.
 
-    Left stops are visited ascending, right stops descending; swap i happens while L[i] < R[i] (a
-    prefix of i, since L rises and R falls). The partition point is min(L[swaps], R[swaps - 1]): the
-    left scan stops at its next stop or at the last swapped right stop, whichever comes first.
+    Left stops are visited ascending, right stops descending; swap i pairs L[i] with R[i] while L[i] < R[i]
+    (a prefix of i, since L rises and R falls). The partition point is min(L[swaps], R[swaps - 1]): the
+    left scan stops at its next stop or at the last swapped right stop, whichever comes first. Positions
+    are int64 (numpy converts narrower indices on every use).
     """
     m = lstop.shape[0]
     if m < _BISECT_FROM:
         left, right = np.flatnonzero(lstop), np.flatnonzero(rstop)[::-1]
         r = min(left.shape[0], right.shape[0])
         swaps = int(np.count_nonzero(left[:r] < right[:r]))
-        next_left = int(left[swaps]) if swaps < left.shape[0] else m
         low = int(right[swaps - 1]) if swaps else m
-        return swaps, min(next_left, low), low
+        return min(int(left[swaps]) if swaps < left.shape[0] else m, low), left[:swaps], right[:swaps]
     ls, rs = _Stops(lstop, from_right=False), _Stops(rstop, from_right=True)
-    lo, hi = 0, min(ls.total, rs.total)
-    while lo < hi:
-        mid = (lo + hi) // 2
+    swaps, hi = 0, min(ls.total, rs.total)
+    while swaps < hi:
+        mid = (swaps + hi) // 2
         if ls.at(mid) < rs.at(mid):
-            lo = mid + 1
+            swaps = mid + 1
         else:
             hi = mid
-    low = rs.at(lo - 1) if lo else m
-    return lo, min(ls.at(lo) if lo < ls.total else m, low), low
+    low = rs.at(swaps - 1) if swaps else m
+    cut = min(ls.at(swaps) if swaps < ls.total else m, low)
+    return cut, np.flatnonzero(lstop[:cut]), (np.flatnonzero(rstop[low:]) + low)[::-1]
 
 
 def _median_slot(v: np.ndarray, descending: bool) -> int:
@@ -118,8 +119,15 @@ def _median_slot(v: np.ndarray, descending: bool) -> int:
     return c if before(vb, vc) else b
 
 
+KEPT_ENTRIES = 1 << 22  # workspaces up to this size are kept for the next call (80 MiB each)
+
+
 class _Workspace:
-    """Buffers for one ``first_k`` call, 18 bytes per entry (fresh pages cost more than the work: reused)."""
+    """Buffers for one ``first_k`` call (fresh pages cost more than the work: reused).
+
+    Original positions are int64 (numpy converts narrower indices on every use: 3× slower scatters) up to
+    KEPT_ENTRIES, int32 above, where memory counts more: 20 or 14 bytes per entry.
+    """
 
     size = 0
 
@@ -127,16 +135,13 @@ class _Workspace:
         if n <= self.size:
             return
         self.values = np.empty(n, np.float32)
-        self.index = np.empty(n, np.int32)
-        self.positions = np.arange(n, dtype=np.int32)
-        self.stops = np.empty(2 * n + 4, np.bool_)  # the two stop masks; once read, their bytes hold what moves
-        self.lstop, self.rstop = self.stops[:n], self.stops[n : 2 * n]
+        self.index = np.empty(n, np.int64 if n <= KEPT_ENTRIES else np.int32)
+        self.lstop, self.rstop = np.empty(n, np.bool_), np.empty(n, np.bool_)
         half = n // 2 + 1  # a partition swaps at most n / 2 pairs
-        self.lefts, self.rights = np.empty(half, np.int32), np.empty(half, np.int32)
+        self.moved_values, self.moved_index = np.empty(half, np.float32), np.empty(half, self.index.dtype)
         self.size = n
 
 
-KEPT_ENTRIES = 1 << 22  # workspaces up to this size are kept for the next call (72 MiB each)
 _SPARE: list[_Workspace] = []
 _SPARE_LOCK = threading.Lock()
 
@@ -167,22 +172,19 @@ def first_k(values: np.ndarray, k: int, descending: bool, keep: np.ndarray, magn
     if k in (0, n):
         return True
     with _workspace(n) as ws:
-        v, idx, pos = ws.values[:n], ws.index[:n], ws.positions[:n]
+        v, idx = ws.values[:n], ws.index[:n]
         if magnitude:
             np.abs(values, out=v)
         else:
             np.copyto(v, values)
-        np.copyto(idx, pos)
-        return _follow(v, idx, pos, k, descending, keep, ws)
+        idx[:] = np.arange(n)
+        return _follow(v, idx, k, descending, keep, ws)
 
 
-def _follow(
-    v: np.ndarray, idx: np.ndarray, pos: np.ndarray, k: int, descending: bool, keep: np.ndarray, ws: _Workspace
-) -> bool:
+def _follow(v: np.ndarray, idx: np.ndarray, k: int, descending: bool, keep: np.ndarray, ws: _Workspace) -> bool:
     """``first_k``'s loop: partition the range holding position k until the insertion sort's range is left."""
-    n = v.shape[0]
     before_or_tie, after_or_tie = (np.less_equal, np.greater_equal) if descending else (np.greater_equal, np.less_equal)
-    depth, start = depth_limit(n), 0
+    depth, start = depth_limit(v.shape[0]), 0
     while v.shape[0] > INSERTION_RANGE:
         if depth == 0:
             return False
@@ -194,10 +196,9 @@ def _follow(
         before_or_tie(v, v[0], out=lstop)  # the left scan stops at entries not sorted before the pivot
         lstop[0] = False  # it starts after the pivot's slot
         after_or_tie(v, v[0], out=rstop)  # the right scan stops at entries the pivot is not sorted before
-        swaps, cut, low = _crossing(lstop, rstop)
-        lefts = np.compress(lstop[:cut], pos[:cut], out=ws.lefts[:swaps])  # the swapped stops: `swaps` each side
-        rights = np.compress(rstop[low:], pos[low:m], out=ws.rights[:swaps])[::-1]
-        moved = ws.stops[: 4 * swaps].view(np.int32)  # swaps ≤ n / 2: fits in the stop masks' 2n bytes
+        cut, lefts, rights = _crossing(lstop, rstop)
+        swaps = lefts.shape[0]
+        moved = ws.moved_values[:swaps], ws.moved_index[:swaps]
         target = k - start
         if target < cut:  # keep the left range: the right stops' entries move into it
             _move(v, idx, rights, lefts, moved)
@@ -215,12 +216,13 @@ def _follow(
     return True
 
 
-def _move(v: np.ndarray, idx: np.ndarray, source: np.ndarray, target: np.ndarray, buffer: np.ndarray) -> None:
+def _move(
+    v: np.ndarray, idx: np.ndarray, source: np.ndarray, target: np.ndarray, buffers: tuple[np.ndarray, np.ndarray]
+) -> None:
     """v[target] = v[source] and idx[target] = idx[source] (one side of the partition's swaps)."""
-    np.take(v, source, out=buffer.view(np.float32))
-    v[target] = buffer.view(np.float32)
-    np.take(idx, source, out=buffer)
-    idx[target] = buffer
+    for array, buffer in zip((v, idx), buffers, strict=True):
+        np.take(array, source, out=buffer)
+        array[target] = buffer
 
 
 @functools.cache

@@ -146,11 +146,12 @@ def cut_order_scores(tau: torch.Tensor, cuts: Sequence[torch.Tensor], descending
     cut that its rank in torch's sort reaches (−1 if none), so ``score ≥ cut`` holds exactly where
     ``rank ≥ cut`` does, for these cuts only. The entries ranked at or above a cut are the first n − cut
     (descending) or all but the first ``cut`` (ascending) of the sort: ``sort_select.first_k`` finds them
-    without sorting (expected O(n) instead of a sort's O(n log n): 4-6× faster, measured on 0.9 M and 28 M
-    entries). A task whose sort it cannot follow (a heap-sort fallback, a non-finite value) is ranked
-    by ``sort_order_scores``; so is every task when this torch does not sort by introsort. Tasks run on
-    torch's threads at once, but one at a time in a block above ``sort_select.KEPT_ENTRIES`` entries, so
-    that one 18-byte-per-entry workspace is held (a 28 M-entry embedding: 0.5 GB).
+    without sorting (expected O(n) instead of a sort's O(n log n); one SmolLM2 task vector's 271 tensors
+    below 1 M entries, one thread: 5.1 s sorted, 1.45 s selected). A task whose sort it cannot follow (a
+    heap-sort fallback, a non-finite value) is ranked by ``sort_order_scores``; so is every task when this
+    torch does not sort by introsort. Tasks run on torch's threads at once, but one at a time in a block
+    above ``sort_select.KEPT_ENTRIES`` entries, so that one 14-byte-per-entry workspace is held (a 28 M-entry
+    embedding: 0.4 GB).
     """
     w = tau.detach().to("cpu", torch.float32)
     n = w.shape[-1]
