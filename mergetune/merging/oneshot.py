@@ -60,6 +60,7 @@ from mergetune.merging.loading import (
     safetensors_files,
 )
 from mergetune.merging.modelset import STORAGE_DTYPES, ModelSet, Segment, _align_prefix, _check_finite
+from mergetune.merging.parallel import one_torch_thread
 from mergetune.merging.residency import Residency
 from mergetune.merging.shards import SAFETENSORS_DTYPES, ShardWriter, TensorSpec
 from mergetune.merging.stats import (
@@ -537,22 +538,18 @@ def _merged_slices(
     # Tensors queued behind the one to be written next hold at most the largest tensor's entries: a long
     # tensor (an embedding) does not idle the other workers, and what waits to be written stays bounded.
     behind_limit = max(s.numel for s in header.segments)
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="mergetune-slice") as pool:
-            pending: deque[tuple[Segment, Future[torch.Tensor]]] = deque()
-            behind = 0
-            for segment in header.segments:
-                pending.append((segment, pool.submit(merge, segment)))
-                behind += segment.numel
-                while pending and behind - pending[0][0].numel >= behind_limit:
-                    done, result = pending.popleft()
-                    behind -= done.numel
-                    yield done, result.result()
-            for done, result in pending:
+    with one_torch_thread(), ThreadPoolExecutor(workers, thread_name_prefix="mergetune-slice") as pool:
+        pending: deque[tuple[Segment, Future[torch.Tensor]]] = deque()
+        behind = 0
+        for segment in header.segments:
+            pending.append((segment, pool.submit(merge, segment)))
+            behind += segment.numel
+            while pending and behind - pending[0][0].numel >= behind_limit:
+                done, result = pending.popleft()
+                behind -= done.numel
                 yield done, result.result()
-    finally:
-        torch.set_num_threads(workers)
+        for done, result in pending:
+            yield done, result.result()
 
 
 def _slice_merger(

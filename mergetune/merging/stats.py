@@ -27,7 +27,6 @@ import functools
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -37,6 +36,7 @@ import torch
 
 from mergetune.merging import sort_select
 from mergetune.merging.modelset import ModelSet
+from mergetune.merging.parallel import map_on_threads
 
 
 class Scope(StrEnum):
@@ -171,7 +171,7 @@ def cut_order_scores(tau: torch.Tensor, cuts: Sequence[torch.Tensor], descending
             scores[keep if descending else ~keep] = cut  # ranked at or above it; a later (higher) cut overwrites
 
     parallel = n <= sort_select.KEPT_ENTRIES
-    _map_on_threads(
+    map_on_threads(
         score_task,
         list(range(w.shape[0])),
         min(w.shape[0], torch.get_num_threads()) if parallel else 1,
@@ -304,15 +304,7 @@ def bucket_histogram(source: ScoreSource, t: int, fam: Family) -> torch.Tensor:
     def count(chunk: tuple[int, int]) -> torch.Tensor:
         return source.histogram(source.values[t, chunk[0] : chunk[1]])
 
-    return functools.reduce(torch.add, _map_on_threads(count, chunks, workers, "mergetune-count"))
-
-
-def _map_on_threads(fn: Callable[[Any], Any], items: list[Any], workers: int, name: str) -> list[Any]:
-    """``[fn(x) for x in items]``, on ``workers`` threads when more than one (for torch ops that run on one)."""
-    if workers <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
-        return list(pool.map(fn, items))
+    return functools.reduce(torch.add, map_on_threads(count, chunks, workers, "mergetune-count"))
 
 
 def block_counts(source: ScoreSource, t: int, fam: Family, where: str) -> BlockCounts:
@@ -778,7 +770,7 @@ def order_scores(modelset: ModelSet, scope: Scope, descending: bool) -> torch.Te
             out[t, a:b] = scores.reshape(-1).to(out.device)
 
     workers = min(modelset.n_tasks, torch.get_num_threads()) if scope is Scope.TENSOR else 1
-    _map_on_threads(score_task, list(range(modelset.n_tasks)), workers, "mergetune-sort")
+    map_on_threads(score_task, list(range(modelset.n_tasks)), workers, "mergetune-sort")
     return out
 
 
