@@ -227,8 +227,7 @@ class Merger:
             items = [it for it in ctx.layout.items if part.holds(it.segment)]
             args_per_item = item_args(items, row_args, element_args, to_device(prepared.static, part.device))
             local = [part.local(it, segments[it.segment]) for it in items]
-            disk = self.modelset.residency.tier == "disk"
-            stream = ChunkStream(part.tau, part.base, local, part.device, read_ahead=disk)
+            stream = ChunkStream(part.tau, part.base, local, part.device)
             with torch.inference_mode():
                 for (it, args), here, (tau, base) in zip(args_per_item, local, stream, strict=True):
                     R, L = it.rows, it.row_length

@@ -1,8 +1,7 @@
 """Chunks of the store on the merge device, in float32: read in place, or copied ahead of the merge.
 
 A device-tier store is on the merge device already: each chunk is a view (widened to float32 when
-the store is 16-bit; a disk-tier store's next chunk is faulted in by a thread meanwhile). A host- or
-disk-tier store on another device than the merge's is copied to the merge device chunk by chunk. On
+the store is 16-bit). A host- or disk-tier store is copied to the merge device chunk by chunk. On
 CUDA the copy of chunk i + 1 is issued on a side stream while chunk i merges on the main stream
 (the host memory is pinned for the host tier, so the copy is asynchronous); elsewhere the copy is a
 plain synchronous one. The CUDA part (``_CudaPrefetch``) is small and has been run on CPU only.
@@ -11,7 +10,6 @@ plain synchronous one. The CUDA part (``_CudaPrefetch``) is small and has been r
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
@@ -30,27 +28,13 @@ def to_device(values: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 
 
 class ChunkStream:
-    """Iterates ``(tau[:, start:stop], base[start:stop])`` for each item, on ``device`` and in float32.
+    """Iterates ``(tau[:, start:stop], base[start:stop])`` for each item, on ``device`` and in float32."""
 
-    ``read_ahead``: the store is a file mapping (disk tier) read in place; a thread faults in the next
-    chunk's pages while the caller merges this one, so that reading the file overlaps the merge instead of
-    stalling it page by page.
-    """
-
-    def __init__(
-        self,
-        tau: torch.Tensor,
-        base: torch.Tensor,
-        items: Sequence[_Item],
-        device: torch.device,
-        read_ahead: bool = False,
-    ) -> None:
-        self.tau, self.base, self.items, self.device, self.read_ahead = tau, base, items, device, read_ahead
+    def __init__(self, tau: torch.Tensor, base: torch.Tensor, items: Sequence[_Item], device: torch.device) -> None:
+        self.tau, self.base, self.items, self.device = tau, base, items, device
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.tau.device == self.device and self.read_ahead and len(self.items) > 1:
-            yield from self._read_ahead()
-        elif self.tau.device == self.device:
+        if self.tau.device == self.device:
             for it in self.items:
                 yield _widened(self.tau[:, it.start : it.stop]), _widened(self.base[it.start : it.stop])
         elif self.device.type == "cuda":
@@ -59,25 +43,6 @@ class ChunkStream:
             for it in self.items:
                 tau = self.tau[:, it.start : it.stop].to(self.device)
                 yield _widened(tau), _widened(self.base[it.start : it.stop].to(self.device))
-
-    def _read_ahead(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        with ThreadPoolExecutor(1, thread_name_prefix="mergetune-read-ahead") as pool:
-            pending = pool.submit(_fault_in, self.tau, self.base, self.items[0])
-            for i, it in enumerate(self.items):
-                pending.result()
-                if i + 1 < len(self.items):
-                    pending = pool.submit(_fault_in, self.tau, self.base, self.items[i + 1])
-                yield _widened(self.tau[:, it.start : it.stop]), _widened(self.base[it.start : it.stop])
-
-
-_PAGE_BYTES = 4096
-
-
-def _fault_in(tau: torch.Tensor, base: torch.Tensor, item: _Item) -> None:
-    """Read one value per page of an item's chunk: the page faults (and the file reads) happen here."""
-    step = max(1, _PAGE_BYTES // tau.element_size())
-    tau[:, item.start : item.stop : step].sum()
-    base[item.start : item.stop : step].sum()
 
 
 def _widened(chunk: torch.Tensor) -> torch.Tensor:
