@@ -6,15 +6,18 @@ store costs several times the model in memory and most of the time in loading. H
 merged tensor, the base's and every expert's tensor are read from their safetensors files (only
 that tensor's bytes), τ is computed in float32 exactly as ``ModelSet`` computes it, the tensor is
 merged by the engine itself (``Merger`` on a one-tensor ModelSet: the same ``prepare`` and kernels,
-the same chunks of whole rows) and written straight into its output shard (``shards.py``). The
-next tensor is read while the current one merges. Memory: about one tensor × (experts + 2), twice
-(the one being merged and the one being read), whatever the model's size.
+the same chunks of whole rows) and written straight into its output shard (``shards.py``). On CPU
+with eager kernels, as many tensors merge at once as torch has threads, one torch thread each
+(``_merged_slices``); otherwise the next tensor is read while the current one merges. Memory: about
+one tensor × (experts + 2) per tensor in flight, whatever the model's size; tensors merged ahead of
+the next one to be written hold at most the largest tensor's entries.
 
 What a method needs beyond one tensor:
 
 - ``tensor`` and ``row`` scopes, DARE's random keys (seeded by the tensor's name), DELLA's ranks,
   TSV's SVDs and PCB with ``scope: tensor`` are local to a tensor: a one-tensor ModelSet gives the
-  resident merge's values (the same sorts of the same blocks);
+  resident merge's values (the same sorts of the same blocks); ``tie_rule: mergekit`` with ``scope:
+  tensor`` selects the entries before each cut of torch's sort without sorting (``cut_order_scores``);
 - layer groups are the whole model's (each tensor keeps its group, so λ[t, g] and d[t, g] apply);
 - ``scope: global`` thresholds (the model-wide k-th largest |τ_t|) are found exactly by counting
   before the merge pass (``GlobalThresholds``): a first pass builds, per task, a histogram of the
