@@ -11,8 +11,6 @@ import itertools
 import json
 import math
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any, get_args
@@ -30,6 +28,7 @@ from mergetune.merging.modelset import ModelSet
 from mergetune.merging.oneshot import GlobalThresholds
 from mergetune.merging.save import merge_to_folder
 from mergetune.merging.shards import INDEX_FILE, PARTIAL_SUFFIX
+from mergetune.parallel import torch_threads
 from mergetune.recipe import Recipe
 
 # Per-task weights and per-group densities (anchors over the layer groups): each group has its own k.
@@ -61,16 +60,6 @@ def recipe_of(models: tuple[Path, dict[str, Path]], method: str, **fields: Any) 
         if isinstance(fields.get(key), dict):
             fields[key] = {t: v for t, v in fields[key].items() if t in names}
     return parse_recipe({"base": str(base), "experts": listed, "method": method, **fields})
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def resident(recipe: Recipe) -> dict[str, torch.Tensor]:

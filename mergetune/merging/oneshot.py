@@ -63,7 +63,6 @@ from mergetune.merging.loading import (
     safetensors_files,
 )
 from mergetune.merging.modelset import STORAGE_DTYPES, ModelSet, Segment, _align_prefix, _check_finite
-from mergetune.merging.parallel import one_torch_thread
 from mergetune.merging.residency import Residency
 from mergetune.merging.shards import SAFETENSORS_DTYPES, ShardWriter, TensorSpec
 from mergetune.merging.stats import (
@@ -80,6 +79,7 @@ from mergetune.merging.stats import (
     cut_order_scores,
     key_values,
 )
+from mergetune.parallel import torch_threads
 from mergetune.recipe import Recipe
 
 _DTYPE_OF_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
@@ -541,7 +541,7 @@ def _merged_slices(
     # Tensors queued behind the one to be written next hold at most the largest tensor's entries: a long
     # tensor (an embedding) does not idle the other workers, and what waits to be written stays bounded.
     behind_limit = max(s.numel for s in header.segments)
-    with one_torch_thread(), ThreadPoolExecutor(workers, thread_name_prefix="mergetune-slice") as pool:
+    with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="mergetune-slice") as pool:
         pending: deque[tuple[Segment, Future[torch.Tensor]]] = deque()
         behind = 0
         for segment in header.segments:

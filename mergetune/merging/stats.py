@@ -36,7 +36,7 @@ import torch
 
 from mergetune.merging import sort_select
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.parallel import map_on_threads
+from mergetune.parallel import map_on_threads
 
 
 class Scope(StrEnum):

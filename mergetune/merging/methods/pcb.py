@@ -64,9 +64,9 @@ from mergetune.merging.mergekit_spec import APPROXIMATE, ExportTables, MergekitS
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import per_task, task_sum
-from mergetune.merging.parallel import map_on_threads, one_torch_thread
 from mergetune.merging.residency import format_bytes
 from mergetune.merging.stats import OrderStatistics, RowLayout, Scope, keep_counts
+from mergetune.parallel import map_on_threads, torch_threads
 
 log = logging.getLogger(__name__)
 Inter = Literal["product", "es"]
@@ -177,7 +177,7 @@ def compute_scores(ms: ModelSet, lo: torch.Tensor, hi: torch.Tensor, inter: str)
             fill(piece)
         return out
     # CPU: the slices side by side on torch's threads, one each (element-wise work: the same bits on any number)
-    with one_torch_thread() as workers:
+    with torch_threads(1) as workers:
         map_on_threads(fill, list(_slices(ms)), workers, "mergetune-beta")
     return out
 

@@ -46,6 +46,7 @@ from mergetune.objectives.zoo.specs import (
 from mergetune.objectives.zoo.tables import results_table
 from mergetune.objectives.zoo.training import train_expert
 from mergetune.packaged import PACKAGED_MODELS, packaged_model_dir
+from mergetune.parallel import torch_threads
 
 
 def build_zoo(
@@ -227,12 +228,8 @@ def _torch_threads(threads: int) -> Iterator[None]:
     """Run with ``threads`` intra-op torch threads, restoring the previous number afterwards."""
     if threads < 1:
         raise ZooError(f"threads must be at least 1, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextmanager

@@ -26,10 +26,10 @@ def map_on_threads(fn: Callable[[Any], Any], items: list[Any], workers: int, nam
 
 
 @contextmanager
-def one_torch_thread() -> Iterator[int]:
-    """torch's intra-op threads set to one for the block (process-wide); yields the number there was."""
+def torch_threads(n: int) -> Iterator[int]:
+    """torch's intra-op threads set to ``n`` for the block (process-wide); yields the number there was."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield before
     finally:
