@@ -126,7 +126,7 @@ class _Workspace:
     """Buffers for one ``first_k`` call (fresh pages cost more than the work: reused).
 
     Original positions are int64 (numpy converts narrower indices on every use: 3× slower scatters) up to
-    KEPT_ENTRIES, int32 above, where memory counts more: 20 or 14 bytes per entry.
+    KEPT_ENTRIES, int32 above, where memory counts more (and int64 again from 2³¹): 20 or 14 bytes per entry.
     """
 
     size = 0
@@ -135,7 +135,7 @@ class _Workspace:
         if n <= self.size:
             return
         self.values = np.empty(n, np.float32)
-        self.index = np.empty(n, np.int64 if n <= KEPT_ENTRIES else np.int32)
+        self.index = np.empty(n, np.int32 if KEPT_ENTRIES < n < 2**31 else np.int64)
         self.lstop, self.rstop = np.empty(n, np.bool_), np.empty(n, np.bool_)
         half = n // 2 + 1  # a partition swaps at most n / 2 pairs
         self.moved_values, self.moved_index = np.empty(half, np.float32), np.empty(half, self.index.dtype)

@@ -139,8 +139,8 @@ def sort_order_scores(magnitude: torch.Tensor, descending: bool, dtype: torch.dt
 
 
 def cut_order_scores(tau: torch.Tensor, cuts: Sequence[torch.Tensor], descending: bool) -> torch.Tensor:
-    """``[T, n]`` int32 scores of one tensor-scope block of ``tau`` (ranked by |τ|) that compare with ``cuts``
-    as ``sort_order_scores`` do.
+    """``[T, n]`` integer scores of one tensor-scope block of ``tau`` (ranked by |τ|) that compare with
+    ``cuts`` as ``sort_order_scores`` do (int32; int64 from 2³¹ entries).
 
     ``cuts``: thresholds on the order scores, ``[T]`` each (one per task). An entry's score is the largest
     cut that its rank in torch's sort reaches (−1 if none), so ``score ≥ cut`` holds exactly where
@@ -155,9 +155,10 @@ def cut_order_scores(tau: torch.Tensor, cuts: Sequence[torch.Tensor], descending
     """
     w = tau.detach().to("cpu", torch.float32)
     n = w.shape[-1]
+    dtype = torch.int32 if n < 2**31 else torch.int64  # scores are cuts or ranks, at most n
     if not sort_select.sort_is_introsort():
-        return sort_order_scores(w.abs(), descending, torch.int32).to(tau.device)
-    out = torch.full(w.shape, -1, dtype=torch.int32)
+        return sort_order_scores(w.abs(), descending, dtype).to(tau.device)
+    out = torch.full(w.shape, -1, dtype=dtype)
 
     def score_task(t: int) -> None:
         values, scores = w[t].numpy(), out[t].numpy()
@@ -166,7 +167,7 @@ def cut_order_scores(tau: torch.Tensor, cuts: Sequence[torch.Tensor], descending
         for cut in sorted({int(c[t]) for c in cuts}):
             k = n - cut if descending else cut
             if not (finite and sort_select.first_k(values, k, descending, keep, magnitude=True)):
-                out[t] = sort_order_scores(w[t : t + 1].abs(), descending, torch.int32)[0]
+                out[t] = sort_order_scores(w[t : t + 1].abs(), descending, dtype)[0]
                 return
             scores[keep if descending else ~keep] = cut  # ranked at or above it; a later (higher) cut overwrites
 
