@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import struct
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Any, get_args
@@ -25,7 +26,7 @@ from mergetune.errors import BadWeightsError
 from mergetune.merging.engine import Merger
 from mergetune.merging.methods import METHODS, MethodOptions, parse_recipe
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.oneshot import GlobalThresholds
+from mergetune.merging.oneshot import GlobalThresholds, StreamInputs
 from mergetune.merging.save import merge_to_folder
 from mergetune.merging.shards import INDEX_FILE, PARTIAL_SUFFIX
 from mergetune.parallel import torch_threads
@@ -302,3 +303,29 @@ def test_auto_engine_compiles_a_one_shot_merge_only_when_it_is_large(tiny_llama_
     assert done.compiled is compile_available(torch.device("cpu"))
     assert merge_to_folder(recipe, tmp_path / "forced", compile=False).compiled is False
     torch.testing.assert_close(written(tmp_path / "large"), written(tmp_path / "small"), atol=0, rtol=1e-6)
+
+
+def test_a_tensor_that_fails_early_stops_the_merge_of_the_tensors_queued_behind_it(
+    tiny_llama_dir, tmp_path, monkeypatch
+) -> None:
+    """Two tensors merge at once; when one fails, the tensors queued behind it are cancelled, not merged."""
+    base, experts = tiny_llama_dir
+    recipe = recipe_of((base, experts), "task_arithmetic")
+    names = list(load_file(base / "model.safetensors"))
+    read = StreamInputs.read_tau
+    merged: list[str] = []
+
+    def failing_read(self: StreamInputs, segment: Any, device: torch.device) -> Any:
+        merged.append(segment.name)
+        if len(merged) == 2:
+            raise BadWeightsError(f"tensor '{segment.name}' made to fail")
+        time.sleep(0.2)  # the others take a while: ample time for the failure to stop what is queued
+        return read(self, segment, device)
+
+    monkeypatch.setattr(StreamInputs, "read_tau", failing_read)
+    with torch_threads(2), pytest.raises(BadWeightsError, match="made to fail"):
+        merge_to_folder(recipe, tmp_path / "out", compile=False)
+    # read: the first tensor and the failed one (measured: 2; a thread may take up one or two more meanwhile);
+    # without the cancel, the 6 tensors the window had queued behind them were read too (8)
+    assert 2 <= len(merged) <= 5 < len(names)
+    assert not list((tmp_path / "out").glob("*.safetensors*"))

@@ -541,18 +541,23 @@ def _merged_slices(
     # Tensors queued behind the one to be written next hold at most the largest tensor's entries: a long
     # tensor (an embedding) does not idle the other workers, and what waits to be written stays bounded.
     behind_limit = max(s.numel for s in header.segments)
+    pending: deque[tuple[Segment, Future[torch.Tensor]]] = deque()
     with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="mergetune-slice") as pool:
-        pending: deque[tuple[Segment, Future[torch.Tensor]]] = deque()
-        behind = 0
-        for segment in header.segments:
-            pending.append((segment, pool.submit(merge, segment)))
-            behind += segment.numel
-            while pending and behind - pending[0][0].numel >= behind_limit:
+        try:
+            behind = 0
+            for segment in header.segments:
+                pending.append((segment, pool.submit(merge, segment)))
+                behind += segment.numel
+                while pending and behind - pending[0][0].numel >= behind_limit:
+                    done, result = pending.popleft()
+                    behind -= done.numel
+                    yield done, result.result()
+            while pending:
                 done, result = pending.popleft()
-                behind -= done.numel
                 yield done, result.result()
-        for done, result in pending:
-            yield done, result.result()
+        finally:  # a failed tensor (or a writer that stopped) ends the merge: queued tensors are not merged
+            for _, result in pending:
+                result.cancel()
 
 
 def _slice_merger(
