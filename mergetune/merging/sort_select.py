@@ -18,7 +18,7 @@ stably. That is a quickselect, expected O(n), and gives the same set as the sort
 Each Hoare partition is computed vectorised: the left scan stops at the i-th entry (from the left)
 that does not compare before the pivot, the right scan at the i-th (from the right) that the pivot
 does not compare before; pair i is swapped while its left stop lies before its right stop, and the
-partition point is the first crossing (``_partition``). Ranges where introsort would fall back to a
+partition point is the first crossing (``_crossing``). Ranges where introsort would fall back to a
 heap sort (depth limit 2·⌊log₂ n⌋ exhausted) are not emulated: ``first_k`` returns False and the
 caller sorts. ``sort_is_introsort`` checks once per process, on a tie-heavy probe, that this torch
 build sorts that way (a build using x86-simd-sort would not; the caller then sorts as before).
