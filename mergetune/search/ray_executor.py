@@ -50,10 +50,12 @@ log = logging.getLogger(__name__)
 FORWARDED_ENV = ("MERGETUNE_", "HF_", "TRANSFORMERS_", "TORCHINDUCTOR_", "TOKENIZERS_PARALLELISM")
 
 
-# Ray Client's proxy sometimes loses the per-client server it forks (the child exits before it
-# writes a line; seen in about one of four two-node runs on a loaded 2-CPU machine). A new
-# connection gets a new server, so this one failure is retried; every other error is raised as is.
-TRANSIENT_CONNECT_ERROR = "Starting Ray client server failed"
+# Ray Client's proxy sometimes loses the per-client server it forks (ray-project/ray#63202: the child
+# dies during fork; seen in about one of four two-node runs on a loaded 2-CPU machine). The proxy then
+# reports it either way below: the child exited before it wrote a line, or its psutil lookup found a
+# zombie. A new connection gets a new server, so this one failure is retried; every other error is
+# raised as is.
+TRANSIENT_CONNECT_ERRORS = ("Starting Ray client server failed", "ZombieProcess")
 CONNECT_ATTEMPTS = 3
 
 
@@ -64,10 +66,11 @@ def retry_transient(connect: Callable[[], object], reset: Callable[[], object], 
             connect()
             return
         except Exception as error:  # Ray raises several types for this one failure
-            if TRANSIENT_CONNECT_ERROR not in str(error) or attempt == CONNECT_ATTEMPTS:
+            seen = next((m for m in TRANSIENT_CONNECT_ERRORS if m in str(error)), None)
+            if seen is None or attempt == CONNECT_ATTEMPTS:
                 raise
             log.warning(
-                "Ray Client: %s (try %d of %d); connecting again", TRANSIENT_CONNECT_ERROR, attempt, CONNECT_ATTEMPTS
+                "Ray Client: lost its server (%s; try %d of %d); connecting again", seen, attempt, CONNECT_ATTEMPTS
             )
             reset()
             time.sleep(pause)
