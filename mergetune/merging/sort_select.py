@@ -177,7 +177,7 @@ def first_k(values: np.ndarray, k: int, descending: bool, keep: np.ndarray, magn
             np.abs(values, out=v)
         else:
             np.copyto(v, values)
-        idx[:] = np.arange(n)
+        idx[:] = np.arange(n, dtype=idx.dtype)  # in the index's width: no int64 temporary beside an int32 index
         return _follow(v, idx, k, descending, keep, ws)
 
 
