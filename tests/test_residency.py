@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import logging
 import pickle
 import weakref
 from pathlib import Path
@@ -22,7 +21,7 @@ from mergetune.errors import BadWeightsError, MergetuneError
 from mergetune.merging.engine import Merger
 from mergetune.merging.loading import LazyState, open_model
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.residency import MemoryBudget, format_bytes, parse_bytes
+from mergetune.merging.residency import MemoryBudget, parse_bytes
 from mergetune.objectives.models import load_task_model
 from mergetune.objectives.suite import ValidationSuite
 from mergetune.recipe import Expert, Recipe
@@ -130,22 +129,52 @@ def test_disk_tier_store_equals_the_resident_one(tiny_llama_dir: Dirs, tmp_path:
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_pcb_from_the_disk_tier_merges_like_the_resident_store_and_says_its_scores_are_in_memory(
-    tiny_llama_dir: Dirs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def _scratch_maps(folder: Path) -> list[str]:
+    """This process's memory maps of unlinked scratch files in ``folder`` (``/proc/self/maps``)."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return [line for line in lines if f"{folder}/scratch-" in line and line.endswith("(deleted)")]
+
+
+# The methods whose setup caches a [T, D] tensor of scores, with that cache's bytes per entry (float32 store).
+TASK_SIZED_CACHES = [
+    ("pcb", {}, 4),  # β, float32 beside a float32 store
+    ("della", {}, 4),  # the normalised ranks, in the store's dtype
+    ("ties", {"scope": "tensor", "tie_rule": "mergekit", "sign_cancel": "plus_one"}, 4),  # int32 order scores
+]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's maps from /proc (Linux)")
+@pytest.mark.parametrize(("method", "options", "entry_bytes"), TASK_SIZED_CACHES)
+def test_a_task_sized_cache_beside_a_disk_store_is_a_mapped_scratch_file_and_merges_the_same(
+    tiny_llama_dir: Dirs, tmp_path: Path, method: str, options: dict[str, Any], entry_bytes: int
 ) -> None:
-    """PCB's β is a [T, D] cache held in memory whatever the tier: the merge is the same, and the log says so."""
+    """PCB's β, DELLA's ranks and the mergekit rule's order scores are as large as the task vectors: beside a
+    disk-tier store they live in an unlinked file of its folder, mapped like the store, not in memory (the
+    budget that sent the store to disk holds); the merge equals the resident one bit for bit."""
     base, experts = tiny_llama_dir
     on_disk = ModelSet.load(base, experts, budget=MemoryBudget(memory=1, disk_dir=str(tmp_path)))
     resident = ModelSet.load(base, experts)
     recipe = Recipe(
-        base=str(base), experts=[Expert(name=t, model=str(p)) for t, p in experts.items()], method="pcb", density=0.3
+        base=str(base),
+        experts=[Expert(name=t, model=str(p)) for t, p in experts.items()],
+        method=method,
+        density=0.3,
+        options=options,
     )
-    with caplog.at_level(logging.WARNING, logger="mergetune.merging.methods.pcb"):
-        got = Merger(on_disk, compile=False).merge(recipe)
-    want = Merger(resident, compile=False).merge(recipe)
+    disk_merger, resident_merger = Merger(on_disk, compile=False), Merger(resident, compile=False)
+    got, want = disk_merger.merge(recipe), resident_merger.merge(recipe)
     assert all(torch.equal(got[k], want[k]) for k in want)
-    beta_bytes = len(experts) * resident.numel * 4
-    assert any("β in memory" in r.message and format_bytes(beta_bytes) in r.message for r in caplog.records)
+    cache_bytes = len(experts) * resident.numel * entry_bytes
+    (disk_stats,) = [layout.stats for layout in disk_merger._layouts.values()]
+    (resident_stats,) = [layout.stats for layout in resident_merger._layouts.values()]
+    assert disk_stats.held_bytes()["scores_on_disk"] == cache_bytes == resident_stats.held_bytes()["scores"]
+    assert "scores" not in disk_stats.held_bytes()
+    assert resident_stats.extra_bytes() - disk_stats.extra_bytes() == cache_bytes  # not counted as memory
+    assert len(_scratch_maps(tmp_path)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [Path(on_disk.residency.path or "").name]  # no name left
+    del disk_merger, disk_stats
+    gc.collect()
+    assert _scratch_maps(tmp_path) == []  # the map, hence the file's blocks, went with the cache
 
 
 def test_a_forced_host_tier_merges_like_the_device_tier(tiny_llama_dir: Dirs) -> None:

@@ -46,6 +46,7 @@ from mergetune.merging.residency import (
     discard_disk_store,
     finish_disk_store,
     open_disk_store,
+    scratch_buffer,
 )
 from mergetune.merging.tokenizers import tokenizer_differences
 
@@ -216,6 +217,14 @@ class ModelSet:
     def merge_device(self) -> torch.device:
         """The device that merges this store (where the output buffer and the kernels are)."""
         return torch.device(self.residency.merge_device)
+
+    def task_sized_buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        """An empty ``[T, D]`` buffer for a cache as large as the task vectors (PCB's β, DELLA's ranks, order
+        scores): beside a disk-tier store a scratch file mapped like the store (``residency.scratch_buffer``), so
+        that the memory budget holds; otherwise memory beside the store."""
+        if self.residency.tier == "disk":
+            return scratch_buffer(self.residency, (self.n_tasks, self.numel), dtype)
+        return torch.empty(self.n_tasks, self.numel, dtype=dtype, device=self.device)
 
     def to(self, device: str | torch.device) -> ModelSet:
         """This ModelSet on ``device`` (itself when already there); the stores are copied once."""

@@ -16,6 +16,7 @@ Budgets are bytes, or strings such as ``"24GB"`` (powers of 1000) or ``"24GiB"``
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -182,6 +183,27 @@ def open_disk_store(residency: Residency, n_tasks: int, numel: int, dtype: torch
             "loads the models; set resources.disk_dir to a folder every worker can read"
         )
     return _map_file(Path(residency.path), n_tasks, numel, dtype, mode="r")
+
+
+def scratch_buffer(residency: Residency, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor backed by a scratch file beside a disk-tier store, mapped read-write and unlinked at once.
+
+    For a cache as large as the task vectors (PCB's β, DELLA's ranks, the mergekit tie rule's order scores):
+    held in memory, it would break the memory budget that sent the store to disk. Its pages are the page
+    cache's, as the store's are (the kernel writes them back to the file and drops them under pressure), and
+    the file has no name: its blocks are freed when the process ends, however it ends.
+    """
+    assert residency.path is not None
+    folder = Path(residency.path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    nbytes = max(1, math.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    handle, name = tempfile.mkstemp(prefix="scratch-", suffix=".bin", dir=folder)
+    try:
+        array = np.memmap(name, dtype=np.uint8, mode="w+", shape=(nbytes,))
+    finally:
+        os.close(handle)
+        os.unlink(name)  # the map keeps the file's blocks until it is closed
+    return torch.from_numpy(array).view(dtype)[: math.prod(shape)].view(shape)
 
 
 def _writing_path(residency: Residency) -> Path:

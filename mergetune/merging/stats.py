@@ -724,17 +724,20 @@ class OrderStatistics:
 
     def held_bytes(self) -> dict[str, int]:
         """Bytes held beyond the store, by purpose: threshold structures (bucket counts and kept results),
-        cached score kinds (e.g. PCB's β, DELLA's ranks, the mergekit rule's order scores) and other caches."""
+        cached score kinds (e.g. PCB's β, DELLA's ranks, the mergekit rule's order scores) and other caches.
+        Beside a disk-tier store the score kinds are scratch files mapped like the store
+        (``ModelSet.task_sized_buffer``): ``scores_on_disk``, not memory."""
+        on_disk = self.modelset.residency.tier == "disk"
         parts = {
             "thresholds": [self._counts.values(), self._recent.values()],
-            "scores": self._scores.values(),
+            "scores_on_disk" if on_disk else "scores": self._scores.values(),
             "other": self._other.values(),
         }
         return {name: sum(t.numel() * t.element_size() for t in _tensors_in(held)) for name, held in parts.items()}
 
     def extra_bytes(self) -> int:
-        """All bytes held beyond the store (``held_bytes`` summed)."""
-        return sum(self.held_bytes().values())
+        """The memory held beyond the store (``held_bytes`` summed, scratch files on disk left out)."""
+        return sum(size for name, size in self.held_bytes().items() if name != "scores_on_disk")
 
 
 def _tensors_in(values: Any) -> list[torch.Tensor]:
@@ -759,7 +762,7 @@ def order_scores(modelset: ModelSet, scope: Scope, descending: bool) -> torch.Te
     their rows spread over threads by torch.
     """
     dtype = torch.int32 if modelset.numel < 2**31 else torch.int64  # scores < block length ≤ numel
-    out = torch.empty(modelset.n_tasks, modelset.numel, dtype=dtype, device=modelset.device)
+    out = modelset.task_sized_buffer(dtype)
     if scope is Scope.GLOBAL:
         blocks = [(0, modelset.numel, modelset.numel)]
     else:

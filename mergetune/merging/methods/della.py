@@ -108,7 +108,7 @@ def normalised_rank(magnitude: torch.Tensor) -> torch.Tensor:
 
 def della_ranks(ms: ModelSet) -> torch.Tensor:
     """``[T, D]`` normalised ranks of |τ| within each row of each tensor (the store's layout)."""
-    out = torch.empty_like(ms.tau)
+    out = ms.task_sized_buffer(ms.tau.dtype)
     for seg in ms.segments:
         L = seg.row_length
         rows_per_chunk = max(1, _RANK_CHUNK // L)

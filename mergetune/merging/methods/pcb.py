@@ -50,7 +50,6 @@ objective on the test split, which mergetune never does (its searches use valida
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator
 from typing import Literal
@@ -64,11 +63,9 @@ from mergetune.merging.mergekit_spec import APPROXIMATE, ExportTables, MergekitS
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import per_task, task_sum
-from mergetune.merging.residency import format_bytes
 from mergetune.merging.stats import OrderStatistics, RowLayout, Scope, keep_counts
 from mergetune.parallel import map_on_threads, torch_threads
 
-log = logging.getLogger(__name__)
 Inter = Literal["product", "es"]
 # Entries per slice when computing β: on CPU each [T, slice] float32 temporary stays in cache and is recycled
 # (PCB's whole setup on a 44 M-entry bf16 store: 0.67–0.82 s at 2¹⁶, 1.02 s at 2²²); an accelerator takes
@@ -154,15 +151,7 @@ def score_dtype(storage: torch.dtype) -> torch.dtype:
 
 def compute_scores(ms: ModelSet, lo: torch.Tensor, hi: torch.Tensor, inter: str) -> torch.Tensor:
     """β for the whole store, ``[T, D]`` in ``score_dtype``, computed in float32 slice by slice."""
-    dtype = score_dtype(ms.storage_dtype)
-    if ms.residency.tier == "disk":  # a cache as large as the task vectors, which the budget sent to disk
-        size = format_bytes(ms.n_tasks * ms.numel * dtype.itemsize)
-        log.warning(
-            "PCB holds its balancing scores β in memory, %s beside a store on disk: the memory budget does not "
-            "cover them; raise resources.memory, or leave pcb out of the space if that does not fit",
-            size,
-        )
-    out = torch.empty(ms.n_tasks, ms.numel, dtype=dtype, device=ms.device)
+    out = ms.task_sized_buffer(score_dtype(ms.storage_dtype))
     # Touch every page first, in one pass on torch's threads: faulting them in through the slices' writes (T rows
     # far apart, one thread) took 8.9 s of a 0.5 B store's 18.8 s; zero_() then the writes took 1.8 s.
     out.zero_()
