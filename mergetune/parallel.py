@@ -9,6 +9,8 @@ gives the same bits on any number of threads, but matrix products and SVDs round
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,3 +36,29 @@ def torch_threads(n: int) -> Iterator[int]:
         yield before
     finally:
         torch.set_num_threads(before)
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory that freed temporaries left in the C allocator back to the system (glibc's
+    ``malloc_trim``); whether it could (False where the C library has no such call, e.g. macOS, musl).
+
+    glibc keeps freed blocks below its mmap threshold (which rises to 32 MiB as large blocks are freed) for
+    reuse, in one arena per thread. A setup pass that streams over the store in chunks of such temporaries
+    on several threads leaves them there: measured on a 0.5 B bf16 store on the disk tier, PCB's threshold
+    counts over β left 2.0 GB of anonymous memory behind, all of it free (RssAnon 2.44 -> 0.47 GB after this
+    call), memory the memory budget does not see. Called after each such setup, not per candidate.
+    """
+    trim = getattr(_c_library(), "malloc_trim", None) if sys.platform.startswith("linux") else None
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+_C_LIBRARY: list[ctypes.CDLL] = []
+
+
+def _c_library() -> ctypes.CDLL:
+    if not _C_LIBRARY:
+        _C_LIBRARY.append(ctypes.CDLL(None))
+    return _C_LIBRARY[0]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
+import os
 import pickle
+import resource
+import signal
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,7 @@ from mergetune.errors import BadWeightsError, MergetuneError
 from mergetune.merging.engine import Merger
 from mergetune.merging.loading import LazyState, open_model
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.residency import MemoryBudget, parse_bytes
+from mergetune.merging.residency import MemoryBudget, format_bytes, parse_bytes
 from mergetune.objectives.models import load_task_model
 from mergetune.objectives.suite import ValidationSuite
 from mergetune.recipe import Expert, Recipe
@@ -175,6 +180,42 @@ def test_a_task_sized_cache_beside_a_disk_store_is_a_mapped_scratch_file_and_mer
     del disk_merger, disk_stats
     gc.collect()
     assert _scratch_maps(tmp_path) == []  # the map, hence the file's blocks, went with the cache
+
+
+@contextlib.contextmanager
+def _file_size_limit(nbytes: int) -> Iterator[None]:
+    """Files of this process cannot grow past ``nbytes`` (``RLIMIT_FSIZE``): the kernel's own refusal, as a full
+    disk refuses (EFBIG instead of ENOSPC), without filling a disk. SIGXFSZ is ignored so the call fails."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="reserves blocks with posix_fallocate (Linux)")
+def test_no_room_for_a_disk_store_or_its_scratch_file_is_one_error_naming_it(
+    tiny_llama_dir: Dirs, tmp_path: Path
+) -> None:
+    """Files written through a map get their blocks reserved first: no room is an error naming the file, its
+    size and the room left (not a SIGBUS mid-merge), and no file is left behind."""
+    base, experts = tiny_llama_dir
+    store = tmp_path / "store"
+    with _file_size_limit(4096), pytest.raises(MergetuneError, match=r"cannot reserve .* for the disk-tier store at"):
+        ModelSet.load(base, experts, budget=MemoryBudget(memory=1, disk_dir=str(store)))
+    assert not store.exists() or not list(store.iterdir())
+    on_disk = ModelSet.load(base, experts, budget=MemoryBudget(memory=1, disk_dir=str(store)))
+    recipe = Recipe(
+        base=str(base), experts=[Expert(name=t, model=str(p)) for t, p in experts.items()], method="pcb", density=0.3
+    )
+    beta = format_bytes(len(experts) * on_disk.numel * 4)
+    with _file_size_limit(4096), pytest.raises(MergetuneError, match=rf"cannot reserve {beta} for a scratch file"):
+        Merger(on_disk, compile=False).merge(recipe)
+    assert [p.name for p in store.iterdir()] == [Path(on_disk.residency.path or "").name]
+    assert Merger(on_disk, compile=False).merge(recipe)  # with room, the same store merges
 
 
 def test_a_forced_host_tier_merges_like_the_device_tier(tiny_llama_dir: Dirs) -> None:

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -199,11 +200,32 @@ def scratch_buffer(residency: Residency, shape: tuple[int, ...], dtype: torch.dt
     nbytes = max(1, math.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     handle, name = tempfile.mkstemp(prefix="scratch-", suffix=".bin", dir=folder)
     try:
-        array = np.memmap(name, dtype=np.uint8, mode="w+", shape=(nbytes,))
+        reserve_blocks(handle, Path(name), nbytes, "a scratch file (a cache as large as the task vectors)")
+        array = np.memmap(name, dtype=np.uint8, mode="r+", shape=(nbytes,))
     finally:
         os.close(handle)
         os.unlink(name)  # the map keeps the file's blocks until it is closed
     return torch.from_numpy(array).view(dtype)[: math.prod(shape)].view(shape)
+
+
+def reserve_blocks(fd: int, path: Path, nbytes: int, what: str) -> None:
+    """Give a file that will be written through a map its ``nbytes`` of disk blocks now.
+
+    A page written through a map of a sparse file gets its block when the kernel writes it back; on a full
+    disk that is a SIGBUS that kills the process mid-merge, with no message. Reserved first, a full disk is
+    this error instead, naming the file, the size and the room left.
+    """
+    if not hasattr(os, "posix_fallocate"):  # not on macOS: the file stays sparse
+        os.ftruncate(fd, max(nbytes, 1))
+        return
+    try:
+        os.posix_fallocate(fd, 0, max(nbytes, 1))
+    except OSError as exc:
+        free = shutil.disk_usage(path.parent).free
+        raise MergetuneError(
+            f"cannot reserve {format_bytes(nbytes)} for {what} at {path}: {exc.strerror} ({format_bytes(free)} "
+            "free there); free some space, or set resources.disk_dir to a folder with room"
+        ) from exc
 
 
 def _writing_path(residency: Residency) -> Path:
@@ -215,9 +237,17 @@ def _writing_path(residency: Residency) -> Path:
 def _map_file(path: Path, n_tasks: int, numel: int, dtype: torch.dtype, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     if dtype not in _NUMPY_STORAGE:
         raise MergetuneError(f"storage dtype {dtype} is not one of float32, bfloat16, float16")
+    shape = (n_tasks + 1, max(numel, 1))
     if mode == "w+":
         path.parent.mkdir(parents=True, exist_ok=True)
-    array = np.memmap(path, dtype=_NUMPY_STORAGE[dtype], mode=mode, shape=(n_tasks + 1, max(numel, 1)))
+        try:
+            with open(path, "wb") as f:
+                reserve_blocks(f.fileno(), path, math.prod(shape) * dtype.itemsize, "the disk-tier store")
+        except BaseException:
+            path.unlink(missing_ok=True)  # a full disk must not keep a half-reserved file
+            raise
+        mode = "r+"
+    array = np.memmap(path, dtype=_NUMPY_STORAGE[dtype], mode=mode, shape=shape)
     with warnings.catch_warnings():  # read-only map: the merge only reads the store
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         flat = torch.from_numpy(array)

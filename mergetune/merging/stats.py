@@ -36,7 +36,7 @@ import torch
 
 from mergetune.merging import sort_select
 from mergetune.merging.modelset import ModelSet
-from mergetune.parallel import map_on_threads
+from mergetune.parallel import map_on_threads, release_freed_memory
 
 
 class Scope(StrEnum):
@@ -654,6 +654,7 @@ class OrderStatistics:
             return self.modelset.tau.abs()
         if kind not in self._scores:
             self._scores[kind] = compute(self.modelset)
+            release_freed_memory()
         return self._scores[kind]
 
     def order_scores(self, scope: Scope, descending: bool, cuts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
@@ -714,12 +715,14 @@ class OrderStatistics:
                 [build(source, t, f, f"score '{kind}', task {t}, {scope.value} block {i}") for i, f in enumerate(fams)]
                 for t in range(self.modelset.n_tasks)
             ]
+            release_freed_memory()  # the passes' chunk temporaries, freed on several threads
         return self._counts[key]
 
     def cached(self, key: str, compute: Callable[[ModelSet], Any]) -> Any:
         """Any other candidate-independent precomputation (e.g. SVD factors), computed once."""
         if key not in self._other:
             self._other[key] = compute(self.modelset)
+            release_freed_memory()
         return self._other[key]
 
     def held_bytes(self) -> dict[str, int]:
