@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ import torch
 from mergetune.errors import MergetuneError, RecipeError
 from mergetune.forward import best_prefix
 from mergetune.merging.context import Layout, MergeContext, item_args
+from mergetune.merging.direct_read import open_direct
 from mergetune.merging.methods import ChunkMethod, TensorMethod, check_recipe, get_method, method_options
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.placement import Placement, StorePart, split_store, whole_store
@@ -227,13 +228,27 @@ class Merger:
             items = [it for it in ctx.layout.items if part.holds(it.segment)]
             args_per_item = item_args(items, row_args, element_args, to_device(prepared.static, part.device))
             local = [part.local(it, segments[it.segment]) for it in items]
-            stream = ChunkStream(part.tau, part.base, local, part.device)
             with torch.inference_mode():
-                for (it, args), here, (tau, base) in zip(args_per_item, local, stream, strict=True):
+                for (it, args), here, (tau, base) in zip(args_per_item, local, self._chunks(part, local), strict=True):
                     R, L = it.rows, it.row_length
                     args = args if whole else to_device(args, part.device)
                     merged = kernel(tau.view(T, R, L), base.view(R, L), **args)
                     buffer[here.start : here.stop].copy_(_rounded(merged.reshape(-1), rounding))
+
+    def _chunks(self, part: StorePart, items: list) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The part's chunks in float32 on its device: a whole disk-tier store by direct I/O ahead of the merge
+        where the file system allows it (``direct_read``), anything else through ``ChunkStream``."""
+        ms = self.modelset
+        if ms.residency.tier == "disk" and part.tau is ms.tau and ms.residency.path is not None:
+            reader = open_direct(ms.residency.path, ms.n_tasks, ms.numel, ms.storage_dtype)
+            if reader is not None:
+                try:
+                    for tau, base in reader.chunks(items):
+                        yield tau.to(part.device), base.to(part.device)
+                finally:
+                    reader.close()
+                return
+        yield from ChunkStream(part.tau, part.base, items, part.device)
 
     def _run_tensor_method(
         self, method: TensorMethod, ctx: MergeContext, out: list[torch.Tensor], rounding: torch.dtype | None
