@@ -146,3 +146,34 @@ def test_without_direct_io_the_map_is_read_and_the_merge_is_the_same(
     monkeypatch.setattr(direct_read.os, "open", real_open)
     monkeypatch.setenv("MERGETUNE_DIRECT_IO", "0")
     assert direct_read.open_direct(probe, T, D, torch.bfloat16) is None
+
+
+def test_a_kernel_error_mid_merge_stops_the_reader_before_the_file_closes(
+    tiny_llama_dir, tmp_path: Path, monkeypatch
+) -> None:
+    """A candidate that fails after a few chunks raises its own error, and the reading thread is gone by then
+    (it is joined before the store's descriptor is closed, so it never reads a closed or reused one)."""
+    base, experts = tiny_llama_dir
+    on_disk = ModelSet.load(base, experts, budget=MemoryBudget(memory=1, disk_dir=str(tmp_path / "store")))
+    merger = Merger(on_disk, compile=False, chunk_size=1024)
+    real_kernel = Merger._kernel
+    calls = []
+
+    def failing_kernel(self, method):
+        kernel = real_kernel(self, method)
+
+        def run(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("kernel failed on the third chunk")
+            return kernel(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(Merger, "_kernel", failing_kernel)
+    recipe = Recipe(
+        base=str(base), experts=[Expert(name=t, model=str(p)) for t, p in experts.items()], method="task_arithmetic"
+    )
+    with pytest.raises(RuntimeError, match="third chunk"):
+        merger.merge(recipe)
+    assert not any(t.name == "mergetune-direct-read" for t in threading.enumerate())

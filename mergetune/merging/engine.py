@@ -10,7 +10,8 @@ Per candidate, the engine
 The store may be float32, bfloat16 or float16 (``ModelSet.storage_dtype``): each chunk is widened to
 float32 before the kernel, so the merge always computes in float32 and writes the recipe's dtype. A
 store that is not on the merge device (host or disk tier, see ``residency.py``) is streamed to it
-chunk by chunk (``ChunkStream``); a device-tier store is read in place. With a ``Placement`` (several
+chunk by chunk (``ChunkStream``); a device-tier store is read in place; a whole disk-tier store is read
+with direct I/O by a thread, windows ahead of the merge (``direct_read``). With a ``Placement`` (several
 devices, see ``placement.py``) the store is split into one part per device and each work item merges
 from its part, on its device, into that device's output buffer; without one, the whole store is the
 single part (the same loop).
@@ -242,10 +243,12 @@ class Merger:
         if ms.residency.tier == "disk" and part.tau is ms.tau and ms.residency.path is not None:
             reader = open_direct(ms.residency.path, ms.n_tasks, ms.numel, ms.storage_dtype)
             if reader is not None:
+                chunks = reader.chunks(items)
                 try:
-                    for tau, base in reader.chunks(items):
+                    for tau, base in chunks:
                         yield tau.to(part.device), base.to(part.device)
                 finally:
+                    chunks.close()  # stops and joins its thread before the file is closed under it
                     reader.close()
                 return
         yield from ChunkStream(part.tau, part.base, items, part.device)
