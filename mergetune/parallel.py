@@ -10,6 +10,7 @@ gives the same bits on any number of threads, but matrix products and SVDs round
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -55,10 +56,6 @@ def release_freed_memory() -> bool:
     return True
 
 
-_C_LIBRARY: list[ctypes.CDLL] = []
-
-
+@functools.cache
 def _c_library() -> ctypes.CDLL:
-    if not _C_LIBRARY:
-        _C_LIBRARY.append(ctypes.CDLL(None))
-    return _C_LIBRARY[0]
+    return ctypes.CDLL(None)

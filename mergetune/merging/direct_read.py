@@ -27,20 +27,15 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from mergetune.errors import MergetuneError
+from mergetune.merging.streaming import FlatRange
 
 ALIGN = 4096  # direct I/O alignment of offsets, lengths and memory (a multiple of any logical block size)
 WINDOW_BYTES = 8 << 20  # per row and window: large requests, few of them
 SLOTS = 3  # windows in flight: one merging, up to two read ahead
-
-
-class _Item(Protocol):
-    start: int
-    stop: int
 
 
 def direct_io_enabled() -> bool:
@@ -73,7 +68,7 @@ class DirectReader:
 
     def __init__(self, fd: int, path: Path, n_tasks: int, numel: int, dtype: torch.dtype) -> None:
         self.fd, self.path, self.n_tasks, self.numel, self.dtype = fd, path, n_tasks, numel, dtype
-        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.itemsize = dtype.itemsize
         self.row_bytes = max(numel, 1) * self.itemsize
         self.window = max(1, WINDOW_BYTES // self.itemsize)  # entries per row and window
 
@@ -88,7 +83,7 @@ class DirectReader:
         finally:
             buffer.close()
 
-    def chunks(self, items: Sequence[_Item]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def chunks(self, items: Sequence[FlatRange]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(tau [T, n], base [n])`` in float32 for each item, in order; windows are read ahead on a thread."""
         windows = _windows(items, self.window)
         capacity = max([self.window, *(w[-1].stop - w[0].start for w in windows)])
@@ -114,7 +109,7 @@ class DirectReader:
             reader.join()
 
     def _read_all(
-        self, windows: list[list[_Item]], free: queue.Queue, filled: queue.Queue, stop: threading.Event
+        self, windows: list[list[FlatRange]], free: queue.Queue, filled: queue.Queue, stop: threading.Event
     ) -> None:
         try:
             for window in windows:
@@ -165,7 +160,7 @@ class _Slot:
             part = self.bytes[base + offset : base + offset + (b - a) * r.itemsize]
             self.rows.append(part.view(r.dtype))
 
-    def chunks(self, window: list[_Item]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def chunks(self, window: list[FlatRange]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         T = self.reader.n_tasks
         for it in window:
             a, b = it.start - self.start, it.stop - self.start
@@ -175,9 +170,9 @@ class _Slot:
             yield tau, self.rows[T][a:b].to(torch.float32, copy=True)
 
 
-def _windows(items: Sequence[_Item], window: int) -> list[list[_Item]]:
+def _windows(items: Sequence[FlatRange], window: int) -> list[list[FlatRange]]:
     """Consecutive items grouped into windows spanning at most ``window`` entries (an item longer alone)."""
-    out: list[list[_Item]] = []
+    out: list[list[FlatRange]] = []
     for it in items:
         if out and it.start >= out[-1][0].start and it.stop - out[-1][0].start <= window:
             out[-1].append(it)

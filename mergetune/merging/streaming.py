@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 
-class _Item(Protocol):
+class FlatRange(Protocol):
     """A flat range of the store (``context.WorkItem``)."""
 
     start: int
@@ -30,7 +30,7 @@ def to_device(values: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 class ChunkStream:
     """Iterates ``(tau[:, start:stop], base[start:stop])`` for each item, on ``device`` and in float32."""
 
-    def __init__(self, tau: torch.Tensor, base: torch.Tensor, items: Sequence[_Item], device: torch.device) -> None:
+    def __init__(self, tau: torch.Tensor, base: torch.Tensor, items: Sequence[FlatRange], device: torch.device) -> None:
         self.tau, self.base, self.items, self.device = tau, base, items, device
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -53,11 +53,11 @@ def _widened(chunk: torch.Tensor) -> torch.Tensor:
 class _CudaPrefetch:
     """Copies chunk i + 1 to the GPU on a side stream while the caller merges chunk i (unchecked on a GPU)."""
 
-    def __init__(self, tau: torch.Tensor, base: torch.Tensor, items: Sequence[_Item], device: torch.device) -> None:
+    def __init__(self, tau: torch.Tensor, base: torch.Tensor, items: Sequence[FlatRange], device: torch.device) -> None:
         self.tau, self.base, self.items, self.device = tau, base, items, device
         self.copy_stream = torch.cuda.Stream(device)
 
-    def _issue(self, item: _Item) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]:
+    def _issue(self, item: FlatRange) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]:
         with torch.cuda.stream(self.copy_stream):
             tau = self.tau[:, item.start : item.stop].to(self.device, non_blocking=True)
             base = self.base[item.start : item.stop].to(self.device, non_blocking=True)
