@@ -35,6 +35,7 @@ from conftest import run_cli, trials_by_state
 from optuna.trial import TrialState
 from test_fidelity import FIRST, expert_incumbent
 
+from mergetune.merging.shared_scores import PREFIX as SHARED_PREFIX
 from mergetune.recipe import Recipe
 from mergetune.search.config import SearchConfig
 from mergetune.search.executor import JobResult, LocalExecutor
@@ -201,6 +202,37 @@ def test_two_ray_workers_score_like_the_local_executor(tiny_setup: WorkerSetup) 
         assert [e.scores for e in finalists] == [local.worker.evaluate(r, "holdout").scores for r in recipes[:2]]
     finally:
         executor.close()
+
+
+def _shared_cache_maps(pid: int) -> set[tuple[str, str]]:
+    """(inode, path) of the shared task-sized cache files process ``pid`` maps (``/proc/<pid>/maps``)."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and Path(fields[5]).name.startswith(SHARED_PREFIX):
+            found.add((fields[4], fields[5]))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the workers' maps from /proc (Linux)")
+def test_two_ray_workers_of_a_node_compute_pcb_beta_once_and_map_one_copy(tiny_setup: WorkerSetup) -> None:
+    """PCB's β is as large as the task vectors: the two actors of this node map one file of it (shared memory),
+    score as the local executor does, and the file is gone once the executor is closed."""
+    base = {"base": tiny_setup.base, "experts": [{"name": t, "model": p} for t, p in tiny_setup.experts.items()]}
+    recipes = [Recipe(**base, method="pcb", weight=w, density=d) for w, d in ((1.0, 0.2), (0.6, 0.5), (0.8, 0.3))]
+    local = LocalExecutor(tiny_setup)
+    expected = [local.worker.evaluate(r).scores for r in recipes]
+    executor = RayExecutor(tiny_setup, RayOptions(workers=2))
+    try:
+        results = sorted(run_all(executor, recipes), key=lambda r: r.job)
+        assert [r.evaluation.scores if r.evaluation else r.error for r in results] == expected
+        assert len({r.worker for r in results}) == 2  # both actors merged PCB
+        maps = [_shared_cache_maps(w["pid"]) for w in executor.workers()]
+        assert len(maps[0]) == 1 and maps[0] == maps[1]  # one file, the same inode, in both
+        ((_, path),) = maps[0]
+    finally:
+        executor.close()
+    assert not Path(path).exists()
 
 
 def test_a_ray_worker_over_two_devices_scores_like_a_local_one_device_worker(tiny_setup: WorkerSetup) -> None:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from mergetune.merging import stats
 from mergetune.merging.modelset import ModelSet
+from mergetune.merging.shared_scores import Allocate
 from mergetune.merging.stats import (
     NaiveStatistics,
     OrderStatistics,
@@ -119,9 +120,9 @@ def test_thresholds_equal_kthvalue(shapes, kinds, n_tasks, seed, dtype, densitie
             assert torch.equal(got, want), (name, k, got, want)
 
 
-def signed_scores(ms: ModelSet) -> torch.Tensor:
-    """τ itself: negative scores, zeros of both signs."""
-    return ms.tau.clone()
+def signed_scores(ms: ModelSet, allocate: Allocate) -> torch.Tensor:
+    """τ itself: negative scores, zeros of both signs (in the buffer the statistics give)."""
+    return allocate(ms.tau.dtype).copy_(ms.tau)
 
 
 @settings(max_examples=30, deadline=None)
@@ -219,8 +220,8 @@ def test_candidate_independent_threshold_is_kept():
         assert statistics.kth_largest("abs", Scope.ROW, k.clone()) is first
 
 
-def nan_scores(ms: ModelSet) -> torch.Tensor:
-    scores = ms.tau.abs()
+def nan_scores(ms: ModelSet, allocate: Allocate) -> torch.Tensor:
+    scores = torch.abs(ms.tau, out=allocate(ms.tau.dtype))
     scores[0, 3] = math.nan
     return scores
 

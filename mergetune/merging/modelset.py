@@ -19,7 +19,9 @@ its residency tier (on the merge device, in host memory, or memory-mapped from a
 A ModelSet pickles its flat stores as NumPy arrays (bf16 as its 16-bit pattern): put once in Ray's
 object store, every actor on a node then maps the same read-only memory instead of holding its own
 copy (the merge only reads τ and θ_0). A disk-tier store pickles as its file's path: every actor
-maps the same file. ``placed(device)`` moves a device-tier store onto its accelerator.
+maps the same file. An unpickled ModelSet also shares its task-sized caches (PCB's β, DELLA's ranks,
+order scores) with the other processes of its machine that unpickled it (``shared_scores.py``).
+``placed(device)`` moves a device-tier store onto its accelerator.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import hashlib
 import math
 import os
 import re
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -107,6 +110,9 @@ class ModelSet:
         # each expert's head label map (config id2label), written beside its head by merging.save
         self.head_label_maps = [dict(e.config.get("id2label") or {}) for e in experts]
         self.storage_dtype = storage_dtype
+        # Names this load's store for caches shared between the processes that unpickle it (shared_scores.py).
+        self.share_token = uuid.uuid4().hex[:16]
+        self.shares_caches = False  # True in a process that got this ModelSet by unpickling (a Ray actor's copy)
         patterns = [re.compile(p) for p in task_specific]
 
         _check_tokenizers(base, experts, tokenizer_mismatch)
@@ -267,6 +273,7 @@ class ModelSet:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.device = torch.device(state["device"])
+        self.shares_caches = True
         if self.residency.tier == "disk":
             self.tau, self.base_flat = open_disk_store(self.residency, self.n_tasks, self.numel, self.storage_dtype)
         else:

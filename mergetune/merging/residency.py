@@ -200,7 +200,7 @@ def scratch_buffer(residency: Residency, shape: tuple[int, ...], dtype: torch.dt
     nbytes = max(1, math.prod(shape)) * dtype.itemsize
     handle, name = tempfile.mkstemp(prefix="scratch-", suffix=".bin", dir=folder)
     try:
-        _reserve_blocks(handle, Path(name), nbytes, "a scratch file (a cache as large as the task vectors)")
+        reserve_blocks(handle, Path(name), nbytes, "a scratch file (a cache as large as the task vectors)")
         array = np.memmap(name, dtype=np.uint8, mode="r+", shape=(nbytes,))
     finally:
         os.close(handle)
@@ -208,7 +208,7 @@ def scratch_buffer(residency: Residency, shape: tuple[int, ...], dtype: torch.dt
     return torch.from_numpy(array).view(dtype)[: math.prod(shape)].view(shape)
 
 
-def _reserve_blocks(fd: int, path: Path, nbytes: int, what: str) -> None:
+def reserve_blocks(fd: int, path: Path, nbytes: int, what: str) -> None:
     """Give a file that will be written through a map its ``nbytes`` of disk blocks now.
 
     A page written through a map of a sparse file gets its block when the kernel writes it back; on a full
@@ -242,7 +242,7 @@ def _map_file(path: Path, n_tasks: int, numel: int, dtype: torch.dtype, mode: st
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(path, "wb") as f:
-                _reserve_blocks(f.fileno(), path, math.prod(shape) * dtype.itemsize, "the disk-tier store")
+                reserve_blocks(f.fileno(), path, math.prod(shape) * dtype.itemsize, "the disk-tier store")
         except BaseException:
             path.unlink(missing_ok=True)  # a full disk must not keep a half-reserved file
             raise

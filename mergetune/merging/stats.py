@@ -36,6 +36,7 @@ import torch
 
 from mergetune.merging import sort_select
 from mergetune.merging.modelset import ModelSet
+from mergetune.merging.shared_scores import Allocate, Home, task_sized_cache
 from mergetune.parallel import map_on_threads, release_freed_memory
 
 
@@ -181,11 +182,13 @@ def cut_order_scores(tau: torch.Tensor, cuts: Sequence[torch.Tensor], descending
     return out.to(tau.device)
 
 
-ScoreFn = Callable[[ModelSet], torch.Tensor]  # -> [T, D] scores, same layout as the store
+# (modelset, allocate) -> [T, D] scores in the store's layout, written into the buffer ``allocate(dtype)`` gives
+# (where the cache lives: memory, a file shared with the machine's other workers, or beside a disk store).
+ScoreFn = Callable[[ModelSet, Allocate], torch.Tensor]
 
 
-def abs_scores(modelset: ModelSet) -> torch.Tensor:
-    """The default score: |τ| (magnitude ranking)."""
+def abs_scores(modelset: ModelSet, allocate: Allocate | None = None) -> torch.Tensor:
+    """The default score: |τ| (magnitude ranking; never cached, so no buffer is asked for)."""
     return modelset.tau.abs()
 
 
@@ -646,6 +649,7 @@ class OrderStatistics:
         self._counts: dict[tuple[str, Scope], list[list[BlockCounts | RowCounts]]] = {}
         self._recent: dict[tuple[str, Scope], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._scores: dict[str, torch.Tensor] = {}
+        self._homes: dict[str, Home] = {}  # where each cached score kind lives
         self._other: dict[str, Any] = {}
 
     def scores(self, kind: str, compute: ScoreFn) -> torch.Tensor:
@@ -653,7 +657,7 @@ class OrderStatistics:
         if kind == "abs":
             return self.modelset.tau.abs()
         if kind not in self._scores:
-            self._scores[kind] = compute(self.modelset)
+            self._scores[kind], self._homes[kind] = task_sized_cache(self.modelset, kind, compute)
             release_freed_memory()
         return self._scores[kind]
 
@@ -670,7 +674,7 @@ class OrderStatistics:
         scores that compare like the ranks with these cuts only (``cut_order_scores``).
         """
         kind = f"order:{scope.value}:{'desc' if descending else 'asc'}"
-        return self.scores(kind, lambda ms: order_scores(ms, scope, descending))
+        return self.scores(kind, lambda ms, allocate: order_scores(ms, scope, descending, allocate))
 
     def kth_largest(self, kind: str, scope: Scope, k: torch.Tensor, compute: ScoreFn = abs_scores) -> torch.Tensor:
         """The k-th largest score of each row's block (``[T, n_rows]``, the scores' dtype); +inf where k = 0."""
@@ -728,19 +732,24 @@ class OrderStatistics:
     def held_bytes(self) -> dict[str, int]:
         """Bytes held beyond the store, by purpose: threshold structures (bucket counts and kept results),
         cached score kinds (e.g. PCB's β, DELLA's ranks, the mergekit rule's order scores) and other caches.
-        Beside a disk-tier store the score kinds are scratch files mapped like the store
-        (``ModelSet.task_sized_buffer``): ``scores_on_disk``, not memory."""
-        on_disk = self.modelset.residency.tier == "disk"
-        parts = {
-            "thresholds": [self._counts.values(), self._recent.values()],
-            "scores_on_disk" if on_disk else "scores": self._scores.values(),
-            "other": self._other.values(),
-        }
+        The score kinds are split by where they live (``shared_scores.task_sized_cache``): ``scores`` in this
+        process's memory, ``scores_shared`` in shared memory (one copy for the machine's workers), and
+        ``scores_on_disk`` in files beside a disk-tier store, mapped like it."""
+        default: Home = "disk" if self.modelset.residency.tier == "disk" else "memory"
+        scores: dict[str, list[torch.Tensor]] = {_SCORE_KEYS[default]: []}
+        for kind, tensor in self._scores.items():
+            scores.setdefault(_SCORE_KEYS[self._homes.get(kind, default)], []).append(tensor)
+        parts = {"thresholds": [self._counts.values(), self._recent.values()], **scores, "other": self._other.values()}
         return {name: sum(t.numel() * t.element_size() for t in _tensors_in(held)) for name, held in parts.items()}
 
     def extra_bytes(self) -> int:
-        """The memory held beyond the store (``held_bytes`` summed, scratch files on disk left out)."""
-        return sum(size for name, size in self.held_bytes().items() if name != "scores_on_disk")
+        """This process's own memory beyond the store: ``held_bytes`` summed, without the caches in files (on
+        disk, or in shared memory counted once per machine, as the store is)."""
+        return sum(size for name, size in self.held_bytes().items() if name not in _NOT_OWN_MEMORY)
+
+
+_SCORE_KEYS: dict[Home, str] = {"memory": "scores", "shared_memory": "scores_shared", "disk": "scores_on_disk"}
+_NOT_OWN_MEMORY = ("scores_shared", "scores_on_disk")
 
 
 def _tensors_in(values: Any) -> list[torch.Tensor]:
@@ -756,7 +765,7 @@ def _tensors_in(values: Any) -> list[torch.Tensor]:
     return []
 
 
-def order_scores(modelset: ModelSet, scope: Scope, descending: bool) -> torch.Tensor:
+def order_scores(modelset: ModelSet, scope: Scope, descending: bool, allocate: Allocate | None = None) -> torch.Tensor:
     """``sort_order_scores`` of |τ| for every block of a scope (see ``OrderStatistics.order_scores``).
 
     A tensor-scope block is one sort, which torch runs on one thread: the tasks are sorted on torch's
@@ -765,7 +774,7 @@ def order_scores(modelset: ModelSet, scope: Scope, descending: bool) -> torch.Te
     their rows spread over threads by torch.
     """
     dtype = torch.int32 if modelset.numel < 2**31 else torch.int64  # scores < block length ≤ numel
-    out = modelset.task_sized_buffer(dtype)
+    out = (allocate or modelset.task_sized_buffer)(dtype)
     if scope is Scope.GLOBAL:
         blocks = [(0, modelset.numel, modelset.numel)]
     else:
@@ -789,7 +798,7 @@ class NaiveStatistics(OrderStatistics):
     """
 
     def scores(self, kind: str, compute: ScoreFn) -> torch.Tensor:
-        return self.modelset.tau.abs() if kind == "abs" else compute(self.modelset)
+        return self.modelset.tau.abs() if kind == "abs" else compute(self.modelset, self.modelset.task_sized_buffer)
 
     def cached(self, key: str, compute: Callable[[ModelSet], Any]) -> Any:
         return compute(self.modelset)

@@ -26,6 +26,7 @@ required: see the README's Ray section for clusters (``RAY_AUTH_MODE=token`` and
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -33,12 +34,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergetune.errors import MergetuneError
 from mergetune.merging.modelset import ModelSet
+from mergetune.merging.shared_scores import cache_folder, remove_stale_files
 from mergetune.recipe import Recipe
 from mergetune.search.executor import JobResult, describe_error
 from mergetune.search.fidelity import Incumbent
@@ -57,6 +60,7 @@ FORWARDED_ENV = ("MERGETUNE_", "HF_", "TRANSFORMERS_", "TORCHINDUCTOR_", "TOKENI
 # raised as is.
 TRANSIENT_CONNECT_ERRORS = ("Starting Ray client server failed", "ZombieProcess")
 CONNECT_ATTEMPTS = 3
+RELEASE_SECONDS = 10.0  # how long close() lets busy workers finish before they are killed
 
 
 def retry_transient(connect: Callable[[], object], reset: Callable[[], object], pause: float = 2.0) -> None:
@@ -126,6 +130,12 @@ class WorkerActor:
     def references(self, split: Split) -> dict[str, dict[str, float]]:
         return self.worker.references(split)
 
+    def release(self) -> None:
+        """Drop the worker (its merger, its maps of shared caches) before the actor is killed: the last actor of
+        a node to let go of a shared cache file removes it (``shared_scores``)."""
+        del self.worker
+        gc.collect()
+
 
 def _node_id() -> str:
     try:
@@ -178,6 +188,7 @@ class RayExecutor:
             max_restarts=0,  # replaced by this executor, which knows which candidate to retry
             runtime_env={"env_vars": _forwarded_env()},
         )
+        self._cache_folder: Path | None = None  # where the actors of this machine share task-sized caches
         self._modelset_ref = self._share_modelset()
         count = self.options.workers or self._capacity()
         if count < 1:
@@ -241,6 +252,7 @@ class RayExecutor:
         # of a node map that one copy; a device-tier store is then copied to each actor's device), a disk store
         # as a file every actor maps (only its path goes through the object store).
         modelset = self.setup.load_modelset(stage_on_host=True)
+        self._cache_folder = cache_folder(modelset)
         return self._ray.put(modelset)
 
     def _new_actor(self) -> Any:
@@ -319,12 +331,18 @@ class RayExecutor:
         return [{**s.info, "job": jobs.get(s.busy) if s.busy is not None else None} for s in self._slots]
 
     def close(self) -> None:
-        for slot in getattr(self, "_slots", []):
+        slots = getattr(self, "_slots", [])
+        with contextlib.suppress(Exception):  # an actor busy past the timeout, or dead, is killed all the same
+            self._ray.get([slot.actor.release.remote() for slot in slots], timeout=RELEASE_SECONDS)
+        for slot in slots:
             self._kill(slot.actor)
         self._slots = []
         if self._owns_runtime and self._ray.is_initialized():
             self._ray.shutdown()
         self._owns_runtime = False
+        folder = getattr(self, "_cache_folder", None)  # absent when __init__ failed before it
+        if folder is not None and folder.is_dir():  # what killed actors of this machine still held
+            remove_stale_files(folder)
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None

@@ -73,6 +73,7 @@ from mergetune.merging.methods.ties import (
 )
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import per_task, row_uniform, unmasked_merge
+from mergetune.merging.shared_scores import Allocate
 
 RANK_KIND = "della_rank"
 _RANK_CHUNK = 1 << 20  # entries ranked at a time (bounds the int64 temporaries)
@@ -106,9 +107,10 @@ def normalised_rank(magnitude: torch.Tensor) -> torch.Tensor:
     return ((first + past - 1).to(torch.float64) / (2 * (L - 1))).to(magnitude.dtype)
 
 
-def della_ranks(ms: ModelSet) -> torch.Tensor:
-    """``[T, D]`` normalised ranks of |τ| within each row of each tensor (the store's layout)."""
-    out = ms.task_sized_buffer(ms.tau.dtype)
+def della_ranks(ms: ModelSet, allocate: Allocate | None = None) -> torch.Tensor:
+    """``[T, D]`` normalised ranks of |τ| within each row of each tensor (the store's layout), written into
+    ``allocate(dtype)`` (default: ``ms.task_sized_buffer``)."""
+    out = (allocate or ms.task_sized_buffer)(ms.tau.dtype)
     for seg in ms.segments:
         L = seg.row_length
         rows_per_chunk = max(1, _RANK_CHUNK // L)

@@ -63,6 +63,7 @@ from mergetune.merging.mergekit_spec import APPROXIMATE, ExportTables, MergekitS
 from mergetune.merging.methods.base import ChunkMethod, MethodOptions, Prepared, WarmStart
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.ops import per_task, task_sum
+from mergetune.merging.shared_scores import Allocate
 from mergetune.merging.stats import OrderStatistics, RowLayout, Scope, keep_counts
 from mergetune.parallel import map_on_threads, torch_threads
 
@@ -149,9 +150,12 @@ def score_dtype(storage: torch.dtype) -> torch.dtype:
     return torch.float32 if storage == torch.float32 else torch.bfloat16
 
 
-def compute_scores(ms: ModelSet, lo: torch.Tensor, hi: torch.Tensor, inter: str) -> torch.Tensor:
-    """β for the whole store, ``[T, D]`` in ``score_dtype``, computed in float32 slice by slice."""
-    out = ms.task_sized_buffer(score_dtype(ms.storage_dtype))
+def compute_scores(
+    ms: ModelSet, lo: torch.Tensor, hi: torch.Tensor, inter: str, allocate: Allocate | None = None
+) -> torch.Tensor:
+    """β for the whole store, ``[T, D]`` in ``score_dtype``, computed in float32 slice by slice into
+    ``allocate(dtype)`` (default: ``ms.task_sized_buffer``)."""
+    out = (allocate or ms.task_sized_buffer)(score_dtype(ms.storage_dtype))
     # Touch every page first, in one pass on torch's threads: faulting them in through the slices' writes (T rows
     # far apart, one thread) took 8.9 s of a 0.5 B store's 18.8 s; zero_() then the writes took 1.8 s.
     out.zero_()
@@ -234,8 +238,8 @@ class Pcb(ChunkMethod):
         )
         kind = f"pcb:{scope.value}:{opts.inter}:{opts.clip_quantile!r}"
 
-        def compute(ms: ModelSet) -> torch.Tensor:
-            return compute_scores(ms, lo_seg, hi_seg, opts.inter)
+        def compute(ms: ModelSet, allocate: Allocate) -> torch.Tensor:
+            return compute_scores(ms, lo_seg, hi_seg, opts.inter, allocate)
 
         beta = ctx.stats.scores(kind, compute)
         threshold, top = self._thresholds(ctx, kind, scope, compute)
