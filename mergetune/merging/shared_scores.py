@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -103,7 +104,8 @@ def cache_folder(ms: ModelSet) -> Path | None:
 
 
 def _file_safe(kind: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", kind)
+    """The kind in a file name: readable, and a hash of it so that two kinds never share a name."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', kind)}-{hashlib.sha256(kind.encode()).hexdigest()[:8]}"
 
 
 @contextlib.contextmanager
