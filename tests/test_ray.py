@@ -214,7 +214,10 @@ def _shared_cache_maps(pid: int) -> set[tuple[str, str]]:
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the workers' maps from /proc (Linux)")
+@pytest.mark.skipif(
+    not (Path("/proc/self/maps").is_file() and os.access("/dev/shm", os.W_OK)),
+    reason="reads the workers' maps from /proc and needs /dev/shm (Linux)",
+)
 def test_two_ray_workers_of_a_node_compute_pcb_beta_once_and_map_one_copy(tiny_setup: WorkerSetup) -> None:
     """PCB's β is as large as the task vectors: the two actors of this node map one file of it (shared memory),
     score as the local executor does, and the file is gone once the executor is closed."""

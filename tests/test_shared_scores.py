@@ -90,7 +90,13 @@ def _spawn(n: int, pickled: Path, recipe: Recipe, folder: Path, **kwargs: Any) -
     return [p.exitcode for p in processes]
 
 
-@pytest.mark.parametrize("tier", ["device", "disk"])
+NO_SHARED_MEMORY = pytest.mark.skipif(
+    not (SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK)),
+    reason="no writable /dev/shm: memory-tier caches stay each process's own there (the disk tier is tested)",
+)
+
+
+@pytest.mark.parametrize("tier", [pytest.param("device", marks=NO_SHARED_MEMORY), "disk"])
 def test_workers_that_unpickled_one_store_compute_its_beta_once_and_map_one_file(
     tiny_llama_dir: Dirs, tmp_path: Path, tier: str
 ) -> None:
@@ -150,6 +156,7 @@ def test_a_worker_killed_while_computing_leaves_nothing_that_stops_the_next(
     )
 
 
+@NO_SHARED_MEMORY
 def test_no_room_for_a_shared_cache_falls_back_to_the_workers_memory_with_a_warning(tiny_llama_dir: Dirs) -> None:
     """Shared memory without room for β (a file-size limit refuses its blocks, as a full /dev/shm would): the
     worker computes its own β in memory, says so, and merges the same."""
