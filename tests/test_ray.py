@@ -219,8 +219,9 @@ def _shared_cache_maps(pid: int) -> set[tuple[str, str]]:
     reason="reads the workers' maps from /proc and needs /dev/shm (Linux)",
 )
 def test_two_ray_workers_of_a_node_compute_pcb_beta_once_and_map_one_copy(tiny_setup: WorkerSetup) -> None:
-    """PCB's β is as large as the task vectors: the two actors of this node map one file of it (shared memory),
-    score as the local executor does, and the file is gone once the executor is closed."""
+    """PCB's β is as large as the task vectors: the two actors of this node map one file of it and of its bucket
+    counts (shared memory), score as the local executor does, and the files are gone once the executor is
+    closed."""
     base = {"base": tiny_setup.base, "experts": [{"name": t, "model": p} for t, p in tiny_setup.experts.items()]}
     recipes = [Recipe(**base, method="pcb", weight=w, density=d) for w, d in ((1.0, 0.2), (0.6, 0.5), (0.8, 0.3))]
     local = LocalExecutor(tiny_setup)
@@ -231,11 +232,11 @@ def test_two_ray_workers_of_a_node_compute_pcb_beta_once_and_map_one_copy(tiny_s
         assert [r.evaluation.scores if r.evaluation else r.error for r in results] == expected
         assert len({r.worker for r in results}) == 2  # both actors merged PCB
         maps = [_shared_cache_maps(w["pid"]) for w in executor.workers()]
-        assert len(maps[0]) == 1 and maps[0] == maps[1]  # one file, the same inode, in both
-        ((_, path),) = maps[0]
+        # β, and the bucket counts of |τ| (PCB's clip bounds) and of β: the same files (inodes) in both
+        assert len(maps[0]) == 3 and maps[0] == maps[1]
     finally:
         executor.close()
-    assert not Path(path).exists()
+    assert not any(Path(path).exists() for _, path in maps[0])
 
 
 def test_a_ray_worker_over_two_devices_scores_like_a_local_one_device_worker(tiny_setup: WorkerSetup) -> None:

@@ -56,18 +56,27 @@ def _cache_maps(token: str) -> list[tuple[str, str]]:
 def _worker(pickled: Path, recipe: Recipe, out: Path, log: Path, barrier: Any, die_while_computing: bool) -> None:
     """A spawned process: unpickle the store, merge ``recipe``, report what it computed and mapped."""
     import mergetune.merging.methods.pcb as pcb
+    import mergetune.merging.stats as stats_module
 
     original = pcb.compute_scores
 
     def counted(ms: ModelSet, lo: Any, hi: Any, inter: str, allocate: Any = None) -> torch.Tensor:
         with log.open("a") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"beta {os.getpid()}\n")
         if die_while_computing:  # the buffer exists, the compute lock is held: die as a killed worker would
             buffer = allocate(torch.float32)  # held: its map (and lock) live until the process dies
             os._exit(3 if buffer.numel() else 4)
         return original(ms, lo, hi, inter, allocate)
 
     pcb.compute_scores = counted
+    counts = stats_module.block_counts
+
+    def counted_blocks(*args: Any) -> Any:
+        with log.open("a") as f:
+            f.write(f"counts {os.getpid()}\n")
+        return counts(*args)
+
+    stats_module.block_counts = counted_blocks
     ms = pickle.loads(pickled.read_bytes())
     barrier.wait()  # both workers start the merge together: one computes, the other must wait for it
     merger = Merger(ms, compile=False)
@@ -110,18 +119,24 @@ def test_workers_that_unpickled_one_store_compute_its_beta_once_and_map_one_file
     pickled.write_bytes(pickle.dumps(ms))
     assert _spawn(2, pickled, recipe, tmp_path) == [0, 0]
 
-    assert len((tmp_path / "computed.log").read_text().split()) == 1  # one process computed β
+    logged = [line.split() for line in (tmp_path / "computed.log").read_text().splitlines()]
+    assert len([pid for what, pid in logged if what == "beta"]) == 1  # one process computed β
+    assert len({pid for what, pid in logged if what == "counts"}) == 1  # and every bucket count (|τ|'s and β's)
     reports = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
     beta_bytes = ms.n_tasks * ms.numel * 4  # float32 β beside a float32 store
-    home = "scores_on_disk" if tier == "disk" else "scores_shared"
+    suffix = "_on_disk" if tier == "disk" else "_shared"
     for i, report in enumerate(reports):
         got = load_file(tmp_path / f"out{i}.safetensors")
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-        assert report["held"][home] == beta_bytes and report["held"].get("scores", 0) == 0
-        assert len(report["maps"]) == 1
-    assert reports[0]["maps"] == reports[1]["maps"]  # the same file (inode and path) in both processes
-    ((_, path),) = reports[0]["maps"]
-    assert Path(path).parent == _cache_folder(tier, tmp_path)
+        held = report["held"]
+        assert held["scores" + suffix] == beta_bytes and held.get("scores", 0) == 0
+        assert held["thresholds" + suffix] > 0  # the bucket counts; "thresholds": the kept results, in memory
+        # neither β nor the counts count as the process's own memory
+        assert report["extra"] == held["thresholds"] + held["other"]
+        assert len(report["maps"]) == 3  # β, and the bucket counts of |τ| (PCB's clip bounds) and of β
+    assert reports[0]["maps"] == reports[1]["maps"]  # the same files (inodes and paths) in both processes
+    for _, path in reports[0]["maps"]:
+        assert Path(path).parent == _cache_folder(tier, tmp_path)
     assert not list(_cache_folder(tier, tmp_path).glob(f"{PREFIX}{ms.share_token}*"))  # the last one out removed it
 
 
@@ -146,11 +161,12 @@ def test_a_worker_killed_while_computing_leaves_nothing_that_stops_the_next(
     got = merger.merge(recipe)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not half_written.exists() and not orphan.exists()
-    (beta_file,) = [p for p in tmp_path.iterdir() if p.name.startswith(PREFIX)]
-    assert beta_file.name.startswith(f"{PREFIX}{ms.share_token}-pcb_global_product_0.0001-")
+    cached = [p for p in tmp_path.iterdir() if p.name.startswith(PREFIX)]
+    assert all(p.name.startswith(f"{PREFIX}{ms.share_token}-") for p in cached)
+    assert any(p.name.startswith(f"{PREFIX}{ms.share_token}-pcb_global_product_0.0001-") for p in cached)  # β
     del merger
     gc.collect()
-    assert not beta_file.exists()  # this process was the last to hold it
+    assert not any(p.exists() for p in cached)  # this process was the last to hold them
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [Path(ms.residency.path or "").name, LOCK_NAME, "computed.log", "store.pickle"]
     )
@@ -168,7 +184,7 @@ def test_no_room_for_a_shared_cache_falls_back_to_the_workers_memory_with_a_warn
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
     try:
-        with pytest.warns(UserWarning, match=r"cannot reserve .* for a task-sized cache shared between processes"):
+        with pytest.warns(UserWarning, match=r"cannot reserve .* for a cache shared by workers"):
             got = merger.merge(recipe)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

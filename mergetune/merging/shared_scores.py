@@ -1,18 +1,20 @@
-"""Task-sized caches computed once per machine and mapped by every process that merges the same store.
+"""Setup caches computed once per machine and mapped by every process that merges the same store.
 
 PCB's β, DELLA's ranks and the mergekit tie rule's order scores are ``[T, D]``: as large as the task
-vectors. The Ray actors of a node map one copy of the store (Ray's object store, or the disk-tier
-file); computed per actor, these caches would cost one store-sized copy per actor, and each actor
-would pay the setup again. A ModelSet that reached its process by unpickling (an actor's copy of the
-driver's store: ``ModelSet.shares_caches``) instead keeps each such cache in a file named after the
-store's ``share_token`` and the cache's kind, which the first process to need it computes and the
-others map read-only:
+vectors; a score's bucket counts (``stats``) are smaller (up to a quarter of the store for row scope).
+The Ray actors of a node map one copy of the store (Ray's object store, or the disk-tier file);
+computed per actor, these caches would cost one copy per actor, and each actor would pay the setup
+again. A ModelSet that reached its process by unpickling (an actor's copy of the driver's store:
+``ModelSet.shares_caches``) instead keeps each such cache in a file named after the store's
+``share_token`` and the cache's kind, which the first process to need it computes and the others map
+read-only (``task_sized_cache`` for a ``[T, D]`` buffer filled in place, ``shared_tensors`` for
+tensors built in memory then written):
 
 - where: beside a disk-tier store, in its folder (on disk, as the store); otherwise in ``/dev/shm``
   (shared memory: one copy per machine). Without room there, the cache is the process's own, as it
   would be unshared, and a warning says so.
-- a finished file only appears by renaming a completely written one; a 4 KiB header names its dtype
-  and shape, checked when it is mapped.
+- a finished file only appears by renaming a completely written one; its header lists each tensor's
+  dtype, shape and offset (``_Writer``).
 - computing is serialised by an exclusive ``flock`` on the folder's ``mergetune-scores.lock``: a
   process that finds no finished file takes it, looks again, and else computes. Another waits for it
   instead of computing the same cache beside it (two copies at once is what sharing avoids).
@@ -33,6 +35,7 @@ import json
 import math
 import os
 import re
+import struct
 import threading
 import warnings
 import weakref
@@ -53,8 +56,9 @@ Home = Literal["memory", "shared_memory", "disk"]
 SHARED_MEMORY = Path("/dev/shm")
 PREFIX = "mergetune-scores-"
 LOCK_NAME = "mergetune-scores.lock"
-_HEADER = 4096  # bytes before the values: a page, so that the values' map is page-aligned
-_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)}
+_PAGE = 4096  # the data starts on a page: its map is page-aligned
+_STORED = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16)
+_DTYPES = {str(d): d for d in (*_STORED, torch.int8, torch.uint8, torch.bool)}
 _PROCESS = threading.RLock()  # one thread of a process at a time (flock locks are per open file, not per thread)
 _depth = 0  # how deep this process is in compute-lock holders (a cache computed while computing another)
 
@@ -69,17 +73,55 @@ def task_sized_cache(
     if place is None:
         return compute(ms, ms.task_sized_buffer), "disk" if ms.residency.tier == "disk" else "memory"
     folder, home = place
-    path = folder / f"{PREFIX}{ms.share_token}-{_file_safe(kind)}.bin"
-    with _PROCESS:
-        found = _map_finished(path, ms)
-        if found is not None:
-            return found, home
-        with _compute_lock(folder):
-            found = _map_finished(path, ms)
-            if found is not None:
-                return found, home
-            remove_stale_files(folder)
+    path = _cache_path(folder, ms, kind)
+    with _finished_or_lock(folder, path) as found:
+        if found is None:
             return _compute_into(path, ms, compute, home)
+    (tensor,) = found
+    if tuple(tensor.shape) != (ms.n_tasks, ms.numel):
+        raise MergetuneError(
+            f"{path}: a shared cache of shape {list(tensor.shape)} where this store needs {[ms.n_tasks, ms.numel]}; "
+            "remove the file and run again"
+        )
+    return tensor, home
+
+
+def shared_tensors(ms: ModelSet, kind: str, build: Callable[[], list[torch.Tensor]]) -> tuple[list[torch.Tensor], Home]:
+    """Smaller precomputed tensors (e.g. a score's bucket counts) built once per machine as ``task_sized_cache``'s
+    caches are: ``build()`` in the first process that needs them, written to a file the others map read-only;
+    and where they live. ``build()``'s own result (in memory) where ``task_sized_cache`` would not share, or
+    without room for the file."""
+    place = _shared_folder(ms)
+    if place is None:
+        return build(), "memory"
+    folder, home = place
+    path = _cache_path(folder, ms, kind)
+    with _finished_or_lock(folder, path) as found:
+        if found is None:
+            built = build()
+            written = _Writer(path, ms, home).write(built)
+            return (built, "memory") if written is None else (written, home)
+    return found, home
+
+
+def _cache_path(folder: Path, ms: ModelSet, kind: str) -> Path:
+    return folder / f"{PREFIX}{ms.share_token}-{_file_safe(kind)}.bin"
+
+
+@contextlib.contextmanager
+def _finished_or_lock(folder: Path, path: Path) -> Iterator[list[torch.Tensor] | None]:
+    """The finished file's tensors, or None while this process holds the folder's compute lock (the body then
+    computes them); waits while another process computes."""
+    with _PROCESS:
+        found = _map_finished(path)
+        if found is not None:
+            yield found
+            return
+        with _compute_lock(folder):
+            found = _map_finished(path)
+            if found is None:
+                remove_stale_files(folder)
+            yield found
 
 
 def _shared_folder(ms: ModelSet) -> tuple[Path, Home] | None:
@@ -132,22 +174,17 @@ def _compute_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _map_finished(path: Path, ms: ModelSet) -> torch.Tensor | None:
-    """The finished file's values mapped read-only, its shared lock held for as long as they live; None if absent."""
+def _map_finished(path: Path) -> list[torch.Tensor] | None:
+    """The finished file's tensors mapped read-only, its shared lock held for as long as they live; None if absent."""
     try:
         hold = _Hold(os.open(path, os.O_RDONLY), path)
     except FileNotFoundError:
         return None
     try:
         fcntl.flock(hold.fd, fcntl.LOCK_SH)
-        header = json.loads(os.pread(hold.fd, _HEADER, 0).rstrip(b"\0"))
-        dtype, shape = _DTYPES[header["dtype"]], tuple(header["shape"])
-        if shape != (ms.n_tasks, ms.numel):
-            raise MergetuneError(
-                f"{path}: a shared cache of shape {list(shape)} where this store needs {[ms.n_tasks, ms.numel]}; "
-                "remove the file and run again"
-            )
-        return _values(hold, dtype, shape, writable=False)
+        (length,) = struct.unpack("<Q", os.pread(hold.fd, 8, 0))
+        layout = [(_DTYPES[d], tuple(shape), offset) for d, shape, offset in json.loads(os.pread(hold.fd, length, 8))]
+        return _mapped(hold, layout, writable=False)
     except BaseException:
         hold.let_go(remove=False)
         raise
@@ -173,7 +210,11 @@ class _Hold:
 
 @dataclass
 class _Writer:
-    """The buffer a compute asks for: a new ``<path>.writing-<pid>`` file, or (no room) the process's memory."""
+    """Writes a cache to a new ``<path>.writing-<pid>`` file, renamed into place when complete.
+
+    The file: an 8-byte little-endian header length, the JSON header (each tensor's dtype, shape and offset in
+    the data), then the data from the next page on, each tensor 64-byte aligned.
+    """
 
     path: Path
     ms: ModelSet
@@ -186,27 +227,51 @@ class _Writer:
         return self.path.with_name(f"{self.path.name}.writing-{os.getpid()}")
 
     def allocate(self, dtype: torch.dtype) -> torch.Tensor:
+        """An empty ``[T, D]`` buffer in the file (a task-sized cache's compute fills it), or, without room there,
+        in this process's memory."""
         if self.hold is not None or self.private:
             raise AssertionError(f"{self.path.name}: a cache's compute asked for a second buffer")
-        shape = (self.ms.n_tasks, self.ms.numel)
-        nbytes = _HEADER + max(1, math.prod(shape)) * dtype.itemsize
+        mapped = self._create([(dtype, (self.ms.n_tasks, self.ms.numel))], writable=True)
+        if mapped is None:
+            self.private = True
+            return self.ms.task_sized_buffer(dtype)
+        return mapped[0]
+
+    def write(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """``tensors`` written to the file, renamed into place and mapped read-only; None without room there."""
+        mapped = self._create([(t.dtype, tuple(t.shape)) for t in tensors], writable=True)
+        if mapped is None:
+            return None
+        try:
+            for target, tensor in zip(mapped, tensors, strict=True):
+                target.copy_(tensor)
+        except BaseException:
+            self.discard()
+            raise
+        self.publish()
+        return mapped
+
+    def _create(self, specs: list[tuple[torch.dtype, tuple[int, ...]]], writable: bool) -> list[torch.Tensor] | None:
+        layout, end = [], 0
+        for dtype, shape in specs:
+            layout.append((dtype, shape, end))
+            end = _round_up(end + max(1, math.prod(shape)) * dtype.itemsize, 64)
+        header = json.dumps([[str(d), list(shape), offset] for d, shape, offset in layout]).encode()
         self.hold = _Hold(os.open(self.writing, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), self.writing)
         fcntl.flock(self.hold.fd, fcntl.LOCK_SH)  # held from creation on: never taken for a stale file
         try:
-            reserve_blocks(self.hold.fd, self.writing, nbytes, "a task-sized cache shared between processes")
+            reserve_blocks(self.hold.fd, self.writing, _data_start(len(header)) + end, "a cache shared by workers")
         except MergetuneError as exc:
             self.discard()
             if self.home == "disk":  # beside a disk store there is no other place within the budget
                 raise
-            warnings.warn(f"{exc}; computed in this process's memory instead, one copy per worker", stacklevel=3)
-            self.private = True
-            return self.ms.task_sized_buffer(dtype)
-        header = json.dumps({"dtype": str(dtype), "shape": list(shape)}).encode()
-        os.pwrite(self.hold.fd, header.ljust(_HEADER, b"\0"), 0)
-        return _values(self.hold, dtype, shape, writable=True)
+            warnings.warn(f"{exc}; kept in this process's memory instead, one copy per worker", stacklevel=4)
+            return None
+        os.pwrite(self.hold.fd, struct.pack("<Q", len(header)) + header, 0)
+        return _mapped(self.hold, layout, writable=writable)
 
     def publish(self) -> Home:
-        """Rename the written file into place (its map and lock follow it: same inode); where the result lives."""
+        """Rename the written file into place (its maps and lock follow it: same inode); where the result lives."""
         if self.hold is None:  # the compute asked for no buffer, or got the process's memory
             return "memory"
         os.replace(self.writing, self.path)
@@ -223,7 +288,7 @@ class _Writer:
 def _compute_into(
     path: Path, ms: ModelSet, compute: Callable[[ModelSet, Allocate], torch.Tensor], home: Home
 ) -> tuple[torch.Tensor, Home]:
-    """Compute the cache into a writing file, then rename it into place (under the compute lock)."""
+    """Compute a task-sized cache into a writing file, then rename it into place (under the compute lock)."""
     writer = _Writer(path, ms, home)
     try:
         result = compute(ms, writer.allocate)
@@ -233,15 +298,30 @@ def _compute_into(
     return result, writer.publish()
 
 
-def _values(hold: _Hold, dtype: torch.dtype, shape: tuple[int, ...], *, writable: bool) -> torch.Tensor:
-    """The values after the header, mapped; the file is let go of when the map goes."""
-    size = max(1, math.prod(shape)) * dtype.itemsize
-    array = np.memmap(hold.path, dtype=np.uint8, mode="r+" if writable else "r", offset=_HEADER, shape=(size,))
+def _data_start(header_length: int) -> int:
+    return _round_up(8 + header_length, _PAGE)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+Layout = list[tuple[torch.dtype, tuple[int, ...], int]]  # each tensor's dtype, shape and offset in the data
+
+
+def _mapped(hold: _Hold, layout: Layout, *, writable: bool) -> list[torch.Tensor]:
+    """The file's tensors, views of one map of its data; the file is let go of when the map goes."""
+    (length,) = struct.unpack("<Q", os.pread(hold.fd, 8, 0))
+    start, size = _data_start(length), os.fstat(hold.fd).st_size
+    array = np.memmap(hold.path, dtype=np.uint8, mode="r+" if writable else "r", offset=start, shape=(size - start,))
     weakref.finalize(array, hold.let_go)
     with warnings.catch_warnings():  # read-only map: a finished cache is only read
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         flat = torch.from_numpy(array)
-    return flat.view(dtype)[: math.prod(shape)].view(shape)
+    return [
+        flat[offset : offset + max(1, math.prod(shape)) * dtype.itemsize].view(dtype)[: math.prod(shape)].view(shape)
+        for dtype, shape, offset in layout
+    ]
 
 
 def remove_stale_files(folder: Path) -> list[str]:

@@ -36,7 +36,7 @@ import torch
 
 from mergetune.merging import sort_select
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.shared_scores import Allocate, Home, task_sized_cache
+from mergetune.merging.shared_scores import Allocate, Home, shared_tensors, task_sized_cache
 from mergetune.parallel import map_on_threads, release_freed_memory
 
 
@@ -650,6 +650,7 @@ class OrderStatistics:
         self._recent: dict[tuple[str, Scope], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._scores: dict[str, torch.Tensor] = {}
         self._homes: dict[str, Home] = {}  # where each cached score kind lives
+        self._count_homes: dict[tuple[str, Scope], Home] = {}  # where each kind's bucket counts live
         self._other: dict[str, Any] = {}
 
     def scores(self, kind: str, compute: ScoreFn) -> torch.Tensor:
@@ -713,12 +714,22 @@ class OrderStatistics:
     def _histograms(self, kind: str, scope: Scope, source: ScoreSource) -> list[list[BlockCounts | RowCounts]]:
         key = (kind, scope)
         if key not in self._counts:
-            build = row_counts if scope is Scope.ROW else block_counts
+            build, fields = (row_counts, RowCounts) if scope is Scope.ROW else (block_counts, BlockCounts)
             fams = families(scope, self.modelset)
-            self._counts[key] = [
-                [build(source, t, f, f"score '{kind}', task {t}, {scope.value} block {i}") for i, f in enumerate(fams)]
-                for t in range(self.modelset.n_tasks)
-            ]
+
+            def count() -> list[torch.Tensor]:  # every block's counts, their fields in one flat list
+                return [
+                    field
+                    for t in range(self.modelset.n_tasks)
+                    for i, f in enumerate(fams)
+                    for field in build(source, t, f, f"score '{kind}', task {t}, {scope.value} block {i}")
+                ]
+
+            # built once per machine for the workers that share this store (shared_scores.shared_tensors)
+            flat, self._count_homes[key] = shared_tensors(self.modelset, f"counts:{kind}:{scope.value}", count)
+            arity, per_task = len(fields._fields), len(fams)
+            blocks = [fields(*flat[j : j + arity]) for j in range(0, len(flat), arity)]
+            self._counts[key] = [blocks[t * per_task : (t + 1) * per_task] for t in range(self.modelset.n_tasks)]
             release_freed_memory()  # the passes' chunk temporaries, freed on several threads
         return self._counts[key]
 
@@ -732,24 +743,29 @@ class OrderStatistics:
     def held_bytes(self) -> dict[str, int]:
         """Bytes held beyond the store, by purpose: threshold structures (bucket counts and kept results),
         cached score kinds (e.g. PCB's β, DELLA's ranks, the mergekit rule's order scores) and other caches.
-        The score kinds are split by where they live (``shared_scores.task_sized_cache``): ``scores`` in this
-        process's memory, ``scores_shared`` in shared memory (one copy for the machine's workers), and
-        ``scores_on_disk`` in files beside a disk-tier store, mapped like it."""
+        What lives in files (``shared_scores``) is counted apart: ``…_shared`` in shared memory (one copy for
+        the machine's workers), ``…_on_disk`` beside a disk-tier store, mapped like it; the score kinds'
+        default key follows the tier (``scores`` in memory, ``scores_on_disk`` beside a disk store)."""
         default: Home = "disk" if self.modelset.residency.tier == "disk" else "memory"
-        scores: dict[str, list[torch.Tensor]] = {_SCORE_KEYS[default]: []}
+        parts: dict[str, list[Any]] = {"thresholds": [list(self._recent.values())], _keyed("scores", default): []}
+        for key, counts in self._counts.items():
+            parts.setdefault(_keyed("thresholds", self._count_homes.get(key, "memory")), []).append(counts)
         for kind, tensor in self._scores.items():
-            scores.setdefault(_SCORE_KEYS[self._homes.get(kind, default)], []).append(tensor)
-        parts = {"thresholds": [self._counts.values(), self._recent.values()], **scores, "other": self._other.values()}
+            parts.setdefault(_keyed("scores", self._homes.get(kind, default)), []).append(tensor)
+        parts["other"] = list(self._other.values())
         return {name: sum(t.numel() * t.element_size() for t in _tensors_in(held)) for name, held in parts.items()}
 
     def extra_bytes(self) -> int:
-        """This process's own memory beyond the store: ``held_bytes`` summed, without the caches in files (on
+        """This process's own memory beyond the store: ``held_bytes`` summed, without what lives in files (on
         disk, or in shared memory counted once per machine, as the store is)."""
-        return sum(size for name, size in self.held_bytes().items() if name not in _NOT_OWN_MEMORY)
+        return sum(size for name, size in self.held_bytes().items() if not name.endswith(_IN_FILES))
 
 
-_SCORE_KEYS: dict[Home, str] = {"memory": "scores", "shared_memory": "scores_shared", "disk": "scores_on_disk"}
-_NOT_OWN_MEMORY = ("scores_shared", "scores_on_disk")
+_IN_FILES = ("_shared", "_on_disk")
+
+
+def _keyed(purpose: str, home: Home) -> str:
+    return purpose + {"memory": "", "shared_memory": "_shared", "disk": "_on_disk"}[home]
 
 
 def _tensors_in(values: Any) -> list[torch.Tensor]:
