@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from mergetune.merging.engine import Merger
 from mergetune.merging.modelset import ModelSet
 from mergetune.merging.residency import MemoryBudget
-from mergetune.merging.shared_scores import LOCK_NAME, PREFIX, SHARED_MEMORY
+from mergetune.merging.shared_scores import LOCK_NAME, PREFIX, SHARED_MEMORY, shared_tensors
 from mergetune.recipe import Expert, Recipe
 
 Dirs = tuple[Path, dict[str, Path]]
@@ -193,3 +193,27 @@ def test_no_room_for_a_shared_cache_falls_back_to_the_workers_memory_with_a_warn
     (stats,) = [layout.stats for layout in merger._layouts.values()]
     assert stats.held_bytes()["scores"] == ms.n_tasks * ms.numel * 4
     assert not list(SHARED_MEMORY.glob(f"{PREFIX}{ms.share_token}*"))
+
+
+@NO_SHARED_MEMORY
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        [torch.arange(7, dtype=torch.int16), torch.tensor([True, False]), torch.empty(0), torch.ones(3, 5).bfloat16()],
+        [torch.empty(0, 4, dtype=torch.int64)],
+    ],
+    ids=["mixed", "empty-tensor"],
+)
+def test_shared_tensors_round_trip_through_their_file(tiny_llama_dir: Dirs, tensors: list[torch.Tensor]) -> None:
+    """What one worker builds, another maps back as it was built: dtypes, shapes (empty ones too) and values;
+    the second asks for no build."""
+    worker = pickle.loads(pickle.dumps(_load(tiny_llama_dir, "device", Path())))
+    first, home = shared_tensors(worker, "round-trip", lambda: [t.clone() for t in tensors])
+    again, _ = shared_tensors(worker, "round-trip", lambda: pytest.fail("built twice"))
+    assert home == "shared_memory"
+    for got in (first, again):
+        assert [(t.dtype, t.shape) for t in got] == [(t.dtype, t.shape) for t in tensors]
+        assert all(torch.equal(a, b) for a, b in zip(got, tensors, strict=True))
+    del first, again, got
+    gc.collect()
+    assert not list(SHARED_MEMORY.glob(f"{PREFIX}{worker.share_token}*"))

@@ -294,6 +294,7 @@ class TensorSlice(ModelSet):
         self._groups = groups
         nbytes = (tau.numel() + base.numel()) * base.element_size()
         self.residency = Residency("device", str(base.device), store_bytes=nbytes, reason="one tensor, streamed")
+        self.share_token, self.shares_caches = header.share_token, False  # a one-shot merge's own, never shared
 
     def layer_groups(self, granularity: int = 1) -> LayerGroups:
         return self._groups

@@ -238,7 +238,10 @@ class _Writer:
         return mapped[0]
 
     def write(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """``tensors`` written to the file, renamed into place and mapped read-only; None without room there."""
+        """``tensors`` written to the file, renamed into place and mapped; None without room there (or with no
+        tensors: nothing to share, and no map would hold the file)."""
+        if not tensors:
+            return None
         mapped = self._create([(t.dtype, tuple(t.shape)) for t in tensors], writable=True)
         if mapped is None:
             return None
@@ -260,7 +263,9 @@ class _Writer:
         self.hold = _Hold(os.open(self.writing, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), self.writing)
         fcntl.flock(self.hold.fd, fcntl.LOCK_SH)  # held from creation on: never taken for a stale file
         try:
-            reserve_blocks(self.hold.fd, self.writing, _data_start(len(header)) + end, "a cache shared by workers")
+            # at least one data byte: an empty map cannot be made (no tensors, or only empty ones)
+            size = _data_start(len(header)) + max(end, 1)
+            reserve_blocks(self.hold.fd, self.writing, size, "a cache shared by workers")
         except MergetuneError as exc:
             self.discard()
             if self.home == "disk":  # beside a disk store there is no other place within the budget
