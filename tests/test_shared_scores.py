@@ -72,8 +72,8 @@ def _worker(pickled: Path, recipe: Recipe, out: Path, log: Path, barrier: Any, d
     counts = stats_module.block_counts
 
     def counted_blocks(*args: Any) -> Any:
-        with log.open("a") as f:
-            f.write(f"counts {os.getpid()}\n")
+        with log.open("a") as f:  # the block's name: "score '<kind>', task t, <scope> block i"
+            f.write(f"counts {os.getpid()} {args[3]}\n")
         return counts(*args)
 
     stats_module.block_counts = counted_blocks
@@ -119,9 +119,11 @@ def test_workers_that_unpickled_one_store_compute_its_beta_once_and_map_one_file
     pickled.write_bytes(pickle.dumps(ms))
     assert _spawn(2, pickled, recipe, tmp_path) == [0, 0]
 
-    logged = [line.split() for line in (tmp_path / "computed.log").read_text().splitlines()]
-    assert len([pid for what, pid in logged if what == "beta"]) == 1  # one process computed β
-    assert len({pid for what, pid in logged if what == "counts"}) == 1  # and every bucket count (|τ|'s and β's)
+    logged = [line.split(maxsplit=2) for line in (tmp_path / "computed.log").read_text().splitlines()]
+    assert len([line for line in logged if line[0] == "beta"]) == 1  # one process computed β
+    # and each block's bucket counts (|τ|'s, for PCB's clip bounds, and β's) were built once, by either process
+    blocks = [line[2] for line in logged if line[0] == "counts"]
+    assert len(blocks) == 2 * ms.n_tasks and len(set(blocks)) == len(blocks), blocks
     reports = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
     beta_bytes = ms.n_tasks * ms.numel * 4  # float32 β beside a float32 store
     suffix = "_on_disk" if tier == "disk" else "_shared"
