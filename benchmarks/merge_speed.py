@@ -81,11 +81,18 @@ def peak_rss_reset() -> None:
         Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
 
 
-def peak_rss_bytes() -> int:
+def status_bytes(*fields: str) -> dict[str, int]:
+    """Memory fields of this process's ``/proc/<pid>/status`` (kB lines), in bytes; a missing field is absent."""
+    found = {}
     for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+        key, _, value = line.partition(":")
+        if key in fields:
+            found[key] = int(value.split()[0]) * 1024
+    return found
+
+
+def peak_rss_bytes() -> int:
+    return status_bytes("VmHWM").get("VmHWM", 0)
 
 
 def build_modelset(n_tasks: int) -> ModelSet:

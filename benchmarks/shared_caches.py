@@ -28,6 +28,7 @@ from typing import Any
 
 import ray
 import torch
+from merge_speed import status_bytes
 from scale import build_models
 
 from mergetune.merging.engine import Merger
@@ -36,16 +37,6 @@ from mergetune.merging.residency import MemoryBudget
 from mergetune.recipe import Expert, Recipe
 
 STATUS_FIELDS = ("VmHWM", "RssAnon", "RssFile", "RssShmem")
-
-
-def status_bytes() -> dict[str, int]:
-    """This process's memory from ``/proc/self/status`` (kB lines) in bytes."""
-    found = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in STATUS_FIELDS:
-            found[key] = int(value.split()[0]) * 1024
-    return found
 
 
 class Worker:
@@ -72,7 +63,7 @@ class Worker:
     def first(self, recipe: Recipe) -> dict[str, Any]:
         start = time.perf_counter()
         self.merger.merge(recipe, into=torch.float32)
-        return {"first": time.perf_counter() - start, "memory": status_bytes(), "computed": self.computed}
+        return {"first": time.perf_counter() - start, "memory": status_bytes(*STATUS_FIELDS), "computed": self.computed}
 
     def next(self, recipes: list[Recipe]) -> list[float]:
         times = []

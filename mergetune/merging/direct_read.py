@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mergetune.errors import MergetuneError
+from mergetune.merging.residency import round_up
 from mergetune.merging.streaming import FlatRange
 
 ALIGN = 4096  # direct I/O alignment of offsets, lengths and memory (a multiple of any logical block size)
@@ -126,7 +127,7 @@ class DirectReader:
         first = row * self.row_bytes + a * self.itemsize
         last = row * self.row_bytes + b * self.itemsize
         start = first - first % ALIGN
-        length = _round_up(last - start, ALIGN)
+        length = round_up(last - start, ALIGN)
         done = 0
         while start + done < last:
             n = os.preadv(self.fd, [buffer[done:length]], start + done)
@@ -145,7 +146,7 @@ class _Slot:
 
     def __init__(self, reader: DirectReader, capacity: int) -> None:
         self.reader = reader
-        self.row_capacity = _round_up(capacity * reader.itemsize + 2 * ALIGN, ALIGN)
+        self.row_capacity = round_up(capacity * reader.itemsize + 2 * ALIGN, ALIGN)
         self.map = mmap.mmap(-1, (reader.n_tasks + 1) * self.row_capacity)
         self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
         self.rows: list[torch.Tensor] = []
@@ -179,7 +180,3 @@ def _windows(items: Sequence[FlatRange], window: int) -> list[list[FlatRange]]:
         else:
             out.append([it])
     return out
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple

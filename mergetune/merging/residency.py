@@ -228,6 +228,11 @@ def reserve_blocks(fd: int, path: Path, nbytes: int, what: str) -> None:
         ) from exc
 
 
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (file offsets and sizes aligned to blocks or pages)."""
+    return -(-n // multiple) * multiple
+
+
 def _writing_path(residency: Residency) -> Path:
     assert residency.path is not None
     path = Path(residency.path)

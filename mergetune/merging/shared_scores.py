@@ -49,7 +49,7 @@ import torch
 
 from mergetune.errors import MergetuneError
 from mergetune.merging.modelset import ModelSet
-from mergetune.merging.residency import reserve_blocks
+from mergetune.merging.residency import reserve_blocks, round_up
 
 Allocate = Callable[[torch.dtype], torch.Tensor]  # an empty [T, D] buffer of a dtype, where the cache should live
 Home = Literal["memory", "shared_memory", "disk"]
@@ -184,7 +184,7 @@ def _map_finished(path: Path) -> list[torch.Tensor] | None:
         fcntl.flock(hold.fd, fcntl.LOCK_SH)
         (length,) = struct.unpack("<Q", os.pread(hold.fd, 8, 0))
         layout = [(_DTYPES[d], tuple(shape), offset) for d, shape, offset in json.loads(os.pread(hold.fd, length, 8))]
-        return _mapped(hold, layout, writable=False)
+        return _mapped(hold, layout, _data_start(length), writable=False)
     except BaseException:
         hold.let_go(remove=False)
         raise
@@ -231,7 +231,7 @@ class _Writer:
         in this process's memory."""
         if self.hold is not None or self.private:
             raise AssertionError(f"{self.path.name}: a cache's compute asked for a second buffer")
-        mapped = self._create([(dtype, (self.ms.n_tasks, self.ms.numel))], writable=True)
+        mapped = self._create([(dtype, (self.ms.n_tasks, self.ms.numel))])
         if mapped is None:
             self.private = True
             return self.ms.task_sized_buffer(dtype)
@@ -242,7 +242,7 @@ class _Writer:
         tensors: nothing to share, and no map would hold the file)."""
         if not tensors:
             return None
-        mapped = self._create([(t.dtype, tuple(t.shape)) for t in tensors], writable=True)
+        mapped = self._create([(t.dtype, tuple(t.shape)) for t in tensors])
         if mapped is None:
             return None
         try:
@@ -254,11 +254,12 @@ class _Writer:
         self.publish()
         return mapped
 
-    def _create(self, specs: list[tuple[torch.dtype, tuple[int, ...]]], writable: bool) -> list[torch.Tensor] | None:
+    def _create(self, specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor] | None:
+        """The writing file with its header and room for ``specs``, mapped read-write; None without room."""
         layout, end = [], 0
         for dtype, shape in specs:
             layout.append((dtype, shape, end))
-            end = _round_up(end + max(1, math.prod(shape)) * dtype.itemsize, 64)
+            end = round_up(end + max(1, math.prod(shape)) * dtype.itemsize, 64)
         header = json.dumps([[str(d), list(shape), offset] for d, shape, offset in layout]).encode()
         self.hold = _Hold(os.open(self.writing, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), self.writing)
         fcntl.flock(self.hold.fd, fcntl.LOCK_SH)  # held from creation on: never taken for a stale file
@@ -273,7 +274,7 @@ class _Writer:
             warnings.warn(f"{exc}; kept in this process's memory instead, one copy per worker", stacklevel=4)
             return None
         os.pwrite(self.hold.fd, struct.pack("<Q", len(header)) + header, 0)
-        return _mapped(self.hold, layout, writable=writable)
+        return _mapped(self.hold, layout, _data_start(len(header)), writable=True)
 
     def publish(self) -> Home:
         """Rename the written file into place (its maps and lock follow it: same inode); where the result lives."""
@@ -304,20 +305,16 @@ def _compute_into(
 
 
 def _data_start(header_length: int) -> int:
-    return _round_up(8 + header_length, _PAGE)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+    return round_up(8 + header_length, _PAGE)
 
 
 Layout = list[tuple[torch.dtype, tuple[int, ...], int]]  # each tensor's dtype, shape and offset in the data
 
 
-def _mapped(hold: _Hold, layout: Layout, *, writable: bool) -> list[torch.Tensor]:
-    """The file's tensors, views of one map of its data; the file is let go of when the map goes."""
-    (length,) = struct.unpack("<Q", os.pread(hold.fd, 8, 0))
-    start, size = _data_start(length), os.fstat(hold.fd).st_size
+def _mapped(hold: _Hold, layout: Layout, start: int, *, writable: bool) -> list[torch.Tensor]:
+    """The file's tensors, views of one map of its data (from byte ``start``); the file is let go of when the map
+    goes."""
+    size = os.fstat(hold.fd).st_size
     array = np.memmap(hold.path, dtype=np.uint8, mode="r+" if writable else "r", offset=start, shape=(size - start,))
     weakref.finalize(array, hold.let_go)
     with warnings.catch_warnings():  # read-only map: a finished cache is only read
@@ -329,20 +326,18 @@ def _mapped(hold: _Hold, layout: Layout, *, writable: bool) -> list[torch.Tensor
     ]
 
 
-def remove_stale_files(folder: Path) -> list[str]:
-    """Remove the folder's cache files that no process holds (their processes died); their names."""
-    removed = []
+def remove_stale_files(folder: Path) -> None:
+    """Remove the folder's cache files that no process holds (their processes died)."""
     for path in sorted(folder.glob(f"{PREFIX}*")):
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # removed meanwhile by the last process holding it
             continue
         try:
-            if _try_exclusive(fd) and _unlink_if_same(fd, path):
-                removed.append(path.name)
+            if _try_exclusive(fd):
+                _unlink_if_same(fd, path)
         finally:
             os.close(fd)
-    return removed
 
 
 def _try_exclusive(fd: int) -> bool:

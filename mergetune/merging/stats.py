@@ -749,9 +749,9 @@ class OrderStatistics:
         default: Home = "disk" if self.modelset.residency.tier == "disk" else "memory"
         parts: dict[str, list[Any]] = {"thresholds": [list(self._recent.values())], _keyed("scores", default): []}
         for key, counts in self._counts.items():
-            parts.setdefault(_keyed("thresholds", self._count_homes.get(key, "memory")), []).append(counts)
+            parts.setdefault(_keyed("thresholds", self._count_homes[key]), []).append(counts)
         for kind, tensor in self._scores.items():
-            parts.setdefault(_keyed("scores", self._homes.get(kind, default)), []).append(tensor)
+            parts.setdefault(_keyed("scores", self._homes[kind]), []).append(tensor)
         parts["other"] = list(self._other.values())
         return {name: sum(t.numel() * t.element_size() for t in _tensors_in(held)) for name, held in parts.items()}
 
